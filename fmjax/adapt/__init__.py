@@ -1,0 +1,1 @@
+"""fmjax.adapt."""
