@@ -1,0 +1,135 @@
+"""`fmjax` command line: parses arguments and calls the library (nothing else)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    overrides = [a for a in argv if a.startswith("--config.")]
+    rest = [a for a in argv if not a.startswith("--config.")]
+    return rest, overrides
+
+
+def _load_config(args, overrides):
+    from fmjax.config import ConfigError, from_json, load_config
+
+    if args.config:
+        return load_config(args.config, overrides)
+    saved = os.path.join(args.workdir, "config.json")
+    if not os.path.exists(saved):
+        raise ConfigError(f"no --config given and no {saved} to reuse")
+    from fmjax.config import apply_overrides
+
+    config = from_json(open(saved).read())
+    apply_overrides(config, overrides)
+    return config
+
+
+def cmd_train(args, overrides):
+    from fmjax.train.loop import train
+
+    summary = train(_load_config(args, overrides), args.workdir)
+    print(json.dumps(summary, indent=2))
+    return 143 if summary["preempted"] else 0
+
+
+def cmd_eval(args, overrides):
+    from fmjax.train.loop import evaluate_workdir
+
+    print(json.dumps(evaluate_workdir(_load_config(args, overrides), args.workdir)))
+    return 0
+
+
+def cmd_data(args, overrides):
+    from fmjax.data import sources
+    from fmjax.data.tokenizer import tokenizer_for
+
+    data_dir = args.data_dir or sources.default_data_dir()
+    path = sources.prepare(args.name, data_dir)
+    print(f"prepared {args.name} in {path}")
+    if args.vocab_size:
+        tok = tokenizer_for(args.name, args.vocab_size, data_dir)
+        print(f"tokenizer: {tok.path} ({tok.vocab_size} tokens)")
+    return 0
+
+
+def cmd_embed(args, overrides):
+    import numpy as np
+
+    import fmjax
+
+    with open(args.input) as f:
+        texts = [line.rstrip("\n") for line in f if line.strip()]
+    embeddings = fmjax.load(args.workdir).embed(texts)
+    np.save(args.output, embeddings)
+    print(f"wrote {embeddings.shape[0]} x {embeddings.shape[1]} to {args.output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fmjax",
+        description="Pre-train, adapt and use foundation models with JAX.",
+        epilog="Config overrides: --config.a.b=value (e.g. --config.train.steps=100)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train (or resume) a model in a workdir")
+    train.add_argument("--config", help="configs/NAME.py:VARIANT")
+    train.add_argument("--workdir", required=True)
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="evaluate a workdir's latest checkpoint")
+    evaluate.add_argument("--config", help="default: WORKDIR/config.json")
+    evaluate.add_argument("--workdir", required=True)
+    evaluate.set_defaults(func=cmd_eval)
+
+    data = sub.add_parser("data", help="dataset tools")
+    data_sub = data.add_subparsers(dest="action", required=True)
+    prepare = data_sub.add_parser(
+        "prepare", help="build a dataset's array_record files"
+    )
+    prepare.add_argument("name")
+    prepare.add_argument("--data-dir", default="")
+    prepare.add_argument(
+        "--vocab-size", type=int, default=0, help="also train a tokenizer"
+    )
+    prepare.set_defaults(func=cmd_data)
+
+    embed = sub.add_parser("embed", help="sentence embeddings of a text file's lines")
+    embed.add_argument("--workdir", required=True)
+    embed.add_argument("--input", required=True)
+    embed.add_argument("--output", required=True)
+    embed.set_defaults(func=cmd_embed)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    rest, overrides = _split_overrides(argv)
+    args = build_parser().parse_args(rest)
+    if overrides and args.func not in (cmd_train, cmd_eval):
+        print(
+            f"fmjax: error: {args.command} takes no --config.* overrides",
+            file=sys.stderr,
+        )
+        return 2
+    from fmjax.config import ConfigError
+    from fmjax.sharding import ShardingError
+
+    try:
+        return args.func(args, overrides)
+    except (ConfigError, ShardingError, FileNotFoundError) as e:
+        print(f"fmjax: error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"fmjax: error: {e}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Experiment configs: `configs/NAME.py:VARIANT` files, `--config.a.b=v` overrides.
+
+A config file defines `get_config(variant: str) -> ml_collections.ConfigDict`.
+Overrides are checked against the config: an unknown key or a value of the wrong
+type raises `ConfigError` naming the key, the value and what was expected, before
+any compute starts.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import os
+from collections.abc import Sequence
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: the message names the bad key or value."""
+
+
+def _import_config_module(path: str):
+    if not os.path.isfile(path):
+        here = os.path.join(os.path.dirname(__file__), os.pardir, path)
+        if os.path.isfile(here):
+            path = here
+        else:
+            raise ConfigError(f"config file {path!r} does not exist")
+    name = "fmjax_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path!r} defines no get_config(variant)")
+    return module
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
+    """Loads `path.py:variant` and applies `a.b=v` overrides (with or without the
+    leading `--config.`)."""
+    path, _, variant = spec.partition(":")
+    module = _import_config_module(path)
+    variants = getattr(module, "VARIANTS", None)
+    if variants is not None and variant not in variants:
+        raise ConfigError(
+            f"unknown variant {variant!r} of {path}; expected one of {list(variants)}"
+        )
+    try:
+        config = module.get_config(variant)
+    except KeyError as e:
+        raise ConfigError(f"unknown variant {variant!r} of {path}: {e}") from None
+    config.config_spec = spec
+    apply_overrides(config, overrides)
+    return config
+
+
+def _keys(config: ConfigDict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in config.items():
+        full = prefix + key
+        keys.append(full)
+        if isinstance(value, ConfigDict):
+            keys += _keys(value, full + ".")
+    return keys
+
+
+def _parse_value(key: str, text: str, expected: type | None):
+    """Parses `text` as a value of the type the config already holds for `key`."""
+    if expected is bool:
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"--config.{key}={text!r}: expected a bool (true/false)")
+    if expected is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(
+                f"--config.{key}={text!r}: expected an int, like the default"
+            ) from None
+    if expected is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"--config.{key}={text!r}: expected a float") from None
+    if expected is str:
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if expected in (tuple, list) and not isinstance(value, tuple | list):
+        raise ConfigError(f"--config.{key}={text!r}: expected a {expected.__name__}")
+    if expected in (tuple, list):
+        return expected(value)
+    return value
+
+
+def apply_overrides(config: ConfigDict, overrides: Sequence[str]) -> None:
+    """Applies `key=value` overrides in place; every key must already exist."""
+    for override in overrides:
+        item = override.removeprefix("--").removeprefix("config.")
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {override!r} is not of the form key=value")
+        *parents, leaf = key.split(".")
+        node = config
+        for depth, part in enumerate(parents):
+            if not isinstance(node, ConfigDict) or part not in node:
+                _unknown_key(config, ".".join(parents[: depth + 1]))
+            node = node[part]
+        if not isinstance(node, ConfigDict) or leaf not in node:
+            _unknown_key(config, key)
+        if isinstance(node[leaf], ConfigDict):
+            raise ConfigError(
+                f"--config.{key} is a group; set one of its keys: "
+                f"{sorted(node[leaf].keys())}"
+            )
+        expected = node.get_type(leaf)
+        value = _parse_value(key, text, expected)
+        try:
+            node[leaf] = value
+        except TypeError as e:
+            raise ConfigError(f"--config.{key}={text!r}: {e}") from None
+
+
+def _unknown_key(config: ConfigDict, key: str):
+    close = difflib.get_close_matches(key, _keys(config), n=3)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    raise ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def to_json(config: ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def from_json(text: str) -> ConfigDict:
+    return ConfigDict(json.loads(text))
+
+
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("type_vocab", None),
+    ("position", None),
+)
+
+
+def base_config() -> ConfigDict:
+    """The groups every training config shares; experiment files fill `model`,
+    `objective` and sizes."""
+    c = ConfigDict()
+    c.name = ""
+    c.data = dict(
+        name="bbc_news",
+        data_dir="",  # empty: $FMJAX_DATA_DIR or ~/.cache/fmjax/datasets
+        train_split="train",
+        eval_split="validation",
+        text_key="text",
+        seq_len=128,
+        batch_size=32,  # global batch, split over processes and devices
+        vocab_size=8000,  # SentencePiece vocabulary trained on the train split
+        shuffle_seed=0,
+    )
+    c.optimizer = dict(
+        learning_rate=1e-3,
+        warmup_steps=50,
+        schedule="cosine",  # cosine | constant
+        end_learning_rate_ratio=0.1,
+        weight_decay=0.01,
+        b1=0.9,
+        b2=0.98,
+        eps=1e-8,
+        grad_clip_norm=1.0,
+        grad_accum_steps=1,
+    )
+    c.train = dict(
+        steps=300,
+        seed=0,
+        log_every=10,
+        eval_every=100,  # 0: evaluate only at the end
+        eval_batches=0,  # 0: the whole eval split
+        progress=True,
+    )
+    c.checkpoint = dict(every=100, keep=3, async_save=True)
+    c.mesh = dict(data=-1, fsdp=1, tensor=1, rules=DEFAULT_RULES)
+    return c

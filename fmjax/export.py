@@ -1,0 +1,70 @@
+"""Export trained params to safetensors (+ model config + tokenizer) and read back.
+
+Layout of WORKDIR/export/: `model.safetensors` (flat names like
+`layers_0.attention.query.kernel`), `config.json` (the run's config), and
+`tokenizer.model`. Only safetensors and JSON are read: nothing from a file runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+from flax import traverse_util
+from safetensors.numpy import load_file, save_file
+
+from fmjax.config import to_json
+
+EXPORT_DIR = "export"
+
+
+def flatten_params(params) -> dict[str, np.ndarray]:
+    flat = traverse_util.flatten_dict(jax.device_get(params), sep=".")
+    return {key: np.ascontiguousarray(np.asarray(value)) for key, value in flat.items()}
+
+
+def unflatten_params(flat: dict[str, np.ndarray]) -> dict:
+    return traverse_util.unflatten_dict(flat, sep=".")
+
+
+def export(workdir: str, params, config, tokenizer) -> str:
+    """Writes WORKDIR/export/ on process 0; returns its path."""
+    out = os.path.join(workdir, EXPORT_DIR)
+    if jax.process_index() != 0:
+        return out
+    os.makedirs(out, exist_ok=True)
+    save_file(flatten_params(params), os.path.join(out, "model.safetensors"))
+    with open(os.path.join(out, "config.json"), "w") as f:
+        f.write(to_json(config))
+    tokenizer.save(out)
+    return out
+
+
+def find_export(path: str) -> str:
+    """The export directory for a workdir or an export directory itself."""
+    for candidate in (path, os.path.join(path, EXPORT_DIR)):
+        if os.path.isfile(os.path.join(candidate, "model.safetensors")):
+            return candidate
+    for pickled in ("pytorch_model.bin", "model.pt", "model.pkl"):
+        if os.path.exists(os.path.join(path, pickled)):
+            raise ValueError(
+                f"{os.path.join(path, pickled)} is a pickle, which can run code when "
+                f"loaded; fmjax reads safetensors only. Convert it first, e.g. in "
+                f"Python: `from safetensors.torch import save_file; save_file("
+                f"torch.load(path, weights_only=True), 'model.safetensors')`"
+            )
+    raise FileNotFoundError(
+        f"no fmjax export in {path!r}: expected {path}/model.safetensors or "
+        f"{path}/{EXPORT_DIR}/model.safetensors (written at the end of `fmjax train`)"
+    )
+
+
+def load_export(path: str) -> tuple[dict, dict]:
+    """(params, config dict) from an export directory."""
+    directory = find_export(path)
+    params = unflatten_params(load_file(os.path.join(directory, "model.safetensors")))
+    with open(os.path.join(directory, "config.json")) as f:
+        config = json.load(f)
+    return params, config

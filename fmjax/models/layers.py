@@ -1,0 +1,452 @@
+"""Transformer building blocks shared by the text, vision and multimodal models.
+
+Einsum letters: B batch, L query length, S key length (equals L until a KV cache
+or prefix slots extend the keys), D model width, H heads, G query heads per KV
+head (GQA), K head dim, F MLP hidden.
+
+Logical axis names used by parameters: "vocab", "type_vocab", "length",
+"embed", "heads", "kv", "mlp"; activations also use "batch".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+POSITIONS = ("learned", "rope")
+ACTIVATIONS = ("gelu", "gelu_tanh")
+DTYPES = ("float32", "bfloat16", "float16")
+
+# Not -inf: a row with every key masked (padding) must still give a finite softmax.
+_MASKED_SCORE = float(jnp.finfo(jnp.float32).min)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Shape and numerics of a BERT/GPT-style transformer."""
+
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    mlp_dim: int
+    max_len: int = 512
+    num_kv_heads: int | None = None
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    position: str = "learned"
+    rope_theta: float = 10000.0
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    activation: str = "gelu"
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        for name in (
+            "vocab_size",
+            "d_model",
+            "num_layers",
+            "num_heads",
+            "head_dim",
+            "mlp_dim",
+            "max_len",
+            "type_vocab_size",
+        ):
+            _check(self, name, _is_int(getattr(self, name)), "a positive int")
+            _check(self, name, getattr(self, name) > 0, "a positive int")
+        if self.num_kv_heads is not None:
+            _check(
+                self,
+                "num_kv_heads",
+                _is_int(self.num_kv_heads)
+                and self.num_kv_heads > 0
+                and self.num_heads % self.num_kv_heads == 0,
+                f"None or a positive divisor of num_heads={self.num_heads}",
+            )
+        for name in ("dropout_rate", "attention_dropout_rate"):
+            _check(self, name, 0.0 <= getattr(self, name) < 1.0, "a rate in [0, 1)")
+        for name in ("rope_theta", "layer_norm_eps", "init_std"):
+            _check(self, name, getattr(self, name) > 0, "a positive float")
+        _check(self, "position", self.position in POSITIONS, f"one of {POSITIONS}")
+        _check(
+            self, "activation", self.activation in ACTIVATIONS, f"one of {ACTIVATIONS}"
+        )
+        for name in ("dtype", "param_dtype"):
+            _check(self, name, getattr(self, name) in DTYPES, f"one of {DTYPES}")
+        if self.position == "rope":
+            _check(self, "head_dim", self.head_dim % 2 == 0, "an even int with RoPE")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TransformerConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"TransformerConfig: unknown keys {unknown}; expected a subset of "
+                f"{sorted(known)}"
+            )
+        return cls(**dict(d))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check(config, name: str, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ValueError(
+            f"{type(config).__name__}.{name}={getattr(config, name)!r}: "
+            f"expected {expected}"
+        )
+
+
+def make_attention_mask(segment_ids_BL: Array, causal: bool) -> Array:
+    """bool [B,1,L,L]: query i may attend key j (same nonzero segment; j<=i if causal).
+
+    Rows of padding (segment 0) attend to nothing.
+    """
+    seg_BL1 = segment_ids_BL[:, :, None]
+    seg_B1L = segment_ids_BL[:, None, :]
+    mask_BLL = (seg_BL1 == seg_B1L) & (seg_BL1 != 0)
+    if causal:
+        length = segment_ids_BL.shape[1]
+        causal_1LL = jnp.tril(jnp.ones((length, length), dtype=bool))[None]
+        mask_BLL = mask_BLL & causal_1LL
+    return mask_BLL[:, None]
+
+
+def apply_rope(x_BLHK: Array, positions_BL: Array, theta: float) -> Array:
+    """Rotary embedding, half-split layout (as GPT-NeoX / HF Llama `rotate_half`)."""
+    head_dim = x_BLHK.shape[-1]
+    if head_dim % 2:
+        raise ValueError(f"apply_rope: head dim {head_dim} must be even")
+    inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles_BLk = positions_BL.astype(jnp.float32)[:, :, None] * inv_freq[None, None]
+    sin_BL1k = jnp.sin(angles_BLk)[:, :, None, :]
+    cos_BL1k = jnp.cos(angles_BLk)[:, :, None, :]
+    x1, x2 = jnp.split(x_BLHK.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate(
+        [x1 * cos_BL1k - x2 * sin_BL1k, x2 * cos_BL1k + x1 * sin_BL1k], axis=-1
+    )
+    return rotated.astype(x_BLHK.dtype)
+
+
+def activation_fn(name: str):
+    if name == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    if name == "gelu_tanh":
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    raise ValueError(f"activation={name!r}: expected one of {ACTIVATIONS}")
+
+
+def _normal(std: float, axes: tuple[str, ...]):
+    return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+class LayerNorm(nn.LayerNorm):
+    """flax LayerNorm with logically partitioned params, always computed in f32."""
+
+    dtype: Any = jnp.float32
+    scale_init: Any = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
+    bias_init: Any = nn.with_logical_partitioning(nn.initializers.zeros, ("embed",))
+
+    def __call__(self, x, *args, **kwargs):
+        return super().__call__(x.astype(jnp.float32), *args, **kwargs)
+
+
+class EinsumDense(nn.Module):
+    """`einsum(equation, x, kernel) + bias`; the kernel's first `num_in` dims contract.
+
+    The bias covers the kernel's output dims, e.g. kernel DHK -> bias HK.
+    """
+
+    equation: str
+    kernel_shape: tuple[int, ...]
+    kernel_axes: tuple[str, ...]
+    num_in: int = 1
+    use_bias: bool = True
+    init_std: float = 0.02
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param(
+            "kernel",
+            _normal(self.init_std, self.kernel_axes),
+            self.kernel_shape,
+            self.param_dtype,
+        )
+        y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        if not self.use_bias:
+            return y
+        bias_shape = self.kernel_shape[self.num_in :]
+        bias = self.param(
+            "bias",
+            nn.with_logical_partitioning(
+                nn.initializers.zeros, self.kernel_axes[self.num_in :]
+            ),
+            bias_shape,
+            self.param_dtype,
+        )
+        # Explicit leading 1s: the project runs with rank promotion disabled.
+        bias = bias.reshape((1,) * (y.ndim - bias.ndim) + bias_shape)
+        return y + bias.astype(self.dtype)
+
+
+class Embed(nn.Module):
+    """Lookup table [num, D]; the lookup stays in param dtype (it is not a matmul)."""
+
+    num_embeddings: int
+    features: int
+    axes: tuple[str, str]
+    init_std: float = 0.02
+    param_dtype: Any = jnp.float32
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding",
+            _normal(self.init_std, self.axes),
+            (self.num_embeddings, self.features),
+            self.param_dtype,
+        )
+
+    def __call__(self, ids: Array) -> Array:
+        return jnp.take(self.embedding, ids, axis=0).astype(jnp.float32)
+
+    def attend(self, x_BLD: Array, dtype: Any) -> Array:
+        """Tied output logits [B,L,num] in f32 (matmul in `dtype`)."""
+        return jnp.einsum(
+            "BLD,VD->BLV",
+            x_BLD.astype(dtype),
+            self.embedding.astype(dtype),
+            preferred_element_type=jnp.float32,
+        )
+
+
+def attention_probs(q_BLHK: Array, k_BSHK: Array, mask_B1LS: Array) -> Array:
+    """Softmax(q.k / sqrt(K)) in f32 -> [B, H, L, S]; GQA when k has fewer heads."""
+    num_heads, num_kv_heads = q_BLHK.shape[2], k_BSHK.shape[2]
+    q_BLHGK = einops.rearrange(
+        q_BLHK, "B L (H G) K -> B L H G K", H=num_kv_heads, G=num_heads // num_kv_heads
+    )
+    scores_BHGLS = jnp.einsum(
+        "BLHGK,BSHK->BHGLS", q_BLHGK, k_BSHK, preferred_element_type=jnp.float32
+    )
+    scores_BHGLS = scores_BHGLS * (q_BLHK.shape[-1] ** -0.5)
+    scores_BHGLS = jnp.where(mask_B1LS[:, :, None], scores_BHGLS, _MASKED_SCORE)
+    probs_BHGLS = jax.nn.softmax(scores_BHGLS, axis=-1)
+    return einops.rearrange(probs_BHGLS, "B H G L S -> B (H G) L S")
+
+
+def attend_values(probs_BHLS: Array, v_BSHK: Array) -> Array:
+    """Probability-weighted values -> [B, L, H, K] (H query heads)."""
+    num_kv_heads = v_BSHK.shape[2]
+    probs_BHGLS = einops.rearrange(
+        probs_BHLS, "B (H G) L S -> B H G L S", H=num_kv_heads
+    )
+    out_BLHGK = jnp.einsum(
+        "BHGLS,BSHK->BLHGK", probs_BHGLS.astype(v_BSHK.dtype), v_BSHK
+    )
+    return einops.rearrange(out_BLHGK, "B L H G K -> B L (H G) K")
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query self-attention with optional RoPE.
+
+    Params: query [D,H,K], key/value [D,H_kv,K], out [H,K,D], each with a bias.
+    Projection, position encoding and the softmax are separate steps so that a
+    KV cache or prefix K/V slots can extend the keys (S > L) without touching
+    the parameter tree.
+    """
+
+    num_heads: int
+    head_dim: int
+    num_kv_heads: int | None = None
+    use_rope: bool = False
+    rope_theta: float = 10000.0
+    dropout_rate: float = 0.0
+    init_std: float = 0.02
+    out_init_std: float | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def _dense(self, equation, shape, axes, name, num_in=1, std=None):
+        return EinsumDense(
+            equation,
+            shape,
+            axes,
+            num_in=num_in,
+            init_std=self.init_std if std is None else std,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )
+
+    @nn.compact
+    def __call__(
+        self,
+        x_BLD: Array,
+        mask_B1LL: Array,
+        positions_BL: Array | None = None,
+        *,
+        deterministic: bool = True,
+    ) -> Array:
+        d_model = x_BLD.shape[-1]
+        heads, head_dim = self.num_heads, self.head_dim
+        kv_heads = self.num_kv_heads or heads
+        axes = ("embed", "heads", "kv")
+        q_shape, kv_shape = (d_model, heads, head_dim), (d_model, kv_heads, head_dim)
+        q_BLHK = self._dense("BLD,DHK->BLHK", q_shape, axes, "query")(x_BLD)
+        k_BLHK = self._dense("BLD,DHK->BLHK", kv_shape, axes, "key")(x_BLD)
+        v_BLHK = self._dense("BLD,DHK->BLHK", kv_shape, axes, "value")(x_BLD)
+        if self.use_rope:
+            if positions_BL is None:
+                raise ValueError("Attention(use_rope=True) needs positions_BL")
+            q_BLHK = apply_rope(q_BLHK, positions_BL, self.rope_theta)
+            k_BLHK = apply_rope(k_BLHK, positions_BL, self.rope_theta)
+        probs_BHLS = attention_probs(q_BLHK, k_BLHK, mask_B1LL)
+        probs_BHLS = nn.Dropout(self.dropout_rate)(
+            probs_BHLS, deterministic=deterministic
+        )
+        context_BLHK = attend_values(probs_BHLS, v_BLHK)
+        return self._dense(
+            "BLHK,HKD->BLD",
+            (heads, head_dim, d_model),
+            ("heads", "kv", "embed"),
+            "out",
+            num_in=2,
+            std=self.out_init_std,
+        )(context_BLHK)
+
+
+class Mlp(nn.Module):
+    """Dense D->F, activation, dense F->D (params `up`, `down`)."""
+
+    mlp_dim: int
+    activation: str = "gelu"
+    init_std: float = 0.02
+    out_init_std: float | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BLD: Array) -> Array:
+        d_model = x_BLD.shape[-1]
+        common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h_BLF = EinsumDense(
+            "BLD,DF->BLF",
+            (d_model, self.mlp_dim),
+            ("embed", "mlp"),
+            init_std=self.init_std,
+            name="up",
+            **common,
+        )(x_BLD)
+        h_BLF = activation_fn(self.activation)(h_BLF)
+        return EinsumDense(
+            "BLF,FD->BLD",
+            (self.mlp_dim, d_model),
+            ("mlp", "embed"),
+            init_std=self.init_std if self.out_init_std is None else self.out_init_std,
+            name="down",
+            **common,
+        )(h_BLF)
+
+
+class Block(nn.Module):
+    """Transformer layer: post-LN (BERT) or pre-LN (GPT-2, ViT).
+
+    post-LN: x = LN(x + attn(x)); x = LN(x + mlp(x))
+    pre-LN:  x = x + attn(LN(x)); x = x + mlp(LN(x))
+    The residual stream stays in f32; matmuls run in `config.dtype`.
+    """
+
+    config: TransformerConfig
+    pre_norm: bool
+    # GPT-2 shrinks the init of the projections that write into the residual.
+    residual_init_std: float | None = None
+
+    @nn.compact
+    def __call__(
+        self,
+        x_BLD: Array,
+        mask_B1LL: Array,
+        positions_BL: Array | None = None,
+        *,
+        deterministic: bool = True,
+    ) -> Array:
+        cfg = self.config
+        numerics = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
+        attention = Attention(
+            num_heads=cfg.num_heads,
+            head_dim=cfg.head_dim,
+            num_kv_heads=cfg.num_kv_heads,
+            use_rope=cfg.position == "rope",
+            rope_theta=cfg.rope_theta,
+            dropout_rate=cfg.attention_dropout_rate,
+            init_std=cfg.init_std,
+            out_init_std=self.residual_init_std,
+            name="attention",
+            **numerics,
+        )
+        mlp = Mlp(
+            mlp_dim=cfg.mlp_dim,
+            activation=cfg.activation,
+            init_std=cfg.init_std,
+            out_init_std=self.residual_init_std,
+            name="mlp",
+            **numerics,
+        )
+        norm = dict(epsilon=cfg.layer_norm_eps, param_dtype=cfg.params_dtype)
+        attention_norm = LayerNorm(name="attention_norm", **norm)
+        mlp_norm = LayerNorm(name="mlp_norm", **norm)
+        dropout = nn.Dropout(cfg.dropout_rate)
+
+        def attend(h):
+            out = attention(h, mask_B1LL, positions_BL, deterministic=deterministic)
+            return dropout(out, deterministic=deterministic)
+
+        def feed_forward(h):
+            return dropout(mlp(h), deterministic=deterministic)
+
+        x_BLD = x_BLD.astype(jnp.float32)
+        if self.pre_norm:
+            x_BLD = x_BLD + attend(attention_norm(x_BLD))
+            x_BLD = x_BLD + feed_forward(mlp_norm(x_BLD))
+        else:
+            x_BLD = attention_norm(x_BLD + attend(x_BLD))
+            x_BLD = mlp_norm(x_BLD + feed_forward(x_BLD))
+        return nn.with_logical_constraint(x_BLD, ("batch", "length", "embed"))
+
+
+def residual_init_std(config: TransformerConfig) -> float:
+    """GPT-2's init for projections into the residual: std / sqrt(2 * layers)."""
+    return config.init_std / math.sqrt(2 * config.num_layers)

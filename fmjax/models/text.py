@@ -1,0 +1,247 @@
+"""Text transformers: TextEncoder (BERT family) and TextDecoder (GPT family).
+
+Both take packed batches: `segment_ids_BL` numbers the documents in a row (0 is
+padding) and attention never crosses a segment boundary; `positions_BL`
+restarts at 0 for each document.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fmjax.models.layers import (
+    Block,
+    EinsumDense,
+    Embed,
+    LayerNorm,
+    TransformerConfig,
+    activation_fn,
+    make_attention_mask,
+    residual_init_std,
+)
+
+Array = jax.Array
+
+_BERT = dict(head_dim=64, max_len=512, layer_norm_eps=1e-12, activation="gelu")
+_GPT2 = dict(head_dim=64, max_len=1024, layer_norm_eps=1e-5, activation="gelu_tanh")
+
+# TransformerConfig kwargs per size. Vocab sizes are those of the BERT WordPiece
+# and GPT-2 BPE vocabularies; a config with its own tokenizer overrides them.
+PRESETS: dict[str, dict[str, Any]] = {
+    "bert_tiny": dict(
+        vocab_size=30522, d_model=128, num_layers=2, num_heads=2, mlp_dim=512, **_BERT
+    ),
+    "bert_small": dict(
+        vocab_size=30522, d_model=256, num_layers=4, num_heads=4, mlp_dim=1024, **_BERT
+    ),
+    "bert_base": dict(
+        vocab_size=30522,
+        d_model=768,
+        num_layers=12,
+        num_heads=12,
+        mlp_dim=3072,
+        **_BERT,
+    ),
+    "gpt_tiny": dict(
+        vocab_size=50257, d_model=128, num_layers=2, num_heads=2, mlp_dim=512, **_GPT2
+    ),
+    "gpt_small": dict(
+        vocab_size=50257, d_model=256, num_layers=4, num_heads=4, mlp_dim=1024, **_GPT2
+    ),
+    "gpt2_124m": dict(
+        vocab_size=50257,
+        d_model=768,
+        num_layers=12,
+        num_heads=12,
+        mlp_dim=3072,
+        **_GPT2,
+    ),
+}
+
+
+def preset_config(name: str, **overrides: Any) -> TransformerConfig:
+    """The named preset with `overrides` applied (unknown keys are rejected)."""
+    if name not in PRESETS:
+        raise ValueError(f"preset {name!r}: expected one of {sorted(PRESETS)}")
+    return TransformerConfig.from_dict({**PRESETS[name], **overrides})
+
+
+def count_params(params) -> int:
+    """Number of scalars in a param tree (arrays, ShapeDtypeStructs or boxed)."""
+    leaves = jax.tree.leaves(
+        params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata)
+    )
+    total = 0
+    for leaf in leaves:
+        value = leaf.unbox(apply_constraint=False) if hasattr(leaf, "unbox") else leaf
+        total += math.prod(value.shape)
+    return total
+
+
+def _default_inputs(tokens_BL, segment_ids_BL, positions_BL, max_len):
+    batch, length = tokens_BL.shape
+    if segment_ids_BL is None:
+        segment_ids_BL = jnp.ones((batch, length), jnp.int32)
+    if positions_BL is None:
+        if length > max_len:
+            raise ValueError(f"sequence length {length} exceeds max_len={max_len}")
+        positions_BL = jnp.broadcast_to(jnp.arange(length)[None], (batch, length))
+    for name, x in (("segment_ids_BL", segment_ids_BL), ("positions_BL", positions_BL)):
+        if x.shape != tokens_BL.shape:
+            raise ValueError(
+                f"{name} has shape {x.shape}; expected tokens' shape {tokens_BL.shape}"
+            )
+    return segment_ids_BL, positions_BL
+
+
+def _embed(cfg: TransformerConfig, num: int, axes: tuple[str, str], name: str):
+    return Embed(
+        num,
+        cfg.d_model,
+        axes,
+        init_std=cfg.init_std,
+        param_dtype=cfg.params_dtype,
+        name=name,
+    )
+
+
+class TextEncoder(nn.Module):
+    """BERT: embeddings + LayerNorm, post-LN blocks, MLM head tied to the embeddings.
+
+    Returns {"hidden": [B,L,D] last block output, "logits": [B,L,V] MLM logits},
+    both float32.
+    """
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens_BL: Array,
+        *,
+        segment_ids_BL: Array | None = None,
+        positions_BL: Array | None = None,
+        type_ids_BL: Array | None = None,
+        deterministic: bool = True,
+    ) -> dict[str, Array]:
+        cfg = self.config
+        segment_ids_BL, positions_BL = _default_inputs(
+            tokens_BL, segment_ids_BL, positions_BL, cfg.max_len
+        )
+        if type_ids_BL is None:
+            type_ids_BL = jnp.zeros_like(tokens_BL)
+        token_embed = _embed(cfg, cfg.vocab_size, ("vocab", "embed"), "token_embed")
+        x_BLD = token_embed(tokens_BL)
+        if cfg.position == "learned":
+            position_embed = _embed(
+                cfg, cfg.max_len, ("length", "embed"), "position_embed"
+            )
+            x_BLD = x_BLD + position_embed(positions_BL)
+        type_embed = _embed(
+            cfg, cfg.type_vocab_size, ("type_vocab", "embed"), "type_embed"
+        )
+        x_BLD = x_BLD + type_embed(type_ids_BL)
+        norm = dict(epsilon=cfg.layer_norm_eps, param_dtype=cfg.params_dtype)
+        x_BLD = LayerNorm(name="embed_norm", **norm)(x_BLD)
+        x_BLD = nn.Dropout(cfg.dropout_rate)(x_BLD, deterministic=deterministic)
+        x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "length", "embed"))
+
+        mask_B1LL = make_attention_mask(segment_ids_BL, causal=False)
+        for i in range(cfg.num_layers):
+            x_BLD = Block(cfg, pre_norm=False, name=f"layers_{i}")(
+                x_BLD, mask_B1LL, positions_BL, deterministic=deterministic
+            )
+        hidden_BLD = x_BLD
+
+        # The head's transform is a D->D hidden layer; F names its output here.
+        h_BLF = EinsumDense(
+            "BLD,DF->BLF",
+            (cfg.d_model, cfg.d_model),
+            ("embed", "mlp"),
+            init_std=cfg.init_std,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.params_dtype,
+            name="mlm_transform",
+        )(hidden_BLD)
+        h_BLF = activation_fn(cfg.activation)(h_BLF)
+        h_BLD = LayerNorm(name="mlm_norm", **norm)(h_BLF)
+        logits_BLV = token_embed.attend(h_BLD, cfg.compute_dtype)
+        vocab_bias = self.param(
+            "mlm_bias",
+            nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+            (cfg.vocab_size,),
+            cfg.params_dtype,
+        )
+        logits_BLV = logits_BLV + vocab_bias.astype(jnp.float32)[None, None]
+        logits_BLV = nn.with_logical_constraint(
+            logits_BLV, ("batch", "length", "vocab")
+        )
+        return {"hidden": hidden_BLD, "logits": logits_BLV}
+
+
+class TextDecoder(nn.Module):
+    """GPT: token (+ learned position) embeddings, pre-LN blocks, final LayerNorm,
+    LM head tied to the token embeddings unless `config.tie_embeddings` is False.
+
+    Returns {"hidden": [B,L,D] after the final norm, "logits": [B,L,V]}, float32.
+    """
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens_BL: Array,
+        *,
+        segment_ids_BL: Array | None = None,
+        positions_BL: Array | None = None,
+        deterministic: bool = True,
+    ) -> dict[str, Array]:
+        cfg = self.config
+        segment_ids_BL, positions_BL = _default_inputs(
+            tokens_BL, segment_ids_BL, positions_BL, cfg.max_len
+        )
+        token_embed = _embed(cfg, cfg.vocab_size, ("vocab", "embed"), "token_embed")
+        x_BLD = token_embed(tokens_BL)
+        if cfg.position == "learned":
+            position_embed = _embed(
+                cfg, cfg.max_len, ("length", "embed"), "position_embed"
+            )
+            x_BLD = x_BLD + position_embed(positions_BL)
+        x_BLD = nn.Dropout(cfg.dropout_rate)(x_BLD, deterministic=deterministic)
+        x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "length", "embed"))
+
+        mask_B1LL = make_attention_mask(segment_ids_BL, causal=True)
+        for i in range(cfg.num_layers):
+            x_BLD = Block(
+                cfg,
+                pre_norm=True,
+                residual_init_std=residual_init_std(cfg),
+                name=f"layers_{i}",
+            )(x_BLD, mask_B1LL, positions_BL, deterministic=deterministic)
+        hidden_BLD = LayerNorm(
+            epsilon=cfg.layer_norm_eps, param_dtype=cfg.params_dtype, name="final_norm"
+        )(x_BLD)
+
+        if cfg.tie_embeddings:
+            logits_BLV = token_embed.attend(hidden_BLD, cfg.compute_dtype)
+        else:
+            logits_BLV = EinsumDense(
+                "BLD,DV->BLV",
+                (cfg.d_model, cfg.vocab_size),
+                ("embed", "vocab"),
+                use_bias=False,
+                init_std=cfg.init_std,
+                dtype=cfg.compute_dtype,
+                param_dtype=cfg.params_dtype,
+                name="lm_head",
+            )(hidden_BLD).astype(jnp.float32)
+        logits_BLV = nn.with_logical_constraint(
+            logits_BLV, ("batch", "length", "vocab")
+        )
+        return {"hidden": hidden_BLD, "logits": logits_BLV}

@@ -1,0 +1,172 @@
+"""Meshes and logical-axis sharding rules.
+
+The model names every parameter dimension with a logical axis ("embed", "mlp",
+...); the rules in config map those names to mesh axes ("data", "fsdp",
+"tensor"). This module turns the two into `NamedSharding`s, and refuses rules
+that would silently replicate: a rule naming a mesh axis that does not exist, a
+logical name no rule covers, or a dimension the mesh axes do not divide.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+Rules = Sequence[tuple[str, str | Sequence[str] | None]]
+
+
+class ShardingError(ValueError):
+    """A mesh or a sharding rule that cannot work; the message names it."""
+
+
+def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple:
+    """Resolves -1 entries ("the rest") and checks the product is `num_devices`."""
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    free = [name for name, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        raise ShardingError(f"mesh {sizes}: at most one axis may be -1, got {free}")
+    for name, size in sizes.items():
+        if size == 0 or size < -1:
+            raise ShardingError(f"mesh.{name}={size}: expected a positive size or -1")
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if free:
+        if num_devices % fixed:
+            raise ShardingError(
+                f"mesh {sizes}: {num_devices} devices are not divisible by the fixed "
+                f"axes' product {fixed}"
+            )
+        sizes[free[0]] = num_devices // fixed
+    if math.prod(sizes.values()) != num_devices:
+        raise ShardingError(
+            f"mesh {sizes} has {math.prod(sizes.values())} devices, but "
+            f"{num_devices} are available"
+        )
+    return tuple(sizes[name] for name in MESH_AXES)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    shape = mesh_shape(data, fsdp, tensor, len(devices))
+    return jax.make_mesh(
+        shape,
+        MESH_AXES,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+        devices=devices,
+    )
+
+
+def normalize_rules(rules: Rules, mesh: Mesh) -> tuple:
+    """Rules as a tuple of (logical, mesh-axes tuple | None); checks mesh axes."""
+    out = []
+    for rule in rules:
+        if len(rule) != 2:
+            raise ShardingError(
+                f"sharding rule {rule!r}: expected (logical, mesh axes)"
+            )
+        logical, axes = rule
+        if axes is None:
+            out.append((logical, None))
+            continue
+        axes = (axes,) if isinstance(axes, str) else tuple(axes)
+        for axis in axes:
+            if axis not in mesh.axis_names:
+                raise ShardingError(
+                    f"sharding rule {logical!r} -> {axis!r}: mesh has no axis {axis!r};"
+                    f" its axes are {mesh.axis_names}"
+                )
+        out.append((logical, axes))
+    return tuple(out)
+
+
+def spec_for(
+    names: Sequence[str | None], shape: Sequence[int], rules, mesh: Mesh, path=""
+) -> PartitionSpec:
+    """The PartitionSpec of one array whose dimensions carry logical `names`."""
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for dim, (name, size) in enumerate(zip(names, shape, strict=True)):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in table:
+            raise ShardingError(
+                f"{path}: logical axis {name!r} (dim {dim} of shape {tuple(shape)}) "
+                f"has no sharding rule; rules cover {sorted(table)}"
+            )
+        # A mesh axis shards at most one dimension of an array.
+        axes = tuple(a for a in (table[name] or ()) if a not in used)
+        used.update(axes)
+        ways = math.prod(mesh.shape[a] for a in axes)
+        if size % ways:
+            raise ShardingError(
+                f"{path}: dim {dim} ({name!r}) of shape {tuple(shape)} has size "
+                f"{size}, not divisible by mesh axes {axes} of total size {ways}"
+            )
+        spec.append(axes[0] if len(axes) == 1 else (axes or None))
+    return PartitionSpec(*spec)
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def shardings_for(abstract_boxed, mesh: Mesh, rules: Rules):
+    """NamedShardings for a pytree whose leaves may be `nn.Partitioned` boxes.
+
+    Unboxed leaves (step counters, optimizer scalars) are replicated. The result
+    has the structure of the *unboxed* tree.
+    """
+    rules = normalize_rules(rules, mesh)
+
+    def one(path, leaf):
+        if isinstance(leaf, nn.Partitioned):
+            names, shape = leaf.names, leaf.value.shape
+            spec = spec_for(names, shape, rules, mesh, _path_str(path))
+            return NamedSharding(mesh, spec)
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree_util.tree_map_with_path(
+        one, abstract_boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+    )
+
+
+def batch_sharding(mesh: Mesh, rank: int = 2) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (rank - 1))))
+
+
+def global_batch(local_batch: dict, mesh: Mesh) -> dict:
+    """Assembles each process's local numpy batch into global sharded arrays."""
+    return {
+        key: jax.make_array_from_process_local_data(
+            batch_sharding(mesh, np.ndim(value)), np.asarray(value)
+        )
+        for key, value in local_batch.items()
+    }
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Rules):
+    """Mesh + logical rules in scope, so the model's activation constraints apply."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(normalize_rules(rules, mesh)):
+        yield
+
+
+def bytes_per_device(shardings, abstract) -> int:
+    """Largest per-device byte count of the arrays in `abstract` under `shardings`."""
+    total = 0
+    for sharding, leaf in zip(
+        jax.tree.leaves(shardings), jax.tree.leaves(abstract), strict=True
+    ):
+        shard = sharding.shard_shape(leaf.shape)
+        total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+    return total

@@ -1,0 +1,182 @@
+"""Text pre-training experiments: the config checks, data and loss of one run.
+
+Everything here runs before any compute and raises `ConfigError` with the bad
+key and value, so `fmjax train` fails in a second instead of after compiling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from fmjax.config import ConfigError
+from fmjax.data import sources
+from fmjax.data import text as text_data
+from fmjax.data.tokenizer import tokenizer_for
+from fmjax.models.layers import TransformerConfig
+from fmjax.train.step import text_loss_fn
+
+OBJECTIVE_MODEL = {"mlm": "encoder", "causal": "decoder"}
+
+
+def validate(config) -> None:
+    """Checks that need no data: value ranges and the pieces fitting together."""
+    objective = config.objective.name
+    if objective not in OBJECTIVE_MODEL:
+        raise ConfigError(
+            f"objective.name={objective!r}; expected one of {sorted(OBJECTIVE_MODEL)}"
+        )
+    kind = config.model.kind
+    if kind != OBJECTIVE_MODEL[objective]:
+        raise ConfigError(
+            f"model.kind={kind!r} cannot train objective {objective!r}; it needs "
+            f"model.kind={OBJECTIVE_MODEL[objective]!r}"
+        )
+    model_fields = {k: v for k, v in config.model.items() if k != "kind"}
+    try:
+        TransformerConfig.from_dict(model_fields)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model: {e}") from None
+    for group, key in [
+        ("train", "steps"),
+        ("train", "log_every"),
+        ("data", "seq_len"),
+        ("data", "batch_size"),
+        ("data", "vocab_size"),
+        ("checkpoint", "every"),
+        ("optimizer", "grad_accum_steps"),
+    ]:
+        value = config[group][key]
+        if value < 1:
+            raise ConfigError(f"{group}.{key}={value}: expected a positive integer")
+    if config.data.seq_len > config.model.max_len:
+        raise ConfigError(
+            f"data.seq_len={config.data.seq_len} is longer than "
+            f"model.max_len={config.model.max_len}"
+        )
+    if config.data.vocab_size > config.model.vocab_size:
+        raise ConfigError(
+            f"vocabulary/model size mismatch: data.vocab_size={config.data.vocab_size}"
+            f" tokens but model.vocab_size={config.model.vocab_size} embeddings; "
+            f"set --config.model.vocab_size={config.data.vocab_size} (or larger)"
+        )
+    batch, accum = config.data.batch_size, config.optimizer.grad_accum_steps
+    if batch % accum:
+        raise ConfigError(
+            f"data.batch_size={batch} is not divisible by "
+            f"optimizer.grad_accum_steps={accum}"
+        )
+    processes = jax.process_count()
+    if batch % processes:
+        raise ConfigError(
+            f"data.batch_size={batch} is not divisible by the {processes} processes"
+        )
+    if not 0.0 < config.objective.get("mask_rate", 0.15) < 1.0:
+        raise ConfigError(
+            f"objective.mask_rate={config.objective.mask_rate}: expected in (0, 1)"
+        )
+
+
+@dataclasses.dataclass
+class TextExperiment:
+    name: str
+    data_dir: str
+    train_split: str
+    eval_split: str
+    text_key: str
+    seq_len: int
+    batch_size: int
+    objective: str
+    mask_rate: float
+    seed: int
+    shuffle_seed: int
+    tokenizer: object
+
+    @classmethod
+    def from_config(cls, config) -> TextExperiment:
+        validate(config)
+        data = config.data
+        data_dir = data.data_dir or sources.default_data_dir()
+        try:
+            sources.check_dataset(data.name, data_dir)
+        except sources.DatasetNotFoundError as e:
+            raise ConfigError(f"data.name={data.name!r}: {e}") from None
+        if data.name in sources.SHIPPED:
+            sources.prepare(data.name, data_dir)
+        try:
+            tokenizer = tokenizer_for(data.name, data.vocab_size, data_dir)
+        except ValueError as e:
+            raise ConfigError(f"data.vocab_size={data.vocab_size}: {e}") from None
+        if tokenizer.vocab_size > config.model.vocab_size:
+            raise ConfigError(
+                f"vocabulary/model size mismatch: the tokenizer has "
+                f"{tokenizer.vocab_size} tokens, model.vocab_size="
+                f"{config.model.vocab_size}"
+            )
+        exp = cls(
+            name=data.name,
+            data_dir=data_dir,
+            train_split=data.train_split,
+            eval_split=data.eval_split,
+            text_key=data.text_key,
+            seq_len=data.seq_len,
+            batch_size=data.batch_size,
+            objective=config.objective.name,
+            mask_rate=config.objective.get("mask_rate", 0.15),
+            seed=config.train.seed,
+            shuffle_seed=data.shuffle_seed,
+            tokenizer=tokenizer,
+        )
+        for split in (exp.train_split, exp.eval_split):
+            exp._source(split)  # a bad split name fails here, before compute
+        return exp
+
+    def _source(self, split: str):
+        try:
+            return sources.load_source(self.name, split, self.data_dir)
+        except (sources.DatasetNotFoundError, ValueError, KeyError) as e:
+            raise ConfigError(f"data split {split!r} of {self.name!r}: {e}") from None
+
+    def _iterator_args(self) -> dict:
+        return dict(
+            seq_len=self.seq_len,
+            batch_size=self.batch_size // jax.process_count(),
+            objective=self.objective,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            text_key=self.text_key,
+        )
+
+    def train_iterator(self):
+        return text_data.make_text_iterator(
+            self._source(self.train_split),
+            self.tokenizer,
+            seed=self.shuffle_seed,
+            shuffle=True,
+            repeat=True,
+            **self._iterator_args(),
+        )
+
+    def eval_iterator(self):
+        return text_data.make_eval_iterator(
+            self._source(self.eval_split), self.tokenizer, **self._iterator_args()
+        )
+
+    def example_batch(self) -> dict:
+        """A global-shaped batch of zeros: what init and eval_shape trace with."""
+        import numpy as np
+
+        zeros = np.zeros((self.batch_size, self.seq_len), np.int32)
+        return {"tokens": zeros, "segment_ids": zeros + 1, "positions": zeros}
+
+    def loss_fn(self, model):
+        tok = self.tokenizer
+        return text_loss_fn(
+            model,
+            self.objective,
+            mask_id=tok.mask_id,
+            vocab_size=tok.vocab_size,
+            special_ids=tuple(tok.special_ids),
+            mask_rate=self.mask_rate,
+        )

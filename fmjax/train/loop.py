@@ -1,0 +1,289 @@
+"""The training loop: data, sharded init or resume, steps, eval, metrics, checkpoints.
+
+`train(config, workdir)` is what `fmjax train` runs. Everything that can be
+checked without compute (config values, dataset, vocabulary, mesh, sharding
+rules) is checked first, so a bad run fails in a second with one message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fmjax import sharding as shd
+from fmjax.checkpoint import Checkpointer
+from fmjax.config import ConfigError, to_json
+from fmjax.models import build_model
+from fmjax.objectives import summarize
+from fmjax.train.experiment import TextExperiment
+from fmjax.train.metrics import MetricsWriter
+from fmjax.train.state import TrainState, make_optimizer
+from fmjax.train.step import SUM_METRICS, jit_eval_step, jit_train_step
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        disable=not enabled or jax.process_index() != 0,
+        unit="step",
+        dynamic_ncols=True,
+    )
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves a checkpoint at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            self.requested = True
+
+        try:
+            self._previous = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread (e.g. a notebook worker)
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def init_state(config, model, tx, mesh, example_batch, seed: int):
+    """eval_shape -> logical specs -> shardings -> jitted init, so full-size params
+    are created directly in their shards and never whole on one device."""
+    rng = jax.random.PRNGKey(seed)
+
+    def create(rng):
+        params = model.init(
+            {"params": jax.random.fold_in(rng, 1), "dropout": rng},
+            example_batch["tokens"],
+            segment_ids_BL=example_batch["segment_ids"],
+            positions_BL=example_batch["positions"],
+        )["params"]
+        return TrainState.create(params, tx, jax.random.fold_in(rng, 2))
+
+    abstract_boxed = jax.eval_shape(create, rng)
+    shardings = shd.shardings_for(abstract_boxed, mesh, config.mesh.rules)
+    from flax.core import meta
+
+    unboxed_create = lambda rng: meta.unbox(create(rng))
+    abstract = jax.eval_shape(unboxed_create, rng)
+
+    def init():
+        with shd.activate(mesh, config.mesh.rules):
+            return jax.jit(unboxed_create, out_shardings=shardings)(rng)
+
+    return abstract, shardings, init
+
+
+def _device_sum(acc, metrics):
+    return metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
+
+
+_add = jax.jit(_device_sum)
+
+
+def _window_summary(window: dict, steps: int) -> dict:
+    out = summarize({k: window[k] for k in SUM_METRICS})
+    for key, value in window.items():
+        if key not in SUM_METRICS and key != "nonfinite":
+            out[key] = float(value) / max(steps, 1)
+    return {k: float(v) for k, v in out.items()}
+
+
+def evaluate(exp: TextExperiment, eval_fn, params, mesh, max_batches: int = 0):
+    """Metric sums over the eval split (every example once), then summarized."""
+    total = None
+    rng = jax.random.PRNGKey(exp.seed + 1)
+    for index, local_batch in enumerate(exp.eval_iterator()):
+        if max_batches and index >= max_batches:
+            break
+        batch = shd.global_batch(local_batch, mesh)
+        total = _add(total, eval_fn(params, batch, jax.random.fold_in(rng, index)))
+    if total is None:
+        raise ConfigError(f"eval split {exp.eval_split!r} produced no batches")
+    return {k: float(v) for k, v in summarize(jax.device_get(total)).items()}
+
+
+def train(config, workdir: str) -> dict:
+    """Trains (or resumes) in `workdir`; returns and writes summary.json."""
+    started = time.time()
+    os.makedirs(workdir, exist_ok=True)
+    exp = TextExperiment.from_config(config)  # validates, prepares data + tokenizer
+    mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    shd.normalize_rules(config.mesh.rules, mesh)
+    model = build_model(config.model)
+    steps = config.train.steps
+    tx, lr_fn = make_optimizer(steps, **config.optimizer)
+    exp.tokenizer.save(workdir)
+
+    example = exp.example_batch()
+    abstract, shardings, init = init_state(config, model, tx, mesh, example, exp.seed)
+    loss_fn = exp.loss_fn(model)
+    with shd.activate(mesh, config.mesh.rules):
+        train_fn = jit_train_step(
+            loss_fn, lr_fn, config.optimizer.grad_accum_steps, shardings, mesh
+        )
+        eval_fn = jit_eval_step(loss_fn, shardings.params, mesh)
+
+    ckpt = Checkpointer(
+        workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
+    )
+    writer = MetricsWriter(workdir)
+    train_iter = exp.train_iterator()
+    window, window_steps = None, 0
+    start = ckpt.latest_step()
+    if start is not None:
+        state, data, _ = ckpt.restore(start, abstract, shardings)
+        train_iter.set_state(data["iterator"])
+        window_steps = data["window_steps"]
+        if data["window"] is not None:
+            window = {k: jnp.asarray(v, jnp.float32) for k, v in data["window"].items()}
+        writer.truncate_after(start)
+        print(f"resumed from step {start} in {ckpt.directory}")
+    else:
+        start = 0
+        state = init()
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(to_json(config))
+    config_dict = json.loads(to_json(config))
+
+    def save(step):
+        host_window = None if window is None else jax.device_get(window)
+        if host_window is not None and host_window["nonfinite"] > 0:
+            raise NonFiniteLossError(
+                f"loss became NaN/Inf between steps {step - window_steps} and {step}; "
+                f"stopped without saving: the last good checkpoint is step "
+                f"{ckpt.latest_step()} in {ckpt.directory}"
+            )
+        data = {
+            "iterator": train_iter.get_state(),
+            "window": None
+            if host_window is None
+            else {k: float(v) for k, v in host_window.items()},
+            "window_steps": window_steps,
+        }
+        ckpt.save(step, state, data, config_dict)
+
+    eval_every = config.train.eval_every
+    eval_batches = config.train.eval_batches
+    with shd.activate(mesh, config.mesh.rules):
+        if start == 0 and eval_every:
+            writer.write(
+                0, "eval", evaluate(exp, eval_fn, state.params, mesh, eval_batches)
+            )
+    progress = _progress(steps, start, config.train.progress)
+    tokens_seen, tick = 0, time.time()
+    preempted = False
+    last_train = {}
+    try:
+        with _Preemption() as preemption, shd.activate(mesh, config.mesh.rules):
+            for step in range(start + 1, steps + 1):
+                local_batch = next(train_iter)
+                tokens_seen += int(np.count_nonzero(local_batch["segment_ids"]))
+                state, metrics = train_fn(state, shd.global_batch(local_batch, mesh))
+                window = _add(window, metrics)
+                window_steps += 1
+                progress.update(1)
+                if step % config.train.log_every == 0 or step == steps:
+                    host = jax.device_get(window)
+                    if host["nonfinite"] > 0:
+                        save(step)  # raises NonFiniteLossError, saves nothing
+                    elapsed = time.time() - tick
+                    last_train = _window_summary(host, window_steps)
+                    last_train["tokens_per_s"] = (
+                        tokens_seen * jax.process_count() / max(elapsed, 1e-9)
+                    )
+                    writer.write(step, "train", last_train)
+                    progress.set_postfix(
+                        loss=f"{last_train['loss']:.3f}",
+                        tok_s=f"{last_train['tokens_per_s']:.0f}",
+                    )
+                    window, window_steps = None, 0
+                    tokens_seen, tick = 0, time.time()
+                if eval_every and step % eval_every == 0 and step != steps:
+                    metrics_eval = evaluate(
+                        exp, eval_fn, state.params, mesh, eval_batches
+                    )
+                    writer.write(step, "eval", metrics_eval)
+                if step % config.checkpoint.every == 0 or step == steps:
+                    save(step)
+                if preemption.requested:
+                    save(step)
+                    preempted = True
+                    print(
+                        f"SIGTERM: saved a checkpoint at step {step}; rerun to resume"
+                    )
+                    break
+            final_eval = None
+            if not preempted:
+                final_eval = evaluate(exp, eval_fn, state.params, mesh, eval_batches)
+                writer.write(steps, "eval", final_eval)
+    finally:
+        progress.close()
+        ckpt.close()
+        writer.close()
+
+    summary = {
+        "config": config.config_spec if "config_spec" in config else config.name,
+        "steps": int(jax.device_get(state.step)),
+        "preempted": preempted,
+        "train": last_train,
+        "eval": final_eval,
+        "wall_time_s": time.time() - started,
+    }
+    if not preempted:
+        from fmjax.export import export
+
+        export(workdir, jax.device_get(state.params), config, exp.tokenizer)
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+    return summary
+
+
+def evaluate_workdir(config, workdir: str) -> dict:
+    """`fmjax eval`: the latest checkpoint's params on the eval split."""
+    exp = TextExperiment.from_config(config)
+    mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    model = build_model(config.model)
+    tx, _ = make_optimizer(config.train.steps, **config.optimizer)
+    abstract, shardings, _ = init_state(
+        config, model, tx, mesh, exp.example_batch(), exp.seed
+    )
+    ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, async_save=False)
+    step = ckpt.latest_step()
+    if step is None:
+        raise ConfigError(f"no checkpoint in {ckpt.directory}; run `fmjax train` first")
+    target = jax.tree.map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(
+            leaf.shape, leaf.dtype, sharding=sharding
+        ),
+        abstract.params,
+        shardings.params,
+    )
+    params = ckpt.restore_params(step, target)
+    ckpt.close()
+    with shd.activate(mesh, config.mesh.rules):
+        eval_fn = jit_eval_step(exp.loss_fn(model), shardings.params, mesh)
+        metrics = evaluate(exp, eval_fn, params, mesh, config.train.eval_batches)
+    writer = MetricsWriter(workdir, tensorboard=False)
+    writer.write(step, "eval", metrics)
+    return {"step": step, **metrics}
