@@ -69,21 +69,6 @@ class Checkpointer:
         state = abstract_state.replace(**restored["state"])
         return state, restored["data"], restored["config"]
 
-    def restore_params(self, step: int | None = None, target=None):
-        """Only the params of a checkpoint (for eval and export)."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        state = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(
-                    None if target is None else {"params": target}
-                )
-            ),
-        )["state"]
-        return state["params"]
-
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

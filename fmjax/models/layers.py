@@ -25,6 +25,9 @@ Array = jax.Array
 POSITIONS = ("learned", "rope")
 ACTIVATIONS = ("gelu", "gelu_tanh")
 DTYPES = ("float32", "bfloat16", "float16")
+_POSITIVE_INTS = (
+    "vocab_size d_model num_layers num_heads head_dim mlp_dim max_len type_vocab_size"
+).split()
 
 # Not -inf: a row with every key masked (padding) must still give a finite softmax.
 _MASKED_SCORE = float(jnp.finfo(jnp.float32).min)
@@ -55,18 +58,9 @@ class TransformerConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
-        for name in (
-            "vocab_size",
-            "d_model",
-            "num_layers",
-            "num_heads",
-            "head_dim",
-            "mlp_dim",
-            "max_len",
-            "type_vocab_size",
-        ):
-            _check(self, name, _is_int(getattr(self, name)), "a positive int")
-            _check(self, name, getattr(self, name) > 0, "a positive int")
+        for name in _POSITIVE_INTS:
+            value = getattr(self, name)
+            _check(self, name, _is_int(value) and value > 0, "a positive int")
         if self.num_kv_heads is not None:
             _check(
                 self,
@@ -160,11 +154,10 @@ def apply_rope(x_BLHK: Array, positions_BL: Array, theta: float) -> Array:
 
 
 def activation_fn(name: str):
-    if name == "gelu":
-        return lambda x: jax.nn.gelu(x, approximate=False)
-    if name == "gelu_tanh":
-        return lambda x: jax.nn.gelu(x, approximate=True)
-    raise ValueError(f"activation={name!r}: expected one of {ACTIVATIONS}")
+    """ "gelu": exact erf form (BERT); "gelu_tanh": tanh approximation (GPT-2)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation={name!r}: expected one of {ACTIVATIONS}")
+    return lambda x: jax.nn.gelu(x, approximate=name == "gelu_tanh")
 
 
 def _normal(std: float, axes: tuple[str, ...]):

@@ -21,7 +21,7 @@ from fmjax.checkpoint import Checkpointer
 from fmjax.config import ConfigError, to_json
 from fmjax.models import build_model
 from fmjax.objectives import summarize
-from fmjax.train.experiment import TextExperiment
+from fmjax.train.experiment import TextExperiment, validate
 from fmjax.train.metrics import MetricsWriter
 from fmjax.train.state import TrainState, make_optimizer
 from fmjax.train.step import SUM_METRICS, jit_eval_step, jit_train_step
@@ -126,9 +126,10 @@ def train(config, workdir: str) -> dict:
     """Trains (or resumes) in `workdir`; returns and writes summary.json."""
     started = time.time()
     os.makedirs(workdir, exist_ok=True)
-    exp = TextExperiment.from_config(config)  # validates, prepares data + tokenizer
+    validate(config)
     mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     shd.normalize_rules(config.mesh.rules, mesh)
+    exp = TextExperiment.from_config(config)  # validates, prepares data + tokenizer
     model = build_model(config.model)
     steps = config.train.steps
     tx, lr_fn = make_optimizer(steps, **config.optimizer)
@@ -272,14 +273,7 @@ def evaluate_workdir(config, workdir: str) -> dict:
     step = ckpt.latest_step()
     if step is None:
         raise ConfigError(f"no checkpoint in {ckpt.directory}; run `fmjax train` first")
-    target = jax.tree.map(
-        lambda leaf, sharding: jax.ShapeDtypeStruct(
-            leaf.shape, leaf.dtype, sharding=sharding
-        ),
-        abstract.params,
-        shardings.params,
-    )
-    params = ckpt.restore_params(step, target)
+    params = ckpt.restore(step, abstract, shardings)[0].params
     ckpt.close()
     with shd.activate(mesh, config.mesh.rules):
         eval_fn = jit_eval_step(exp.loss_fn(model), shardings.params, mesh)

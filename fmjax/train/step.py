@@ -117,8 +117,8 @@ def train_step(
     new_state = state.apply_gradients(grads)
     metrics = {key: metrics[key] for key in SUM_METRICS}
     metrics.update(
-        grad_norm=optax.global_norm(grads),
-        param_norm=optax.global_norm(new_state.params),
+        grad_norm=optax.tree.norm(grads),
+        param_norm=optax.tree.norm(new_state.params),
         learning_rate=jnp.asarray(learning_rate_fn(state.step), jnp.float32),
         nonfinite=(~jnp.isfinite(metrics["loss_sum"])).astype(jnp.float32),
     )

@@ -1,0 +1,97 @@
+"""Config loading, overrides and the checks that run before any compute."""
+
+import re
+import time
+
+import pytest
+
+from fmjax import cli
+from fmjax.config import ConfigError, load_config
+
+
+@pytest.mark.parametrize("name", ["bert_mlm", "gpt_lm"])
+@pytest.mark.parametrize("variant", ["tiny", "small", "base"])
+def test_variants_load_and_validate(name, variant):
+    from fmjax.train.experiment import validate
+
+    config = load_config(f"configs/{name}.py:{variant}")
+    validate(config)
+    assert config.model.kind == {"bert_mlm": "encoder", "gpt_lm": "decoder"}[name]
+
+
+def test_overrides_are_typed():
+    config = load_config(
+        "configs/gpt_lm.py:tiny",
+        [
+            "--config.train.steps=7",
+            "optimizer.learning_rate=3e-4",
+            "train.progress=false",
+        ],
+    )
+    assert config.train.steps == 7 and isinstance(config.train.steps, int)
+    assert config.optimizer.learning_rate == 3e-4
+    assert config.train.progress is False
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "--config.train.stepz=5",
+            "unknown config key 'train.stepz'; did you mean train.steps",
+        ),
+        ("--config.train.steps=many", "--config.train.steps='many': expected an int"),
+        ("--config.modle.d_model=3", "unknown config key 'modle'"),
+        ("--config.train=3", "is a group"),
+        ("--config.train.progress=maybe", "expected a bool"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("configs/gpt_lm.py:tiny", [override])
+
+
+def test_unknown_variant():
+    with pytest.raises(ConfigError, match="unknown variant 'huge'"):
+        load_config("configs/gpt_lm.py:huge")
+
+
+def _cli_error(capsys, *args):
+    start = time.time()
+    code = cli.main(["train", "--workdir", "/tmp/fmjax_never_used", *args])
+    err = capsys.readouterr().err
+    assert time.time() - start < 30, "a config error must fail before any compute"
+    assert code == 2
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config.train.stepz=1"], "unknown config key 'train.stepz'"),
+        (["--config.data.batch_size=abc"], "expected an int"),
+        (
+            ["--config.data.vocab_size=9000", "--config.model.vocab_size=4000"],
+            "vocabulary/model size mismatch: data.vocab_size=9000",
+        ),
+        (["--config.data.seq_len=1024"], "data.seq_len=1024 is longer than"),
+        (["--config.model.kind=encoder"], "model.kind='encoder' cannot train"),
+        (["--config.model.num_heads=0"], "num_heads"),
+        (["--config.mesh.tensor=3"], "mesh"),
+    ],
+)
+def test_cli_config_errors_are_one_message(capsys, args, message):
+    err = _cli_error(capsys, "--config", "configs/gpt_lm.py:tiny", *args)
+    assert message in err, err
+
+
+def test_cli_missing_dataset(capsys, tmp_path):
+    err = _cli_error(
+        capsys,
+        "--config",
+        "configs/gpt_lm.py:tiny",
+        "--config.data.name=no_such_corpus",
+        f"--config.data.data_dir={tmp_path}",
+    )
+    assert "no_such_corpus" in err and "fmjax data prepare" in err, err

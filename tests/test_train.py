@@ -1,0 +1,220 @@
+"""End-to-end: train, evaluate, resume exactly after SIGKILL, SIGTERM, NaN stop."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import REPO
+from safetensors.numpy import load_file
+
+import fmjax
+from fmjax import cli
+from fmjax.config import load_config
+from fmjax.train.loop import train
+from fmjax.train.metrics import read_metrics
+
+
+def tiny_overrides(data_dir, **extra):
+    values = {
+        "data.data_dir": str(data_dir),
+        "data.vocab_size": 1000,
+        "model.vocab_size": 1000,
+        "data.seq_len": 64,
+        "data.batch_size": 8,
+        "model.d_model": 64,
+        "model.head_dim": 32,
+        "model.mlp_dim": 128,
+        "train.steps": 12,
+        "train.log_every": 2,
+        "train.eval_every": 6,
+        "train.eval_batches": 4,
+        "train.progress": False,
+        "checkpoint.every": 4,
+        "optimizer.warmup_steps": 2,
+    }
+    values.update(extra)
+    return [f"--config.{k}={v}" for k, v in values.items()]
+
+
+def _curve(workdir):
+    """The loss curve: every logged metric except wall-clock throughput."""
+    return [
+        {k: v for k, v in r.items() if k != "tokens_per_s"}
+        for r in read_metrics(workdir)
+    ]
+
+
+def _params(workdir):
+    return load_file(os.path.join(workdir, "export", "model.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def gpt_run(data_dir, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("gpt"))
+    config = load_config("configs/gpt_lm.py:tiny", tiny_overrides(data_dir))
+    summary = train(config, workdir)
+    return workdir, summary, _curve(workdir)
+
+
+def test_train_writes_everything_and_loss_falls(gpt_run):
+    workdir, summary, _ = gpt_run
+    for name in ("config.json", "metrics.jsonl", "summary.json", "tokenizer.model"):
+        assert os.path.exists(os.path.join(workdir, name)), name
+    assert summary["steps"] == 12 and not summary["preempted"]
+    records = read_metrics(workdir)
+    evals = [r for r in records if r["split"] == "eval"]
+    trains = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in evals] == [0, 6, 12]
+    assert [r["step"] for r in trains] == list(range(2, 13, 2))
+    for key in ("loss", "accuracy", "perplexity", "grad_norm", "param_norm"):
+        assert all(np.isfinite(r[key]) for r in trains), key
+    # An untrained model is near log(V); 12 steps on real text must clearly improve.
+    assert abs(evals[0]["loss"] - np.log(1000)) < 0.5
+    assert evals[-1]["loss"] < evals[0]["loss"] - 0.5
+    assert np.isclose(evals[-1]["perplexity"], np.exp(evals[-1]["loss"]), rtol=1e-4)
+
+
+def test_eval_command_matches_final_eval(gpt_run, capsys):
+    workdir, summary, _ = gpt_run
+    assert cli.main(["eval", "--workdir", workdir]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["step"] == 12
+    assert np.isclose(result["loss"], summary["eval"]["loss"], rtol=1e-5)
+
+
+def test_load_api_gives_logits_and_embeddings(gpt_run):
+    workdir, _, _ = gpt_run
+    model = fmjax.load(workdir)
+    text = "The government said on Monday"
+    assert model.tokenizer.decode(model.tokenizer.encode(text)) == text
+    ids = model.encode_batch([text, "Shares fell."])
+    logits = model.logits(ids)
+    assert logits.shape == (2, ids.shape[1], model.config.model.vocab_size)
+    assert logits.dtype == np.float32 and np.isfinite(logits).all()
+    # Right padding must not change the logits of the real tokens (causal model).
+    alone = model.logits(ids[1:2, : len(model.tokenizer.encode("Shares fell.")) + 2])
+    np.testing.assert_allclose(alone[0], logits[1, : alone.shape[1]], atol=1e-5)
+    emb = model.embed(["a", "b c", "d e f"])
+    assert emb.shape == (3, 64) and emb.dtype == np.float32
+
+
+def test_bert_mlm_trains(data_dir, tmp_path):
+    config = load_config(
+        "configs/bert_mlm.py:tiny",
+        tiny_overrides(
+            data_dir,
+            **{
+                "train.steps": 24,
+                "data.batch_size": 16,
+                "optimizer.learning_rate": 3e-3,
+            },
+        ),
+    )
+    summary = train(config, str(tmp_path))
+    evals = [r for r in read_metrics(str(tmp_path)) if r["split"] == "eval"]
+    assert evals[-1]["loss"] < evals[0]["loss"] - 0.5
+    model = fmjax.load(str(tmp_path))
+    assert model.embed(["one sentence"]).shape == (1, 64)
+    assert summary["eval"]["accuracy"] > evals[0]["accuracy"]
+
+
+def _fmjax(workdir, data_dir, *extra, wait=True):
+    cmd = [sys.executable, "-m", "fmjax.cli", "train"]
+    cmd += ["--config", "configs/gpt_lm.py:tiny", "--workdir", str(workdir)]
+    cmd += tiny_overrides(data_dir, **{"checkpoint.async_save": False}) + list(extra)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    if wait:
+        out, err = proc.communicate(timeout=300)
+        return proc.returncode, out, err
+    return proc
+
+
+def _wait_for_checkpoint(workdir, step, proc, timeout=240):
+    path = os.path.join(workdir, "checkpoints", str(step))
+    start = time.time()
+    while not os.path.isdir(path):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - start < timeout, "no checkpoint appeared"
+        time.sleep(0.05)
+
+
+def test_sigkill_resume_is_bit_identical(gpt_run, data_dir, tmp_path):
+    reference, _, reference_curve = gpt_run
+    workdir = tmp_path / "killed"
+    proc = _fmjax(workdir, data_dir, wait=False)
+    _wait_for_checkpoint(str(workdir), 4, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(workdir / "summary.json")
+    code, out, err = _fmjax(workdir, data_dir)
+    assert code == 0, err
+    assert "resumed from step" in out
+    expected, got = _params(reference), _params(str(workdir))
+    assert expected.keys() == got.keys()
+    for key in expected:
+        np.testing.assert_array_equal(expected[key], got[key], err_msg=key)
+    assert _curve(str(workdir)) == reference_curve
+
+
+def test_sigterm_saves_then_resume_matches(gpt_run, data_dir, tmp_path):
+    reference, _, reference_curve = gpt_run
+    workdir = tmp_path / "preempted"
+    # Checkpoints only at the end: the one SIGTERM writes is the only way to resume.
+    proc = _fmjax(workdir, data_dir, "--config.checkpoint.every=1000", wait=False)
+    start = time.time()
+    metrics = workdir / "metrics.jsonl"
+    while not (metrics.exists() and '"split": "train"' in metrics.read_text()):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - start < 240
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "SIGTERM: saved a checkpoint at step" in out
+    saved = int(out.split("SIGTERM: saved a checkpoint at step ")[1].split(";")[0])
+    assert 2 <= saved < 12
+    assert os.path.isdir(workdir / "checkpoints" / str(saved))
+    code, out, err = _fmjax(workdir, data_dir, "--config.checkpoint.every=1000")
+    assert code == 0, err
+    assert f"resumed from step {saved}" in out
+    expected, got = _params(reference), _params(str(workdir))
+    for key in expected:
+        np.testing.assert_array_equal(expected[key], got[key], err_msg=key)
+    assert _curve(str(workdir)) == reference_curve
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, capsys):
+    workdir = str(tmp_path)
+    args = ["train", "--config", "configs/gpt_lm.py:tiny", "--workdir", workdir]
+    args += tiny_overrides(
+        data_dir,
+        **{
+            "optimizer.learning_rate": 1e35,
+            "optimizer.grad_clip_norm": 0.0,
+            "checkpoint.every": 1,
+            "train.log_every": 1,
+            "train.eval_every": 0,
+        },
+    )
+    assert cli.main(args) == 3
+    err = capsys.readouterr().err
+    assert "NaN/Inf" in err and "last good checkpoint is step" in err, err
+    records = read_metrics(workdir)
+    bad_step = int(err.split("and ")[1].split(";")[0])
+    saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")))
+    assert saved and max(saved) < bad_step
+    assert all(np.isfinite(r["loss"]) for r in records if isinstance(r["loss"], float))
+    assert not os.path.exists(os.path.join(workdir, "summary.json"))
