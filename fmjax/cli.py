@@ -70,6 +70,25 @@ def cmd_embed(args, overrides):
     return 0
 
 
+def cmd_bench(args, overrides):
+    from fmjax.bench import bench_train
+
+    config = _load_config(args, overrides)
+    result = bench_train(config, args.against, warmup=args.warmup, steps=args.steps)
+    if not args.json:
+        for name in ("fmjax", "hf"):
+            if name in result:
+                r = result[name]
+                print(
+                    f"{name:6s} {r['tokens_per_s']:10.0f} tokens/s  "
+                    f"{r['step_s'] * 1e3:8.1f} ms/step  MFU {r['mfu']:.1%}"
+                )
+        if "speedup_vs_hf" in result:
+            print(f"fmjax / hf tokens/s: {result['speedup_vs_hf']:.2f}x")
+    print(json.dumps(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fmjax",
@@ -105,6 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--input", required=True)
     embed.add_argument("--output", required=True)
     embed.set_defaults(func=cmd_embed)
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="what", required=True)
+    bench_train = bench_sub.add_parser("train", help="training tokens/s and MFU")
+    bench_train.add_argument("--config", required=True)
+    bench_train.add_argument("--workdir", default="")
+    bench_train.add_argument("--against", default="", help="'hf': also time HF")
+    bench_train.add_argument("--warmup", type=int, default=3)
+    bench_train.add_argument("--steps", type=int, default=10)
+    bench_train.add_argument("--json", action="store_true", help="only the JSON line")
+    bench_train.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -112,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     rest, overrides = _split_overrides(argv)
     args = build_parser().parse_args(rest)
-    if overrides and args.func not in (cmd_train, cmd_eval):
+    if overrides and args.func not in (cmd_train, cmd_eval, cmd_bench):
         print(
             f"fmjax: error: {args.command} takes no --config.* overrides",
             file=sys.stderr,

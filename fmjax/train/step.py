@@ -102,8 +102,7 @@ def train_step(
             return jax.tree.map(jnp.add, carry, (grads, metrics)), None
 
         zeros = jax.eval_shape(
-            _grads_and_metrics,
-            loss_fn,
+            functools.partial(_grads_and_metrics, loss_fn),
             state.params,
             jax.tree.map(lambda x: x[0], micro),
             rng,

@@ -1,0 +1,223 @@
+"""`fmjax bench train`: training throughput of fmjax, and of HF transformers on the
+same shapes, batch, dtype and thread count, measured in one run.
+
+Both sides run a full optimizer step (AdamW, global-norm clipping) on batches of
+random token ids of the configured shape. MFU is achieved FLOP/s divided by this
+machine's measured peak (the best of a large f32 matmul in XLA and in PyTorch).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import numpy as np
+
+from fmjax import sharding as shd
+from fmjax.models import build_model
+from fmjax.train.state import make_optimizer
+from fmjax.train.step import jit_train_step, text_loss_fn
+
+# Ids 0..4 are pad/unk/bos/eos/mask in fmjax tokenizers.
+SPECIAL_IDS = (0, 1, 2, 3, 4)
+MASK_ID = 4
+
+
+def train_flops_per_token(model_cfg, seq_len: int) -> float:
+    """6 N + 12 layers d L (PaLM's appendix B): N counts matmul weights, the output
+    projection included and the embedding lookups excluded."""
+    d, f, layers = model_cfg.d_model, model_cfg.mlp_dim, model_cfg.num_layers
+    hk = model_cfg.num_heads * model_cfg.head_dim
+    kv = (model_cfg.num_kv_heads or model_cfg.num_heads) * model_cfg.head_dim
+    per_layer = d * hk * 2 + d * kv * 2 + 2 * d * f
+    head = d * model_cfg.vocab_size + (d * d if model_cfg.kind == "encoder" else 0)
+    n = layers * per_layer + head
+    return 6 * n + 12 * layers * hk * seq_len
+
+
+def _random_batch(rng, batch: int, seq_len: int, vocab: int) -> dict:
+    tokens = rng.integers(
+        len(SPECIAL_IDS), vocab, size=(batch, seq_len), dtype=np.int32
+    )
+    ones = np.ones_like(tokens)
+    positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), tokens.shape)
+    return {"tokens": tokens, "segment_ids": ones, "positions": positions.copy()}
+
+
+def _time_steps(run_step, warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        run_step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        run_step()
+    return (time.perf_counter() - start) / steps
+
+
+def bench_fmjax(config, warmup: int, steps: int) -> dict:
+    from fmjax.train.loop import init_state
+
+    mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    model = build_model(config.model)
+    tx, lr_fn = make_optimizer(10_000, **config.optimizer)
+    batch_size, seq_len = config.data.batch_size, config.data.seq_len
+    batch = _random_batch(
+        np.random.default_rng(0), batch_size, seq_len, config.model.vocab_size
+    )
+    _, shardings, init = init_state(config, model, tx, mesh, batch, seed=0)
+    objective = config.objective.name
+    loss_fn = text_loss_fn(
+        model,
+        objective,
+        mask_id=MASK_ID,
+        vocab_size=config.model.vocab_size,
+        special_ids=SPECIAL_IDS,
+        mask_rate=config.objective.get("mask_rate", 0.15),
+    )
+    with shd.activate(mesh, config.mesh.rules):
+        step_fn = jit_train_step(
+            loss_fn, lr_fn, config.optimizer.grad_accum_steps, shardings, mesh
+        )
+        state = init()
+        global_batch = shd.global_batch(batch, mesh)
+        holder = {"state": state}
+
+        def run():
+            holder["state"], metrics = step_fn(holder["state"], global_batch)
+            jax.block_until_ready(metrics)
+
+        seconds = _time_steps(run, warmup, steps)
+    return {"step_s": seconds, "tokens_per_s": batch_size * seq_len / seconds}
+
+
+def bench_hf(config, warmup: int, steps: int, threads: int) -> dict:
+    """The same model shape in HF transformers (PyTorch), trained the same way."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    m = config.model
+    if m.dtype != "float32":
+        raise ValueError(
+            f"--against hf compares float32 only, got model.dtype={m.dtype}"
+        )
+    if m.kind == "decoder":
+        hf_config = transformers.GPT2Config(
+            vocab_size=m.vocab_size,
+            n_positions=m.max_len,
+            n_embd=m.d_model,
+            n_layer=m.num_layers,
+            n_head=m.num_heads,
+            n_inner=m.mlp_dim,
+            activation_function="gelu_new",
+            resid_pdrop=m.dropout_rate,
+            embd_pdrop=m.dropout_rate,
+            attn_pdrop=m.attention_dropout_rate,
+            layer_norm_epsilon=m.layer_norm_eps,
+        )
+        model = transformers.GPT2LMHeadModel(hf_config)
+    else:
+        hf_config = transformers.BertConfig(
+            vocab_size=m.vocab_size,
+            hidden_size=m.d_model,
+            num_hidden_layers=m.num_layers,
+            num_attention_heads=m.num_heads,
+            intermediate_size=m.mlp_dim,
+            max_position_embeddings=m.max_len,
+            hidden_dropout_prob=m.dropout_rate,
+            attention_probs_dropout_prob=m.attention_dropout_rate,
+            layer_norm_eps=m.layer_norm_eps,
+        )
+        model = transformers.BertForMaskedLM(hf_config)
+    model.train()
+    opt = config.optimizer
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=opt.learning_rate,
+        betas=(opt.b1, opt.b2),
+        eps=opt.eps,
+        weight_decay=opt.weight_decay,
+    )
+    batch_size, seq_len = config.data.batch_size, config.data.seq_len
+    rng = np.random.default_rng(0)
+    tokens = torch.from_numpy(
+        _random_batch(rng, batch_size, seq_len, m.vocab_size)["tokens"]
+    ).long()
+    if m.kind == "decoder":
+        inputs, labels = tokens, tokens
+    else:
+        selected = torch.from_numpy(rng.random(tokens.shape) < 0.15)
+        labels = torch.where(selected, tokens, torch.full_like(tokens, -100))
+        inputs = torch.where(selected, torch.full_like(tokens, MASK_ID), tokens)
+
+    def run():
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(input_ids=inputs, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip_norm)
+        optimizer.step()
+
+    seconds = _time_steps(run, warmup, steps)
+    return {
+        "step_s": seconds,
+        "tokens_per_s": batch_size * seq_len / seconds,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> dict:
+    """Best sustained f32 matmul FLOP/s of XLA (and PyTorch, when installed)."""
+    import jax.numpy as jnp
+
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size)), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = {}
+    start = time.perf_counter()
+    for _ in range(repeats):
+        matmul(a).block_until_ready()
+    best["xla"] = 2 * size**3 * repeats / (time.perf_counter() - start)
+    try:
+        import torch
+
+        t = torch.from_numpy(np.asarray(a))
+        t @ t
+        start = time.perf_counter()
+        for _ in range(repeats):
+            t @ t
+        best["torch"] = 2 * size**3 * repeats / (time.perf_counter() - start)
+    except ImportError:
+        pass
+    return best
+
+
+def bench_train(config, against: str = "", warmup: int = 3, steps: int = 10) -> dict:
+    threads = int(os.environ.get("FMJAX_BENCH_THREADS", os.cpu_count() or 1))
+    flops_per_token = train_flops_per_token(config.model, config.data.seq_len)
+    peaks = matmul_peak_flops()
+    peak = max(peaks.values())
+    result = {
+        "benchmark": "train",
+        "config": config.get("config_spec", config.name),
+        "batch_size": config.data.batch_size,
+        "seq_len": config.data.seq_len,
+        "dtype": config.model.dtype,
+        "threads": threads,
+        "devices": [str(d) for d in jax.devices()],
+        "peak_flops": peak,
+        "peak_flops_by_library": peaks,
+        "train_flops_per_token": flops_per_token,
+    }
+    ours = bench_fmjax(config, warmup, steps)
+    ours["mfu"] = ours["tokens_per_s"] * flops_per_token / peak
+    result["fmjax"] = ours
+    if against == "hf":
+        theirs = bench_hf(config, warmup, steps, threads)
+        theirs["mfu"] = theirs["tokens_per_s"] * flops_per_token / peak
+        result["hf"] = theirs
+        result["speedup_vs_hf"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
+    elif against:
+        raise ValueError(f"--against {against!r}; expected 'hf'")
+    return result

@@ -1,0 +1,94 @@
+"""Train step invariants and sharding-rule checks, on a tiny decoder."""
+
+import jax
+import numpy as np
+import pytest
+
+from fmjax import sharding as shd
+from fmjax.config import load_config
+from fmjax.models import build_model
+from fmjax.train.loop import init_state
+from fmjax.train.state import make_optimizer
+from fmjax.train.step import jit_train_step, text_loss_fn
+
+
+def _setup(mesh_shape=(-1, 1, 1), **model_overrides):
+    config = load_config("configs/gpt_lm.py:tiny")
+    config.model.update(vocab_size=256, d_model=32, head_dim=16, mlp_dim=64)
+    config.model.update(model_overrides)
+    config.mesh.update(data=mesh_shape[0], fsdp=mesh_shape[1], tensor=mesh_shape[2])
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(5, 256, size=(8, 32)).astype(np.int32)
+    segment_ids = np.ones_like(tokens)
+    segment_ids[:, 24:] = 2  # two packed documents per row
+    positions = np.concatenate([np.arange(24), np.arange(8)])[None].repeat(8, 0)
+    batch = {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+    batch = {k: v.astype(np.int32) for k, v in batch.items()}
+    mesh = shd.make_mesh(*mesh_shape)
+    model = build_model(config.model)
+    tx, lr_fn = make_optimizer(10, **config.optimizer)
+    _, shardings, init = init_state(config, model, tx, mesh, batch, seed=0)
+    return config, mesh, model, lr_fn, shardings, init, batch
+
+
+def _run(accum, steps=2, **kw):
+    config, mesh, model, lr_fn, shardings, init, batch = _setup(**kw)
+    loss_fn = text_loss_fn(model, "causal")
+    with shd.activate(mesh, config.mesh.rules):
+        step = jit_train_step(loss_fn, lr_fn, accum, shardings, mesh)
+        state = init()
+        losses = []
+        for _ in range(steps):
+            state, metrics = step(state, shd.global_batch(batch, mesh))
+            losses.append(float(metrics["loss_sum"] / metrics["count"]))
+    return jax.device_get(state.params), losses
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    params_1, losses_1 = _run(accum=1)
+    params_4, losses_4 = _run(accum=4)
+    np.testing.assert_allclose(losses_1, losses_4, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(params_1), jax.tree.leaves(params_4), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bfloat16_compute_trains_close_to_float32():
+    _, losses_f32 = _run(accum=1, steps=3)
+    params, losses_bf16 = _run(accum=1, steps=3, dtype="bfloat16")
+    assert all(p.dtype == np.float32 for p in jax.tree.leaves(params))
+    np.testing.assert_allclose(losses_f32, losses_bf16, rtol=2e-2)
+    assert losses_f32 != losses_bf16  # bf16 really computed in lower precision
+
+
+def test_params_land_on_the_mesh_by_rules():
+    *_, shardings, init, _ = _setup(mesh_shape=(2, 2, 2))
+    mlp_up = shardings.params["layers_0"]["mlp"]["up"]["kernel"]
+    assert mlp_up.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    state = init()
+    kernel = state.params["layers_0"]["mlp"]["up"]["kernel"]
+    assert kernel.addressable_shards[0].data.shape == (32 // 2, 64 // 2)
+
+
+def test_rules_that_would_silently_replicate_are_refused():
+    mesh = shd.make_mesh(2, 2, 2)
+    with pytest.raises(shd.ShardingError, match="mesh has no axis 'model'"):
+        shd.normalize_rules([("mlp", "model")], mesh)
+    rules = shd.normalize_rules([("embed", "fsdp")], mesh)
+    with pytest.raises(shd.ShardingError, match="logical axis 'mlp'.*no sharding rule"):
+        shd.spec_for(("embed", "mlp"), (4, 6), rules, mesh, "layers_0/mlp/up/kernel")
+    rules = shd.normalize_rules([("embed", "fsdp"), ("vocab", "tensor")], mesh)
+    with pytest.raises(shd.ShardingError, match=r"token_embed.*size 7.*not divisible"):
+        shd.spec_for(("vocab", "embed"), (7, 4), rules, mesh, "token_embed/embedding")
+
+
+@pytest.mark.parametrize(
+    "sizes, message",
+    [
+        ((3, 1, 1), "8 are available"),
+        ((-1, -1, 1), "at most one axis"),
+        ((-1, 3, 1), "not divisible"),
+    ],
+)
+def test_bad_mesh_shapes(sizes, message):
+    with pytest.raises(shd.ShardingError, match=message):
+        shd.make_mesh(*sizes)
