@@ -16,6 +16,7 @@ import numpy as np
 
 from fmjax import sharding as shd
 from fmjax.models import build_model
+from fmjax.objectives import max_predictions
 from fmjax.train.state import make_optimizer
 from fmjax.train.step import jit_train_step, text_loss_fn
 
@@ -24,16 +25,17 @@ SPECIAL_IDS = (0, 1, 2, 3, 4)
 MASK_ID = 4
 
 
-def train_flops_per_token(model_cfg, seq_len: int) -> float:
+def train_flops_per_token(model_cfg, seq_len: int, head_fraction: float = 1.0) -> float:
     """6 N + 12 layers d L (PaLM's appendix B): N counts matmul weights, the output
-    projection included and the embedding lookups excluded."""
+    projection included and the embedding lookups excluded. `head_fraction` is the
+    share of positions the output head scores (fmjax's MLM scores only the masked
+    ones; HF's BertForMaskedLM scores all)."""
     d, f, layers = model_cfg.d_model, model_cfg.mlp_dim, model_cfg.num_layers
     hk = model_cfg.num_heads * model_cfg.head_dim
-    kv = (model_cfg.num_kv_heads or model_cfg.num_heads) * model_cfg.head_dim
+    kv = (model_cfg.get("num_kv_heads") or model_cfg.num_heads) * model_cfg.head_dim
     per_layer = d * hk * 2 + d * kv * 2 + 2 * d * f
     head = d * model_cfg.vocab_size + (d * d if model_cfg.kind == "encoder" else 0)
-    n = layers * per_layer + head
-    return 6 * n + 12 * layers * hk * seq_len
+    return 6 * (layers * per_layer + head * head_fraction) + 12 * layers * hk * seq_len
 
 
 def _random_batch(rng, batch: int, seq_len: int, vocab: int) -> dict:
@@ -195,7 +197,14 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> dict:
 
 def bench_train(config, against: str = "", warmup: int = 3, steps: int = 10) -> dict:
     threads = int(os.environ.get("FMJAX_BENCH_THREADS", os.cpu_count() or 1))
-    flops_per_token = train_flops_per_token(config.model, config.data.seq_len)
+    seq_len = config.data.seq_len
+    flops_per_token = train_flops_per_token(config.model, seq_len)
+    fmjax_flops_per_token = flops_per_token
+    if config.objective.name == "mlm":
+        scored = max_predictions(seq_len, config.objective.get("mask_rate", 0.15))
+        fmjax_flops_per_token = train_flops_per_token(
+            config.model, seq_len, scored / seq_len
+        )
     peaks = matmul_peak_flops()
     peak = max(peaks.values())
     result = {
@@ -209,9 +218,10 @@ def bench_train(config, against: str = "", warmup: int = 3, steps: int = 10) -> 
         "peak_flops": peak,
         "peak_flops_by_library": peaks,
         "train_flops_per_token": flops_per_token,
+        "fmjax_train_flops_per_token": fmjax_flops_per_token,
     }
     ours = bench_fmjax(config, warmup, steps)
-    ours["mfu"] = ours["tokens_per_s"] * flops_per_token / peak
+    ours["mfu"] = ours["tokens_per_s"] * fmjax_flops_per_token / peak
     result["fmjax"] = ours
     if against == "hf":
         theirs = bench_hf(config, warmup, steps, threads)

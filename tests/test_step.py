@@ -92,3 +92,37 @@ def test_rules_that_would_silently_replicate_are_refused():
 def test_bad_mesh_shapes(sizes, message):
     with pytest.raises(shd.ShardingError, match=message):
         shd.make_mesh(*sizes)
+
+
+def test_mlm_scoring_only_masked_positions_equals_full_logits():
+    from fmjax import objectives
+
+    config = load_config("configs/bert_mlm.py:tiny")
+    config.model.update(vocab_size=256, d_model=32, head_dim=16, mlp_dim=64)
+    model = build_model(config.model)
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(5, 256, size=(4, 64)).astype(np.int32)
+    segment_ids = np.ones_like(tokens)
+    params = model.init(jax.random.PRNGKey(0), tokens)["params"]
+    inputs, targets, weights = objectives.mlm_mask(
+        jax.random.PRNGKey(3),
+        tokens,
+        segment_ids,
+        mask_id=4,
+        vocab_size=256,
+        special_ids=(0, 1, 2, 3, 4),
+    )
+    full_logits = model.apply({"params": params}, inputs)["logits"]
+    _, full = objectives.mlm_loss(full_logits, targets, weights)
+    num = objectives.max_predictions(64, 0.15)
+    assert num < 64 and int(weights.sum(1).max()) <= num
+    positions, targets_k, weights_k = objectives.gather_predictions(
+        targets, weights, num
+    )
+    # Every selected position is among the scored ones.
+    assert float(weights_k.sum()) == float(weights.sum())
+    logits_k = model.apply({"params": params}, inputs, predict_positions_BK=positions)
+    assert logits_k["logits"].shape == (4, num, 256)
+    _, gathered = objectives.mlm_loss(logits_k["logits"], targets_k, weights_k)
+    for key in ("loss_sum", "correct", "count"):
+        np.testing.assert_allclose(gathered[key], full[key], rtol=1e-5)

@@ -127,8 +127,10 @@ class TextEncoder(nn.Module):
         segment_ids_BL: Array | None = None,
         positions_BL: Array | None = None,
         type_ids_BL: Array | None = None,
+        predict_positions_BK: Array | None = None,
         deterministic: bool = True,
     ) -> dict[str, Array]:
+        """`predict_positions_BK`: score only these positions ([B,K,V] logits)."""
         cfg = self.config
         segment_ids_BL, positions_BL = _default_inputs(
             tokens_BL, segment_ids_BL, positions_BL, cfg.max_len
@@ -157,6 +159,11 @@ class TextEncoder(nn.Module):
                 x_BLD, mask_B1LL, positions_BL, deterministic=deterministic
             )
         hidden_BLD = x_BLD
+        head_in_BLD = hidden_BLD
+        if predict_positions_BK is not None:
+            head_in_BLD = jnp.take_along_axis(
+                hidden_BLD, predict_positions_BK[..., None], axis=1
+            )
 
         # The head's transform is a D->D hidden layer; F names its output here.
         h_BLF = EinsumDense(
@@ -167,7 +174,7 @@ class TextEncoder(nn.Module):
             dtype=cfg.compute_dtype,
             param_dtype=cfg.params_dtype,
             name="mlm_transform",
-        )(hidden_BLD)
+        )(head_in_BLD)
         h_BLF = activation_fn(cfg.activation)(h_BLF)
         h_BLD = LayerNorm(name="mlm_norm", **norm)(h_BLF)
         logits_BLV = token_embed.attend(h_BLD, cfg.compute_dtype)

@@ -35,6 +35,7 @@ def text_loss_fn(
     def loss_fn(params, batch, rng, train: bool) -> dict:
         tokens, segment_ids = batch["tokens"], batch["segment_ids"]
         mask_rng, dropout_rng = jax.random.split(rng)
+        extra = {}
         if objective == "mlm":
             inputs, targets, weights = objectives.mlm_mask(
                 mask_rng,
@@ -45,6 +46,12 @@ def text_loss_fn(
                 special_ids=special_ids,
                 rate=mask_rate,
             )
+            num = objectives.max_predictions(tokens.shape[1], mask_rate)
+            if num < tokens.shape[1]:
+                positions, targets, weights = objectives.gather_predictions(
+                    targets, weights, num
+                )
+                extra["predict_positions_BK"] = positions
         else:
             inputs = tokens
         out = model.apply(
@@ -54,6 +61,7 @@ def text_loss_fn(
             positions_BL=batch["positions"],
             deterministic=not train,
             rngs={"dropout": dropout_rng},
+            **extra,
         )
         if objective == "mlm":
             _, metrics = objectives.mlm_loss(out["logits"], targets, weights)
