@@ -19,7 +19,18 @@ BEGIN, END = "<!-- train_vs_hf:begin -->", "<!-- train_vs_hf:end -->"
 
 
 def run(config: str) -> dict:
-    cmd = ["fmjax", "bench", "train", "--config", config, "--against", "hf", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fmjax.cli",
+        "bench",
+        "train",
+        "--config",
+        config,
+        "--against",
+        "hf",
+        "--json",
+    ]
     out = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
