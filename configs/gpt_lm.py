@@ -1,12 +1,14 @@
 """GPT-style next-token pre-training.
 
+Variants: tiny (CPU tests), small (CPU benchmark), base (GPT-2 124M shapes),
+1b (a 1.0B RoPE decoder for TPU pods).
+
 fmjax train --config configs/gpt_lm.py:tiny --workdir runs/gpt
-Variants: tiny (CPU tests), small (CPU benchmark), base (GPT-2 124M shapes, TPU).
 """
 
 from fmjax.config import base_config
 
-VARIANTS = ("tiny", "small", "base")
+VARIANTS = ("tiny", "small", "base", "1b")
 
 
 def get_config(variant: str = "tiny"):
@@ -58,6 +60,26 @@ def get_config(variant: str = "tiny"):
             learning_rate=6e-4, warmup_steps=2000, b2=0.95, weight_decay=0.1
         )
         c.checkpoint.update(every=5000)
+    elif variant == "1b":
+        # A ~1.0B-param decoder (RoPE, GPT-2 vocab padded to a multiple of 128).
+        model.update(
+            vocab_size=50304,
+            d_model=2048,
+            num_layers=18,
+            num_heads=16,
+            head_dim=128,
+            mlp_dim=8192,
+            max_len=2048,
+            position="rope",
+            dtype="bfloat16",
+        )
+        c.data.update(seq_len=2048, batch_size=256, vocab_size=50257)
+        c.train.update(steps=100_000, eval_every=5000, log_every=100)
+        c.optimizer.update(
+            learning_rate=3e-4, warmup_steps=2000, b2=0.95, weight_decay=0.1
+        )
+        c.mesh.update(data=1, fsdp=-1)
+        c.checkpoint.update(every=2000)
     else:
         raise KeyError(f"variant {variant!r}; expected one of {VARIANTS}")
     c.model = model

@@ -59,7 +59,7 @@ def _time_steps(run_step, warmup: int, steps: int) -> float:
 def bench_fmjax(config, warmup: int, steps: int) -> dict:
     from fmjax.train.loop import init_state
 
-    mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    mesh = shd.mesh_from_config(config.mesh)
     model = build_model(config.model)
     tx, lr_fn = make_optimizer(10_000, **config.optimizer)
     batch_size, seq_len = config.data.batch_size, config.data.seq_len

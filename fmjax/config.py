@@ -195,5 +195,5 @@ def base_config() -> ConfigDict:
         progress=True,
     )
     c.checkpoint = dict(every=100, keep=3, async_save=True)
-    c.mesh = dict(data=-1, fsdp=1, tensor=1, rules=DEFAULT_RULES)
+    c.mesh = dict(data=-1, fsdp=1, tensor=1, num_devices=0, rules=DEFAULT_RULES)
     return c

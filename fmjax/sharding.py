@@ -64,6 +64,21 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     )
 
 
+def mesh_from_config(mesh_config) -> Mesh:
+    """The mesh of a config's `mesh` group: sizes per axis (-1 = the rest) over the
+    first `num_devices` devices (0 = all of them)."""
+    devices = jax.devices()
+    wanted = mesh_config.get("num_devices", 0)
+    if wanted:
+        if not 0 < wanted <= len(devices):
+            raise ShardingError(
+                f"mesh.num_devices={wanted}: expected 1..{len(devices)} "
+                f"(the devices available), or 0 for all"
+            )
+        devices = devices[:wanted]
+    return make_mesh(mesh_config.data, mesh_config.fsdp, mesh_config.tensor, devices)
+
+
 def normalize_rules(rules: Rules, mesh: Mesh) -> tuple:
     """Rules as a tuple of (logical, mesh-axes tuple | None); checks mesh axes."""
     out = []

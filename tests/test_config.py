@@ -9,8 +9,11 @@ from fmjax import cli
 from fmjax.config import ConfigError, load_config
 
 
-@pytest.mark.parametrize("name", ["bert_mlm", "gpt_lm"])
-@pytest.mark.parametrize("variant", ["tiny", "small", "base"])
+@pytest.mark.parametrize(
+    "name, variant",
+    [(n, v) for n in ("bert_mlm", "gpt_lm") for v in ("tiny", "small", "base")]
+    + [("gpt_lm", "1b")],
+)
 def test_variants_load_and_validate(name, variant):
     from fmjax.train.experiment import validate
 

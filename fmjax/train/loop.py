@@ -127,7 +127,7 @@ def train(config, workdir: str) -> dict:
     started = time.time()
     os.makedirs(workdir, exist_ok=True)
     validate(config)
-    mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    mesh = shd.mesh_from_config(config.mesh)
     shd.normalize_rules(config.mesh.rules, mesh)
     exp = TextExperiment.from_config(config)  # validates, prepares data + tokenizer
     model = build_model(config.model)
@@ -263,7 +263,7 @@ def train(config, workdir: str) -> dict:
 def evaluate_workdir(config, workdir: str) -> dict:
     """`fmjax eval`: the latest checkpoint's params on the eval split."""
     exp = TextExperiment.from_config(config)
-    mesh = shd.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    mesh = shd.mesh_from_config(config.mesh)
     model = build_model(config.model)
     tx, _ = make_optimizer(config.train.steps, **config.optimizer)
     abstract, shardings, _ = init_state(
