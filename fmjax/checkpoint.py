@@ -8,14 +8,56 @@ on 1, or on another mesh shape.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from fmjax.train.state import TrainState
 
 STATE_FIELDS = ("step", "params", "opt_state", "rng")
+
+
+class DataStateHandler(ocp.CheckpointHandler):
+    """Each process writes its data-iterator state (a JSON dict keyed by data shard)
+    to its own file; restore merges every process's file, so a run resumed with
+    another process count still finds the state of each shard it now owns."""
+
+    def save(self, directory: epath.Path, args: DataStateSave):
+        index, count = jax.process_index(), jax.process_count()
+        path = epath.Path(directory) / f"process_{index}-of-{count}.json"
+        path.write_text(json.dumps(args.state))
+
+    def restore(self, directory: epath.Path, args: DataStateRestore | None = None):
+        merged = {}
+        for path in sorted(epath.Path(directory).glob("process_*.json")):
+            merged.update(json.loads(path.read_text()))
+        return merged
+
+    def metadata(self, directory):
+        return None
+
+    def finalize(self, directory):
+        pass
+
+    def close(self):
+        pass
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+    state: Any
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+    pass
 
 
 def _state_tree(state: TrainState) -> dict:
@@ -32,25 +74,30 @@ class Checkpointer:
                 enable_async_checkpointing=async_save,
                 create=True,
             ),
-            item_names=("state", "data", "config"),
+            item_names=("state", "data", "loop", "config"),
         )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: TrainState, data: dict, config: dict) -> None:
+    def save(
+        self, step: int, state: TrainState, data: dict, loop: dict, config: dict
+    ) -> None:
+        """`data`: this process's iterator state; `loop`: loop counters (the same
+        on every process)."""
         self.manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(_state_tree(state)),
-                data=ocp.args.JsonSave(data),
+                data=DataStateSave(data),
+                loop=ocp.args.JsonSave(loop),
                 config=ocp.args.JsonSave(config),
             ),
             force=True,
         )
 
     def restore(self, step: int, abstract_state: TrainState, shardings: TrainState):
-        """Restores (state, data, config) at `step` onto `shardings`."""
+        """Restores (state, data, loop, config) at `step` onto `shardings`."""
         target = jax.tree.map(
             lambda leaf, sharding: jax.ShapeDtypeStruct(
                 leaf.shape, leaf.dtype, sharding=sharding
@@ -62,12 +109,13 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(target),
-                data=ocp.args.JsonRestore(),
+                data=DataStateRestore(),
+                loop=ocp.args.JsonRestore(),
                 config=ocp.args.JsonRestore(),
             ),
         )
         state = abstract_state.replace(**restored["state"])
-        return state, restored["data"], restored["config"]
+        return state, restored["data"], restored["loop"], restored["config"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -29,9 +29,36 @@ def _load_config(args, overrides):
     return config
 
 
+def init_distributed(args) -> None:
+    """Starts jax.distributed for a multi-process run, before JAX touches devices.
+
+    From flags (--coordinator/--num-processes/--process-id), else from the
+    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables, else
+    on a multi-host Cloud TPU VM by JAX's own detection; otherwise one process.
+    """
+    import jax
+
+    env = os.environ
+    coordinator = args.coordinator or env.get("JAX_COORDINATOR_ADDRESS")
+    if coordinator:
+        num = args.num_processes or int(env.get("JAX_NUM_PROCESSES", "0"))
+        index = args.process_id if args.process_id >= 0 else env.get("JAX_PROCESS_ID")
+        if not num or index is None:
+            from fmjax.config import ConfigError
+
+            raise ConfigError(
+                f"coordinator {coordinator!r} needs --num-processes and --process-id "
+                "(or JAX_NUM_PROCESSES and JAX_PROCESS_ID)"
+            )
+        jax.distributed.initialize(coordinator, int(num), int(index))
+    elif "," in env.get("TPU_WORKER_HOSTNAMES", ""):
+        jax.distributed.initialize()
+
+
 def cmd_train(args, overrides):
     from fmjax.train.loop import train
 
+    init_distributed(args)
     summary = train(_load_config(args, overrides), args.workdir)
     print(json.dumps(summary, indent=2))
     return 143 if summary["preempted"] else 0
@@ -40,6 +67,7 @@ def cmd_train(args, overrides):
 def cmd_eval(args, overrides):
     from fmjax.train.loop import evaluate_workdir
 
+    init_distributed(args)
     print(json.dumps(evaluate_workdir(_load_config(args, overrides), args.workdir)))
     return 0
 
@@ -89,6 +117,13 @@ def cmd_bench(args, overrides):
     return 0
 
 
+def _add_distributed_args(parser) -> None:
+    group = parser.add_argument_group("multi-process (not needed on a TPU VM)")
+    group.add_argument("--coordinator", default="", help="HOST:PORT of process 0")
+    group.add_argument("--num-processes", type=int, default=0)
+    group.add_argument("--process-id", type=int, default=-1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fmjax",
@@ -100,11 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train (or resume) a model in a workdir")
     train.add_argument("--config", help="configs/NAME.py:VARIANT")
     train.add_argument("--workdir", required=True)
+    _add_distributed_args(train)
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("eval", help="evaluate a workdir's latest checkpoint")
     evaluate.add_argument("--config", help="default: WORKDIR/config.json")
     evaluate.add_argument("--workdir", required=True)
+    _add_distributed_args(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
     data = sub.add_parser("data", help="dataset tools")

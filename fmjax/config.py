@@ -173,6 +173,9 @@ def base_config() -> ConfigDict:
         batch_size=32,  # global batch, split over processes and devices
         vocab_size=8000,  # SentencePiece vocabulary trained on the train split
         shuffle_seed=0,
+        # Independent pipelines that make up the global batch; 0: one per process.
+        # Fix it (e.g. 8) to get the same batches for any process count dividing it.
+        num_shards=0,
     )
     c.optimizer = dict(
         learning_rate=1e-3,

@@ -102,7 +102,7 @@ def test_checkpoint_written_on_fsdp8_restores_on_other_meshes(data_dir, tmp_path
         exp = TextExperiment.from_config(config)
         abstract, shardings = _abstract(config, exp, mesh)
         ckpt = Checkpointer(source, async_save=False)
-        state, data, _ = ckpt.restore(4, abstract, shardings)
+        state, data, _, _ = ckpt.restore(4, abstract, shardings)
         ckpt.close()
         leaf = state.params["layers_0"]["mlp"]["up"]["kernel"]
         assert leaf.sharding.mesh.shape == mesh.shape

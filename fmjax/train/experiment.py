@@ -72,10 +72,25 @@ def validate(config) -> None:
         raise ConfigError(
             f"data.batch_size={batch} is not divisible by the {processes} processes"
         )
+    shards = config.data.get("num_shards", 0) or processes
+    if shards % processes or batch % shards:
+        raise ConfigError(
+            f"data.num_shards={shards} must be a multiple of the {processes} processes "
+            f"and divide data.batch_size={batch}"
+        )
     if not 0.0 < config.objective.get("mask_rate", 0.15) < 1.0:
         raise ConfigError(
             f"objective.mask_rate={config.objective.mask_rate}: expected in (0, 1)"
         )
+
+
+def _prepare(name: str, vocab_size: int, data_dir: str):
+    if name in sources.SHIPPED:
+        sources.prepare(name, data_dir)
+    try:
+        return tokenizer_for(name, vocab_size, data_dir)
+    except ValueError as e:
+        raise ConfigError(f"data.vocab_size={vocab_size}: {e}") from None
 
 
 @dataclasses.dataclass
@@ -91,6 +106,7 @@ class TextExperiment:
     mask_rate: float
     seed: int
     shuffle_seed: int
+    num_shards: int
     tokenizer: object
 
     @classmethod
@@ -102,12 +118,15 @@ class TextExperiment:
             sources.check_dataset(data.name, data_dir)
         except sources.DatasetNotFoundError as e:
             raise ConfigError(f"data.name={data.name!r}: {e}") from None
-        if data.name in sources.SHIPPED:
-            sources.prepare(data.name, data_dir)
-        try:
-            tokenizer = tokenizer_for(data.name, data.vocab_size, data_dir)
-        except ValueError as e:
-            raise ConfigError(f"data.vocab_size={data.vocab_size}: {e}") from None
+        # Process 0 builds the dataset and tokenizer once; the others wait for it.
+        if jax.process_index() == 0:
+            tokenizer = _prepare(data.name, data.vocab_size, data_dir)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("fmjax: data prepared")
+            if jax.process_index() != 0:
+                tokenizer = _prepare(data.name, data.vocab_size, data_dir)
         if tokenizer.vocab_size > config.model.vocab_size:
             raise ConfigError(
                 f"vocabulary/model size mismatch: the tokenizer has "
@@ -126,6 +145,7 @@ class TextExperiment:
             mask_rate=config.objective.get("mask_rate", 0.15),
             seed=config.train.seed,
             shuffle_seed=data.shuffle_seed,
+            num_shards=data.get("num_shards", 0) or jax.process_count(),
             tokenizer=tokenizer,
         )
         for split in (exp.train_split, exp.eval_split):
@@ -138,29 +158,34 @@ class TextExperiment:
         except (sources.DatasetNotFoundError, ValueError, KeyError) as e:
             raise ConfigError(f"data split {split!r} of {self.name!r}: {e}") from None
 
-    def _iterator_args(self) -> dict:
-        return dict(
+    def train_iterator(self) -> text_data.ShardedTextIterator:
+        return text_data.ShardedTextIterator(
+            self._source(self.train_split),
+            self.tokenizer,
+            num_shards=self.num_shards,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            batch_size=self.batch_size,
+            seq_len=self.seq_len,
+            objective=self.objective,
+            text_key=self.text_key,
+            seed=self.shuffle_seed,
+            shuffle=True,
+            repeat=True,
+        )
+
+    def eval_iterator(self):
+        """This process's slice of the eval split, every example once. Processes
+        may get different batch counts: `loop.evaluate` pads the short ones."""
+        return text_data.make_eval_iterator(
+            self._source(self.eval_split),
+            self.tokenizer,
             seq_len=self.seq_len,
             batch_size=self.batch_size // jax.process_count(),
             objective=self.objective,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
             text_key=self.text_key,
-        )
-
-    def train_iterator(self):
-        return text_data.make_text_iterator(
-            self._source(self.train_split),
-            self.tokenizer,
-            seed=self.shuffle_seed,
-            shuffle=True,
-            repeat=True,
-            **self._iterator_args(),
-        )
-
-    def eval_iterator(self):
-        return text_data.make_eval_iterator(
-            self._source(self.eval_split), self.tokenizer, **self._iterator_args()
         )
 
     def example_batch(self) -> dict:

@@ -7,6 +7,7 @@ rules) is checked first, so a bad run fails in a second with one message.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ import numpy as np
 from fmjax import sharding as shd
 from fmjax.checkpoint import Checkpointer
 from fmjax.config import ConfigError, to_json
+from fmjax.data.text import BATCH_KEYS
 from fmjax.models import build_model
 from fmjax.objectives import summarize
 from fmjax.train.experiment import TextExperiment, validate
@@ -44,13 +46,18 @@ def _progress(total: int, initial: int, enabled: bool):
 
 
 class _Preemption:
-    """SIGTERM sets a flag; the loop saves a checkpoint at the next step boundary."""
+    """SIGTERM asks for a checkpoint at a step boundary. With one process a signal
+    handler sets a flag; with several, JAX's preemption sync service picks the same
+    step on every process (each may receive the signal at a different step)."""
 
     def __init__(self):
         self.requested = False
         self._previous = None
 
     def __enter__(self):
+        if jax.process_count() > 1:
+            return self
+
         def handler(signum, frame):
             self.requested = True
 
@@ -59,6 +66,13 @@ class _Preemption:
         except ValueError:  # not the main thread (e.g. a notebook worker)
             self._previous = None
         return self
+
+    def should_stop(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -108,18 +122,47 @@ def _window_summary(window: dict, steps: int) -> dict:
     return {k: float(v) for k, v in out.items()}
 
 
+def _any_process(flag: bool) -> bool:
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.process_allgather(np.asarray(flag)).any())
+
+
 def evaluate(exp: TextExperiment, eval_fn, params, mesh, max_batches: int = 0):
-    """Metric sums over the eval split (every example once), then summarized."""
+    """Metric sums over the eval split (every example once), then summarized.
+
+    Processes can run out of eval batches at different steps; one that has none
+    left feeds an all-padding batch (weight 0) until every process is done.
+    """
     total = None
+    rows = exp.batch_size // jax.process_count()
+    empty = {k: np.zeros((rows, exp.seq_len), np.int32) for k in BATCH_KEYS}
     rng = jax.random.PRNGKey(exp.seed + 1)
-    for index, local_batch in enumerate(exp.eval_iterator()):
+    batches = iter(exp.eval_iterator())
+    for index in itertools.count():
         if max_batches and index >= max_batches:
             break
+        local_batch = next(batches, None)
+        if not _any_process(local_batch is not None):
+            break
+        if local_batch is None:
+            local_batch = empty
         batch = shd.global_batch(local_batch, mesh)
         total = _add(total, eval_fn(params, batch, jax.random.fold_in(rng, index)))
     if total is None:
         raise ConfigError(f"eval split {exp.eval_split!r} produced no batches")
     return {k: float(v) for k, v in summarize(jax.device_get(total)).items()}
+
+
+def _host_params(params):
+    """Params as numpy on every process (sharded arrays span processes)."""
+    if jax.process_count() == 1:
+        return jax.device_get(params)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(params, tiled=True)
 
 
 def train(config, workdir: str) -> dict:
@@ -152,11 +195,13 @@ def train(config, workdir: str) -> dict:
     window, window_steps = None, 0
     start = ckpt.latest_step()
     if start is not None:
-        state, data, _ = ckpt.restore(start, abstract, shardings)
-        train_iter.set_state(data["iterator"])
-        window_steps = data["window_steps"]
-        if data["window"] is not None:
-            window = {k: jnp.asarray(v, jnp.float32) for k, v in data["window"].items()}
+        state, data, loop_state, _ = ckpt.restore(start, abstract, shardings)
+        train_iter.set_state(data)
+        window_steps = loop_state["window_steps"]
+        if loop_state["window"] is not None:
+            window = {
+                k: jnp.asarray(v, jnp.float32) for k, v in loop_state["window"].items()
+            }
         writer.truncate_after(start)
         print(f"resumed from step {start} in {ckpt.directory}")
     else:
@@ -174,14 +219,13 @@ def train(config, workdir: str) -> dict:
                 f"stopped without saving: the last good checkpoint is step "
                 f"{ckpt.latest_step()} in {ckpt.directory}"
             )
-        data = {
-            "iterator": train_iter.get_state(),
+        loop_state = {
             "window": None
             if host_window is None
             else {k: float(v) for k, v in host_window.items()},
             "window_steps": window_steps,
         }
-        ckpt.save(step, state, data, config_dict)
+        ckpt.save(step, state, train_iter.get_state(), loop_state, config_dict)
 
     eval_every = config.train.eval_every
     eval_batches = config.train.eval_batches
@@ -226,7 +270,7 @@ def train(config, workdir: str) -> dict:
                     writer.write(step, "eval", metrics_eval)
                 if step % config.checkpoint.every == 0 or step == steps:
                     save(step)
-                if preemption.requested:
+                if preemption.should_stop(step):
                     save(step)
                     preempted = True
                     print(
@@ -253,7 +297,7 @@ def train(config, workdir: str) -> dict:
     if not preempted:
         from fmjax.export import export
 
-        export(workdir, jax.device_get(state.params), config, exp.tokenizer)
+        export(workdir, _host_params(state.params), config, exp.tokenizer)
         if jax.process_index() == 0:
             with open(os.path.join(workdir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
