@@ -1,4 +1,4 @@
-"""Training throughput of fmjax vs HF transformers on this machine -> docs/benchmarks.md.
+"""fmjax vs HF transformers training throughput here -> docs/benchmarks.md.
 
 Runs `fmjax bench train --config C --against hf --json` for the `small` BERT and
 GPT configs (each in its own process), and rewrites the table between the
@@ -37,12 +37,15 @@ def run(config: str) -> dict:
 
 def table(results: list[dict]) -> str:
     r0 = results[0]
+    peaks = ", ".join(
+        f"{k} {v / 1e9:.0f}" for k, v in r0["peak_flops_by_library"].items()
+    )
     lines = [
         f"Measured on {platform.processor() or platform.machine()}, "
         f"{r0['threads']} threads, {r0['dtype']}, batch {r0['batch_size']} x "
         f"{r0['seq_len']} tokens; peak = best f32 2048^3 matmul "
         f"({r0['peak_flops'] / 1e9:.0f} GFLOP/s, from "
-        f"{', '.join(f'{k} {v / 1e9:.0f}' for k, v in r0['peak_flops_by_library'].items())}).",
+        f"{peaks}).",
         "",
         "| config | fmjax tokens/s | HF tokens/s | fmjax / HF | fmjax MFU | HF MFU |",
         "|---|---:|---:|---:|---:|---:|",

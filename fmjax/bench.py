@@ -231,3 +231,81 @@ def bench_train(config, against: str = "", warmup: int = 3, steps: int = 10) -> 
     elif against:
         raise ValueError(f"--against {against!r}; expected 'hf'")
     return result
+
+
+def compiled_step_memory(config, mesh) -> dict:
+    """Compiles the real sharded train step from abstract inputs (nothing is
+    allocated) and returns its per-device memory analysis and FLOPs."""
+    from fmjax.train.loop import init_state
+
+    model = build_model(config.model)
+    tx, lr_fn = make_optimizer(10_000, **config.optimizer)
+    rows, seq_len = config.data.batch_size, config.data.seq_len
+    zeros = np.zeros((rows, seq_len), np.int32)
+    batch = {"tokens": zeros, "segment_ids": zeros + 1, "positions": zeros}
+    abstract, shardings, _ = init_state(config, model, tx, mesh, batch, seed=0)
+    loss_fn = text_loss_fn(
+        model,
+        config.objective.name,
+        mask_id=MASK_ID,
+        vocab_size=config.model.vocab_size,
+        special_ids=SPECIAL_IDS,
+        mask_rate=config.objective.get("mask_rate", 0.15),
+    )
+    state_in = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract,
+        shardings,
+    )
+    batch_sharding = shd.batch_sharding(mesh)
+    batch_in = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+        for k, v in batch.items()
+    }
+    with shd.activate(mesh, config.mesh.rules):
+        step_fn = jit_train_step(
+            loss_fn, lr_fn, config.optimizer.grad_accum_steps, shardings, mesh
+        )
+        compiled = step_fn.lower(state_in, batch_in).compile()
+    analysis = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    state_bytes = shd.bytes_per_device(shardings, abstract)
+    batch_bytes = shd.bytes_per_device(
+        {k: batch_sharding for k in batch}, {k: batch_in[k] for k in batch}
+    )
+    return {
+        "argument_bytes": int(analysis.argument_size_in_bytes),
+        "output_bytes": int(analysis.output_size_in_bytes),
+        "temp_bytes": int(analysis.temp_size_in_bytes),
+        "alias_bytes": int(analysis.alias_size_in_bytes),
+        # The step's arguments are the state and the batch; the state part is what
+        # fsdp shards.
+        "state_bytes_compiled": int(analysis.argument_size_in_bytes) - batch_bytes,
+        "state_bytes_from_shardings": int(state_bytes),
+        "flops": float(cost.get("flops", 0.0)) if cost else 0.0,
+    }
+
+
+def bench_memory(config, fsdp_sizes=(1, 2, 4, 8)) -> dict:
+    """Per-device params + optimizer bytes for each fsdp size (data takes the rest
+    of the devices): the target is <= 1.15 / N of the fsdp=1 figure."""
+    devices = len(jax.devices())
+    rows = []
+    for fsdp in fsdp_sizes:
+        if devices % fsdp:
+            raise ValueError(f"fsdp={fsdp} does not divide the {devices} devices")
+        config.mesh.update(data=-1, fsdp=fsdp, tensor=1)
+        mesh = shd.mesh_from_config(config.mesh)
+        rows.append({"fsdp": fsdp, **compiled_step_memory(config, mesh)})
+    base = rows[0]["state_bytes_compiled"]
+    for row in rows:
+        row["ratio_to_fsdp1"] = row["state_bytes_compiled"] / base
+        row["target_ratio"] = 1.15 / row["fsdp"]
+        row["meets_target"] = row["ratio_to_fsdp1"] <= row["target_ratio"]
+    return {
+        "benchmark": "memory",
+        "config": config.get("config_spec", config.name),
+        "devices": devices,
+        "rows": rows,
+    }

@@ -99,9 +99,22 @@ def cmd_embed(args, overrides):
 
 
 def cmd_bench(args, overrides):
-    from fmjax.bench import bench_train
+    from fmjax.bench import bench_memory, bench_train
 
     config = _load_config(args, overrides)
+    if args.what == "memory":
+        result = bench_memory(config)
+        if not args.json:
+            for row in result["rows"]:
+                print(
+                    f"fsdp={row['fsdp']}: params+optimizer "
+                    f"{row['state_bytes_compiled'] / 2**20:8.1f} MiB/device "
+                    f"({row['ratio_to_fsdp1']:.3f} of fsdp=1; target <= "
+                    f"{row['target_ratio']:.3f}), temporaries "
+                    f"{row['temp_bytes'] / 2**20:.1f} MiB"
+                )
+        print(json.dumps(result))
+        return 0
     result = bench_train(config, args.against, warmup=args.warmup, steps=args.steps)
     if not args.json:
         for name in ("fmjax", "hf"):
@@ -114,6 +127,17 @@ def cmd_bench(args, overrides):
         if "speedup_vs_hf" in result:
             print(f"fmjax / hf tokens/s: {result['speedup_vs_hf']:.2f}x")
     print(json.dumps(result))
+    return 0
+
+
+def cmd_compile(args, overrides):
+    from fmjax.aot import check_fits, compile_for_topology, format_report
+
+    report = compile_for_topology(_load_config(args, overrides), args.topology)
+    print(format_report(report))
+    if args.json:
+        print(json.dumps(report))
+    check_fits(report)
     return 0
 
 
@@ -161,6 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--input", required=True)
     embed.add_argument("--output", required=True)
     embed.set_defaults(func=cmd_embed)
+    compile_ = sub.add_parser(
+        "compile", help="compile the train step for a TPU slice, without a TPU"
+    )
+    compile_.add_argument("--config", required=True)
+    compile_.add_argument("--workdir", default="")
+    compile_.add_argument("--topology", required=True, help="e.g. v5e:2x2, v5p-64")
+    compile_.add_argument("--json", action="store_true")
+    compile_.set_defaults(func=cmd_compile)
+
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="what", required=True)
     bench_train = bench_sub.add_parser("train", help="training tokens/s and MFU")
@@ -171,25 +204,43 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train.add_argument("--steps", type=int, default=10)
     bench_train.add_argument("--json", action="store_true", help="only the JSON line")
     bench_train.set_defaults(func=cmd_bench)
+    bench_memory = bench_sub.add_parser(
+        "memory", help="per-device params + optimizer bytes for fsdp = 1, 2, 4, 8"
+    )
+    bench_memory.add_argument("--config", required=True)
+    bench_memory.add_argument("--workdir", default="")
+    bench_memory.add_argument("--json", action="store_true")
+    bench_memory.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    host_devices = os.environ.get("FMJAX_HOST_DEVICES")
+    if host_devices and "jax" not in sys.modules:
+        # Simulated CPU devices (for meshes on a laptop); must precede JAX's start.
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "")
+            + f" --xla_force_host_platform_device_count={int(host_devices)}"
+        )
     rest, overrides = _split_overrides(argv)
     args = build_parser().parse_args(rest)
-    if overrides and args.func not in (cmd_train, cmd_eval, cmd_bench):
+    if overrides and args.func not in (cmd_train, cmd_eval, cmd_bench, cmd_compile):
         print(
             f"fmjax: error: {args.command} takes no --config.* overrides",
             file=sys.stderr,
         )
         return 2
+    if args.func is cmd_compile:
+        # Ahead-of-time compilation runs on the host CPU: never wait for a TPU.
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from fmjax.aot import DoesNotFitError
     from fmjax.config import ConfigError
     from fmjax.sharding import ShardingError
 
     try:
         return args.func(args, overrides)
-    except (ConfigError, ShardingError, FileNotFoundError) as e:
+    except (ConfigError, ShardingError, FileNotFoundError, DoesNotFitError) as e:
         print(f"fmjax: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:
