@@ -1,14 +1,14 @@
 """GPT-style next-token pre-training.
 
 Variants: tiny (CPU tests), small (CPU benchmark), base (GPT-2 124M shapes),
-1b (a 1.0B RoPE decoder for TPU pods).
+1b and 8b (RoPE decoders for TPU pods).
 
 fmjax train --config configs/gpt_lm.py:tiny --workdir runs/gpt
 """
 
 from fmjax.config import base_config
 
-VARIANTS = ("tiny", "small", "base", "1b")
+VARIANTS = ("tiny", "small", "base", "1b", "8b")
 
 
 def get_config(variant: str = "tiny"):
@@ -80,6 +80,29 @@ def get_config(variant: str = "tiny"):
         )
         c.mesh.update(data=1, fsdp=-1)
         c.checkpoint.update(every=2000)
+    elif variant == "8b":
+        # ~8.0B params: Llama-3-8B's attention (GQA 32/8 heads) and vocabulary with
+        # a 2-matrix GELU MLP of the same parameter count as its SwiGLU.
+        model.update(
+            vocab_size=128256,
+            d_model=4096,
+            num_layers=32,
+            num_heads=32,
+            num_kv_heads=8,
+            head_dim=128,
+            mlp_dim=21504,
+            max_len=8192,
+            position="rope",
+            dtype="bfloat16",
+            tie_embeddings=False,
+        )
+        c.data.update(seq_len=4096, batch_size=256, vocab_size=128256)
+        c.train.update(steps=100_000, eval_every=5000, log_every=100)
+        c.optimizer.update(
+            learning_rate=3e-4, warmup_steps=2000, b2=0.95, weight_decay=0.1
+        )
+        c.mesh.update(data=1, fsdp=-1)
+        c.checkpoint.update(every=1000)
     else:
         raise KeyError(f"variant {variant!r}; expected one of {VARIANTS}")
     c.model = model

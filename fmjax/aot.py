@@ -106,7 +106,20 @@ def compile_for_topology(config, topology: str) -> dict:
     mesh = shd.make_mesh(
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices
     )
-    memory = compiled_step_memory(config, mesh)
+    try:
+        memory = compiled_step_memory(config, mesh)
+    except Exception as e:  # XLA's TPU compiler refuses what cannot fit in HBM
+        message = str(e)
+        if "RESOURCE_EXHAUSTED" not in message and "out of memory" not in message:
+            raise
+        detail = message.split("RESOURCE_EXHAUSTED:")[-1].strip().splitlines()[0]
+        raise DoesNotFitError(
+            f"{config.get('config_spec', config.name)} does not fit on "
+            f"{kind}:{'x'.join(map(str, shape))} ({len(devices)} chips of "
+            f"{chip.hbm_bytes / GiB:.2f} GiB HBM, mesh {dict(mesh.shape)}): "
+            f"{detail}. Shard more (mesh.fsdp), or lower data.batch_size or "
+            "data.seq_len"
+        ) from None
     hbm = (
         memory["argument_bytes"]
         + memory["temp_bytes"]

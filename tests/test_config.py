@@ -12,7 +12,7 @@ from fmjax.config import ConfigError, load_config
 @pytest.mark.parametrize(
     "name, variant",
     [(n, v) for n in ("bert_mlm", "gpt_lm") for v in ("tiny", "small", "base")]
-    + [("gpt_lm", "1b")],
+    + [("gpt_lm", "1b"), ("gpt_lm", "8b")],
 )
 def test_variants_load_and_validate(name, variant):
     from fmjax.train.experiment import validate

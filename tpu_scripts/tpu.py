@@ -138,11 +138,19 @@ def last_step(metrics_text: str) -> int:
     return max(steps, default=-1)
 
 
+def call(cmd: list[str]) -> int:
+    try:
+        return subprocess.call(cmd)
+    except FileNotFoundError:
+        print(f"{cmd[0]}: not found (install the Google Cloud CLI)", file=sys.stderr)
+        return 127
+
+
 def run(cmds: list[list[str]], dry_run: bool) -> int:
     for cmd in cmds:
         print(shlex.join(cmd), flush=True)
         if not dry_run:
-            code = subprocess.call(cmd)
+            code = call(cmd)
             if code:
                 return code
     return 0
@@ -160,7 +168,7 @@ def watch(a) -> int:
     while True:
         out = subprocess.run(metrics_command(a.workdir), capture_output=True, text=True)
         step = last_step(out.stdout) if out.returncode == 0 else -1
-        subprocess.call(logs_command(a))
+        call(logs_command(a))
         if step > best:
             best, since = step, time.time()
         elif time.time() - since > a.stall_minutes * 60:
