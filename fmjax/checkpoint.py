@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from fmjax import storage
 from fmjax.train.state import TrainState
 
 STATE_FIELDS = ("step", "params", "opt_state", "rng")
@@ -66,7 +66,7 @@ def _state_tree(state: TrainState) -> dict:
 
 class Checkpointer:
     def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.directory = storage.join(workdir, "checkpoints")
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(

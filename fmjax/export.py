@@ -13,8 +13,9 @@ import os
 import jax
 import numpy as np
 from flax import traverse_util
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
+from fmjax import storage
 from fmjax.config import to_json
 
 EXPORT_DIR = "export"
@@ -31,13 +32,13 @@ def unflatten_params(flat: dict[str, np.ndarray]) -> dict:
 
 def export(workdir: str, params, config, tokenizer) -> str:
     """Writes WORKDIR/export/ on process 0; returns its path."""
-    out = os.path.join(workdir, EXPORT_DIR)
+    out = storage.join(workdir, EXPORT_DIR)
     if jax.process_index() != 0:
         return out
-    os.makedirs(out, exist_ok=True)
-    save_file(flatten_params(params), os.path.join(out, "model.safetensors"))
-    with open(os.path.join(out, "config.json"), "w") as f:
-        f.write(to_json(config))
+    storage.makedirs(out)
+    weights = save(flatten_params(params))
+    storage.write_bytes(storage.join(out, "model.safetensors"), weights)
+    storage.write_text(storage.join(out, "config.json"), to_json(config))
     tokenizer.save(out)
     return out
 

@@ -154,7 +154,14 @@ class SentencePieceTokenizer:
 
     def save(self, directory: str | os.PathLike) -> str:
         """Copies the model to `directory/tokenizer.model`; returns that path."""
-        path = os.path.join(os.fspath(directory), MODEL_FILENAME)
+        directory = os.fspath(directory)
+        if "://" in directory:  # a remote workdir (gs://...): no rename there
+            from etils import epath
+
+            path = epath.Path(directory) / MODEL_FILENAME
+            path.write_bytes(self._model_proto)
+            return str(path)
+        path = os.path.join(directory, MODEL_FILENAME)
         _write_atomic(path, self._model_proto)
         return path
 

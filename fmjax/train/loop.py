@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import signal
 import time
 
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmjax import sharding as shd
+from fmjax import storage
 from fmjax.checkpoint import Checkpointer
 from fmjax.config import ConfigError, to_json
 from fmjax.data.text import BATCH_KEYS
@@ -168,7 +168,7 @@ def _host_params(params):
 def train(config, workdir: str) -> dict:
     """Trains (or resumes) in `workdir`; returns and writes summary.json."""
     started = time.time()
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     validate(config)
     mesh = shd.mesh_from_config(config.mesh)
     shd.normalize_rules(config.mesh.rules, mesh)
@@ -207,8 +207,7 @@ def train(config, workdir: str) -> dict:
     else:
         start = 0
         state = init()
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(to_json(config))
+        storage.write_text(storage.join(workdir, "config.json"), to_json(config))
     config_dict = json.loads(to_json(config))
 
     def save(step):
@@ -299,8 +298,9 @@ def train(config, workdir: str) -> dict:
 
         export(workdir, _host_params(state.params), config, exp.tokenizer)
         if jax.process_index() == 0:
-            with open(os.path.join(workdir, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2)
+            storage.write_text(
+                storage.join(workdir, "summary.json"), json.dumps(summary, indent=2)
+            )
     return summary
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import jax
+
+from fmjax import storage
 
 
 class MetricsWriter:
@@ -14,30 +15,28 @@ class MetricsWriter:
 
     def __init__(self, workdir: str, tensorboard: bool = True):
         self.enabled = jax.process_index() == 0
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = storage.join(workdir, "metrics.jsonl")
         self._tb = None
-        if self.enabled and tensorboard:
+        # tensorboardX writes local files only; remote runs log metrics.jsonl.
+        if self.enabled and tensorboard and not storage.is_remote(workdir):
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(storage.join(workdir, "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
         """Drops records past `step`: a resumed run rewrites them identically."""
-        if not (self.enabled and os.path.exists(self.path)):
+        if not (self.enabled and storage.exists(self.path)):
             return
-        with open(self.path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
-        kept = [r for r in records if r["step"] <= step]
-        with open(self.path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
+        lines = storage.read_text(self.path).splitlines()
+        kept = [line for line in lines if line and json.loads(line)["step"] <= step]
+        storage.write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, step: int, split: str, metrics: dict) -> None:
         if not self.enabled:
             return
         record = {"step": int(step), "split": split}
         record.update({k: _clean(v) for k, v in metrics.items()})
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        storage.append_line(self.path, json.dumps(record))
         if self._tb is not None:
             for key, value in metrics.items():
                 self._tb.add_scalar(f"{split}/{key}", float(value), int(step))
@@ -54,5 +53,5 @@ def _clean(value):
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    text = storage.read_text(storage.join(workdir, "metrics.jsonl"))
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
