@@ -32,3 +32,14 @@ def test_pretrain_notebook_runs(data_dir, tmp_path, monkeypatch):
         o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
     )
     assert "The government said ->" in outputs
+
+
+def test_sharding_notebook_runs_on_8_devices():
+    path = os.path.join(REPO, "notebooks", "02_sharding.ipynb")
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=300, resources={"metadata": {"path": REPO}}).execute()
+    text = "".join(
+        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
+    )
+    assert "8 devices" in text
+    assert "layers_0/mlp/up/kernel" in text and "P('fsdp', 'tensor')" in text
