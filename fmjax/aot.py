@@ -73,6 +73,8 @@ def _shape_for_count(kind: str, chips: int) -> tuple[int, ...]:
 
 def topology_devices(kind: str, shape: tuple[int, ...]):
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    # Only descriptions are needed: let several compiles run at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         from jax.experimental.topologies import get_topology_desc
     except ImportError as e:  # pragma: no cover

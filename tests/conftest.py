@@ -28,3 +28,23 @@ def data_dir(tmp_path_factory):
     sources.prepare("bbc_news", str(path))
     tokenizer_for("bbc_news", 1000, str(path))
     return path
+
+
+# A config small enough for a CPU test: a 2-layer d=64 model on 64-token rows.
+TINY = {
+    "data.vocab_size": 1000,
+    "model.vocab_size": 1000,
+    "data.seq_len": 64,
+    "data.batch_size": 8,
+    "model.d_model": 64,
+    "model.head_dim": 32,
+    "model.mlp_dim": 128,
+    "train.progress": False,
+    "optimizer.warmup_steps": 2,
+}
+
+
+def tiny_overrides(data_dir, **extra) -> list[str]:
+    """`--config.k=v` overrides for TINY on the session's data dir, plus `extra`."""
+    values = {"data.data_dir": str(data_dir), **TINY, **extra}
+    return [f"--config.{k}={v}" for k, v in values.items()]

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
-from conftest import REPO
+from conftest import REPO, tiny_overrides
 from safetensors.numpy import load_file
 
 from fmjax.config import load_config
@@ -15,26 +15,18 @@ from fmjax.train.metrics import read_metrics
 
 
 def _overrides(data_dir):
-    values = {
-        "data.data_dir": str(data_dir),
-        "data.vocab_size": 1000,
-        "model.vocab_size": 1000,
-        "data.seq_len": 64,
-        "data.batch_size": 8,
-        "data.num_shards": 2,  # the same global batches for 1 or 2 processes
-        "model.d_model": 64,
-        "model.head_dim": 32,
-        "model.mlp_dim": 128,
-        "train.steps": 8,
-        "train.log_every": 1,
-        "train.eval_every": 4,
-        "train.progress": False,
-        "checkpoint.every": 4,
-        "optimizer.warmup_steps": 2,
-        "mesh.fsdp": 2,
-        "mesh.data": -1,
-    }
-    return [f"--config.{k}={v}" for k, v in values.items()]
+    return tiny_overrides(
+        data_dir,
+        **{
+            "data.num_shards": 2,  # the same global batches for 1 or 2 processes
+            "train.steps": 8,
+            "train.log_every": 1,
+            "train.eval_every": 4,
+            "checkpoint.every": 4,
+            "mesh.fsdp": 2,
+            "mesh.data": -1,
+        },
+    )
 
 
 def _free_port() -> int:

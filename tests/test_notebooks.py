@@ -3,28 +3,14 @@
 import os
 
 import nbformat
-from conftest import REPO
+from conftest import REPO, tiny_overrides
 from nbclient import NotebookClient
 
 
 def test_pretrain_notebook_runs(data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("FMJAX_NOTEBOOK_STEPS", "12")
     monkeypatch.setenv("FMJAX_NOTEBOOK_WORKDIR", str(tmp_path / "run"))
-    monkeypatch.setenv(
-        "FMJAX_NOTEBOOK_OVERRIDES",
-        " ".join(
-            f"--config.{k}={v}"
-            for k, v in {
-                "data.data_dir": data_dir,
-                "data.vocab_size": 1000,
-                "model.vocab_size": 1000,
-                "data.seq_len": 64,
-                "data.batch_size": 8,
-                "train.progress": False,
-                "optimizer.warmup_steps": 2,
-            }.items()
-        ),
-    )
+    monkeypatch.setenv("FMJAX_NOTEBOOK_OVERRIDES", " ".join(tiny_overrides(data_dir)))
     path = os.path.join(REPO, "notebooks", "01_pretrain_text.ipynb")
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=300, resources={"metadata": {"path": REPO}}).execute()

@@ -8,6 +8,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from conftest import tiny_overrides
 from safetensors.numpy import load_file
 
 from fmjax import sharding as shd
@@ -32,28 +33,16 @@ MESHES = {  # (data, fsdp, tensor, num_devices)
 def _config(data_dir, mesh, **extra):
     data, fsdp, tensor, num_devices = mesh
     values = {
-        "data.data_dir": str(data_dir),
-        "data.vocab_size": 1000,
-        "model.vocab_size": 1000,
-        "data.seq_len": 64,
-        "data.batch_size": 8,
-        "model.d_model": 64,
-        "model.head_dim": 32,
-        "model.mlp_dim": 128,
         "train.log_every": 1,
         "train.eval_every": 0,
         "train.eval_batches": 2,
-        "train.progress": False,
-        "optimizer.warmup_steps": 2,
         "mesh.data": data,
         "mesh.fsdp": fsdp,
         "mesh.tensor": tensor,
         "mesh.num_devices": num_devices,
+        **extra,
     }
-    values.update(extra)
-    return load_config(
-        "configs/gpt_lm.py:tiny", [f"--config.{k}={v}" for k, v in values.items()]
-    )
+    return load_config("configs/gpt_lm.py:tiny", tiny_overrides(data_dir, **values))
 
 
 def _train_losses(workdir):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import conftest
 import numpy as np
 import pytest
 from conftest import REPO
@@ -21,24 +22,13 @@ from fmjax.train.metrics import read_metrics
 
 def tiny_overrides(data_dir, **extra):
     values = {
-        "data.data_dir": str(data_dir),
-        "data.vocab_size": 1000,
-        "model.vocab_size": 1000,
-        "data.seq_len": 64,
-        "data.batch_size": 8,
-        "model.d_model": 64,
-        "model.head_dim": 32,
-        "model.mlp_dim": 128,
         "train.steps": 12,
         "train.log_every": 2,
         "train.eval_every": 6,
         "train.eval_batches": 4,
-        "train.progress": False,
         "checkpoint.every": 4,
-        "optimizer.warmup_steps": 2,
     }
-    values.update(extra)
-    return [f"--config.{k}={v}" for k, v in values.items()]
+    return conftest.tiny_overrides(data_dir, **{**values, **extra})
 
 
 def _curve(workdir):
