@@ -66,7 +66,7 @@ def bench_fmjax(config, warmup: int, steps: int) -> dict:
     batch = _random_batch(
         np.random.default_rng(0), batch_size, seq_len, config.model.vocab_size
     )
-    _, shardings, init = init_state(config, model, tx, mesh, batch, seed=0)
+    _, shardings, init = init_state(config, model, tx, mesh, seed=0)
     objective = config.objective.name
     loss_fn = text_loss_fn(
         model,
@@ -243,7 +243,7 @@ def compiled_step_memory(config, mesh) -> dict:
     rows, seq_len = config.data.batch_size, config.data.seq_len
     zeros = np.zeros((rows, seq_len), np.int32)
     batch = {"tokens": zeros, "segment_ids": zeros + 1, "positions": zeros}
-    abstract, shardings, _ = init_state(config, model, tx, mesh, batch, seed=0)
+    abstract, shardings, _ = init_state(config, model, tx, mesh, seed=0)
     loss_fn = text_loss_fn(
         model,
         config.objective.name,

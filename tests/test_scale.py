@@ -16,7 +16,6 @@ from fmjax.checkpoint import Checkpointer
 from fmjax.config import load_config
 from fmjax.models import build_model
 from fmjax.models.text import count_params
-from fmjax.train.experiment import TextExperiment
 from fmjax.train.loop import init_state, train
 from fmjax.train.metrics import read_metrics
 from fmjax.train.state import make_optimizer
@@ -69,12 +68,10 @@ def test_every_mesh_gives_the_single_device_loss_curve(
     np.testing.assert_allclose(losses, reference, rtol=1e-4)
 
 
-def _abstract(config, exp, mesh):
+def _abstract(config, mesh):
     model = build_model(config.model)
     tx, _ = make_optimizer(config.train.steps, **config.optimizer)
-    abstract, shardings, _ = init_state(
-        config, model, tx, mesh, exp.example_batch(), exp.seed
-    )
+    abstract, shardings, _ = init_state(config, model, tx, mesh)
     return abstract, shardings
 
 
@@ -88,8 +85,7 @@ def test_checkpoint_written_on_fsdp8_restores_on_other_meshes(data_dir, tmp_path
     for name in ("fsdp=8", "1 device", "2x2x2"):
         config = _config(data_dir, MESHES[name], **steps)
         mesh = shd.mesh_from_config(config.mesh)
-        exp = TextExperiment.from_config(config)
-        abstract, shardings = _abstract(config, exp, mesh)
+        abstract, shardings = _abstract(config, mesh)
         ckpt = Checkpointer(source, async_save=False)
         state, data, _, _ = ckpt.restore(4, abstract, shardings)
         ckpt.close()
@@ -132,15 +128,7 @@ def test_full_size_presets_shard_abstractly(spec, expected_params, tmp_path):
     config = load_config(spec, ["--config.mesh.data=1", "--config.mesh.fsdp=8"])
     mesh = shd.mesh_from_config(config.mesh)
 
-    class _Shape:  # just what init needs from an experiment
-        seed = 0
-
-        @staticmethod
-        def example_batch():
-            zeros = np.zeros((8, 16), np.int32)
-            return {"tokens": zeros, "segment_ids": zeros + 1, "positions": zeros}
-
-    abstract, shardings = _abstract(config, _Shape, mesh)
+    abstract, shardings = _abstract(config, mesh)
     params = count_params(abstract.params)
     if isinstance(expected_params, tuple):
         assert expected_params[0] < params < expected_params[1], params

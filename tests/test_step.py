@@ -27,7 +27,7 @@ def _setup(mesh_shape=(-1, 1, 1), **model_overrides):
     mesh = shd.make_mesh(*mesh_shape)
     model = build_model(config.model)
     tx, lr_fn = make_optimizer(10, **config.optimizer)
-    _, shardings, init = init_state(config, model, tx, mesh, batch, seed=0)
+    _, shardings, init = init_state(config, model, tx, mesh, seed=0)
     return config, mesh, model, lr_fn, shardings, init, batch
 
 

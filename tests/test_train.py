@@ -208,3 +208,44 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, capsy
     assert saved and max(saved) < bad_step
     assert all(np.isfinite(r["loss"]) for r in records if isinstance(r["loss"], float))
     assert not os.path.exists(os.path.join(workdir, "summary.json"))
+
+
+def test_data_prepare_and_embed_commands(gpt_run, data_dir, tmp_path, capsys):
+    workdir, _, _ = gpt_run
+    args = ["data", "prepare", "bbc_news", "--data-dir", str(data_dir)]
+    assert cli.main([*args, "--vocab-size", "1000"]) == 0
+    out = capsys.readouterr().out
+    assert "prepared bbc_news" in out and "(1000 tokens)" in out
+    lines = tmp_path / "lines.txt"
+    lines.write_text("Shares fell.\n\nThe striker scored.\nProfits rose.\n")
+    output = tmp_path / "emb.npy"
+    args = [
+        "embed",
+        "--workdir",
+        workdir,
+        "--input",
+        str(lines),
+        "--output",
+        str(output),
+    ]
+    assert cli.main(args) == 0
+    embeddings = np.load(output)
+    assert embeddings.shape == (3, 64) and embeddings.dtype == np.float32
+    np.testing.assert_allclose(
+        embeddings,
+        fmjax.load(workdir).embed(
+            ["Shares fell.", "The striker scored.", "Profits rose."]
+        ),
+        rtol=1e-6,
+    )
+
+
+def test_sharding_rule_errors_fail_at_startup(data_dir, tmp_path, capsys):
+    # 2 heads cannot be split 4 ways: the message names the param and shapes.
+    args = ["train", "--config", "configs/gpt_lm.py:tiny", "--workdir", str(tmp_path)]
+    args += tiny_overrides(data_dir, **{"mesh.data": 2, "mesh.tensor": 4})
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "params/layers_0/attention/" in err and "of shape (2, " in err, err
+    assert "not divisible by mesh axes ('tensor',)" in err, err
+    assert not os.path.exists(tmp_path / "checkpoints" / "0")

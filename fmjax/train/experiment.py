@@ -188,13 +188,6 @@ class TextExperiment:
             text_key=self.text_key,
         )
 
-    def example_batch(self) -> dict:
-        """A global-shaped batch of zeros: what init and eval_shape trace with."""
-        import numpy as np
-
-        zeros = np.zeros((self.batch_size, self.seq_len), np.int32)
-        return {"tokens": zeros, "segment_ids": zeros + 1, "positions": zeros}
-
     def loss_fn(self, model):
         tok = self.tokenizer
         return text_loss_fn(

@@ -79,17 +79,25 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def init_state(config, model, tx, mesh, example_batch, seed: int):
+def init_state(config, model, tx, mesh, seed: int | None = None):
     """eval_shape -> logical specs -> shardings -> jitted init, so full-size params
-    are created directly in their shards and never whole on one device."""
-    rng = jax.random.PRNGKey(seed)
+    are created directly in their shards and never whole on one device.
+
+    Returns (abstract state, state shardings, init function); nothing is allocated
+    until init() is called.
+    """
+    rng = jax.random.PRNGKey(config.train.seed if seed is None else seed)
+    # Param shapes do not depend on the batch: trace with one short row per
+    # batch-sharded device.
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    tokens = jnp.zeros((rows, 8), jnp.int32)
 
     def create(rng):
         params = model.init(
             {"params": jax.random.fold_in(rng, 1), "dropout": rng},
-            example_batch["tokens"],
-            segment_ids_BL=example_batch["segment_ids"],
-            positions_BL=example_batch["positions"],
+            tokens,
+            segment_ids_BL=tokens + 1,
+            positions_BL=tokens,
         )["params"]
         return TrainState.create(params, tx, jax.random.fold_in(rng, 2))
 
@@ -172,14 +180,13 @@ def train(config, workdir: str) -> dict:
     validate(config)
     mesh = shd.mesh_from_config(config.mesh)
     shd.normalize_rules(config.mesh.rules, mesh)
-    exp = TextExperiment.from_config(config)  # validates, prepares data + tokenizer
     model = build_model(config.model)
     steps = config.train.steps
     tx, lr_fn = make_optimizer(steps, **config.optimizer)
+    # Shardings before data: a rule that cannot shard a param fails in a second.
+    abstract, shardings, init = init_state(config, model, tx, mesh)
+    exp = TextExperiment.from_config(config)  # validates, prepares data + tokenizer
     exp.tokenizer.save(workdir)
-
-    example = exp.example_batch()
-    abstract, shardings, init = init_state(config, model, tx, mesh, example, exp.seed)
     loss_fn = exp.loss_fn(model)
     with shd.activate(mesh, config.mesh.rules):
         train_fn = jit_train_step(
@@ -310,9 +317,7 @@ def evaluate_workdir(config, workdir: str) -> dict:
     mesh = shd.mesh_from_config(config.mesh)
     model = build_model(config.model)
     tx, _ = make_optimizer(config.train.steps, **config.optimizer)
-    abstract, shardings, _ = init_state(
-        config, model, tx, mesh, exp.example_batch(), exp.seed
-    )
+    abstract, shardings, _ = init_state(config, model, tx, mesh)
     ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, async_save=False)
     step = ckpt.latest_step()
     if step is None:
