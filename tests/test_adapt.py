@@ -1,0 +1,401 @@
+"""LoRA, NF4 quantisation and trainable masks (fmjax.adapt)."""
+
+import flax.linen as nn
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fmjax.adapt import lora, masks, quant
+from fmjax.models import build_model
+from fmjax.models.layers import EinsumDense
+from fmjax.train.state import TrainState, make_optimizer
+
+D, H, K, F, V, LAYERS, MAX_LEN = 32, 2, 16, 64, 64, 2, 16
+TINY = {
+    "kind": "decoder",
+    "vocab_size": V,
+    "d_model": D,
+    "num_layers": LAYERS,
+    "num_heads": H,
+    "head_dim": K,
+    "mlp_dim": F,
+    "max_len": MAX_LEN,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(params, tokens, jitted logits fn) of a 2-layer decoder."""
+    model = build_model(TINY)
+    tokens_BL = jax.random.randint(jax.random.key(1), (2, 8), 0, V)
+    params = nn.unbox(model.init(jax.random.key(0), tokens_BL)["params"])
+    logits = jax.jit(lambda p, t: model.apply({"params": p}, t)["logits"])
+    return params, tokens_BL, logits
+
+
+def _random_b(lora_params, seed=0, std=0.1):
+    """Adapters with random B, as after some training."""
+    flat = jax.tree_util.tree_flatten_with_path(lora_params)[0]
+    keys = iter(jax.random.split(jax.random.key(seed), len(flat)))
+
+    def fill(path, x):
+        if path[-1].key != "lora_b":
+            return x
+        return std * jax.random.normal(next(keys), x.shape)
+
+    return jax.tree_util.tree_map_with_path(fill, lora_params)
+
+
+def _flat(tree) -> dict:
+    return flax.traverse_util.flatten_dict(tree, sep="/")
+
+
+def _bits(x):
+    return np.asarray(x).view(np.uint32)
+
+
+# --- LoRA ---------------------------------------------------------------------
+
+
+def test_lora_with_zero_b_is_the_base_model(tiny):
+    params, tokens_BL, logits = tiny
+    config = lora.LoraConfig(rank=4)
+    adapters = lora.init_lora(params, config, jax.random.key(2))
+    for path, x in _flat(adapters).items():
+        assert np.any(x != 0) == path.endswith("lora_a"), path
+    effective = lora.apply_lora(params, adapters, config)
+    for base, eff in zip(
+        jax.tree.leaves(params), jax.tree.leaves(effective), strict=True
+    ):
+        np.testing.assert_array_equal(_bits(eff), _bits(base))
+    np.testing.assert_array_equal(
+        logits(effective, tokens_BL), logits(params, tokens_BL)
+    )
+
+
+def test_merge_equals_apply_and_unmerge_recovers_base(tiny):
+    params, tokens_BL, logits = tiny
+    config = lora.LoraConfig(rank=4, alpha=8.0, targets=lora.ALL_LINEAR)
+    adapters = _random_b(lora.init_lora(params, config, jax.random.key(3)))
+    adapted = jax.jit(lambda p, a, t: logits(lora.apply_lora(p, a, config), t))
+    logits_lora = adapted(params, adapters, tokens_BL)
+    merged = lora.merge(params, adapters, config)
+    np.testing.assert_allclose(logits(merged, tokens_BL), logits_lora, atol=1e-5)
+    # The adapters matter, so the comparison above is not trivially equal.
+    assert np.abs(logits_lora - logits(params, tokens_BL)).max() > 1e-3
+    restored = lora.unmerge(merged, adapters, config)
+    for base, back in zip(
+        jax.tree.leaves(params), jax.tree.leaves(restored), strict=True
+    ):
+        np.testing.assert_allclose(back, base, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("module", ["query", "out"])
+def test_delta_is_x_a_b_times_scale(tiny, module):
+    """One layer's projection with the merged kernel == x W + scale x A B (NumPy)."""
+    params, _, _ = tiny
+    config = lora.LoraConfig(
+        rank=4, alpha=12.0, targets=(f"attention/{module}/kernel",)
+    )
+    adapters = _random_b(lora.init_lora(params, config, jax.random.key(4)))
+    merged = lora.merge(params, adapters, config)
+    w = np.asarray(params["layers_0"]["attention"][module]["kernel"])
+    bias = np.asarray(params["layers_0"]["attention"][module]["bias"])
+    ab = adapters["layers_0"]["attention"][module]
+    a_IR, b_RO = np.asarray(ab["lora_a"]), np.asarray(ab["lora_b"])
+    rng = np.random.default_rng(0)
+    if module == "query":  # [D, H, K]: input D, output H*K
+        equation, num_in, x = "BLD,DHK->BLHK", 1, rng.normal(size=(2, 5, D))
+        n_in, n_out = D, H * K
+    else:  # [H, K, D]: input H*K, output D
+        equation, num_in, x = "BLHK,HKD->BLD", 2, rng.normal(size=(2, 5, H, K))
+        n_in, n_out = H * K, D
+    assert a_IR.shape == (n_in, 4) and b_RO.shape == (4, n_out)
+    x_BI = x.reshape(10, n_in)
+    want = x_BI @ w.reshape(n_in, n_out) + config.scale * (x_BI @ a_IR) @ b_RO
+    want = want + bias.reshape(1, -1)
+    layer = EinsumDense(equation, w.shape, ("a",) * 3, num_in=num_in)
+    kernel = merged["layers_0"]["attention"][module]["kernel"]
+    got = layer.apply({"params": {"kernel": kernel, "bias": bias}}, jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(got).reshape(want.shape), want, atol=1e-5)
+
+
+def test_default_targets_hit_query_and_value_all_linear_hits_six(tiny):
+    params, _, _ = tiny
+    default = lora.init_lora(params, lora.LoraConfig(), jax.random.key(0))
+    assert lora.lora_param_paths(default) == [
+        f"layers_{i}/attention/{m}/lora_{ab}"
+        for i in range(LAYERS)
+        for m in ("query", "value")
+        for ab in "ab"
+    ]
+    config = lora.LoraConfig(rank=4, targets=lora.ALL_LINEAR)
+    all_linear = lora.init_lora(params, config, jax.random.key(0))
+    shapes = {p: x.shape for p, x in _flat(all_linear).items()}
+    assert len(shapes) == LAYERS * 6 * 2
+    layer = {p.split("/", 1)[1]: s for p, s in shapes.items() if "layers_1/" in p}
+    assert layer == {
+        "attention/query/lora_a": (D, 4), "attention/query/lora_b": (4, H * K),
+        "attention/key/lora_a": (D, 4), "attention/key/lora_b": (4, H * K),
+        "attention/value/lora_a": (D, 4), "attention/value/lora_b": (4, H * K),
+        "attention/out/lora_a": (H * K, 4), "attention/out/lora_b": (4, D),
+        "mlp/up/lora_a": (D, 4), "mlp/up/lora_b": (4, F),
+        "mlp/down/lora_a": (F, 4), "mlp/down/lora_b": (4, D),
+    }  # fmt: skip
+
+
+def test_lora_rejects_bad_configs_and_targets(tiny):
+    params, _, _ = tiny
+    for kwargs, named in [
+        ({"rank": 0}, "rank=0"),
+        ({"dropout": 1.0}, "dropout=1.0"),
+        ({"targets": "query"}, "'query'"),
+        ({"targets": ("(",)}, "("),
+    ]:
+        with pytest.raises(ValueError, match=named.replace("(", r"\(")):
+            lora.LoraConfig(**kwargs)
+    with pytest.raises(ValueError, match="layers_0/attention/query/kernel"):
+        lora.init_lora(params, lora.LoraConfig(targets=("q_proj",)), jax.random.key(0))
+    with pytest.raises(ValueError, match="bias"):
+        lora.init_lora(
+            params, lora.LoraConfig(targets=("mlp/up/.*",)), jax.random.key(0)
+        )
+    odd = {"conv": {"kernel": jnp.zeros((3, 3, 4, 8))}}
+    with pytest.raises(ValueError, match="input dims of conv/kernel"):
+        lora.init_lora(
+            odd, lora.LoraConfig(targets=("conv/kernel",)), jax.random.key(0)
+        )
+    assert masks.path_matches("layers_0/attention/query/kernel", "query/kernel")
+    assert not masks.path_matches("layers_0/attention/xquery/kernel", "query/kernel")
+
+
+def test_trainable_fraction_rank_4(tiny):
+    params, _, _ = tiny
+    config = lora.LoraConfig(rank=4)
+    adapters = lora.init_lora(params, config, jax.random.key(0))
+    per_layer = 2 * (4 * (D + H * K))  # query and value: r * (in + out)
+    assert lora.count_lora_params(adapters) == LAYERS * per_layer == 1024
+    assert lora.lora_param_count(params, config) == 1024
+    block = (
+        2 * 2 * D + 3 * (D * H * K + H * K) + (H * K * D + D) + D * F + F + F * D + D
+    )
+    base = V * D + MAX_LEN * D + LAYERS * block + 2 * D
+    assert masks.count_params(params) == base == 19712
+    summary = masks.trainable_summary(adapters, {"base": params, "lora": adapters})
+    assert summary == (
+        "trainable params: 1,024 || all params: 20,736 || trainable%: 4.9383"
+    )
+
+
+def test_dropout_drops_whole_input_rows():
+    w = {"up": {"kernel": jnp.zeros((64, 8))}}
+    config = lora.LoraConfig(rank=2, dropout=0.5, targets=("up/kernel",))
+    adapters = _random_b(lora.init_lora(w, config, jax.random.key(0)))
+    full = np.asarray(lora.merge(w, adapters, config)["up"]["kernel"])
+    with pytest.raises(ValueError, match="needs rng"):
+        lora.apply_lora(w, adapters, config, deterministic=False)
+    dropped = lora.apply_lora(
+        w, adapters, config, rng=jax.random.key(5), deterministic=False
+    )
+    dropped = np.asarray(dropped["up"]["kernel"])
+    kept = np.all(np.isclose(dropped, 2.0 * full, rtol=1e-6), axis=1)
+    zeroed = np.all(dropped == 0, axis=1)
+    assert np.all(kept ^ zeroed) and 10 < kept.sum() < 54, kept.sum()
+
+
+def test_qlora_gradients_reach_only_b_at_init(tiny):
+    """With B = 0, dL/dA = x^T dL/dy B^T = 0 exactly while dL/dB != 0."""
+    params, tokens_BL, logits = tiny
+    base_q = quant.quantize_tree(params)
+    config = lora.LoraConfig(rank=4)
+    adapters = lora.init_lora(base_q, config, jax.random.key(0))
+
+    def loss(adapters, base_q):
+        effective = lora.apply_lora(quant.dequantize_tree(base_q), adapters, config)
+        logits_BLV = logits(effective, tokens_BL)
+        return -jnp.mean(jax.nn.log_softmax(logits_BLV)[..., 0])
+
+    grads = jax.jit(jax.grad(loss))(adapters, base_q)
+    for path, g in _flat(grads).items():
+        assert np.all(np.isfinite(g))
+        assert np.any(g != 0) == path.endswith("lora_b"), path
+
+
+# --- NF4 ----------------------------------------------------------------------
+
+_GAP = np.diff(quant.NF4_CODES).max()
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_round_trip_error(double_quant):
+    w = jax.random.normal(jax.random.key(0), (256, 257))  # not whole blocks
+    q = quant.quantize_nf4(w, 64, double_quant)
+    w_hat = quant.dequantize_nf4(q)
+    assert w_hat.shape == w.shape and w_hat.dtype == w.dtype
+    err = np.abs(np.asarray(w_hat) - np.asarray(w))
+    assert err.mean() / np.abs(w).mean() < 0.1, err.mean() / np.abs(w).mean()
+    flat = np.pad(np.asarray(w).ravel(), (0, (-w.size) % 64)).reshape(-1, 64)
+    absmax_N = np.abs(flat).max(axis=1)
+    used_N = np.asarray(quant.block_absmax(q))
+    if double_quant:  # stored absmax is rounded up, by less than one 8-bit step
+        step_G = np.repeat(np.asarray(q.absmax_scale), quant.ABSMAX_GROUP)
+        assert np.all(used_N >= absmax_N * (1 - 1e-6))
+        assert np.all(used_N - absmax_N <= step_G[: len(absmax_N)] * 1.0001)
+    else:
+        np.testing.assert_array_equal(used_N, absmax_N)
+    bound = (_GAP / 2 * used_N * (1 + 1e-6))[:, None]
+    err_NB = np.pad(err.ravel(), (0, (-w.size) % 64)).reshape(-1, 64)
+    assert np.all(err_NB <= bound)
+
+
+def test_nf4_codes_times_scale_round_trip_exactly():
+    rng = np.random.default_rng(0)
+    index = rng.integers(0, 16, size=(8, 64))
+    index[:, 0] = rng.choice([0, 15], size=8)  # a +-1 sets each block's absmax
+    scale_N1 = rng.uniform(0.01, 10, size=(8, 1)).astype(np.float32)
+    w = quant.NF4_CODES[index] * scale_N1
+    q = quant.quantize_nf4(jnp.asarray(w), 64, double_quant=False)
+    np.testing.assert_array_equal(np.asarray(quant.dequantize_nf4(q)), w)
+    packed = np.asarray(q.codes)  # first value of each pair in the high nibble
+    np.testing.assert_array_equal(
+        packed, (index.ravel()[0::2] << 4) | index.ravel()[1::2]
+    )
+
+
+def _numpy_dequantize(q):
+    packed = np.asarray(q.codes)
+    index = np.stack([packed >> 4, packed & 15], axis=-1).ravel()
+    absmax_N = np.asarray(q.absmax, np.float32)
+    if q.double_quant:
+        codes_GA = absmax_N.reshape(-1, quant.ABSMAX_GROUP)
+        absmax_N = codes_GA * np.asarray(q.absmax_scale)[:, None]
+        absmax_N = (absmax_N + np.asarray(q.absmax_offset)[:, None]).ravel()
+    values_NB = quant.NF4_CODES[index].reshape(-1, q.block_size)
+    values = (values_NB * absmax_N[: len(values_NB), None]).ravel()
+    return values[: np.prod(q.shape)].reshape(q.shape)
+
+
+def test_nf4_matmul_matches_numpy_reference():
+    w = jax.random.normal(jax.random.key(1), (96, 80)) * 0.02
+    x = jax.random.normal(jax.random.key(2), (4, 96))
+    q = quant.quantize_nf4(w)
+    y = jax.jit(lambda x, q: x @ quant.dequantize_nf4(q))(x, q)
+    want = np.asarray(x, np.float64) @ _numpy_dequantize(q).astype(np.float64)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+
+
+def test_nf4_packed_size():
+    w = jnp.zeros((1024, 1024), jnp.float32)
+    n, blocks = w.size, w.size // 64
+    q = quant.quantize_nf4(w, 64, double_quant=True)
+    # 4 bits a value, one uint8 absmax a block, f32 scale + offset per 256 blocks.
+    assert quant.nbytes(q) == n // 2 + blocks + 8 * (blocks // 256) == 541_184
+    assert quant.nbytes(q) / w.nbytes <= 1 / 7  # 0.1290, i.e. 4.129 bits a value
+    q_single = quant.quantize_nf4(w, 64, double_quant=False)
+    assert quant.nbytes(q_single) == n // 2 + 4 * blocks
+
+
+def test_quantize_tree_keeps_embeddings_and_round_trips(tiny):
+    params, _, _ = tiny
+    base_q = quant.quantize_tree(params)
+    quantized = [p for p, x in _flat(base_q).items() if quant.is_quantized(x)]
+    assert len(quantized) == LAYERS * 6 and all(p.endswith("kernel") for p in quantized)
+    assert masks.count_params(base_q) == masks.count_params(params)
+    restored = quant.dequantize_tree(base_q)
+    assert jax.tree.structure(restored) == jax.tree.structure(params)
+    for base, back in zip(
+        jax.tree.leaves(params), jax.tree.leaves(restored), strict=True
+    ):
+        assert back.shape == base.shape and back.dtype == base.dtype
+        assert np.abs(back - base).max() <= _GAP / 2 * np.abs(base).max() * 1.01
+
+
+# --- masks --------------------------------------------------------------------
+
+
+def _optimizer():
+    tx, _ = make_optimizer(
+        10, learning_rate=1e-2, warmup_steps=0, schedule="constant",
+        end_learning_rate_ratio=1.0, weight_decay=0.1, b1=0.9, b2=0.99, eps=1e-8,
+        grad_clip_norm=1.0,
+    )  # fmt: skip
+    return tx
+
+
+def _state_bytes(opt_state) -> tuple[int, int]:
+    """(bytes in non-scalar state leaves, bytes in scalar ones)."""
+    leaves = jax.tree.leaves(opt_state)
+    return (
+        sum(x.nbytes for x in leaves if x.ndim),
+        sum(x.nbytes for x in leaves if not x.ndim),
+    )
+
+
+def test_trainable_mask_patterns_and_callable(tiny):
+    params, _, _ = tiny
+    mask = masks.trainable_mask(params, ("layers_1/mlp/.*", "final_norm/.*"))
+    on = [p for p, t in _flat(mask).items() if t]
+    assert sorted(on) == sorted(
+        [f"layers_1/mlp/{m}/{n}" for m in ("up", "down") for n in ("kernel", "bias")]
+        + ["final_norm/scale", "final_norm/bias"]
+    )
+    same = masks.trainable_mask(
+        params, lambda p: p.startswith("layers_1/mlp/") or p.startswith("final_norm/")
+    )
+    assert same == mask
+
+
+def test_frozen_params_get_zero_updates_and_no_state(tiny):
+    params, _, _ = tiny
+    mask = masks.trainable_mask(params, ("layers_1/mlp/.*",))
+    tx = masks.masked_optimizer(_optimizer(), mask)
+    opt_state = tx.init(params)
+    trainable_bytes = 4 * masks.masked_count(params, mask)
+    arrays, scalars = _state_bytes(opt_state)
+    assert arrays == 2 * trainable_bytes  # Adam's mu and nu, trainable leaves only
+    assert scalars <= 16
+    assert _state_bytes(_optimizer().init(params))[0] == 2 * 4 * masks.count_params(
+        params
+    )
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = jax.jit(tx.update)(grads, opt_state, params)
+    flat_mask = _flat(mask)
+    flat_updates = _flat(updates)
+    for path, u in flat_updates.items():
+        assert np.any(u != 0) == flat_mask[path], path
+
+
+def test_lora_training_leaves_base_bit_identical(tiny):
+    params, tokens_BL, logits = tiny
+    config = lora.LoraConfig(rank=4, targets=lora.ALL_LINEAR)
+    adapters = lora.init_lora(params, config, jax.random.key(0))
+    both = {"base": params, "lora": adapters}
+    mask = masks.trainable_mask(both, lambda path: path.startswith("lora/"))
+    tx = masks.masked_optimizer(_optimizer(), mask)
+    state = TrainState.create(both, tx, jax.random.key(0))
+    assert _state_bytes(state.opt_state)[0] == 2 * 4 * lora.count_lora_params(adapters)
+
+    def loss_fn(p):
+        logits_BLV = logits(lora.apply_lora(p["base"], p["lora"], config), tokens_BL)
+        targets_BL = jnp.roll(tokens_BL, -1, axis=1)
+        logp_BLV = jax.nn.log_softmax(logits_BLV)
+        return -jnp.mean(jnp.take_along_axis(logp_BLV, targets_BL[..., None], -1))
+
+    @jax.jit
+    def step(state):
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        return state.apply_gradients(grads), loss
+
+    losses = []
+    for _ in range(5):
+        state, loss = step(state)
+        losses.append(float(loss))
+    assert losses[-1] < losses[0] - 0.05, losses
+    for base, now in zip(
+        jax.tree.leaves(params), jax.tree.leaves(state.params["base"]), strict=True
+    ):
+        np.testing.assert_array_equal(_bits(now), _bits(base))
+    b_now = state.params["lora"]["layers_0"]["attention"]["query"]["lora_b"]
+    assert np.abs(b_now).max() > 0
