@@ -35,7 +35,7 @@ def compile_one(config: str, topology: str, extra: list[str]) -> dict:
 
 def row(name: str, r: dict) -> str:
     if "error" in r:
-        reason = r["error"].split("): ")[-1][:140]
+        reason = r["error"].split("): ")[-1].split(". Shard more")[0]
         return f"| `{r['config']}` | {name} | - | - | does not fit: {reason} | - | - |"
     gib = r["hbm_total_bytes"] / 2**30
     cap = r["hbm_capacity_bytes"] / 2**30

@@ -115,6 +115,7 @@ def compile_for_topology(config, topology: str) -> dict:
         if "RESOURCE_EXHAUSTED" not in message and "out of memory" not in message:
             raise
         detail = message.split("RESOURCE_EXHAUSTED:")[-1].strip().splitlines()[0]
+        detail = detail.rstrip(".")
         raise DoesNotFitError(
             f"{config.get('config_spec', config.name)} does not fit on "
             f"{kind}:{'x'.join(map(str, shape))} ({len(devices)} chips of "
