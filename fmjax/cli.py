@@ -130,6 +130,17 @@ def cmd_bench(args, overrides):
     return 0
 
 
+def cmd_convert(args, overrides):
+    from fmjax.convert import hf
+
+    if args.direction == "hf-to-fmjax":
+        out = hf.hf_to_fmjax(args.src, args.dst)
+    else:
+        out = hf.fmjax_to_hf(args.src, args.dst)
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_compile(args, overrides):
     from fmjax.aot import check_fits, compile_for_topology, format_report
 
@@ -185,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--input", required=True)
     embed.add_argument("--output", required=True)
     embed.set_defaults(func=cmd_embed)
+    convert = sub.add_parser("convert", help="convert weights between formats")
+    convert.add_argument("direction", choices=["hf-to-fmjax", "fmjax-to-hf"])
+    convert.add_argument("src")
+    convert.add_argument("dst")
+    convert.set_defaults(func=cmd_convert)
+
     compile_ = sub.add_parser(
         "compile", help="compile the train step for a TPU slice, without a TPU"
     )
@@ -240,7 +257,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args, overrides)
-    except (ConfigError, ShardingError, FileNotFoundError, DoesNotFitError) as e:
+    except (
+        ConfigError,
+        ShardingError,
+        FileNotFoundError,
+        DoesNotFitError,
+        ValueError,
+    ) as e:
+        if os.environ.get("FMJAX_DEBUG"):
+            raise
         print(f"fmjax: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:

@@ -43,19 +43,33 @@ def export(workdir: str, params, config, tokenizer) -> str:
     return out
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
+
+
+def refuse_pickles(directory: str) -> None:
+    """Raises if `directory` holds pickled weights (and no safetensors were found):
+    unpickling can run code, so fmjax never does it and says how to convert."""
+    if not os.path.isdir(directory):
+        return
+    pickled = sorted(f for f in os.listdir(directory) if f.endswith(PICKLE_SUFFIXES))
+    if pickled:
+        path = os.path.join(directory, pickled[0])
+        raise ValueError(
+            f"{path} is a pickle, which can run code when loaded; fmjax reads "
+            f"safetensors only. Convert it first where you trust the file, e.g. in "
+            f"Python: `from safetensors.torch import save_file; save_file("
+            f"torch.load(path, weights_only=True), 'model.safetensors')`, or for an "
+            f"HF model directory `transformers.AutoModel.from_pretrained(dir)"
+            f".save_pretrained(out_dir)` (writes model.safetensors)"
+        )
+
+
 def find_export(path: str) -> str:
     """The export directory for a workdir or an export directory itself."""
     for candidate in (path, os.path.join(path, EXPORT_DIR)):
         if os.path.isfile(os.path.join(candidate, "model.safetensors")):
             return candidate
-    for pickled in ("pytorch_model.bin", "model.pt", "model.pkl"):
-        if os.path.exists(os.path.join(path, pickled)):
-            raise ValueError(
-                f"{os.path.join(path, pickled)} is a pickle, which can run code when "
-                f"loaded; fmjax reads safetensors only. Convert it first, e.g. in "
-                f"Python: `from safetensors.torch import save_file; save_file("
-                f"torch.load(path, weights_only=True), 'model.safetensors')`"
-            )
+    refuse_pickles(path)
     raise FileNotFoundError(
         f"no fmjax export in {path!r}: expected {path}/model.safetensors or "
         f"{path}/{EXPORT_DIR}/model.safetensors (written at the end of `fmjax train`)"

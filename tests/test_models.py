@@ -1,5 +1,6 @@
 """Model tests: shapes, masking invariants, NumPy references, partitioning, sizes."""
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -301,6 +302,21 @@ def test_encoder_mlm_head_is_tied_to_token_embedding(encoder):
     h = _np_layer_norm(h, p["mlm_norm"], ENC_CFG.layer_norm_eps)
     want = h @ p["token_embed"]["embedding"].T + p["mlm_bias"]
     np.testing.assert_allclose(out["logits"], want, atol=1e-4, rtol=1e-4)
+
+
+def test_encoder_without_mlm_head_has_no_head_params_and_same_hidden(encoder):
+    params, apply = encoder
+    model = TextEncoder(dataclasses.replace(ENC_CFG, mlm_head=False))
+    tokens = _tokens(0, (2, 12))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))["params"]
+    head = {"mlm_transform", "mlm_norm", "mlm_bias"}
+    assert set(shapes) == set(params) - head and head <= set(params)
+    body = {k: v for k, v in params.items() if k not in head}
+    out = model.apply({"params": body}, tokens)
+    assert set(out) == {"hidden"}
+    np.testing.assert_allclose(
+        out["hidden"], apply(params, tokens)["hidden"], atol=1e-6
+    )
 
 
 def test_decoder_head_tied_or_separate(decoder):

@@ -1,4 +1,5 @@
-"""Tokenizers: SentencePiece (train + load), behind one `Tokenizer` protocol.
+"""Tokenizers: SentencePiece (train + load) and WordPiece (imported BERT vocabs,
+in `fmjax.data.wordpiece`), behind one `Tokenizer` protocol.
 
 fmjax-trained SentencePiece models use fixed ids: pad 0, unk 1, bos 2, eos 3
 and the user-defined `<mask>` 4; bos doubles as CLS and eos as SEP for
@@ -64,6 +65,37 @@ def _write_atomic(path: str, data: bytes) -> None:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
         raise
+
+
+def write_file(directory: str | os.PathLike, name: str, data: bytes) -> str:
+    """Writes `directory/name` (atomically when local); returns its path."""
+    directory = os.fspath(directory)
+    if "://" in directory:  # a remote workdir (gs://...): no rename there
+        from etils import epath
+
+        path = epath.Path(directory) / name
+        path.write_bytes(data)
+        return str(path)
+    path = os.path.join(directory, name)
+    _write_atomic(path, data)
+    return path
+
+
+def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
+    """The tokenizer saved in `directory`: SentencePiece (`tokenizer.model`) or
+    WordPiece (`tokenizer.json` or `vocab.txt`, as imported BERT models have)."""
+    from fmjax.data import wordpiece
+
+    directory = os.fspath(directory)
+    if os.path.isfile(os.path.join(directory, MODEL_FILENAME)):
+        return SentencePieceTokenizer.load(directory)
+    names = (wordpiece.JSON_FILENAME, wordpiece.VOCAB_FILENAME)
+    if any(os.path.isfile(os.path.join(directory, name)) for name in names):
+        return wordpiece.WordPieceTokenizer.load(directory)
+    raise FileNotFoundError(
+        f"no tokenizer in {directory!r}: expected {MODEL_FILENAME} (SentencePiece) "
+        f"or one of {list(names)} (WordPiece)"
+    )
 
 
 class SentencePieceTokenizer:
@@ -154,16 +186,7 @@ class SentencePieceTokenizer:
 
     def save(self, directory: str | os.PathLike) -> str:
         """Copies the model to `directory/tokenizer.model`; returns that path."""
-        directory = os.fspath(directory)
-        if "://" in directory:  # a remote workdir (gs://...): no rename there
-            from etils import epath
-
-            path = epath.Path(directory) / MODEL_FILENAME
-            path.write_bytes(self._model_proto)
-            return str(path)
-        path = os.path.join(directory, MODEL_FILENAME)
-        _write_atomic(path, self._model_proto)
-        return path
+        return write_file(directory, MODEL_FILENAME, self._model_proto)
 
     @classmethod
     def load(cls, path_or_dir: str | os.PathLike) -> SentencePieceTokenizer:

@@ -56,6 +56,8 @@ class TransformerConfig:
     param_dtype: str = "float32"
     tie_embeddings: bool = True
     init_std: float = 0.02
+    # Encoders only: False builds no MLM head (an imported BertModel has none).
+    mlm_head: bool = True
 
     def __post_init__(self):
         for name in _POSITIVE_INTS:
@@ -80,6 +82,7 @@ class TransformerConfig:
         )
         for name in ("dtype", "param_dtype"):
             _check(self, name, getattr(self, name) in DTYPES, f"one of {DTYPES}")
+        _check(self, "mlm_head", isinstance(self.mlm_head, bool), "a bool")
         if self.position == "rope":
             _check(self, "head_dim", self.head_dim % 2 == 0, "an even int with RoPE")
 

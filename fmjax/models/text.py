@@ -114,7 +114,7 @@ class TextEncoder(nn.Module):
     """BERT: embeddings + LayerNorm, post-LN blocks, MLM head tied to the embeddings.
 
     Returns {"hidden": [B,L,D] last block output, "logits": [B,L,V] MLM logits},
-    both float32.
+    both float32; only "hidden" when `config.mlm_head` is False (no head params).
     """
 
     config: TransformerConfig
@@ -159,6 +159,8 @@ class TextEncoder(nn.Module):
                 x_BLD, mask_B1LL, positions_BL, deterministic=deterministic
             )
         hidden_BLD = x_BLD
+        if not cfg.mlm_head:
+            return {"hidden": hidden_BLD}
         head_in_BLD = hidden_BLD
         if predict_positions_BK is not None:
             head_in_BLD = jnp.take_along_axis(

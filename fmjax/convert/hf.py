@@ -1,0 +1,280 @@
+"""HF BERT directories <-> fmjax TextEncoder: config, safetensors weights, tokenizer.
+
+An HF BERT directory holds `config.json` (model_type "bert"), `model.safetensors`
+(BertModel names, or BertForMaskedLM / BertForPreTraining names under `bert.`)
+and a WordPiece tokenizer (`tokenizer.json` and/or `vocab.txt`). Only safetensors
+and JSON are read; a pickled `pytorch_model.bin` is refused, never unpickled.
+
+fmjax's TextEncoder has no pooler (BertModel's dense+tanh over [CLS]) and no
+next-sentence head, so importing ignores `pooler.*`, `cls.seq_relationship.*`
+(which reads the pooler) and the `embeddings.position_ids` buffer; any other
+tensor that maps nowhere, or a param with no tensor, is an error naming it.
+Exporting writes no pooler: `transformers.AutoModel.from_pretrained` then reports
+the pooler as newly initialised (random), so use `last_hidden_state`, not
+`pooler_output`.
+
+Name, config and layout mapping live in `fmjax.convert.bert`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from safetensors.numpy import load_file, save
+
+from fmjax import storage
+from fmjax.config import base_config, to_json
+from fmjax.convert.bert import (
+    IGNORED,
+    TIED,
+    hf_config_from_model,
+    hf_name_for,
+    model_config_from_hf,
+    tensor_name,
+    to_fmjax,
+    to_hf,
+)
+from fmjax.data.tokenizer import Tokenizer, load_tokenizer
+from fmjax.export import find_export, flatten_params, load_export, refuse_pickles
+
+CONFIG_FILENAME = "config.json"
+WEIGHTS_FILENAME = "model.safetensors"
+WEIGHTS_INDEX_FILENAME = "model.safetensors.index.json"
+POOLING_CONFIG = os.path.join("1_Pooling", "config.json")
+POOLINGS = ("mean", "cls", "max")
+__all__ = [
+    "fmjax_to_hf",
+    "hf_name_for",
+    "hf_pooling",
+    "hf_to_fmjax",
+    "is_hf_directory",
+    "load_hf_bert",
+    "read_hf_weights",
+    "save_hf_bert",
+]
+
+
+def is_hf_directory(path: str | os.PathLike) -> bool:
+    """Whether `path` is an HF model directory (a config.json with a model_type)."""
+    config_path = os.path.join(os.fspath(path), CONFIG_FILENAME)
+    if not os.path.isfile(config_path):
+        return False
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "model_type" in config
+
+
+def hf_pooling(directory: str | os.PathLike) -> str:
+    """The sentence-transformers pooling of `directory` (1_Pooling/config.json):
+    one of POOLINGS; "mean" when the directory has no pooling config."""
+    path = os.path.join(os.fspath(directory), POOLING_CONFIG)
+    if not os.path.isfile(path):
+        return "mean"
+    with open(path, encoding="utf-8") as f:
+        flags = json.load(f)
+    modes = sorted(k for k, on in flags.items() if k.startswith("pooling_mode") and on)
+    names = {f"pooling_mode_{p}_tokens": p for p in ("mean", "max")}
+    names["pooling_mode_cls_token"] = "cls"
+    if len(modes) != 1 or modes[0] not in names:
+        raise ValueError(
+            f"{path} enables pooling modes {modes}; fmjax supports exactly one of "
+            f"{sorted(names)}"
+        )
+    return names[modes[0]]
+
+
+def _param_shapes(model_config: Mapping[str, Any]) -> dict[tuple[str, ...], tuple]:
+    """Flat {path: shape} of the TextEncoder's params (eval_shape: nothing built)."""
+    from fmjax.models import build_model
+
+    module = build_model(model_config)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    abstract = jax.eval_shape(
+        lambda: nn.unbox(module.init(jax.random.key(0), tokens)["params"])
+    )
+    return {k: v.shape for k, v in traverse_util.flatten_dict(abstract).items()}
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+    try:
+        return load_file(path)
+    except TypeError:  # bfloat16, which NumPy lacks: read through JAX instead
+        from safetensors.flax import load_file as load_jax
+
+        return {k: np.asarray(v, np.float32) for k, v in load_jax(path).items()}
+
+
+def read_hf_weights(directory: str) -> dict[str, np.ndarray]:
+    """HF tensors by name, without a `bert.` prefix (legacy LayerNorm gamma/beta
+    renamed weight/bias); reads model.safetensors or a sharded index."""
+    index_path = os.path.join(directory, WEIGHTS_INDEX_FILENAME)
+    if os.path.isfile(os.path.join(directory, WEIGHTS_FILENAME)):
+        files = [WEIGHTS_FILENAME]
+    elif os.path.isfile(index_path):
+        with open(index_path, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        refuse_pickles(directory)
+        raise FileNotFoundError(
+            f"no {WEIGHTS_FILENAME} (or {WEIGHTS_INDEX_FILENAME}) in {directory!r}; "
+            f"fmjax reads HF weights from safetensors only"
+        )
+    weights = {}
+    for file in files:
+        for name, value in _read_safetensors(os.path.join(directory, file)).items():
+            name = name.removeprefix("bert.")
+            name = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", name)
+            name = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name)
+            if name in weights:
+                raise ValueError(f"{directory}: tensor {name!r} appears twice")
+            weights[name] = value
+    return weights
+
+
+def load_hf_bert(directory: str | os.PathLike) -> tuple[dict, dict, Tokenizer]:
+    """(model config dict, params, tokenizer) of an HF BERT directory.
+
+    Params are a nested dict of float32 NumPy arrays in TextEncoder's layout; the
+    config has `mlm_head=True` only when the checkpoint has `cls.predictions.*`.
+    The pooler, the NSP head and `embeddings.position_ids` are ignored (fmjax has
+    no pooler); any other unused or missing tensor raises with its name.
+    """
+    directory = os.fspath(directory)
+    if not is_hf_directory(directory):
+        raise FileNotFoundError(
+            f"{directory!r} is not an HF model directory: expected a {CONFIG_FILENAME} "
+            f"with a model_type"
+        )
+    with open(os.path.join(directory, CONFIG_FILENAME), encoding="utf-8") as f:
+        hf_config = json.load(f)
+    model_config_from_hf(hf_config, mlm_head=False)  # refuse non-BERT before I/O
+    weights = read_hf_weights(directory)
+    mlm_head = any(name.startswith("cls.predictions.") for name in weights)
+    model_config = model_config_from_hf(hf_config, mlm_head=mlm_head)
+    flat, missing, used = {}, [], set()
+    for path, shape in _param_shapes(model_config).items():
+        name = tensor_name(path)
+        if name not in weights:
+            missing.append(name)
+            continue
+        used.add(name)
+        flat[path] = to_fmjax(name, weights[name], path, shape)
+    for copy, original in TIED.items():
+        if copy in weights:
+            used.add(copy)
+            if original in weights and not np.array_equal(
+                weights[copy], weights[original]
+            ):
+                raise ValueError(
+                    f"{directory}: {copy} differs from {original}; fmjax ties the "
+                    f"MLM decoder to them and cannot hold an untied copy"
+                )
+    unused = sorted(n for n in set(weights) - used if not IGNORED.fullmatch(n))
+    if missing or unused:
+        raise ValueError(
+            f"{directory}/{WEIGHTS_FILENAME} does not match an fmjax BERT of its "
+            f"config.json: missing tensors {missing}; tensors with no fmjax param "
+            f"{unused}"
+        )
+    tokenizer = load_tokenizer(directory)
+    if tokenizer.vocab_size > model_config["vocab_size"]:
+        raise ValueError(
+            f"{directory}: tokenizer has {tokenizer.vocab_size} tokens, more than "
+            f"the model's vocab_size={model_config['vocab_size']}"
+        )
+    return model_config, traverse_util.unflatten_dict(flat), tokenizer
+
+
+def save_hf_bert(
+    directory: str | os.PathLike,
+    model_config: Mapping[str, Any],
+    params,
+    tokenizer: Tokenizer,
+) -> str:
+    """Writes an HF BERT directory (config.json, model.safetensors in float32, the
+    tokenizer's files) that `transformers.AutoModel.from_pretrained` loads.
+
+    With an MLM head the layout is BertForMaskedLM's (`bert.` prefix + `cls.*`,
+    load it with AutoModelForMaskedLM), else BertModel's. No pooler is written:
+    transformers initialises it randomly and says so. Returns `directory`.
+    """
+    directory = os.fspath(directory)
+    hf_config = hf_config_from_model(model_config, tokenizer.pad_id)
+    expected = _param_shapes(model_config)
+    flat = {tuple(k.split(".")): v for k, v in flatten_params(nn.unbox(params)).items()}
+    missing = sorted(".".join(p) for p in set(expected) - set(flat))
+    extra = sorted(".".join(p) for p in set(flat) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"params do not match the encoder config: missing {missing}, "
+            f"unexpected {extra} (merge LoRA or other adapters into the kernels "
+            f"before exporting)"
+        )
+    prefix = "bert." if hf_config["architectures"] == ["BertForMaskedLM"] else ""
+    tensors = {}
+    for path, shape in expected.items():
+        if flat[path].shape != shape:
+            raise ValueError(
+                f"param {'.'.join(path)} has shape {flat[path].shape}; expected {shape}"
+            )
+        name = tensor_name(path)
+        tensors[name if name.startswith("cls.") else prefix + name] = to_hf(
+            flat[path], path
+        )
+    storage.makedirs(directory)
+    storage.write_text(
+        storage.join(directory, CONFIG_FILENAME),
+        json.dumps(hf_config, indent=2, sort_keys=True) + "\n",
+    )
+    storage.write_bytes(
+        storage.join(directory, WEIGHTS_FILENAME),
+        save(tensors, metadata={"format": "pt"}),
+    )
+    tokenizer.save(directory)
+    return directory
+
+
+def hf_to_fmjax(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> str:
+    """Converts an HF BERT directory into an fmjax export directory (readable by
+    `fmjax.load` and `fmjax.export.load_export`); returns `dst_dir`."""
+    src_dir, dst_dir = os.fspath(src_dir), os.fspath(dst_dir)
+    model_config, params, tokenizer = load_hf_bert(src_dir)
+    config = base_config()
+    config.name = "hf_import"
+    config.model = model_config
+    config.pooling = hf_pooling(src_dir)
+    config.data.vocab_size = tokenizer.vocab_size
+    storage.makedirs(dst_dir)
+    storage.write_bytes(
+        storage.join(dst_dir, WEIGHTS_FILENAME), save(flatten_params(params))
+    )
+    storage.write_text(storage.join(dst_dir, CONFIG_FILENAME), to_json(config))
+    tokenizer.save(dst_dir)
+    return dst_dir
+
+
+def fmjax_to_hf(src: str | os.PathLike, dst_dir: str | os.PathLike) -> str:
+    """Converts an fmjax encoder (workdir or export directory) into an HF BERT
+    directory; returns `dst_dir`."""
+    src = os.fspath(src)
+    params, config = load_export(src)
+    model_config = dict(config.get("model") or {})
+    if model_config.get("kind") != "encoder":
+        raise ValueError(
+            f"{src} holds a model of kind={model_config.get('kind')!r}; fmjax-to-hf "
+            f"converts encoders (BERT) only"
+        )
+    tokenizer = load_tokenizer(find_export(src))
+    return save_hf_bert(dst_dir, model_config, params, tokenizer)
