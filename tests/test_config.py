@@ -98,3 +98,13 @@ def test_cli_missing_dataset(capsys, tmp_path):
         f"--config.data.data_dir={tmp_path}",
     )
     assert "no_such_corpus" in err and "fmjax data prepare" in err, err
+
+
+def test_ci_runs_the_readme_quick_start_test_command():
+    from conftest import REPO
+
+    readme = open(f"{REPO}/README.md").read()
+    block = readme.split("## Quick start")[1].split("```bash")[1].split("```")[0]
+    main_job, tests = [line for line in block.strip().splitlines() if line]
+    assert "fmjax train" in main_job and "pytest" in tests
+    assert tests in open(f"{REPO}/.ci/run").read().splitlines()

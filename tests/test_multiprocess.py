@@ -52,20 +52,38 @@ def test_two_processes_match_one(data_dir, tmp_path):
         JAX_PLATFORMS="cpu",
         XLA_FLAGS="--xla_force_host_platform_device_count=4",
     )
+    command = [sys.executable, "-m", "fmjax.cli", "train"]
+    command += ["--config", "configs/gpt_lm.py:tiny", "--workdir", multi]
+    command += _overrides(data_dir)
+    coordinator = f"127.0.0.1:{port}"
+    # Process 0 gets flags; process 1 the standard JAX environment variables.
+    launches = [
+        (
+            command
+            + ["--coordinator", coordinator, "--num-processes", "2"]
+            + ["--process-id", "0"],
+            env,
+        ),
+        (
+            command,
+            dict(
+                env,
+                JAX_COORDINATOR_ADDRESS=coordinator,
+                JAX_NUM_PROCESSES="2",
+                JAX_PROCESS_ID="1",
+            ),
+        ),
+    ]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "fmjax.cli", "train"]
-            + ["--config", "configs/gpt_lm.py:tiny", "--workdir", multi]
-            + _overrides(data_dir)
-            + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
-            + ["--process-id", str(i)],
+            args,
             cwd=REPO,
-            env=env,
+            env=e,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for i in range(2)
+        for args, e in launches
     ]
     outputs = [p.communicate(timeout=400) for p in procs]
     for p, (_, err) in zip(procs, outputs, strict=True):

