@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from fmjax.data import labeled, sources
+from fmjax.data import classification, labeled, sources
 
 PAD, BOS, EOS = 0, 2, 3
 
@@ -199,16 +199,16 @@ def test_truncate_pair_matches_trimming_the_longer_one_at_a_time():
                         a -= 1
                     else:
                         b -= 1
-                assert labeled.truncate_pair(len_a, len_b, budget) == (a, b)
+                assert classification.truncate_pair(len_a, len_b, budget) == (a, b)
 
 
 def test_batches_single_text():
     source = _numbered(10)
-    it = labeled.make_classification_iterator(
+    it = classification.make_classification_iterator(
         source, TOK, seq_len=6, batch_size=4, seed=0, shuffle=False
     )
     batch = next(it)
-    assert sorted(batch) == sorted(labeled.BATCH_KEYS)
+    assert sorted(batch) == sorted(classification.BATCH_KEYS)
     for key in ("tokens", "segment_ids", "positions", "type_ids"):
         assert batch[key].shape == (4, 6) and batch[key].dtype == np.int32
     assert batch["labels"].dtype == np.int32 and batch["labels"].shape == (4,)
@@ -219,7 +219,9 @@ def test_batches_single_text():
     np.testing.assert_array_equal(batch["positions"][1], [0, 1, 2, 3, 4, 0])
     np.testing.assert_array_equal(batch["type_ids"], np.zeros((4, 6)))
     long = [{"text": "1 2 3 4 5 6 7 8", "label": 0}]
-    row = next(labeled.make_classification_iterator(long, TOK, seq_len=5, **_ONE))
+    row = next(
+        classification.make_classification_iterator(long, TOK, seq_len=5, **_ONE)
+    )
     np.testing.assert_array_equal(row["tokens"][0], [BOS, 101, 102, 103, EOS])
 
 
@@ -229,7 +231,7 @@ _ONE = dict(batch_size=1, seed=0, shuffle=False)
 def test_batches_sentence_pairs_type_ids_and_truncation():
     pairs = [{"a": "1 2 3 4 5 6 7 8 9", "b": "11 12", "label": 1}]
     batch = next(
-        labeled.make_classification_iterator(
+        classification.make_classification_iterator(
             pairs, TOK, seq_len=8, text_fields=("a", "b"), **_ONE
         )
     )
@@ -241,7 +243,7 @@ def test_batches_sentence_pairs_type_ids_and_truncation():
     np.testing.assert_array_equal(batch["labels"], [1])
     both_long = [{"a": "1 2 3 4 5 6", "b": "11 12 13 14 15 16", "label": 0}]
     batch = next(
-        labeled.make_classification_iterator(
+        classification.make_classification_iterator(
             both_long, TOK, seq_len=10, text_fields=("a", "b"), **_ONE
         )
     )
@@ -250,14 +252,14 @@ def test_batches_sentence_pairs_type_ids_and_truncation():
     np.testing.assert_array_equal(batch["type_ids"][0], [0] * 6 + [1] * 4)
     short = [{"a": "1", "b": "2", "label": 0}]
     batch = next(
-        labeled.make_classification_iterator(
+        classification.make_classification_iterator(
             short, TOK, seq_len=8, text_fields=("a", "b"), **_ONE
         )
     )
     np.testing.assert_array_equal(batch["type_ids"][0], [0, 0, 0, 1, 1, 0, 0, 0])
     np.testing.assert_array_equal(batch["segment_ids"][0], [1] * 5 + [0] * 3)
     with pytest.raises(ValueError, match="seq_len=4"):
-        labeled.make_classification_iterator(
+        classification.make_classification_iterator(
             short, TOK, seq_len=4, text_fields=("a", "b"), **_ONE
         )
 
@@ -274,7 +276,7 @@ def test_training_order_is_seeded_and_resumes_from_state():
     source = _numbered(30)
 
     def make(seed):
-        return labeled.make_classification_iterator(
+        return classification.make_classification_iterator(
             source, TOK, seq_len=6, batch_size=4, seed=seed
         )
 
@@ -295,7 +297,9 @@ def test_training_order_is_seeded_and_resumes_from_state():
 def test_eval_covers_each_example_once_with_weights():
     source = _numbered(23)
     batches = list(
-        labeled.make_classification_eval_iterator(source, TOK, seq_len=6, batch_size=5)
+        classification.make_classification_eval_iterator(
+            source, TOK, seq_len=6, batch_size=5
+        )
     )
     assert len(batches) == 5
     weights = np.concatenate([b["weights"] for b in batches])
@@ -313,7 +317,7 @@ def test_processes_read_disjoint_slices():
     source = _numbered(23)
     seen = []
     for index in range(3):
-        batches = labeled.make_classification_eval_iterator(
+        batches = classification.make_classification_eval_iterator(
             source, TOK, seq_len=6, batch_size=4, process_index=index, process_count=3
         )
         for b in batches:
@@ -349,7 +353,7 @@ def test_rotten_tomatoes_batches_and_subset(rt_dir):
         "rotten_tomatoes", "validation", data_dir=rt_dir
     )
     batches = list(
-        labeled.make_classification_eval_iterator(
+        classification.make_classification_eval_iterator(
             source, TOK, seq_len=32, batch_size=64
         )
     )
