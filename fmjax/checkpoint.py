@@ -19,7 +19,7 @@ from etils import epath
 from fmjax import storage
 from fmjax.train.state import TrainState
 
-STATE_FIELDS = ("step", "params", "opt_state", "rng")
+STATE_FIELDS = ("step", "params", "frozen", "opt_state", "rng")
 
 
 class DataStateHandler(ocp.CheckpointHandler):

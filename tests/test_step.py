@@ -126,3 +126,42 @@ def test_mlm_scoring_only_masked_positions_equals_full_logits():
     _, gathered = objectives.mlm_loss(logits_k["logits"], targets_k, weights_k)
     for key in ("loss_sum", "correct", "count"):
         np.testing.assert_allclose(gathered[key], full[key], rtol=1e-5)
+
+
+def test_lora_trains_adapters_only_through_the_train_step():
+    """The trainer's frozen/trainable split: LoRA adapters are the state's params,
+    the base model is `frozen`, which the step reads but never changes."""
+    from flax.core import meta
+
+    from fmjax.adapt import lora
+    from fmjax.train.state import TrainState
+
+    config, mesh, model, lr_fn, _, _, batch = _setup()
+    base = meta.unbox(model.init(jax.random.PRNGKey(0), batch["tokens"])["params"])
+    lora_config = lora.LoraConfig(rank=4, alpha=8.0)
+    adapters = lora.init_lora(base, lora_config, jax.random.PRNGKey(1))
+    base_before = jax.device_get(base)  # the step donates (and deletes) its input
+    adapter_bytes = sum(x.nbytes for x in jax.tree.leaves(adapters))
+
+    def combine(params, frozen, rng, train):
+        return lora.apply_lora(frozen, params, lora_config), {}
+
+    tx, lr_fn = make_optimizer(10, **{**config.optimizer, "learning_rate": 1e-2})
+    state = TrainState.create(adapters, tx, jax.random.PRNGKey(2), frozen=base)
+    shardings = jax.tree.map(
+        lambda _: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), state
+    )
+    loss_fn = text_loss_fn(model, "causal", combine=combine)
+    with shd.activate(mesh, config.mesh.rules):
+        step = jit_train_step(loss_fn, lr_fn, 1, shardings, mesh)
+        losses = []
+        for _ in range(4):
+            state, metrics = step(state, shd.global_batch(batch, mesh))
+            losses.append(float(metrics["loss_sum"] / metrics["count"]))
+    assert losses[-1] < losses[0]
+    for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(state.frozen), strict=True):
+        np.testing.assert_array_equal(a, b)  # the base model never moves
+    moment_bytes = sum(
+        x.nbytes for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0
+    )
+    assert moment_bytes == 2 * adapter_bytes  # AdamW moments for adapters only

@@ -138,7 +138,7 @@ def _any_process(flag: bool) -> bool:
     return bool(multihost_utils.process_allgather(np.asarray(flag)).any())
 
 
-def evaluate(exp: TextExperiment, eval_fn, params, mesh, max_batches: int = 0):
+def evaluate(exp: TextExperiment, eval_fn, state, mesh, max_batches: int = 0):
     """Metric sums over the eval split (every example once), then summarized.
 
     Processes can run out of eval batches at different steps; one that has none
@@ -158,7 +158,10 @@ def evaluate(exp: TextExperiment, eval_fn, params, mesh, max_batches: int = 0):
         if local_batch is None:
             local_batch = empty
         batch = shd.global_batch(local_batch, mesh)
-        total = _add(total, eval_fn(params, batch, jax.random.fold_in(rng, index)))
+        metrics = eval_fn(
+            state.params, state.frozen, batch, jax.random.fold_in(rng, index)
+        )
+        total = _add(total, metrics)
     if total is None:
         raise ConfigError(f"eval split {exp.eval_split!r} produced no batches")
     return {k: float(v) for k, v in summarize(jax.device_get(total)).items()}
@@ -192,7 +195,7 @@ def train(config, workdir: str) -> dict:
         train_fn = jit_train_step(
             loss_fn, lr_fn, config.optimizer.grad_accum_steps, shardings, mesh
         )
-        eval_fn = jit_eval_step(loss_fn, shardings.params, mesh)
+        eval_fn = jit_eval_step(loss_fn, shardings, mesh)
 
     ckpt = Checkpointer(
         workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
@@ -237,9 +240,7 @@ def train(config, workdir: str) -> dict:
     eval_batches = config.train.eval_batches
     with shd.activate(mesh, config.mesh.rules):
         if start == 0 and eval_every:
-            writer.write(
-                0, "eval", evaluate(exp, eval_fn, state.params, mesh, eval_batches)
-            )
+            writer.write(0, "eval", evaluate(exp, eval_fn, state, mesh, eval_batches))
     progress = _progress(steps, start, config.train.progress)
     tokens_seen, tick = 0, time.time()
     preempted = False
@@ -270,9 +271,7 @@ def train(config, workdir: str) -> dict:
                     window, window_steps = None, 0
                     tokens_seen, tick = 0, time.time()
                 if eval_every and step % eval_every == 0 and step != steps:
-                    metrics_eval = evaluate(
-                        exp, eval_fn, state.params, mesh, eval_batches
-                    )
+                    metrics_eval = evaluate(exp, eval_fn, state, mesh, eval_batches)
                     writer.write(step, "eval", metrics_eval)
                 if step % config.checkpoint.every == 0 or step == steps:
                     save(step)
@@ -285,7 +284,7 @@ def train(config, workdir: str) -> dict:
                     break
             final_eval = None
             if not preempted:
-                final_eval = evaluate(exp, eval_fn, state.params, mesh, eval_batches)
+                final_eval = evaluate(exp, eval_fn, state, mesh, eval_batches)
                 writer.write(steps, "eval", final_eval)
     finally:
         progress.close()
@@ -322,11 +321,11 @@ def evaluate_workdir(config, workdir: str) -> dict:
     step = ckpt.latest_step()
     if step is None:
         raise ConfigError(f"no checkpoint in {ckpt.directory}; run `fmjax train` first")
-    params = ckpt.restore(step, abstract, shardings)[0].params
+    state = ckpt.restore(step, abstract, shardings)[0]
     ckpt.close()
     with shd.activate(mesh, config.mesh.rules):
-        eval_fn = jit_eval_step(exp.loss_fn(model), shardings.params, mesh)
-        metrics = evaluate(exp, eval_fn, params, mesh, config.train.eval_batches)
+        eval_fn = jit_eval_step(exp.loss_fn(model), shardings, mesh)
+        metrics = evaluate(exp, eval_fn, state, mesh, config.train.eval_batches)
     writer = MetricsWriter(workdir, tensorboard=False)
     writer.write(step, "eval", metrics)
     return {"step": step, **metrics}

@@ -12,21 +12,28 @@ import optax
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a step changes. The rng of step s is fold_in(rng, s), so a run
-    resumed at step s draws the same dropout and masking noise as one that never
-    stopped."""
+    """Everything a step reads or changes. `params` are trained; `frozen` params
+    (a base model under LoRA, prefix or prompt tuning; empty for full training)
+    are read by the loss but never updated and carry no optimizer state.
+
+    The rng of step s is fold_in(rng, s), so a run resumed at step s draws the
+    same dropout and masking noise as one that never stopped."""
 
     step: jax.Array
     params: Any
+    frozen: Any
     opt_state: Any
     rng: jax.Array
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
     @classmethod
-    def create(cls, params, tx: optax.GradientTransformation, rng: jax.Array):
+    def create(
+        cls, params, tx: optax.GradientTransformation, rng: jax.Array, frozen=None
+    ):
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,
+            frozen={} if frozen is None else frozen,
             opt_state=tx.init(params),
             rng=rng,
             tx=tx,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -18,7 +19,15 @@ from fmjax.train.state import TrainState
 # steps and eval batches); every other metric is one number per step.
 SUM_METRICS = ("loss_sum", "correct", "count")
 
+# loss_fn(params, frozen, batch, rng, train) -> metric sums.
 LossFn = Callable[..., dict]
+# combine(params, frozen, rng, train) -> (model params, extra model kwargs).
+Combine = Callable[..., tuple[Any, dict]]
+
+
+def full_params(params, frozen, rng, train):
+    """Full training: the trained params are the model's params."""
+    return params, {}
 
 
 def text_loss_fn(
@@ -29,13 +38,16 @@ def text_loss_fn(
     vocab_size: int = 0,
     special_ids: tuple[int, ...] = (),
     mask_rate: float = 0.15,
+    combine: Combine = full_params,
 ) -> LossFn:
-    """loss_fn(params, batch, rng, train) -> metric sums, for MLM or next-token."""
+    """Metric sums for MLM or next-token. `combine` turns (trained, frozen) params
+    into what the model reads, e.g. a frozen base plus LoRA adapters."""
 
-    def loss_fn(params, batch, rng, train: bool) -> dict:
+    def loss_fn(params, frozen, batch, rng, train: bool) -> dict:
         tokens, segment_ids = batch["tokens"], batch["segment_ids"]
-        mask_rng, dropout_rng = jax.random.split(rng)
-        extra = {}
+        mask_rng, dropout_rng, adapter_rng = jax.random.split(rng, 3)
+        model_params, extra = combine(params, frozen, adapter_rng, train)
+        extra = dict(extra)
         if objective == "mlm":
             inputs, targets, weights = objectives.mlm_mask(
                 mask_rng,
@@ -55,7 +67,7 @@ def text_loss_fn(
         else:
             inputs = tokens
         out = model.apply(
-            {"params": params},
+            {"params": model_params},
             inputs,
             segment_ids_BL=segment_ids,
             positions_BL=batch["positions"],
@@ -72,9 +84,9 @@ def text_loss_fn(
     return loss_fn
 
 
-def _grads_and_metrics(loss_fn: LossFn, params, batch, rng):
+def _grads_and_metrics(loss_fn: LossFn, params, frozen, batch, rng):
     def objective(p):
-        metrics = loss_fn(p, batch, rng, True)
+        metrics = loss_fn(p, frozen, batch, rng, True)
         return metrics["loss_sum"], metrics
 
     grads, metrics = jax.grad(objective, has_aux=True)(params)
@@ -96,7 +108,9 @@ def train_step(
     """
     rng = jax.random.fold_in(state.rng, state.step)
     if grad_accum_steps == 1:
-        grads, metrics = _grads_and_metrics(loss_fn, state.params, batch, rng)
+        grads, metrics = _grads_and_metrics(
+            loss_fn, state.params, state.frozen, batch, rng
+        )
     else:
         micro = jax.tree.map(
             lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch
@@ -105,13 +119,18 @@ def train_step(
         def body(carry, inputs):
             index, micro_batch = inputs
             grads, metrics = _grads_and_metrics(
-                loss_fn, state.params, micro_batch, jax.random.fold_in(rng, index)
+                loss_fn,
+                state.params,
+                state.frozen,
+                micro_batch,
+                jax.random.fold_in(rng, index),
             )
             return jax.tree.map(jnp.add, carry, (grads, metrics)), None
 
         zeros = jax.eval_shape(
             functools.partial(_grads_and_metrics, loss_fn),
             state.params,
+            state.frozen,
             jax.tree.map(lambda x: x[0], micro),
             rng,
         )
@@ -132,8 +151,8 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(params, batch: dict, rng, *, loss_fn: LossFn) -> dict:
-    metrics = loss_fn(params, batch, rng, False)
+def eval_step(params, frozen, batch: dict, rng, *, loss_fn: LossFn) -> dict:
+    metrics = loss_fn(params, frozen, batch, rng, False)
     return {key: metrics[key] for key in SUM_METRICS}
 
 
@@ -153,10 +172,15 @@ def jit_train_step(loss_fn, learning_rate_fn, grad_accum_steps, state_shardings,
     )
 
 
-def jit_eval_step(loss_fn, params_shardings, mesh):
+def jit_eval_step(loss_fn, state_shardings, mesh):
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.jit(
         functools.partial(eval_step, loss_fn=loss_fn),
-        in_shardings=(params_shardings, batch_sharding(mesh), replicated),
+        in_shardings=(
+            state_shardings.params,
+            state_shardings.frozen,
+            batch_sharding(mesh),
+            replicated,
+        ),
         out_shardings=replicated,
     )
