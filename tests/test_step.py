@@ -159,7 +159,9 @@ def test_lora_trains_adapters_only_through_the_train_step():
             state, metrics = step(state, shd.global_batch(batch, mesh))
             losses.append(float(metrics["loss_sum"] / metrics["count"]))
     assert losses[-1] < losses[0]
-    for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(state.frozen), strict=True):
+    for a, b in zip(
+        jax.tree.leaves(base_before), jax.tree.leaves(state.frozen), strict=True
+    ):
         np.testing.assert_array_equal(a, b)  # the base model never moves
     moment_bytes = sum(
         x.nbytes for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0
