@@ -125,10 +125,12 @@ def _check(config, name: str, ok: bool, expected: str) -> None:
         )
 
 
-def make_attention_mask(segment_ids_BL: Array, causal: bool) -> Array:
-    """bool [B,1,L,L]: query i may attend key j (same nonzero segment; j<=i if causal).
-
-    Rows of padding (segment 0) attend to nothing.
+def make_attention_mask(
+    segment_ids_BL: Array, causal: bool, num_prefix: int = 0
+) -> Array:
+    """bool [B,1,L,P+L]: query i may attend key j (same nonzero segment; j<=i if
+    causal). The first `num_prefix` columns are prefix K/V slots, visible to every
+    non-padding query; rows of padding (segment 0) attend to nothing.
     """
     seg_BL1 = segment_ids_BL[:, :, None]
     seg_B1L = segment_ids_BL[:, None, :]
@@ -137,6 +139,9 @@ def make_attention_mask(segment_ids_BL: Array, causal: bool) -> Array:
         length = segment_ids_BL.shape[1]
         causal_1LL = jnp.tril(jnp.ones((length, length), dtype=bool))[None]
         mask_BLL = mask_BLL & causal_1LL
+    if num_prefix:
+        prefix_BLP = jnp.broadcast_to(seg_BL1 != 0, (*seg_BL1.shape[:2], num_prefix))
+        mask_BLL = jnp.concatenate([prefix_BLP, mask_BLL], axis=-1)
     return mask_BLL[:, None]
 
 
@@ -282,6 +287,11 @@ class Attention(nn.Module):
     Projection, position encoding and the softmax are separate steps so that a
     KV cache or prefix K/V slots can extend the keys (S > L) without touching
     the parameter tree.
+
+    `prefix_kv=(k_PHK, v_PHK)` (prefix tuning): P key/value slots shared by the
+    batch, in front of the projected keys/values (S = P + L), with a [B,1,L,P+L]
+    mask (`make_attention_mask(..., num_prefix=P)`). No RoPE on prefix keys: they
+    have no position (like cached keys rotated before the text began).
     """
 
     num_heads: int
@@ -311,9 +321,10 @@ class Attention(nn.Module):
     def __call__(
         self,
         x_BLD: Array,
-        mask_B1LL: Array,
+        mask_B1LS: Array,
         positions_BL: Array | None = None,
         *,
+        prefix_kv: tuple[Array, Array] | None = None,
         deterministic: bool = True,
     ) -> Array:
         d_model = x_BLD.shape[-1]
@@ -329,11 +340,22 @@ class Attention(nn.Module):
                 raise ValueError("Attention(use_rope=True) needs positions_BL")
             q_BLHK = apply_rope(q_BLHK, positions_BL, self.rope_theta)
             k_BLHK = apply_rope(k_BLHK, positions_BL, self.rope_theta)
-        probs_BHLS = attention_probs(q_BLHK, k_BLHK, mask_B1LL)
+        k_BSHK, v_BSHK = k_BLHK, v_BLHK
+        if prefix_kv is not None:  # no RoPE on the prefix: see the docstring
+            k_BSHK, v_BSHK = (
+                jnp.concatenate([_batched_prefix(p, kv_BLHK), kv_BLHK], axis=1)
+                for p, kv_BLHK in zip(prefix_kv, (k_BLHK, v_BLHK), strict=True)
+            )
+        if mask_B1LS.shape[-1] != k_BSHK.shape[1]:
+            raise ValueError(
+                f"attention mask {mask_B1LS.shape} has {mask_B1LS.shape[-1]} key "
+                f"columns; expected {k_BSHK.shape[1]} (prefix slots + length)"
+            )
+        probs_BHLS = attention_probs(q_BLHK, k_BSHK, mask_B1LS)
         probs_BHLS = nn.Dropout(self.dropout_rate)(
             probs_BHLS, deterministic=deterministic
         )
-        context_BLHK = attend_values(probs_BHLS, v_BLHK)
+        context_BLHK = attend_values(probs_BHLS, v_BSHK)
         return self._dense(
             "BLHK,HKD->BLD",
             (heads, head_dim, d_model),
@@ -342,6 +364,17 @@ class Attention(nn.Module):
             num_in=2,
             std=self.out_init_std,
         )(context_BLHK)
+
+
+def _batched_prefix(prefix_PHK: Array, like_BLHK: Array) -> Array:
+    """A layer's prefix [P,H_kv,K] broadcast to [B,P,H_kv,K] in the keys' dtype."""
+    batch, _, kv_heads, head_dim = like_BLHK.shape
+    if prefix_PHK.ndim != 3 or prefix_PHK.shape[1:] != (kv_heads, head_dim):
+        raise ValueError(
+            f"prefix K/V shape {prefix_PHK.shape}: expected [P, {kv_heads}, {head_dim}]"
+        )
+    prefix_1PHK = prefix_PHK.astype(like_BLHK.dtype)[None]
+    return jnp.broadcast_to(prefix_1PHK, (batch, *prefix_PHK.shape))
 
 
 class Mlp(nn.Module):
@@ -394,11 +427,13 @@ class Block(nn.Module):
     def __call__(
         self,
         x_BLD: Array,
-        mask_B1LL: Array,
+        mask_B1LS: Array,
         positions_BL: Array | None = None,
         *,
+        prefix_kv: tuple[Array, Array] | None = None,
         deterministic: bool = True,
     ) -> Array:
+        """`prefix_kv`: this layer's (k_PHK, v_PHK) prefix slots (see Attention)."""
         cfg = self.config
         numerics = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
         attention = Attention(
@@ -425,9 +460,10 @@ class Block(nn.Module):
         attention_norm = LayerNorm(name="attention_norm", **norm)
         mlp_norm = LayerNorm(name="mlp_norm", **norm)
         dropout = nn.Dropout(cfg.dropout_rate)
+        attention_kwargs = dict(prefix_kv=prefix_kv, deterministic=deterministic)
 
         def attend(h):
-            out = attention(h, mask_B1LL, positions_BL, deterministic=deterministic)
+            out = attention(h, mask_B1LS, positions_BL, **attention_kwargs)
             return dropout(out, deterministic=deterministic)
 
         def feed_forward(h):

@@ -3,6 +3,23 @@
 Both take packed batches: `segment_ids_BL` numbers the documents in a row (0 is
 padding) and attention never crosses a segment boundary; `positions_BL`
 restarts at 0 for each document.
+
+Prompt and prefix tuning (`fmjax.adapt.prompts`) enter as call arguments, not
+params, so the base param tree is unchanged:
+  * `prompt_ND` [N,D]: N soft tokens prepended to every row's embedded sequence
+    (encoder: before the embedding LayerNorm; decoder: after the position sum).
+    Soft tokens have no position: no learned position embedding is added, and
+    with RoPE they are rotated by angle 0 (like prefix keys); real tokens keep
+    `positions_BL`, so `max_len` bounds the text alone. Every non-padding query
+    attends to the soft tokens; soft tokens attend as segment 1 (the decoder's
+    soft tokens, being first, see only each other). The outputs drop the N soft
+    positions, so shapes stay [B,L,...]. The encoder needs unpacked rows
+    (segment ids in {0, 1}): its soft tokens read segment 1, so with packed rows
+    later documents would see the first one through them. The decoder's soft
+    tokens read no text, so packed decoder rows are exact.
+  * `prefix_kv` = (k_LPHK, v_LPHK) [num_layers, P, H_kv, K]: layer i's attention
+    reads P extra key/value slots in front of its own (see `layers.Attention`),
+    visible to every non-padding query, in the decoder too.
 """
 
 from __future__ import annotations
@@ -99,6 +116,73 @@ def _default_inputs(tokens_BL, segment_ids_BL, positions_BL, max_len):
     return segment_ids_BL, positions_BL
 
 
+def _check_adapter_inputs(cfg: TransformerConfig, prompt_ND, prefix_kv):
+    """(N, P): the number of soft tokens and prefix slots, after shape checks."""
+    num_prompt = num_prefix = 0
+    if prompt_ND is not None:
+        if prompt_ND.ndim != 2 or prompt_ND.shape[1] != cfg.d_model:
+            raise ValueError(
+                f"prompt_ND has shape {prompt_ND.shape}; expected [N, {cfg.d_model}]"
+            )
+        num_prompt = prompt_ND.shape[0]
+    if prefix_kv is not None:
+        if not isinstance(prefix_kv, (tuple, list)) or len(prefix_kv) != 2:
+            raise ValueError(
+                f"prefix_kv is a {type(prefix_kv).__name__}; expected (k_LPHK, v_LPHK)"
+            )
+        num_prefix = prefix_kv[0].shape[1] if prefix_kv[0].ndim == 4 else -1
+        expected = (cfg.num_layers, num_prefix, cfg.kv_heads, cfg.head_dim)
+        for name, x in zip("kv", prefix_kv, strict=True):
+            if x.shape != expected or num_prefix < 1:
+                raise ValueError(
+                    f"prefix_kv {name} has shape {x.shape}; expected [num_layers="
+                    f"{cfg.num_layers}, P, kv_heads={cfg.kv_heads}, "
+                    f"head_dim={cfg.head_dim}] with the same P >= 1 for k and v"
+                )
+    return num_prompt, num_prefix
+
+
+def _prepend_prompt(x_BLD: Array, prompt_ND: Array | None) -> Array:
+    """[B, N+L, D]: the soft tokens in front of every row."""
+    if prompt_ND is None:
+        return x_BLD
+    batch = x_BLD.shape[0]
+    prompt_BND = jnp.broadcast_to(
+        prompt_ND.astype(x_BLD.dtype)[None], (batch, *prompt_ND.shape)
+    )
+    return jnp.concatenate([prompt_BND, x_BLD], axis=1)
+
+
+def _adapted_mask_and_positions(
+    segment_ids_BL, positions_BL, num_prompt: int, num_prefix: int, causal: bool
+):
+    """Mask [B,1,N+L,P+N+L] and positions [B,N+L] with N soft tokens in front
+    (segment 1, position 0; see the module docstring) and P prefix slots."""
+    if not num_prompt:
+        mask = make_attention_mask(segment_ids_BL, causal, num_prefix)
+        return mask, positions_BL
+    batch, _ = segment_ids_BL.shape
+    soft_BN = jnp.ones((batch, num_prompt), segment_ids_BL.dtype)
+    segment_ids_BS = jnp.concatenate([soft_BN, segment_ids_BL], axis=1)
+    soft_positions_BN = jnp.zeros((batch, num_prompt), positions_BL.dtype)
+    positions_BS = jnp.concatenate([soft_positions_BN, positions_BL], axis=1)
+    mask_B1SS = make_attention_mask(segment_ids_BS, causal, num_prefix)
+    # Every non-padding query of any segment reads the soft tokens.
+    soft_columns = slice(num_prefix, num_prefix + num_prompt)
+    real_query_B1L1 = (segment_ids_BL != 0)[:, None, :, None]
+    mask_B1SS = mask_B1SS.at[:, :, num_prompt:, soft_columns].set(
+        jnp.broadcast_to(real_query_B1L1, (*real_query_B1L1.shape[:3], num_prompt))
+    )
+    return mask_B1SS, positions_BS
+
+
+def _layer_prefix(prefix_kv, layer: int):
+    if prefix_kv is None:
+        return None
+    k_LPHK, v_LPHK = prefix_kv
+    return k_LPHK[layer], v_LPHK[layer]
+
+
 def _embed(cfg: TransformerConfig, num: int, axes: tuple[str, str], name: str):
     return Embed(
         num,
@@ -128,13 +212,19 @@ class TextEncoder(nn.Module):
         positions_BL: Array | None = None,
         type_ids_BL: Array | None = None,
         predict_positions_BK: Array | None = None,
+        prompt_ND: Array | None = None,
+        prefix_kv: tuple[Array, Array] | None = None,
         deterministic: bool = True,
     ) -> dict[str, Array]:
-        """`predict_positions_BK`: score only these positions ([B,K,V] logits)."""
+        """`predict_positions_BK`: score only these positions ([B,K,V] logits).
+
+        `prompt_ND`, `prefix_kv`: prompt / prefix tuning (module docstring).
+        """
         cfg = self.config
         segment_ids_BL, positions_BL = _default_inputs(
             tokens_BL, segment_ids_BL, positions_BL, cfg.max_len
         )
+        num_prompt, num_prefix = _check_adapter_inputs(cfg, prompt_ND, prefix_kv)
         if type_ids_BL is None:
             type_ids_BL = jnp.zeros_like(tokens_BL)
         token_embed = _embed(cfg, cfg.vocab_size, ("vocab", "embed"), "token_embed")
@@ -148,17 +238,25 @@ class TextEncoder(nn.Module):
             cfg, cfg.type_vocab_size, ("type_vocab", "embed"), "type_embed"
         )
         x_BLD = x_BLD + type_embed(type_ids_BL)
+        # S = N + L below: the soft tokens, if any, then the text.
+        x_BSD = _prepend_prompt(x_BLD, prompt_ND)
         norm = dict(epsilon=cfg.layer_norm_eps, param_dtype=cfg.params_dtype)
-        x_BLD = LayerNorm(name="embed_norm", **norm)(x_BLD)
-        x_BLD = nn.Dropout(cfg.dropout_rate)(x_BLD, deterministic=deterministic)
-        x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "length", "embed"))
+        x_BSD = LayerNorm(name="embed_norm", **norm)(x_BSD)
+        x_BSD = nn.Dropout(cfg.dropout_rate)(x_BSD, deterministic=deterministic)
+        x_BSD = nn.with_logical_constraint(x_BSD, ("batch", "length", "embed"))
 
-        mask_B1LL = make_attention_mask(segment_ids_BL, causal=False)
+        mask_B1ST, positions_BS = _adapted_mask_and_positions(
+            segment_ids_BL, positions_BL, num_prompt, num_prefix, causal=False
+        )
         for i in range(cfg.num_layers):
-            x_BLD = Block(cfg, pre_norm=False, name=f"layers_{i}")(
-                x_BLD, mask_B1LL, positions_BL, deterministic=deterministic
+            x_BSD = Block(cfg, pre_norm=False, name=f"layers_{i}")(
+                x_BSD,
+                mask_B1ST,
+                positions_BS,
+                prefix_kv=_layer_prefix(prefix_kv, i),
+                deterministic=deterministic,
             )
-        hidden_BLD = x_BLD
+        hidden_BLD = x_BSD[:, num_prompt:]
         if not cfg.mlm_head:
             return {"hidden": hidden_BLD}
         head_in_BLD = hidden_BLD
@@ -209,12 +307,16 @@ class TextDecoder(nn.Module):
         *,
         segment_ids_BL: Array | None = None,
         positions_BL: Array | None = None,
+        prompt_ND: Array | None = None,
+        prefix_kv: tuple[Array, Array] | None = None,
         deterministic: bool = True,
     ) -> dict[str, Array]:
+        """`prompt_ND`, `prefix_kv`: prompt / prefix tuning (module docstring)."""
         cfg = self.config
         segment_ids_BL, positions_BL = _default_inputs(
             tokens_BL, segment_ids_BL, positions_BL, cfg.max_len
         )
+        num_prompt, num_prefix = _check_adapter_inputs(cfg, prompt_ND, prefix_kv)
         token_embed = _embed(cfg, cfg.vocab_size, ("vocab", "embed"), "token_embed")
         x_BLD = token_embed(tokens_BL)
         if cfg.position == "learned":
@@ -222,20 +324,30 @@ class TextDecoder(nn.Module):
                 cfg, cfg.max_len, ("length", "embed"), "position_embed"
             )
             x_BLD = x_BLD + position_embed(positions_BL)
-        x_BLD = nn.Dropout(cfg.dropout_rate)(x_BLD, deterministic=deterministic)
-        x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "length", "embed"))
+        # S = N + L below: the soft tokens, if any, then the text.
+        x_BSD = _prepend_prompt(x_BLD, prompt_ND)
+        x_BSD = nn.Dropout(cfg.dropout_rate)(x_BSD, deterministic=deterministic)
+        x_BSD = nn.with_logical_constraint(x_BSD, ("batch", "length", "embed"))
 
-        mask_B1LL = make_attention_mask(segment_ids_BL, causal=True)
+        mask_B1ST, positions_BS = _adapted_mask_and_positions(
+            segment_ids_BL, positions_BL, num_prompt, num_prefix, causal=True
+        )
         for i in range(cfg.num_layers):
-            x_BLD = Block(
+            x_BSD = Block(
                 cfg,
                 pre_norm=True,
                 residual_init_std=residual_init_std(cfg),
                 name=f"layers_{i}",
-            )(x_BLD, mask_B1LL, positions_BL, deterministic=deterministic)
+            )(
+                x_BSD,
+                mask_B1ST,
+                positions_BS,
+                prefix_kv=_layer_prefix(prefix_kv, i),
+                deterministic=deterministic,
+            )
         hidden_BLD = LayerNorm(
             epsilon=cfg.layer_norm_eps, param_dtype=cfg.params_dtype, name="final_norm"
-        )(x_BLD)
+        )(x_BSD[:, num_prompt:])
 
         if cfg.tie_embeddings:
             logits_BLV = token_embed.attend(hidden_BLD, cfg.compute_dtype)
