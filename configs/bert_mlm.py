@@ -30,6 +30,7 @@ def get_config(variant: str = "tiny"):
         activation="gelu",
         dtype="float32",
         param_dtype="float32",
+        remat="none",  # activation checkpointing: none | full | dots
     )
     if variant == "tiny":
         c.data.update(seq_len=128, batch_size=32, vocab_size=8000)

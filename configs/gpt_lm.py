@@ -31,6 +31,7 @@ def get_config(variant: str = "tiny"):
         activation="gelu_tanh",
         dtype="float32",
         param_dtype="float32",
+        remat="none",  # activation checkpointing: none | full | dots
         tie_embeddings=True,
     )
     if variant == "tiny":
@@ -72,6 +73,7 @@ def get_config(variant: str = "tiny"):
             max_len=2048,
             position="rope",
             dtype="bfloat16",
+            remat="full",
         )
         c.data.update(seq_len=2048, batch_size=256, vocab_size=50257)
         c.train.update(steps=100_000, eval_every=5000, log_every=100)
@@ -94,6 +96,7 @@ def get_config(variant: str = "tiny"):
             max_len=8192,
             position="rope",
             dtype="bfloat16",
+            remat="full",
             tie_embeddings=False,
         )
         c.data.update(seq_len=4096, batch_size=256, vocab_size=128256)

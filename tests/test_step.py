@@ -167,3 +167,14 @@ def test_lora_trains_adapters_only_through_the_train_step():
         x.nbytes for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0
     )
     assert moment_bytes == 2 * adapter_bytes  # AdamW moments for adapters only
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_activation_checkpointing_gives_the_same_training(policy):
+    params, losses = _run(accum=1, steps=2)
+    params_remat, losses_remat = _run(accum=1, steps=2, remat=policy)
+    np.testing.assert_allclose(losses_remat, losses, rtol=1e-6)
+    for a, b in zip(
+        jax.tree.leaves(params), jax.tree.leaves(params_remat), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -25,6 +25,10 @@ Array = jax.Array
 POSITIONS = ("learned", "rope")
 ACTIVATIONS = ("gelu", "gelu_tanh")
 DTYPES = ("float32", "bfloat16", "float16")
+# Activation checkpointing of each block: "full" keeps only the block inputs
+# and recomputes the rest in the backward pass; "dots" also keeps matmul outputs
+# without batch dimensions (the weights' products), a middle ground.
+REMAT = ("none", "full", "dots")
 _POSITIVE_INTS = (
     "vocab_size d_model num_layers num_heads head_dim mlp_dim max_len type_vocab_size"
 ).split()
@@ -58,6 +62,7 @@ class TransformerConfig:
     init_std: float = 0.02
     # Encoders only: False builds no MLM head (an imported BertModel has none).
     mlm_head: bool = True
+    remat: str = "none"
 
     def __post_init__(self):
         for name in _POSITIVE_INTS:
@@ -83,6 +88,7 @@ class TransformerConfig:
         for name in ("dtype", "param_dtype"):
             _check(self, name, getattr(self, name) in DTYPES, f"one of {DTYPES}")
         _check(self, "mlm_head", isinstance(self.mlm_head, bool), "a bool")
+        _check(self, "remat", self.remat in REMAT, f"one of {REMAT}")
         if self.position == "rope":
             _check(self, "head_dim", self.head_dim % 2 == 0, "an even int with RoPE")
 
@@ -429,11 +435,11 @@ class Block(nn.Module):
         x_BLD: Array,
         mask_B1LS: Array,
         positions_BL: Array | None = None,
-        *,
         prefix_kv: tuple[Array, Array] | None = None,
         deterministic: bool = True,
     ) -> Array:
-        """`prefix_kv`: this layer's (k_PHK, v_PHK) prefix slots (see Attention)."""
+        """`prefix_kv`: this layer's (k_PHK, v_PHK) prefix slots (see Attention).
+        Arguments may be positional so that `block_class` can remat it."""
         cfg = self.config
         numerics = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
         attention = Attention(
@@ -482,3 +488,19 @@ class Block(nn.Module):
 def residual_init_std(config: TransformerConfig) -> float:
     """GPT-2's init for projections into the residual: std / sqrt(2 * layers)."""
     return config.init_std / math.sqrt(2 * config.num_layers)
+
+
+def block_class(config: TransformerConfig):
+    """Block, or Block under activation checkpointing when `config.remat` asks.
+
+    Call it positionally: (x, mask, positions, prefix_kv, deterministic); the last
+    is static for remat.
+    """
+    if config.remat == "none":
+        return Block
+    policy = {
+        "full": jax.checkpoint_policies.nothing_saveable,
+        "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    }[config.remat]
+    # static_argnums counts `self` as 0: deterministic is the 5th argument.
+    return nn.remat(Block, policy=policy, static_argnums=(5,))

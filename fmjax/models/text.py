@@ -32,12 +32,12 @@ import jax
 import jax.numpy as jnp
 
 from fmjax.models.layers import (
-    Block,
     EinsumDense,
     Embed,
     LayerNorm,
     TransformerConfig,
     activation_fn,
+    block_class,
     make_attention_mask,
     residual_init_std,
 )
@@ -249,12 +249,12 @@ class TextEncoder(nn.Module):
             segment_ids_BL, positions_BL, num_prompt, num_prefix, causal=False
         )
         for i in range(cfg.num_layers):
-            x_BSD = Block(cfg, pre_norm=False, name=f"layers_{i}")(
+            x_BSD = block_class(cfg)(cfg, pre_norm=False, name=f"layers_{i}")(
                 x_BSD,
                 mask_B1ST,
                 positions_BS,
-                prefix_kv=_layer_prefix(prefix_kv, i),
-                deterministic=deterministic,
+                _layer_prefix(prefix_kv, i),
+                deterministic,
             )
         hidden_BLD = x_BSD[:, num_prompt:]
         if not cfg.mlm_head:
@@ -333,7 +333,7 @@ class TextDecoder(nn.Module):
             segment_ids_BL, positions_BL, num_prompt, num_prefix, causal=True
         )
         for i in range(cfg.num_layers):
-            x_BSD = Block(
+            x_BSD = block_class(cfg)(
                 cfg,
                 pre_norm=True,
                 residual_init_std=residual_init_std(cfg),
@@ -342,8 +342,8 @@ class TextDecoder(nn.Module):
                 x_BSD,
                 mask_B1ST,
                 positions_BS,
-                prefix_kv=_layer_prefix(prefix_kv, i),
-                deterministic=deterministic,
+                _layer_prefix(prefix_kv, i),
+                deterministic,
             )
         hidden_BLD = LayerNorm(
             epsilon=cfg.layer_norm_eps, param_dtype=cfg.params_dtype, name="final_norm"
