@@ -38,6 +38,18 @@ def train_flops_per_token(model_cfg, seq_len: int, head_fraction: float = 1.0) -
     return 6 * (layers * per_layer + head * head_fraction) + 12 * layers * hk * seq_len
 
 
+def _loss_fn(config, model):
+    """The training loss of `config` with fmjax tokenizers' special ids."""
+    return text_loss_fn(
+        model,
+        config.objective.name,
+        mask_id=MASK_ID,
+        vocab_size=config.model.vocab_size,
+        special_ids=SPECIAL_IDS,
+        mask_rate=config.objective.get("mask_rate", 0.15),
+    )
+
+
 def _random_batch(rng, batch: int, seq_len: int, vocab: int) -> dict:
     tokens = rng.integers(
         len(SPECIAL_IDS), vocab, size=(batch, seq_len), dtype=np.int32
@@ -67,15 +79,7 @@ def bench_fmjax(config, warmup: int, steps: int) -> dict:
         np.random.default_rng(0), batch_size, seq_len, config.model.vocab_size
     )
     _, shardings, init = init_state(config, model, tx, mesh, seed=0)
-    objective = config.objective.name
-    loss_fn = text_loss_fn(
-        model,
-        objective,
-        mask_id=MASK_ID,
-        vocab_size=config.model.vocab_size,
-        special_ids=SPECIAL_IDS,
-        mask_rate=config.objective.get("mask_rate", 0.15),
-    )
+    loss_fn = _loss_fn(config, model)
     with shd.activate(mesh, config.mesh.rules):
         step_fn = jit_train_step(
             loss_fn, lr_fn, config.optimizer.grad_accum_steps, shardings, mesh
@@ -244,14 +248,7 @@ def compiled_step_memory(config, mesh) -> dict:
     zeros = np.zeros((rows, seq_len), np.int32)
     batch = {"tokens": zeros, "segment_ids": zeros + 1, "positions": zeros}
     abstract, shardings, _ = init_state(config, model, tx, mesh, seed=0)
-    loss_fn = text_loss_fn(
-        model,
-        config.objective.name,
-        mask_id=MASK_ID,
-        vocab_size=config.model.vocab_size,
-        special_ids=SPECIAL_IDS,
-        mask_rate=config.objective.get("mask_rate", 0.15),
-    )
+    loss_fn = _loss_fn(config, model)
     state_in = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         abstract,
