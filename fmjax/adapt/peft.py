@@ -1,0 +1,293 @@
+"""LoRA adapters <-> HF PEFT adapter directories (`adapter_model.safetensors` and
+`adapter_config.json`), so an fmjax adapter loads with
+`peft.PeftModel.from_pretrained(transformers.AutoModel.from_pretrained(base), dir)`
+and a PEFT LoRA adapter trained in torch loads into fmjax.
+
+Layout: PEFT adds `scale * lora_B @ lora_A` (lora_A [r, in], lora_B [out, r]) to an
+nn.Linear weight [out, in]; fmjax adds `scale * lora_a @ lora_b` (lora_a [in, r],
+lora_b [r, out]) to the kernel viewed as [in, out], then reshapes it to the kernel's
+einsum shape. `fmjax.convert.bert.to_fmjax` / `to_hf` map a weight to a kernel
+by a transpose and a row-major reshape of [in, out] (e.g. attention out [H, K, D]
+is [H*K, D] with in = h * K + k, HF's head-major order), and `lora.kernel_num_in`
+splits the kernel into [in, out] the same way (`_check_layouts_agree`). So the
+adapter matrices are transposed and nothing else: lora_A = lora_a.T,
+lora_B = lora_b.T, with the same scale alpha / r.
+
+Tensor names are `base_model.model.<HF module>.lora_{A,B}.weight` (what PEFT 0.21
+writes for a BertModel); `target_modules` lists, per adapted module, the shortest
+dotted suffix of its HF name that selects no other projection (PEFT matches a
+target t against a module name n when n == t or n ends with "." + t), so the
+default query/value adapter gives ["query", "value"] and ALL_LINEAR gives
+["intermediate.dense", "key", "output.dense", "query", "value"] ("output.dense"
+covers attention.output.dense too; a bare "dense" would also adapt the pooler).
+Without the base params, the other projections are taken to be those of layers
+0..(the highest adapted layer) plus the pooler: an adapter on only the first
+layers of a deeper model then names leaves that PEFT also matches in the later
+layers, which it gives zero-initialised (no-op) adapters.
+
+Only safetensors is read or written; a pickled `adapter_model.bin` is refused,
+never unpickled. Adapter tensors are stored in float32.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable
+
+import flax.traverse_util
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from fmjax.adapt.lora import ALL_LINEAR, LoraConfig, _adapters, kernel_num_in
+from fmjax.convert import bert
+from fmjax.convert.bert import hf_name_for
+from fmjax.export import refuse_pickles
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PICKLED_WEIGHTS = "adapter_model.bin"
+PREFIX = "base_model.model."
+# HF BertModel projections with no fmjax param (candidates for a target's match).
+EXTRA_HF_MODULES = ("pooler.dense",)
+_TENSOR = re.compile(r"(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
+
+HfName = Callable[[tuple[str, ...]], str]
+
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "load_peft", "save_peft"]
+
+
+def _check_layouts_agree(path: tuple[str, ...], shape: tuple[int, ...]) -> None:
+    """LoRA's [in, out] split of a kernel must be the HF converter's (see above)."""
+    k = kernel_num_in("/".join(path), shape)
+    if k != bert.num_in(path):
+        raise ValueError(
+            f"{'/'.join(path)} {shape}: LoRA views {k} leading dims as inputs but "
+            f"the HF converter uses {bert.num_in(path)}; cannot express it in PEFT"
+        )
+
+
+def _matches(target: str, name: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def _target_modules(adapted: set[str], universe: set[str]) -> list[str]:
+    """Shortest dotted suffix per adapted module selecting no other module."""
+    others = universe - adapted
+    targets = set()
+    for name in adapted:
+        parts = name.split(".")
+        for i in range(len(parts) - 1, -1, -1):
+            target = ".".join(parts[i:])
+            if not any(_matches(target, other) for other in others):
+                targets.add(target)
+                break
+    return sorted(targets)
+
+
+def _guessed_universe(modules: list[tuple[str, ...]], hf_name: HfName) -> set[str]:
+    """Every ALL_LINEAR projection of layers 0..max adapted, plus EXTRA_HF_MODULES."""
+    layers = [
+        int(m[0].removeprefix("layers_"))
+        for m in modules
+        if m and re.fullmatch(r"layers_\d+", m[0])
+    ]
+    names = set(EXTRA_HF_MODULES)
+    for i in range(max(layers) + 1 if layers else 0):
+        for target in ALL_LINEAR:
+            try:
+                names.add(hf_name((f"layers_{i}", *target.split("/")[:-1])))
+            except KeyError:
+                pass
+    return names
+
+
+def save_peft(
+    directory: str | os.PathLike,
+    lora_params,
+    lora_config: LoraConfig,
+    *,
+    base_model_name_or_path: str = "",
+    hf_name: HfName = hf_name_for,
+) -> str:
+    """Writes `lora_params` as a PEFT LoRA adapter directory; returns its path.
+
+    `hf_name` maps an fmjax module path (tuple) to the HF module name (no `bert.`
+    prefix). Dropout and alpha go into the config; the adapter's own shapes are
+    checked against `lora_config.rank`.
+    """
+    directory = os.fspath(directory)
+    adapters = _adapters(lora_params)
+    if not adapters:
+        raise ValueError("save_peft: lora_params holds no adapters")
+    tensors: dict[str, np.ndarray] = {}
+    names: dict[str, tuple[str, ...]] = {}
+    for module, (a_IR, b_RO) in adapters.items():
+        path = tuple(module.split("/"))
+        name = hf_name(path)
+        if name in names:
+            raise ValueError(
+                f"fmjax modules {'/'.join(names[name])} and {module} both map to HF "
+                f"module {name!r}"
+            )
+        names[name] = path
+        r = lora_config.rank
+        if a_IR.ndim != 2 or b_RO.ndim != 2 or a_IR.shape[1] != r or b_RO.shape[0] != r:
+            raise ValueError(
+                f"LoRA {module}: lora_a {tuple(a_IR.shape)}, lora_b "
+                f"{tuple(b_RO.shape)}; expected [in, {r}] and [{r}, out] for "
+                f"LoraConfig.rank={r}"
+            )
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(
+            np.asarray(a_IR, np.float32).T
+        )
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(
+            np.asarray(b_RO, np.float32).T
+        )
+    universe = _guessed_universe(list(names.values()), hf_name) | set(names)
+    alpha = lora_config.alpha
+    config = {
+        "alpha_pattern": {},
+        "auto_mapping": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "bias": "none",
+        "exclude_modules": None,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "layer_replication": None,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "lora_alpha": int(alpha) if float(alpha).is_integer() else float(alpha),
+        "lora_bias": False,
+        "lora_dropout": float(lora_config.dropout),
+        "modules_to_save": None,
+        "peft_type": "LORA",
+        "r": lora_config.rank,
+        "rank_pattern": {},
+        "revision": None,
+        "target_modules": _target_modules(set(names), universe),
+        "task_type": None,
+        "use_dora": False,
+        "use_rslora": False,
+    }
+    os.makedirs(directory, exist_ok=True)
+    save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS))
+    with open(os.path.join(directory, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+    return directory
+
+
+def _read_config(directory: str) -> dict:
+    path = os.path.join(directory, ADAPTER_CONFIG)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {directory!r}")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    if config.get("peft_type") != "LORA":
+        raise ValueError(
+            f"{path}: peft_type={config.get('peft_type')!r}; fmjax loads 'LORA' only"
+        )
+    for key, ok in (
+        ("fan_in_fan_out", False),
+        ("bias", "none"),
+        ("use_dora", False),
+        ("use_rslora", False),
+        ("lora_bias", False),
+    ):
+        if config.get(key, ok) != ok:
+            raise ValueError(f"{path}: {key}={config[key]!r}; fmjax supports {ok!r}")
+    for key in ("rank_pattern", "alpha_pattern", "modules_to_save"):
+        if config.get(key):
+            raise ValueError(
+                f"{path}: {key}={config[key]!r}; fmjax supports one rank and alpha "
+                f"for every module and no modules_to_save"
+            )
+    return config
+
+
+def load_peft(
+    directory: str | os.PathLike, fmjax_params, *, hf_name: HfName = hf_name_for
+) -> tuple[dict, LoraConfig]:
+    """(lora_params, LoraConfig) of a PEFT LoRA adapter directory, for the model
+    whose params are `fmjax_params`; pass both to `apply_lora`.
+
+    The config's targets are the shortest "/"-aligned suffix patterns that select
+    exactly the adapted kernels of `fmjax_params`.
+    """
+    directory = os.fspath(directory)
+    weights_path = os.path.join(directory, ADAPTER_WEIGHTS)
+    if not os.path.isfile(weights_path):
+        refuse_pickles(directory)
+        raise FileNotFoundError(
+            f"no {ADAPTER_WEIGHTS} in {directory!r}; fmjax reads PEFT adapters from "
+            f"safetensors only"
+        )
+    config = _read_config(directory)
+    rank = config.get("r")
+    flat = flax.traverse_util.flatten_dict(fmjax_params)
+    kernels: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {}
+    for path, leaf in flat.items():
+        if path[-1] != "kernel":
+            continue
+        try:
+            name = hf_name(path[:-1])
+        except KeyError:
+            continue
+        kernels[name] = (path, tuple(np.shape(leaf)))
+    found: dict[str, dict[str, np.ndarray]] = {}
+    for tensor, value in load_file(weights_path).items():
+        match = _TENSOR.fullmatch(tensor.removeprefix(PREFIX))
+        module = match["module"].removeprefix("bert.") if match else None
+        if not tensor.startswith(PREFIX) or module not in kernels:
+            raise ValueError(
+                f"{weights_path}: tensor {tensor!r} is not a LoRA weight of a "
+                f"projection in the fmjax params; expected "
+                f"'{PREFIX}<HF module>.lora_A.weight' / '.lora_B.weight'"
+            )
+        found.setdefault(module, {})[match["ab"]] = value
+    if not found:
+        raise ValueError(f"{weights_path} holds no LoRA tensors")
+    lora_flat = {}
+    for module, ab in sorted(found.items()):
+        path, shape = kernels[module]
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{weights_path}: {module} lacks lora_A or lora_B")
+        _check_layouts_agree(path, shape)
+        k = kernel_num_in("/".join(path), shape)
+        n_in, n_out = math.prod(shape[:k]), math.prod(shape[k:])
+        got = (ab["A"].shape, ab["B"].shape)
+        if got != ((rank, n_in), (n_out, rank)):
+            raise ValueError(
+                f"{weights_path}: {module} lora_A {got[0]}, lora_B {got[1]}; "
+                f"expected {(rank, n_in)} and {(n_out, rank)} for r={rank!r} and "
+                f"fmjax kernel {'/'.join(path)} {shape}"
+            )
+        lora_flat[path[:-1] + ("lora_a",)] = np.asarray(ab["A"], np.float32).T.copy()
+        lora_flat[path[:-1] + ("lora_b",)] = np.asarray(ab["B"], np.float32).T.copy()
+    adapted = {"/".join(kernels[m][0]) for m in found}
+    lora_config = LoraConfig(
+        rank=rank,
+        alpha=float(config.get("lora_alpha", 8)),
+        dropout=float(config.get("lora_dropout", 0.0)),
+        targets=_fmjax_targets(adapted, {"/".join(p) for p, _ in kernels.values()}),
+    )
+    return flax.traverse_util.unflatten_dict(lora_flat), lora_config
+
+
+def _fmjax_targets(adapted: set[str], kernels: set[str]) -> tuple[str, ...]:
+    """Shortest "/"-aligned suffix (at least e.g. attention/query/kernel) per
+    adapted kernel path that matches no other kernel (`fmjax.adapt.masks` rule)."""
+    others = kernels - adapted
+    targets = set()
+    for path in adapted:
+        parts = path.split("/")
+        for i in range(max(len(parts) - 3, 0), -1, -1):
+            target = "/".join(parts[i:])
+            if not any(o == target or o.endswith("/" + target) for o in others):
+                targets.add(re.escape(target))
+                break
+    return tuple(sorted(targets))
