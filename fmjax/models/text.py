@@ -199,6 +199,17 @@ def block_class(config: TransformerConfig):
     return nn.remat(Block, policy=policy, static_argnums=(5,))
 
 
+def _embed_tokens(cfg: TransformerConfig, tokens_BL: Array, positions_BL: Array):
+    """Token embeddings plus learned positions (none with RoPE, which rotates q/k
+    instead). Returns the token Embed too: the tied output head reads it."""
+    token_embed = _embed(cfg, cfg.vocab_size, ("vocab", "embed"), "token_embed")
+    x_BLD = token_embed(tokens_BL)
+    if cfg.position == "learned":
+        position_embed = _embed(cfg, cfg.max_len, ("length", "embed"), "position_embed")
+        x_BLD = x_BLD + position_embed(positions_BL)
+    return token_embed, x_BLD
+
+
 def _embed(cfg: TransformerConfig, num: int, axes: tuple[str, str], name: str):
     return Embed(
         num,
@@ -243,13 +254,7 @@ class TextEncoder(nn.Module):
         num_prompt, num_prefix = _check_adapter_inputs(cfg, prompt_ND, prefix_kv)
         if type_ids_BL is None:
             type_ids_BL = jnp.zeros_like(tokens_BL)
-        token_embed = _embed(cfg, cfg.vocab_size, ("vocab", "embed"), "token_embed")
-        x_BLD = token_embed(tokens_BL)
-        if cfg.position == "learned":
-            position_embed = _embed(
-                cfg, cfg.max_len, ("length", "embed"), "position_embed"
-            )
-            x_BLD = x_BLD + position_embed(positions_BL)
+        token_embed, x_BLD = _embed_tokens(cfg, tokens_BL, positions_BL)
         type_embed = _embed(
             cfg, cfg.type_vocab_size, ("type_vocab", "embed"), "type_embed"
         )
@@ -333,13 +338,7 @@ class TextDecoder(nn.Module):
             tokens_BL, segment_ids_BL, positions_BL, cfg.max_len
         )
         num_prompt, num_prefix = _check_adapter_inputs(cfg, prompt_ND, prefix_kv)
-        token_embed = _embed(cfg, cfg.vocab_size, ("vocab", "embed"), "token_embed")
-        x_BLD = token_embed(tokens_BL)
-        if cfg.position == "learned":
-            position_embed = _embed(
-                cfg, cfg.max_len, ("length", "embed"), "position_embed"
-            )
-            x_BLD = x_BLD + position_embed(positions_BL)
+        token_embed, x_BLD = _embed_tokens(cfg, tokens_BL, positions_BL)
         # S = N + L below: the soft tokens, if any, then the text.
         x_BSD = _prepend_prompt(x_BLD, prompt_ND)
         x_BSD = nn.Dropout(cfg.dropout_rate)(x_BSD, deterministic=deterministic)
