@@ -155,6 +155,7 @@ DEFAULT_RULES = (
     ("vocab", "tensor"),
     ("type_vocab", None),
     ("position", None),
+    ("classes", None),
 )
 
 

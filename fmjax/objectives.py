@@ -146,6 +146,19 @@ def next_token_loss(
     return _weighted_cross_entropy(logits_BLV, targets_BL, weights_BL)
 
 
+def classification_loss(
+    logits_BN: Array, labels_B: Array, weights_B: Array
+) -> tuple[Array, dict[str, Array]]:
+    """Weighted mean cross-entropy over examples; `count` is the summed weight
+    (padding rows of an eval batch have weight 0)."""
+    if logits_BN.ndim != 2 or labels_B.shape != logits_BN.shape[:1]:
+        raise ValueError(
+            f"classification_loss: logits {logits_BN.shape}, labels "
+            f"{labels_B.shape}; expected [B, N] and [B]"
+        )
+    return _weighted_cross_entropy(logits_BN, labels_B, weights_B)
+
+
 def summarize(metrics: Mapping[str, Array]) -> dict[str, Array]:
     """loss, accuracy, perplexity (and count) from summed metrics.
 

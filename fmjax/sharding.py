@@ -155,6 +155,43 @@ def shardings_for(abstract_boxed, mesh: Mesh, rules: Rules):
     )
 
 
+def _trailing_dict_keys(path) -> tuple[str, ...]:
+    keys = []
+    for key in reversed(path):
+        if not isinstance(key, jax.tree_util.DictKey):
+            break
+        keys.append(str(key.key))
+    return tuple(reversed(keys))
+
+
+def shardings_like_params(abstract, boxed_params, mesh: Mesh, rules: Rules):
+    """NamedShardings for any tree holding copies of a model's params (trained
+    params, a frozen base, optimizer moments): a leaf whose trailing dict keys end
+    with a param's path, at the param's shape, gets that param's sharding; every
+    other leaf (adapters, NF4 codes, counters) is replicated.
+    """
+    param_shardings = shardings_for(boxed_params, mesh, rules)
+    by_path = {}
+    for path, sharding in jax.tree_util.tree_flatten_with_path(param_shardings)[0]:
+        by_path[_trailing_dict_keys(path)] = sharding
+    unboxed = nn.unbox(boxed_params)
+    shapes = {
+        _trailing_dict_keys(path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(unboxed)[0]
+    }
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def one(path, leaf):
+        keys = _trailing_dict_keys(path)
+        for start in range(len(keys)):
+            suffix = keys[start:]
+            if suffix in by_path and shapes[suffix] == tuple(leaf.shape):
+                return by_path[suffix]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, abstract)
+
+
 def batch_sharding(mesh: Mesh, rank: int = 2) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (rank - 1))))
 

@@ -97,8 +97,9 @@ def init_prompt(params, config: PromptConfig, rng: Array, *, vocab_ids=None):
             raise ValueError("init_prompt: vocab_ids given with init='random'")
         std = jnp.std(embedding_VD.astype(jnp.float32))
         return {"prompt": std * jax.random.normal(rng, (num, d_model), jnp.float32)}
-    if vocab_ids is None:
-        vocab_ids = jax.random.choice(rng, vocab_size, (num,), replace=num > vocab_size)
+    if vocab_ids is None:  # drawn in range: no check, so this also runs traced
+        ids_N = jax.random.choice(rng, vocab_size, (num,), replace=num > vocab_size)
+        return {"prompt": jnp.take(embedding_VD, ids_N, axis=0).astype(jnp.float32)}
     ids_N = jnp.asarray(vocab_ids)
     if ids_N.shape != (num,) or not jnp.issubdtype(ids_N.dtype, jnp.integer):
         raise ValueError(

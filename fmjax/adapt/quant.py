@@ -173,7 +173,10 @@ def dequantize_nf4(q: QuantizedTensor, dtype: Any = None) -> Array:
 
 def nbytes(q: QuantizedTensor) -> int:
     """Bytes held by the stored arrays (codes, absmax and its scale/offset)."""
-    return sum(leaf.nbytes for leaf in jax.tree.leaves(q))
+    return sum(
+        math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
+        for leaf in jax.tree.leaves(q)
+    )
 
 
 def is_quantized(x) -> bool:

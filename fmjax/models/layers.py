@@ -5,7 +5,7 @@ or prefix slots extend the keys), D model width, H heads, G query heads per KV
 head (GQA), K head dim, F MLP hidden.
 
 Logical axis names used by parameters: "vocab", "type_vocab", "length",
-"embed", "heads", "kv", "mlp"; activations also use "batch".
+"embed", "heads", "kv", "mlp", "classes"; activations also use "batch".
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 # and recomputes the rest in the backward pass; "dots" also keeps matmul outputs
 # without batch dimensions (the weights' products), a middle ground.
 REMAT = ("none", "full", "dots")
+# How a classifier head pools the encoder's hidden states (see models/heads.py).
+CLASSIFIER_POOLINGS = ("mean", "cls")
 _POSITIVE_INTS = (
     "vocab_size d_model num_layers num_heads head_dim mlp_dim max_len type_vocab_size"
 ).split()
@@ -63,6 +65,9 @@ class TransformerConfig:
     # Encoders only: False builds no MLM head (an imported BertModel has none).
     mlm_head: bool = True
     remat: str = "none"
+    # Encoders only: > 0 adds a classifier head over pooled hidden states.
+    num_classes: int = 0
+    classifier_pooling: str = "mean"
 
     def __post_init__(self):
         for name in _POSITIVE_INTS:
@@ -89,6 +94,18 @@ class TransformerConfig:
             _check(self, name, getattr(self, name) in DTYPES, f"one of {DTYPES}")
         _check(self, "mlm_head", isinstance(self.mlm_head, bool), "a bool")
         _check(self, "remat", self.remat in REMAT, f"one of {REMAT}")
+        _check(
+            self,
+            "num_classes",
+            _is_int(self.num_classes) and self.num_classes >= 0,
+            "0 (no classifier head) or a positive int",
+        )
+        _check(
+            self,
+            "classifier_pooling",
+            self.classifier_pooling in CLASSIFIER_POOLINGS,
+            f"one of {CLASSIFIER_POOLINGS}",
+        )
         if self.position == "rope":
             _check(self, "head_dim", self.head_dim % 2 == 0, "an even int with RoPE")
 

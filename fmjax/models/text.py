@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fmjax.models.heads import classifier_logits
 from fmjax.models.layers import (
     Block,
     EinsumDense,
@@ -225,7 +226,9 @@ class TextEncoder(nn.Module):
     """BERT: embeddings + LayerNorm, post-LN blocks, MLM head tied to the embeddings.
 
     Returns {"hidden": [B,L,D] last block output, "logits": [B,L,V] MLM logits},
-    both float32; only "hidden" when `config.mlm_head` is False (no head params).
+    both float32; no "logits" when `config.mlm_head` is False (no head params).
+    With `config.num_classes` > 0 also "class_logits" [B,N] f32 from the pooled
+    hidden states (`fmjax.models.heads`).
     """
 
     config: TransformerConfig
@@ -278,8 +281,13 @@ class TextEncoder(nn.Module):
                 deterministic,
             )
         hidden_BLD = x_BSD[:, num_prompt:]
+        out = {"hidden": hidden_BLD}
+        if cfg.num_classes:
+            out["class_logits"] = classifier_logits(
+                cfg, hidden_BLD, segment_ids_BL, deterministic
+            )
         if not cfg.mlm_head:
-            return {"hidden": hidden_BLD}
+            return out
         head_in_BLD = hidden_BLD
         if predict_positions_BK is not None:
             head_in_BLD = jnp.take_along_axis(
@@ -309,7 +317,7 @@ class TextEncoder(nn.Module):
         logits_BLV = nn.with_logical_constraint(
             logits_BLV, ("batch", "length", "vocab")
         )
-        return {"hidden": hidden_BLD, "logits": logits_BLV}
+        return {**out, "logits": logits_BLV}
 
 
 class TextDecoder(nn.Module):
@@ -334,6 +342,11 @@ class TextDecoder(nn.Module):
     ) -> dict[str, Array]:
         """`prompt_ND`, `prefix_kv`: prompt / prefix tuning (module docstring)."""
         cfg = self.config
+        if cfg.num_classes:
+            raise ValueError(
+                f"TextDecoder has no classifier head (num_classes={cfg.num_classes}); "
+                "classify with an encoder (model.kind='encoder')"
+            )
         segment_ids_BL, positions_BL = _default_inputs(
             tokens_BL, segment_ids_BL, positions_BL, cfg.max_len
         )

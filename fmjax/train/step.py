@@ -84,6 +84,31 @@ def text_loss_fn(
     return loss_fn
 
 
+def classification_loss_fn(model: nn.Module, *, combine: Combine = full_params):
+    """Metric sums of a classifier (`model` returns "class_logits") on batches of
+    `fmjax.data.classification`."""
+
+    def loss_fn(params, frozen, batch, rng, train: bool) -> dict:
+        dropout_rng, adapter_rng = jax.random.split(rng)
+        model_params, extra = combine(params, frozen, adapter_rng, train)
+        out = model.apply(
+            {"params": model_params},
+            batch["tokens"],
+            segment_ids_BL=batch["segment_ids"],
+            positions_BL=batch["positions"],
+            type_ids_BL=batch["type_ids"],
+            deterministic=not train,
+            rngs={"dropout": dropout_rng},
+            **extra,
+        )
+        _, metrics = objectives.classification_loss(
+            out["class_logits"], batch["labels"], batch["weights"]
+        )
+        return metrics
+
+    return loss_fn
+
+
 def _grads_and_metrics(loss_fn: LossFn, params, frozen, batch, rng):
     def objective(p):
         metrics = loss_fn(p, frozen, batch, rng, True)
@@ -166,7 +191,7 @@ def jit_train_step(loss_fn, learning_rate_fn, grad_accum_steps, state_shardings,
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.jit(
         step,
-        in_shardings=(state_shardings, batch_sharding(mesh)),
+        in_shardings=(state_shardings, batch_sharding(mesh, rank=1)),
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
     )
@@ -179,7 +204,7 @@ def jit_eval_step(loss_fn, state_shardings, mesh):
         in_shardings=(
             state_shardings.params,
             state_shardings.frozen,
-            batch_sharding(mesh),
+            batch_sharding(mesh, rank=1),  # any rank: rows split, the rest whole
             replicated,
         ),
         out_shardings=replicated,

@@ -1,0 +1,216 @@
+"""The adaptation method of a run: which params train, and what the model reads.
+
+    adaptation = Adaptation.from_config(config.adapt, model_config)
+    trained, frozen = adaptation.split(params, rng)   # at init
+    model_params, kwargs = adaptation.combine(trained, frozen, rng, train)  # per step
+
+Methods (HF PEFT names):
+  full    every param trains; `frozen` is empty.
+  lora    LoRA adapters on `lora_targets` kernels over a frozen base.
+  qlora   the same over a base whose kernels are NF4 codes (block size
+          `quant_block_size`, double-quantised absmax), dequantised to
+          `compute_dtype` inside the step.
+  prefix  learned per-layer K/V slots (optionally through a reparam MLP).
+  prompt  N soft tokens prepended to the input.
+
+In every method but `full`, the params matching `train_patterns` (the task head,
+`classifier/...`, as PEFT's `modules_to_save`) train too. The trained tree is
+`{"model": <those params, at their model paths>, <method>: <adapter params>}`,
+so an adapter checkpoint or export holds the adapter and the head only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+
+from fmjax.adapt import lora as lora_lib
+from fmjax.adapt import prompts
+from fmjax.adapt.masks import compile_patterns, count_params
+from fmjax.adapt.quant import dequantize_tree, is_quantized, nbytes, quantize_tree
+from fmjax.models.layers import DTYPES, TransformerConfig
+
+METHODS = ("full", "lora", "qlora", "prefix", "prompt")
+HEAD_PATTERNS = ("classifier/.*",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Adaptation:
+    method: str
+    model_config: TransformerConfig
+    lora: lora_lib.LoraConfig | None = None
+    prompt: prompts.PromptConfig | None = None
+    prefix: prompts.PrefixConfig | None = None
+    quant_block_size: int = 64
+    double_quant: bool = True
+    compute_dtype: str = "float32"
+    train_patterns: tuple[str, ...] = HEAD_PATTERNS
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"adapt.method={self.method!r}: expected one of {METHODS}")
+        if self.compute_dtype not in DTYPES:
+            raise ValueError(
+                f"adapt.compute_dtype={self.compute_dtype!r}: expected one of {DTYPES}"
+            )
+        needed = {"lora": "lora", "qlora": "lora", "prefix": "prefix"}
+        needed["prompt"] = "prompt"
+        if self.method in needed and getattr(self, needed[self.method]) is None:
+            raise ValueError(
+                f"adapt.method={self.method!r} needs a {needed[self.method]} config"
+            )
+        if self.train_patterns:
+            compile_patterns(self.train_patterns, "adapt.train_patterns")
+
+    @classmethod
+    def from_config(cls, adapt, model_config: TransformerConfig) -> Adaptation:
+        """From a config's `adapt` group (see configs/classify.py); a bad value
+        raises ValueError naming the `adapt.` key."""
+        method = adapt.method
+        kwargs: dict[str, Any] = {}
+        if method in ("lora", "qlora"):
+            kwargs["lora"] = lora_lib.LoraConfig(
+                rank=adapt.lora_rank,
+                alpha=float(adapt.lora_alpha),
+                dropout=float(adapt.lora_dropout),
+                targets=_targets(adapt.lora_targets),
+            )
+        elif method == "prompt":
+            kwargs["prompt"] = prompts.PromptConfig(
+                num_tokens=adapt.prompt_tokens, init=adapt.prompt_init
+            )
+        elif method == "prefix":
+            kwargs["prefix"] = prompts.PrefixConfig(
+                num_tokens=adapt.prefix_tokens,
+                reparam=adapt.prefix_reparam,
+                reparam_hidden=adapt.prefix_hidden,
+            )
+        return cls(
+            method=method,
+            model_config=model_config,
+            quant_block_size=adapt.quant_block_size,
+            double_quant=adapt.double_quant,
+            compute_dtype=adapt.compute_dtype,
+            train_patterns=tuple(adapt.train_patterns),
+            **kwargs,
+        )
+
+    # --- init -------------------------------------------------------------------
+
+    def split(self, params, rng) -> tuple[dict, dict]:
+        """(trained, frozen) from the model's params. Traceable (jit/eval_shape)."""
+        if self.method == "full":
+            return params, {}
+        head, base = self._partition(params)
+        if self.method in ("lora", "qlora"):
+            adapter = lora_lib.init_lora(base, self.lora, rng)
+            if self.method == "qlora":
+                base = quantize_tree(
+                    base,
+                    block_size=self.quant_block_size,
+                    double_quant=self.double_quant,
+                )
+        elif self.method == "prompt":
+            adapter = prompts.init_prompt(base, self.prompt, rng)
+        else:
+            adapter = prompts.init_prefix(self.model_config, self.prefix, rng)
+        return {"model": head, self.method: adapter}, base
+
+    def _partition(self, params) -> tuple[dict, dict]:
+        regex = compile_patterns(self.train_patterns, "adapt.train_patterns")
+        flat = flax.traverse_util.flatten_dict(params, sep="/")
+        head = {p: v for p, v in flat.items() if regex.fullmatch(p)}
+        base = {p: v for p, v in flat.items() if p not in head}
+        unflatten = lambda d: flax.traverse_util.unflatten_dict(d, sep="/")  # noqa: E731
+        return unflatten(head), unflatten(base)
+
+    # --- per step ---------------------------------------------------------------
+
+    def combine(self, trained, frozen, rng, train: bool) -> tuple[dict, dict]:
+        """(params the model reads, extra model kwargs)."""
+        if self.method == "full":
+            return trained, {}
+        params = _merge_trees(frozen, trained["model"])
+        kwargs: dict[str, Any] = {}
+        if self.method in ("lora", "qlora"):
+            params = lora_lib.apply_lora(
+                params,
+                trained[self.method],
+                self.lora,
+                rng=rng,
+                deterministic=not train,
+            )
+        else:
+            kwargs = prompts.model_kwargs(
+                self.method, trained[self.method], self.model_config
+            )
+        return dequantize_tree(params, jnp.dtype(self.compute_dtype)), kwargs
+
+    def merged(self, trained, frozen) -> tuple[dict, dict]:
+        """For serving: LoRA folded into the kernels (qlora: into the dequantised
+        kernels); prefix/prompt keep their kwargs."""
+        return self.combine(trained, frozen, None, False)
+
+    # --- reporting ---------------------------------------------------------------
+
+    def summary(self, trained, frozen) -> dict[str, Any]:
+        """Param counts and bytes: what PEFT's print_trainable_parameters shows,
+        plus the memory of the frozen base (NF4 codes count their real bytes)."""
+        num_trained = count_params(trained)
+        num_all = num_trained + count_params(frozen)
+        quantized = [
+            x for x in jax.tree.leaves(frozen, is_leaf=is_quantized) if is_quantized(x)
+        ]
+        extra = {}
+        if quantized:
+            extra = {
+                "quantized_bytes": sum(nbytes(q) for q in quantized),
+                "quantized_bytes_f32": 4 * sum(q.size for q in quantized),
+            }
+        return {
+            "method": self.method,
+            "trainable_params": num_trained,
+            "all_params": num_all,
+            "trainable_percent": 100.0 * num_trained / max(num_all, 1),
+            "trained_bytes": tree_bytes(trained),
+            "frozen_bytes": tree_bytes(frozen),
+            "frozen_bytes_f32": 4 * count_params(frozen),
+            **extra,
+        }
+
+
+def trainable_line(summary: dict) -> str:
+    """`trainable parameters: 74,498 / 22,787,714 (0.3269%)`"""
+    return (
+        f"trainable parameters: {summary['trainable_params']:,d} / "
+        f"{summary['all_params']:,d} ({summary['trainable_percent']:.4f}%)"
+    )
+
+
+def tree_bytes(tree) -> int:
+    """Bytes of a tree's arrays as stored (a QuantizedTensor: codes + scales)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree, is_leaf=is_quantized):
+        if is_quantized(leaf):
+            total += nbytes(leaf)
+        else:
+            total += math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+def _targets(targets) -> tuple[str, ...]:
+    if isinstance(targets, str):
+        return lora_lib.ALL_LINEAR if targets == "all-linear" else (targets,)
+    return tuple(targets)
+
+
+def _merge_trees(base, overlay):
+    """`base` with the leaves of `overlay` added (or replaced) at their paths."""
+    flat = flax.traverse_util.flatten_dict(base, sep="/")
+    flat.update(flax.traverse_util.flatten_dict(overlay, sep="/"))
+    return flax.traverse_util.unflatten_dict(flat, sep="/")
