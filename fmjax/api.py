@@ -3,6 +3,17 @@
 `path` is an fmjax workdir or export directory, or an HF BERT model directory
 (imported with `fmjax.convert.hf.load_hf_bert`, WordPiece tokenizer and the
 sentence-transformers pooling of its 1_Pooling/config.json).
+
+A classifier trained with configs/classify.py classifies text:
+
+    m = fmjax.load("runs/rt_lora")        # base from its init.model + the adapter
+    m.classify(["a gripping, funny film"])  # [{"label": "fresh", "score": 0.93}]
+
+Adapter runs export only their trained params, so several adapters can share
+one base in memory (as PEFT's `load_adapter` / `set_adapter`):
+
+    m.load_adapter("runs/rt_prompt", name="prompt")
+    m.set_adapter("prompt"); m.adapters  # ["default", "prompt"]
 """
 
 from __future__ import annotations
@@ -13,11 +24,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fmjax.adapt.methods import Adaptation
 from fmjax.config import ConfigDict
 from fmjax.convert import hf
+from fmjax.data.classification import encode_example
 from fmjax.data.tokenizer import load_tokenizer
-from fmjax.export import find_export, load_export
+from fmjax.export import find_export, is_adapter_export, load_export
 from fmjax.models import build_model
+from fmjax.models.layers import TransformerConfig
+
+# Model fields an adapter's classifier may differ in from its base.
+HEAD_FIELDS = (
+    "num_classes",
+    "classifier_pooling",
+    "dropout_rate",
+    "attention_dropout_rate",
+    "dtype",
+    "remat",
+    "mlm_head",
+)
 
 POOLINGS = hf.POOLINGS
 
@@ -38,20 +63,155 @@ class Model:
         self.pooling = config.get("pooling", "mean")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling={self.pooling!r}: expected one of {POOLINGS}")
+        # Prompt / prefix tuning read their adapter as model inputs.
+        self.model_kwargs: dict = {}
+        self._base = (module, params, config)
+        self._adapters: dict[str, tuple] = {}
+        self.active_adapter: str | None = None
 
     @functools.cached_property
     def _apply(self):
-        def apply(params, tokens_BL):
+        module = self.module
+
+        encoder = self.config.model.get("kind") == "encoder"
+
+        def apply(params, kwargs, tokens_BL, type_ids_BL):
             segment_ids_BL = (tokens_BL != self.tokenizer.pad_id).astype(jnp.int32)
             positions_BL = jnp.maximum(jnp.cumsum(segment_ids_BL, axis=1) - 1, 0)
-            return self.module.apply(
+            if encoder:  # decoders have no token types
+                kwargs = {**kwargs, "type_ids_BL": type_ids_BL}
+            return module.apply(
                 {"params": params},
                 tokens_BL,
                 segment_ids_BL=segment_ids_BL,
                 positions_BL=positions_BL,
+                **kwargs,
             )
 
-        return jax.jit(apply)
+        jitted = jax.jit(apply)
+        return lambda params, tokens_BL, type_ids_BL=None: jitted(
+            params,
+            self.model_kwargs,
+            tokens_BL,
+            np.zeros_like(tokens_BL) if type_ids_BL is None else type_ids_BL,
+        )
+
+    # --- adapters -----------------------------------------------------------------
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self._adapters)
+
+    def load_adapter(self, path: str, name: str = "default") -> Model:
+        """Loads the adapter (and head) exported by an adapter run in `path` over
+        this model's base params (shared, not copied) and makes it active."""
+        trained, config = load_export(path)
+        if not is_adapter_export(path):
+            raise ValueError(
+                f"{path!r} is a whole-model export (method 'full'), not an adapter; "
+                "load it with fmjax.load"
+            )
+        config = ConfigDict(config)
+        _, base_params, base_config = self._base
+        base_fields = {
+            k: v
+            for k, v in base_config.model.items()
+            if k not in (*HEAD_FIELDS, "kind")
+        }
+        fields = {k: v for k, v in config.model.items() if k != "kind"}
+        differ = sorted(
+            k for k in base_fields if k not in fields or fields[k] != base_fields[k]
+        )
+        if differ:
+            raise ValueError(
+                f"adapter {path!r} was trained on another architecture: model."
+                f"{differ[0]}={fields.get(differ[0])!r}, this base has "
+                f"{base_fields[differ[0]]!r} (differing: {differ})"
+            )
+        model_config = TransformerConfig.from_dict(
+            {**fields, "dropout_rate": 0.0, "attention_dropout_rate": 0.0}
+        )
+        adaptation = Adaptation.from_config(config.adapt, model_config)
+        head = trained.get("model", {})
+        # split() rebuilds the frozen base exactly as training did (e.g. NF4).
+        _, frozen = adaptation.split({**base_params, **head}, jax.random.PRNGKey(0))
+        params, kwargs = adaptation.merged(jax.tree.map(jnp.asarray, trained), frozen)
+        module = build_model({"kind": "encoder", **model_config.to_dict()})
+        self._adapters[name] = (module, params, kwargs, config)
+        return self.set_adapter(name)
+
+    def set_adapter(self, name: str | None) -> Model:
+        """Makes adapter `name` active; None goes back to the base model."""
+        if name is None:
+            module, params, config = self._base
+            kwargs = {}
+        elif name not in self._adapters:
+            raise KeyError(f"no adapter {name!r}; loaded: {self.adapters}")
+        else:
+            module, params, kwargs, config = self._adapters[name]
+        self.module, self.params, self.config = module, params, config
+        self.model_kwargs = kwargs
+        self.active_adapter = name
+        self.__dict__.pop("_apply", None)
+        return self
+
+    # --- classification -------------------------------------------------------------
+
+    @property
+    def label_names(self) -> list[str]:
+        names = list(self.config.get("data", {}).get("label_names", ()))
+        if not self.module.config.num_classes:
+            raise ValueError(
+                "this model has no classifier head (model.num_classes=0); train one "
+                "with configs/classify.py and load its workdir"
+            )
+        return names or [str(i) for i in range(self.module.config.num_classes)]
+
+    def predict_proba(self, texts, batch_size: int = 64) -> np.ndarray:
+        """[N, num_classes] float32 class probabilities. An item is a string, or a
+        (text, text) pair for a model trained on two text fields."""
+        names = self.label_names
+        data = self.config.get("data", {})
+        fields = tuple(data.get("text_fields", ("text",)))
+        seq_len = min(data.get("seq_len", self.max_len), self.max_len)
+        if isinstance(texts, str):
+            raise TypeError("classify expects a list of texts, got one string")
+        rows = []
+        for item in texts:
+            parts = (item,) if isinstance(item, str) else tuple(item)
+            if len(parts) != len(fields):
+                raise ValueError(
+                    f"{item!r}: this classifier reads {len(fields)} text field(s) "
+                    f"{fields}; pass {'strings' if len(fields) == 1 else 'pairs'}"
+                )
+            rows.append(
+                encode_example(
+                    self.tokenizer,
+                    dict(zip(fields, parts, strict=True)),
+                    fields,
+                    seq_len,
+                )
+            )
+        out = []
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            tokens = np.stack([r["tokens"] for r in chunk])
+            type_ids = np.stack([r["type_ids"] for r in chunk])
+            logits = self._apply(self.params, tokens, type_ids)["class_logits"]
+            out.append(np.asarray(jax.nn.softmax(logits, axis=-1), np.float32))
+        if not out:
+            return np.zeros((0, len(names)), np.float32)
+        return np.concatenate(out)
+
+    def classify(self, texts, batch_size: int = 64) -> list[dict]:
+        """[{"label": name, "score": probability}, ...], the most likely class of
+        each text (as a transformers text-classification pipeline returns)."""
+        names = self.label_names
+        probs = self.predict_proba(texts, batch_size)
+        return [
+            {"label": names[int(i)], "score": float(p[i])}
+            for p, i in zip(probs, probs.argmax(axis=1), strict=True)
+        ]
 
     def _check_ids(self, ids_BL) -> np.ndarray:
         ids_BL = np.asarray(ids_BL)
@@ -123,6 +283,12 @@ def load(path: str) -> Model:
         config = ConfigDict(
             {"name": "hf_import", "model": model_config, "pooling": hf.hf_pooling(path)}
         )
+    elif is_adapter_export(path):
+        _, config = load_export(path)
+        base = config.get("init", {}).get("model", "")
+        if not base:
+            raise ValueError(f"adapter export {path!r} names no base (init.model)")
+        return load(base).load_adapter(path)
     else:
         params, config = load_export(path)
         config = ConfigDict(config)

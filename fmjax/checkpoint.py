@@ -19,7 +19,9 @@ from etils import epath
 from fmjax import storage
 from fmjax.train.state import TrainState
 
-STATE_FIELDS = ("step", "params", "frozen", "opt_state", "rng")
+# No "frozen": a base model under an adapter is rebuilt from init.model on
+# restore, so adapter checkpoints hold the adapter, head and optimizer state only.
+STATE_FIELDS = ("step", "params", "opt_state", "rng")
 
 
 class DataStateHandler(ocp.CheckpointHandler):

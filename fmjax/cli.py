@@ -135,6 +135,10 @@ def cmd_convert(args, overrides):
 
     if args.direction == "hf-to-fmjax":
         out = hf.hf_to_fmjax(args.src, args.dst)
+    elif args.direction == "lora-to-peft":
+        from fmjax.adapt.peft import export_run_to_peft
+
+        out = export_run_to_peft(args.src, args.dst)
     else:
         out = hf.fmjax_to_hf(args.src, args.dst)
     print(f"wrote {out}")
@@ -197,7 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--output", required=True)
     embed.set_defaults(func=cmd_embed)
     convert = sub.add_parser("convert", help="convert weights between formats")
-    convert.add_argument("direction", choices=["hf-to-fmjax", "fmjax-to-hf"])
+    convert.add_argument(
+        "direction",
+        choices=["hf-to-fmjax", "fmjax-to-hf", "lora-to-peft"],
+        help="lora-to-peft: a lora/qlora run's WORKDIR -> a PEFT adapter directory",
+    )
     convert.add_argument("src")
     convert.add_argument("dst")
     convert.set_defaults(func=cmd_convert)

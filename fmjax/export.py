@@ -19,6 +19,10 @@ from fmjax import storage
 from fmjax.config import to_json
 
 EXPORT_DIR = "export"
+MODEL_WEIGHTS = "model.safetensors"
+# An adapter run exports only its trained params (adapter + task head); its
+# config's init.model names the base they go on.
+ADAPTER_WEIGHTS = "adapter.safetensors"
 
 
 def flatten_params(params) -> dict[str, np.ndarray]:
@@ -30,14 +34,15 @@ def unflatten_params(flat: dict[str, np.ndarray]) -> dict:
     return traverse_util.unflatten_dict(flat, sep=".")
 
 
-def export(workdir: str, params, config, tokenizer) -> str:
+def export(
+    workdir: str, params, config, tokenizer, weights: str = MODEL_WEIGHTS
+) -> str:
     """Writes WORKDIR/export/ on process 0; returns its path."""
     out = storage.join(workdir, EXPORT_DIR)
     if jax.process_index() != 0:
         return out
     storage.makedirs(out)
-    weights = save(flatten_params(params))
-    storage.write_bytes(storage.join(out, "model.safetensors"), weights)
+    storage.write_bytes(storage.join(out, weights), save(flatten_params(params)))
     storage.write_text(storage.join(out, "config.json"), to_json(config))
     tokenizer.save(out)
     return out
@@ -67,8 +72,9 @@ def refuse_pickles(directory: str) -> None:
 def find_export(path: str) -> str:
     """The export directory for a workdir or an export directory itself."""
     for candidate in (path, os.path.join(path, EXPORT_DIR)):
-        if os.path.isfile(os.path.join(candidate, "model.safetensors")):
-            return candidate
+        for weights in (MODEL_WEIGHTS, ADAPTER_WEIGHTS):
+            if os.path.isfile(os.path.join(candidate, weights)):
+                return candidate
     refuse_pickles(path)
     raise FileNotFoundError(
         f"no fmjax export in {path!r}: expected {path}/model.safetensors or "
@@ -76,10 +82,17 @@ def find_export(path: str) -> str:
     )
 
 
+def is_adapter_export(path: str) -> bool:
+    """True for the export of an adapter run (trained params only, no base)."""
+    return os.path.isfile(os.path.join(find_export(path), ADAPTER_WEIGHTS))
+
+
 def load_export(path: str) -> tuple[dict, dict]:
-    """(params, config dict) from an export directory."""
+    """(params, config dict) from an export directory; for an adapter export the
+    params are the trained ones ({"model": head, <method>: adapter})."""
     directory = find_export(path)
-    params = unflatten_params(load_file(os.path.join(directory, "model.safetensors")))
+    weights = ADAPTER_WEIGHTS if is_adapter_export(directory) else MODEL_WEIGHTS
+    params = unflatten_params(load_file(os.path.join(directory, weights)))
     with open(os.path.join(directory, "config.json")) as f:
         config = json.load(f)
     return params, config

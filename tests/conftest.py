@@ -62,3 +62,34 @@ def minilm_dir():
     if not os.path.isfile(os.path.join(path, "model.safetensors")):
         pytest.skip(f"no model.safetensors in {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(minilm_dir, data_dir, tmp_path_factory):
+    """A random 2-layer d=32 BERT saved as an HF directory with MiniLM's WordPiece
+    vocab (a fast stand-in for a pretrained model); rotten_tomatoes is prepared in
+    `data_dir` beside it."""
+    import jax.numpy as jnp
+
+    from fmjax.convert.hf import save_hf_bert
+    from fmjax.data import sources
+    from fmjax.data.tokenizer import load_tokenizer
+    from fmjax.models.layers import TransformerConfig
+    from fmjax.models.text import TextEncoder
+
+    sources.prepare("rotten_tomatoes", str(data_dir))
+    config = TransformerConfig(
+        vocab_size=30522,
+        d_model=32,
+        num_layers=2,
+        num_heads=2,
+        head_dim=16,
+        mlp_dim=64,
+        max_len=64,
+        mlm_head=False,
+    )
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    params = TextEncoder(config).init(jax.random.PRNGKey(0), tokens)["params"]
+    path = tmp_path_factory.mktemp("tiny_bert")
+    model_config = {"kind": "encoder", **config.to_dict()}
+    return save_hf_bert(path, model_config, params, load_tokenizer(minilm_dir))

@@ -29,3 +29,27 @@ def test_sharding_notebook_runs_on_8_devices():
     )
     assert "8 devices" in text
     assert "layers_0/mlp/up/kernel" in text and "P('fsdp', 'tensor')" in text
+
+
+def test_lora_finetune_notebook_runs(tiny_bert_dir, data_dir, tmp_path, monkeypatch):
+    """On the tiny random BERT (the notebook itself uses all-MiniLM-L6-v2)."""
+    overrides = [
+        f"init.model={tiny_bert_dir}",
+        f"data.data_dir={data_dir}",
+        "data.seq_len=32",
+        "data.batch_size=8",
+        "train.eval_batches=2",
+        "data.test_split=",
+        "train.progress=False",
+    ]
+    monkeypatch.setenv("FMJAX_NOTEBOOK_STEPS", "4")
+    monkeypatch.setenv("FMJAX_NOTEBOOK_WORKDIR", str(tmp_path / "run"))
+    monkeypatch.setenv("FMJAX_NOTEBOOK_OVERRIDES", " ".join(overrides))
+    path = os.path.join(REPO, "notebooks", "03_lora_finetune.ipynb")
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=300, resources={"metadata": {"path": REPO}}).execute()
+    text = "".join(
+        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
+    )
+    assert "trainable parameters: " in text and "adapter.safetensors" in text
+    assert "adapter_model.safetensors" in text and "adapter_config.json" in text

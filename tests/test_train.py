@@ -246,6 +246,6 @@ def test_sharding_rule_errors_fail_at_startup(data_dir, tmp_path, capsys):
     args += tiny_overrides(data_dir, **{"mesh.data": 2, "mesh.tensor": 4})
     assert cli.main(args) == 2
     err = capsys.readouterr().err
-    assert "params/layers_0/attention/" in err and "of shape (2, " in err, err
+    assert "layers_0/attention/" in err and "of shape (2, " in err, err
     assert "not divisible by mesh axes ('tensor',)" in err, err
     assert not os.path.exists(tmp_path / "checkpoints" / "0")

@@ -291,3 +291,37 @@ def _fmjax_targets(adapted: set[str], kernels: set[str]) -> tuple[str, ...]:
                 targets.add(re.escape(target))
                 break
     return tuple(sorted(targets))
+
+
+def export_run_to_peft(workdir: str | os.PathLike, directory: str | os.PathLike) -> str:
+    """`fmjax convert lora-to-peft`: the LoRA adapters of a `lora`/`qlora` run's
+    export as a PEFT adapter directory for its base (`init.model`).
+
+    PEFT puts them on the HF BertModel; the run's classifier head (pooling +
+    dense) has no BertModel counterpart and stays in the fmjax export. A QLoRA
+    adapter was trained against the NF4-rounded base: on the f32 base its
+    outputs differ by the quantisation error.
+    """
+    from fmjax.adapt.methods import Adaptation
+    from fmjax.config import ConfigDict
+    from fmjax.export import is_adapter_export, load_export
+    from fmjax.models.layers import TransformerConfig
+
+    workdir = os.fspath(workdir)
+    trained, config = load_export(workdir)
+    method = config.get("adapt", {}).get("method", "full")
+    if not is_adapter_export(workdir) or method not in ("lora", "qlora"):
+        raise ValueError(
+            f"{workdir!r} is a {method!r} run; lora-to-peft needs a run trained with "
+            "adapt.method=lora or qlora"
+        )
+    fields = {k: v for k, v in config["model"].items() if k != "kind"}
+    adaptation = Adaptation.from_config(
+        ConfigDict(config["adapt"]), TransformerConfig.from_dict(fields)
+    )
+    return save_peft(
+        directory,
+        trained[method],
+        adaptation.lora,
+        base_model_name_or_path=config.get("init", {}).get("model", ""),
+    )

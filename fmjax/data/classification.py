@@ -49,28 +49,35 @@ class _Encode(grain.transforms.Map):
         self._seq_len = seq_len
 
     def map(self, example: dict[str, Any]) -> dict[str, np.ndarray]:
-        tok = self._tokenizer
-        texts = [tok.encode(example[f]) for f in self._text_fields]
-        budget = self._seq_len - len(texts) - 1
-        if len(texts) == 1:
-            kept = [min(len(texts[0]), budget)]
-        else:
-            kept = truncate_pair(len(texts[0]), len(texts[1]), budget)
-        pieces = [[tok.bos_id]]
-        types = [[0]]
-        for type_id, (ids, keep) in enumerate(zip(texts, kept, strict=True)):
-            pieces.append([*ids[:keep], tok.eos_id])
-            types.append([type_id] * (keep + 1))
-        ids_L = np.concatenate(pieces).astype(np.int32)
-        n, pad = len(ids_L), self._seq_len - len(ids_L)
-        return {
-            "tokens": np.pad(ids_L, (0, pad), constant_values=tok.pad_id),
-            "segment_ids": np.pad(np.ones(n, np.int32), (0, pad)),
-            "positions": np.pad(np.arange(n, dtype=np.int32), (0, pad)),
-            "type_ids": np.pad(np.concatenate(types).astype(np.int32), (0, pad)),
-            "labels": np.int32(example["label"]),
-            "weights": np.float32(1.0),
-        }
+        row = encode_example(self._tokenizer, example, self._text_fields, self._seq_len)
+        row["labels"] = np.int32(example["label"])
+        row["weights"] = np.float32(1.0)
+        return row
+
+
+def encode_example(
+    tok: Tokenizer, example: dict[str, Any], text_fields: Sequence[str], seq_len: int
+) -> dict[str, np.ndarray]:
+    """tokens, segment_ids, positions, type_ids [seq_len] of one example's texts."""
+    texts = [tok.encode(example[f]) for f in text_fields]
+    budget = seq_len - len(texts) - 1
+    if len(texts) == 1:
+        kept = [min(len(texts[0]), budget)]
+    else:
+        kept = truncate_pair(len(texts[0]), len(texts[1]), budget)
+    pieces = [[tok.bos_id]]
+    types = [[0]]
+    for type_id, (ids, keep) in enumerate(zip(texts, kept, strict=True)):
+        pieces.append([*ids[:keep], tok.eos_id])
+        types.append([type_id] * (keep + 1))
+    ids_L = np.concatenate(pieces).astype(np.int32)
+    n, pad = len(ids_L), seq_len - len(ids_L)
+    return {
+        "tokens": np.pad(ids_L, (0, pad), constant_values=tok.pad_id),
+        "segment_ids": np.pad(np.ones(n, np.int32), (0, pad)),
+        "positions": np.pad(np.arange(n, dtype=np.int32), (0, pad)),
+        "type_ids": np.pad(np.concatenate(types).astype(np.int32), (0, pad)),
+    }
 
 
 class _PadBatch(grain.transforms.Map):

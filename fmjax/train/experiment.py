@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import numpy as np
 
 from fmjax.config import ConfigError
 from fmjax.data import sources
@@ -23,6 +24,12 @@ OBJECTIVE_MODEL = {"mlm": "encoder", "causal": "decoder"}
 def validate(config) -> None:
     """Checks that need no data: value ranges and the pieces fitting together."""
     objective = config.objective.name
+    if objective == "classify":
+        from fmjax.train import classify
+
+        classify.validate(config)
+        _validate_sizes(config, ())
+        return
     if objective not in OBJECTIVE_MODEL:
         raise ConfigError(
             f"objective.name={objective!r}; expected one of {sorted(OBJECTIVE_MODEL)}"
@@ -38,18 +45,6 @@ def validate(config) -> None:
         TransformerConfig.from_dict(model_fields)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model: {e}") from None
-    for group, key in [
-        ("train", "steps"),
-        ("train", "log_every"),
-        ("data", "seq_len"),
-        ("data", "batch_size"),
-        ("data", "vocab_size"),
-        ("checkpoint", "every"),
-        ("optimizer", "grad_accum_steps"),
-    ]:
-        value = config[group][key]
-        if value < 1:
-            raise ConfigError(f"{group}.{key}={value}: expected a positive integer")
     if config.data.seq_len > config.model.max_len:
         raise ConfigError(
             f"data.seq_len={config.data.seq_len} is longer than "
@@ -61,6 +56,27 @@ def validate(config) -> None:
             f" tokens but model.vocab_size={config.model.vocab_size} embeddings; "
             f"set --config.model.vocab_size={config.data.vocab_size} (or larger)"
         )
+    _validate_sizes(config, (("data", "vocab_size"),))
+    if not 0.0 < config.objective.get("mask_rate", 0.15) < 1.0:
+        raise ConfigError(
+            f"objective.mask_rate={config.objective.mask_rate}: expected in (0, 1)"
+        )
+
+
+def _validate_sizes(config, extra_positive) -> None:
+    """Positive sizes and a batch that splits over accumulation and processes."""
+    for group, key in [
+        ("train", "steps"),
+        ("train", "log_every"),
+        ("data", "seq_len"),
+        ("data", "batch_size"),
+        ("checkpoint", "every"),
+        ("optimizer", "grad_accum_steps"),
+        *extra_positive,
+    ]:
+        value = config[group][key]
+        if value < 1:
+            raise ConfigError(f"{group}.{key}={value}: expected a positive integer")
     batch, accum = config.data.batch_size, config.optimizer.grad_accum_steps
     if batch % accum:
         raise ConfigError(
@@ -77,10 +93,6 @@ def validate(config) -> None:
         raise ConfigError(
             f"data.num_shards={shards} must be a multiple of the {processes} processes "
             f"and divide data.batch_size={batch}"
-        )
-    if not 0.0 < config.objective.get("mask_rate", 0.15) < 1.0:
-        raise ConfigError(
-            f"objective.mask_rate={config.objective.mask_rate}: expected in (0, 1)"
         )
 
 
@@ -108,6 +120,7 @@ class TextExperiment:
     shuffle_seed: int
     num_shards: int
     tokenizer: object
+    model_config: dict
 
     @classmethod
     def from_config(cls, config) -> TextExperiment:
@@ -147,6 +160,7 @@ class TextExperiment:
             shuffle_seed=data.shuffle_seed,
             num_shards=data.get("num_shards", 0) or jax.process_count(),
             tokenizer=tokenizer,
+            model_config=dict(config.model),
         )
         for split in (exp.train_split, exp.eval_split):
             exp._source(split)  # a bad split name fails here, before compute
@@ -174,11 +188,11 @@ class TextExperiment:
             repeat=True,
         )
 
-    def eval_iterator(self):
+    def eval_iterator(self, split: str | None = None):
         """This process's slice of the eval split, every example once. Processes
         may get different batch counts: `loop.evaluate` pads the short ones."""
         return text_data.make_eval_iterator(
-            self._source(self.eval_split),
+            self._source(split or self.eval_split),
             self.tokenizer,
             seq_len=self.seq_len,
             batch_size=self.batch_size // jax.process_count(),
@@ -187,6 +201,12 @@ class TextExperiment:
             process_count=jax.process_count(),
             text_key=self.text_key,
         )
+
+    def empty_batch(self, rows: int) -> dict[str, np.ndarray]:
+        """An all-padding batch (no tokens count) for a process with no eval rows."""
+        return {
+            k: np.zeros((rows, self.seq_len), np.int32) for k in text_data.BATCH_KEYS
+        }
 
     def loss_fn(self, model):
         tok = self.tokenizer

@@ -7,22 +7,26 @@ rules) is checked first, so a bad run fails in a second with one message.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import signal
 import time
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fmjax import sharding as shd
 from fmjax import storage
+from fmjax.adapt.methods import trainable_line, tree_bytes
 from fmjax.checkpoint import Checkpointer
 from fmjax.config import ConfigError, to_json
-from fmjax.data.text import BATCH_KEYS
 from fmjax.models import build_model
 from fmjax.objectives import summarize
+from fmjax.train.classify import ClassifyExperiment, overlay_pretrained
 from fmjax.train.experiment import TextExperiment, validate
 from fmjax.train.metrics import MetricsWriter
 from fmjax.train.state import TrainState, make_optimizer
@@ -79,12 +83,23 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def init_state(config, model, tx, mesh, seed: int | None = None):
+def init_state(
+    config,
+    model,
+    tx,
+    mesh,
+    seed: int | None = None,
+    *,
+    adaptation=None,
+    pretrained=None,
+):
     """eval_shape -> logical specs -> shardings -> jitted init, so full-size params
     are created directly in their shards and never whole on one device.
 
-    Returns (abstract state, state shardings, init function); nothing is allocated
-    until init() is called.
+    `pretrained` (a param tree of numpy arrays) replaces the fresh params it has;
+    `adaptation` (fmjax.adapt.methods.Adaptation) splits them into trained and
+    frozen. Returns (abstract state, state shardings, init function); nothing is
+    allocated until init() is called.
     """
     rng = jax.random.PRNGKey(config.train.seed if seed is None else seed)
     # Param shapes do not depend on the batch: trace with one short row per
@@ -92,27 +107,41 @@ def init_state(config, model, tx, mesh, seed: int | None = None):
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
     tokens = jnp.zeros((rows, 8), jnp.int32)
 
-    def create(rng):
-        params = model.init(
+    def init_params(rng):
+        return model.init(
             {"params": jax.random.fold_in(rng, 1), "dropout": rng},
             tokens,
             segment_ids_BL=tokens + 1,
             positions_BL=tokens,
         )["params"]
-        return TrainState.create(params, tx, jax.random.fold_in(rng, 2))
 
-    abstract_boxed = jax.eval_shape(create, rng)
-    shardings = shd.shardings_for(abstract_boxed, mesh, config.mesh.rules)
-    from flax.core import meta
+    def create(rng, pretrained):
+        params = nn.unbox(init_params(rng))
+        if pretrained is not None:
+            params = overlay_pretrained(params, pretrained)
+        frozen = {}
+        if adaptation is not None:
+            params, frozen = adaptation.split(params, jax.random.fold_in(rng, 3))
+        return TrainState.create(params, tx, jax.random.fold_in(rng, 2), frozen)
 
-    unboxed_create = lambda rng: meta.unbox(create(rng))
-    abstract = jax.eval_shape(unboxed_create, rng)
+    boxed_params = jax.eval_shape(init_params, rng)
+    abstract = jax.eval_shape(create, rng, pretrained)
+    shardings = shd.shardings_like_params(
+        abstract, boxed_params, mesh, config.mesh.rules
+    )
 
     def init():
         with shd.activate(mesh, config.mesh.rules):
-            return jax.jit(unboxed_create, out_shardings=shardings)(rng)
+            return jax.jit(create, out_shardings=shardings)(rng, pretrained)
 
     return abstract, shardings, init
+
+
+def make_experiment(config):
+    """The data, tokenizer, model config and loss of a run, by objective."""
+    if config.objective.name == "classify":
+        return ClassifyExperiment.from_config(config)
+    return TextExperiment.from_config(config)
 
 
 def _device_sum(acc, metrics):
@@ -138,17 +167,19 @@ def _any_process(flag: bool) -> bool:
     return bool(multihost_utils.process_allgather(np.asarray(flag)).any())
 
 
-def evaluate(exp: TextExperiment, eval_fn, state, mesh, max_batches: int = 0):
-    """Metric sums over the eval split (every example once), then summarized.
+def evaluate(
+    exp, eval_fn, state, mesh, max_batches: int = 0, split: str | None = None
+) -> dict:
+    """Metric sums over an eval split (default: the run's; every example once),
+    then summarized.
 
     Processes can run out of eval batches at different steps; one that has none
     left feeds an all-padding batch (weight 0) until every process is done.
     """
     total = None
-    rows = exp.batch_size // jax.process_count()
-    empty = {k: np.zeros((rows, exp.seq_len), np.int32) for k in BATCH_KEYS}
+    empty = exp.empty_batch(exp.batch_size // jax.process_count())
     rng = jax.random.PRNGKey(exp.seed + 1)
-    batches = iter(exp.eval_iterator())
+    batches = iter(exp.eval_iterator(split))
     for index in itertools.count():
         if max_batches and index >= max_batches:
             break
@@ -163,7 +194,7 @@ def evaluate(exp: TextExperiment, eval_fn, state, mesh, max_batches: int = 0):
         )
         total = _add(total, metrics)
     if total is None:
-        raise ConfigError(f"eval split {exp.eval_split!r} produced no batches")
+        raise ConfigError(f"eval split {split or exp.eval_split!r} produced no batches")
     return {k: float(v) for k, v in summarize(jax.device_get(total)).items()}
 
 
@@ -176,26 +207,114 @@ def _host_params(params):
     return multihost_utils.process_allgather(params, tiled=True)
 
 
+@dataclasses.dataclass
+class _Run:
+    """What `train` and `evaluate_workdir` build before any step runs."""
+
+    exp: Any
+    mesh: Any
+    model: Any
+    lr_fn: Any
+    abstract: TrainState
+    shardings: TrainState
+    init: Any
+
+    @property
+    def adaptation(self):
+        return getattr(self.exp, "adaptation", None)
+
+
+def _build(config) -> _Run:
+    """Checks, data, tokenizer, model and the sharded init, in the order that makes
+    a bad config fail fastest."""
+    validate(config)
+    mesh = shd.mesh_from_config(config.mesh)
+    shd.normalize_rules(config.mesh.rules, mesh)
+    exp = make_experiment(config)  # prepares data + tokenizer, resolves the model
+    model = build_model(exp.model_config)
+    tx, lr_fn = make_optimizer(config.train.steps, **config.optimizer)
+    abstract, shardings, init = init_state(
+        config,
+        model,
+        tx,
+        mesh,
+        adaptation=getattr(exp, "adaptation", None),
+        pretrained=getattr(exp, "pretrained", None),
+    )
+    return _Run(exp, mesh, model, lr_fn, abstract, shardings, init)
+
+
+def _restore(run: _Run, ckpt: Checkpointer, step: int):
+    """(state, data, loop) at `step`. Checkpoints hold no frozen params (a base
+    model under an adapter is rebuilt from init.model), so they stay adapter-sized."""
+    state, data, loop_state, _ = ckpt.restore(step, run.abstract, run.shardings)
+    frozen = run.init().frozen if jax.tree.leaves(run.abstract.frozen) else {}
+    return state.replace(frozen=frozen), data, loop_state
+
+
+# Config groups that shape the saved state: a resumed run must match them.
+_STATE_GROUPS = ("objective", "model", "adapt")
+
+
+def _check_resumable(workdir: str, config) -> None:
+    path = storage.join(workdir, "config.json")
+    if not storage.exists(path):
+        return
+    saved = json.loads(storage.read_text(path))
+    current = json.loads(to_json(config))
+    differ = []
+    for group in _STATE_GROUPS:
+        old, new = saved.get(group, {}), current.get(group, {})
+        differ += [
+            f"{group}.{k}: {old.get(k)!r} -> {new.get(k)!r}"
+            for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)
+        ]
+    if differ:
+        raise ConfigError(
+            f"{workdir} holds checkpoints of another model or method "
+            f"({'; '.join(differ)}); resume with its config (fmjax train "
+            f"--workdir {workdir}) or use a new --workdir"
+        )
+
+
+def param_report(run: _Run) -> dict | None:
+    """Trainable/all param counts and the bytes of params and optimizer state."""
+    if run.adaptation is None:
+        return None
+    report = run.adaptation.summary(run.abstract.params, run.abstract.frozen)
+    report["optimizer_bytes"] = tree_bytes(run.abstract.opt_state)
+    return report
+
+
+def _print_report(report: dict) -> None:
+    mib = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731
+    total = report["trained_bytes"] + report["frozen_bytes"] + report["optimizer_bytes"]
+    print(trainable_line(report))
+    print(
+        f"memory ({report['method']}): trained params {mib(report['trained_bytes'])}"
+        f" + frozen params {mib(report['frozen_bytes'])} + optimizer state "
+        f"{mib(report['optimizer_bytes'])} = {mib(total)}"
+    )
+
+
 def train(config, workdir: str) -> dict:
     """Trains (or resumes) in `workdir`; returns and writes summary.json."""
     started = time.time()
     storage.makedirs(workdir)
-    validate(config)
-    mesh = shd.mesh_from_config(config.mesh)
-    shd.normalize_rules(config.mesh.rules, mesh)
-    model = build_model(config.model)
+    run = _build(config)
+    exp, mesh = run.exp, run.mesh
     steps = config.train.steps
-    tx, lr_fn = make_optimizer(steps, **config.optimizer)
-    # Shardings before data: a rule that cannot shard a param fails in a second.
-    abstract, shardings, init = init_state(config, model, tx, mesh)
-    exp = TextExperiment.from_config(config)  # validates, prepares data + tokenizer
     exp.tokenizer.save(workdir)
-    loss_fn = exp.loss_fn(model)
+    report = param_report(run)
+    if report is not None and jax.process_index() == 0:
+        _print_report(report)
+    loss_fn = exp.loss_fn(run.model)
     with shd.activate(mesh, config.mesh.rules):
         train_fn = jit_train_step(
-            loss_fn, lr_fn, config.optimizer.grad_accum_steps, shardings, mesh
+            loss_fn, run.lr_fn, config.optimizer.grad_accum_steps, run.shardings, mesh
         )
-        eval_fn = jit_eval_step(loss_fn, shardings, mesh)
+        eval_fn = jit_eval_step(loss_fn, run.shardings, mesh)
 
     ckpt = Checkpointer(
         workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
@@ -205,7 +324,8 @@ def train(config, workdir: str) -> dict:
     window, window_steps = None, 0
     start = ckpt.latest_step()
     if start is not None:
-        state, data, loop_state, _ = ckpt.restore(start, abstract, shardings)
+        _check_resumable(workdir, config)
+        state, data, loop_state = _restore(run, ckpt, start)
         train_iter.set_state(data)
         window_steps = loop_state["window_steps"]
         if loop_state["window"] is not None:
@@ -216,7 +336,7 @@ def train(config, workdir: str) -> dict:
         print(f"resumed from step {start} in {ckpt.directory}")
     else:
         start = 0
-        state = init()
+        state = run.init()
         storage.write_text(storage.join(workdir, "config.json"), to_json(config))
     config_dict = json.loads(to_json(config))
 
@@ -245,6 +365,7 @@ def train(config, workdir: str) -> dict:
     tokens_seen, tick = 0, time.time()
     preempted = False
     last_train = {}
+    final_eval = test_eval = None
     try:
         with _Preemption() as preemption, shd.activate(mesh, config.mesh.rules):
             for step in range(start + 1, steps + 1):
@@ -282,10 +403,13 @@ def train(config, workdir: str) -> dict:
                         f"SIGTERM: saved a checkpoint at step {step}; rerun to resume"
                     )
                     break
-            final_eval = None
             if not preempted:
                 final_eval = evaluate(exp, eval_fn, state, mesh, eval_batches)
                 writer.write(steps, "eval", final_eval)
+                test_split = getattr(exp, "test_split", "")
+                if test_split:
+                    test_eval = evaluate(exp, eval_fn, state, mesh, 0, test_split)
+                    writer.write(steps, "test", test_eval)
     finally:
         progress.close()
         ckpt.close()
@@ -299,10 +423,14 @@ def train(config, workdir: str) -> dict:
         "eval": final_eval,
         "wall_time_s": time.time() - started,
     }
+    if test_eval is not None:
+        summary["test"] = test_eval
+    if report is not None:
+        summary["params"] = report
+    if hasattr(exp, "num_train_examples"):
+        summary["train_examples"] = exp.num_train_examples()
     if not preempted:
-        from fmjax.export import export
-
-        export(workdir, _host_params(state.params), config, exp.tokenizer)
+        _export(run, workdir, state, config)
         if jax.process_index() == 0:
             storage.write_text(
                 storage.join(workdir, "summary.json"), json.dumps(summary, indent=2)
@@ -310,22 +438,33 @@ def train(config, workdir: str) -> dict:
     return summary
 
 
+def _export(run: _Run, workdir: str, state: TrainState, config) -> None:
+    """The whole model, or (adapter methods) only the trained params: the base
+    stays where init.model points."""
+    from fmjax.export import ADAPTER_WEIGHTS, MODEL_WEIGHTS, export
+
+    adapter = run.adaptation is not None and run.adaptation.method != "full"
+    export(
+        workdir,
+        _host_params(state.params),
+        config,
+        run.exp.tokenizer,
+        weights=ADAPTER_WEIGHTS if adapter else MODEL_WEIGHTS,
+    )
+
+
 def evaluate_workdir(config, workdir: str) -> dict:
     """`fmjax eval`: the latest checkpoint's params on the eval split."""
-    exp = TextExperiment.from_config(config)
-    mesh = shd.mesh_from_config(config.mesh)
-    model = build_model(config.model)
-    tx, _ = make_optimizer(config.train.steps, **config.optimizer)
-    abstract, shardings, _ = init_state(config, model, tx, mesh)
+    run = _build(config)
     ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, async_save=False)
     step = ckpt.latest_step()
     if step is None:
         raise ConfigError(f"no checkpoint in {ckpt.directory}; run `fmjax train` first")
-    state = ckpt.restore(step, abstract, shardings)[0]
+    state = _restore(run, ckpt, step)[0]
     ckpt.close()
-    with shd.activate(mesh, config.mesh.rules):
-        eval_fn = jit_eval_step(exp.loss_fn(model), shardings, mesh)
-        metrics = evaluate(exp, eval_fn, state, mesh, config.train.eval_batches)
+    with shd.activate(run.mesh, config.mesh.rules):
+        eval_fn = jit_eval_step(run.exp.loss_fn(run.model), run.shardings, run.mesh)
+        metrics = evaluate(run.exp, eval_fn, state, run.mesh, config.train.eval_batches)
     writer = MetricsWriter(workdir, tensorboard=False)
     writer.write(step, "eval", metrics)
     return {"step": step, **metrics}
