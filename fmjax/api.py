@@ -32,17 +32,10 @@ from fmjax.data.tokenizer import load_tokenizer
 from fmjax.export import find_export, is_adapter_export, load_export
 from fmjax.models import build_model
 from fmjax.models.layers import TransformerConfig
+from fmjax.train.classify import MODEL_OVERRIDES
 
 # Model fields an adapter's classifier may differ in from its base.
-HEAD_FIELDS = (
-    "num_classes",
-    "classifier_pooling",
-    "dropout_rate",
-    "attention_dropout_rate",
-    "dtype",
-    "remat",
-    "mlm_head",
-)
+HEAD_FIELDS = (*MODEL_OVERRIDES, "mlm_head")
 
 POOLINGS = hf.POOLINGS
 

@@ -28,6 +28,14 @@ from fmjax.train.loop import train
 CONFIG = os.path.join(REPO, "configs", "classify.py")
 EVAL_BATCHES = 4
 BATCH = 8
+ONE_DEVICE = {"mesh.num_devices": 1}
+# QLoRA dequantises to bf16 and computes in bf16 (the others in f32), with a
+# constant learning rate so a resumed run can be compared with this one.
+QLORA = {
+    "adapt.compute_dtype": "bfloat16",
+    "model.dtype": "bfloat16",
+    "optimizer.schedule": "constant",
+}
 
 
 def _config(variant, base, data_dir, **extra):
@@ -53,13 +61,17 @@ def _config(variant, base, data_dir, **extra):
 def runs(tiny_bert_dir, data_dir, tmp_path_factory):
     """One short run per method (trained once for the module)."""
     out = {}
-    # QLoRA dequantises to bf16 and computes in bf16; the others in f32.
-    bf16 = {"adapt.compute_dtype": "bfloat16", "model.dtype": "bfloat16"}
+    extra = {
+        # full and lora shard the batch over the 8 test devices; the others run on
+        # one device, which compiles faster.
+        "qlora": {**ONE_DEVICE, **QLORA},
+        "prefix": ONE_DEVICE,
+        "prompt": ONE_DEVICE,
+    }
     for method in ("full", "lora", "qlora", "prefix", "prompt"):
         workdir = str(tmp_path_factory.mktemp(method))
-        extra = bf16 if method == "qlora" else {}
-        summary = train(_config(method, tiny_bert_dir, data_dir, **extra), workdir)
-        out[method] = (workdir, summary)
+        config = _config(method, tiny_bert_dir, data_dir, **extra.get(method, {}))
+        out[method] = (workdir, train(config, workdir))
     return out
 
 
@@ -156,21 +168,21 @@ def test_several_adapters_share_one_base(runs, tiny_bert_dir, data_dir):
         m.load_adapter(runs["full"][0])
 
 
-def test_adapter_run_resumes_exactly(tiny_bert_dir, data_dir, tmp_path):
+def test_adapter_run_resumes_exactly(runs, tiny_bert_dir, data_dir, tmp_path):
     """Checkpoints hold no base: on resume it is rebuilt from init.model (here
-    re-quantised to NF4). A constant learning rate makes a 2-step run followed by
-    2 more the same schedule as 4 steps at once."""
+    re-quantised to NF4). With a constant learning rate, 2 steps then 1 more are
+    the same schedule as the module's 3-step QLoRA run."""
 
     def config(steps, method="qlora"):
-        extra = {"train.steps": steps, "optimizer.schedule": "constant"}
+        extra = {**ONE_DEVICE, **QLORA, "train.steps": steps}
         return _config(method, tiny_bert_dir, data_dir, **extra)
 
-    straight = train(config(4), str(tmp_path / "a"))
+    straight_dir, straight = runs["qlora"]
     resumed_dir = str(tmp_path / "b")
     train(config(2), resumed_dir)
-    resumed = train(config(4), resumed_dir)
+    resumed = train(config(3), resumed_dir)
     assert resumed["eval"] == straight["eval"]
-    a = load_file(str(tmp_path / "a" / "export" / "adapter.safetensors"))
+    a = load_file(os.path.join(straight_dir, "export", "adapter.safetensors"))
     b = load_file(os.path.join(resumed_dir, "export", "adapter.safetensors"))
     for name in a:
         np.testing.assert_array_equal(a[name], b[name])
@@ -196,6 +208,7 @@ def test_sentence_pairs_from_a_jsonl_file(tiny_bert_dir, data_dir, tmp_path):
             "data.train_examples": 0,
             "data.test_split": "",
             "train.eval_batches": 0,
+            **ONE_DEVICE,
         },
     )
     summary = train(config, str(tmp_path / "run"))
@@ -315,3 +328,16 @@ def test_lora_run_exports_to_peft_with_same_hidden_states(
         from fmjax.adapt.peft import export_run_to_peft
 
         export_run_to_peft(runs["prompt"][0], str(tmp_path / "x"))
+
+
+def test_eval_command_scores_the_latest_checkpoint(runs, capsys):
+    """`fmjax eval` rebuilds the run from its saved config (the resolved model,
+    the adapter over the base from init.model) and matches the final eval."""
+    from fmjax.cli import main
+
+    workdir, summary = runs["prefix"]
+    assert main(["eval", "--workdir", workdir]) == 0
+    text = capsys.readouterr().out
+    out = json.loads(text[text.index("{") :])
+    assert out["accuracy"] == pytest.approx(summary["eval"]["accuracy"], abs=1e-6)
+    assert out["loss"] == pytest.approx(summary["eval"]["loss"], rel=1e-5)

@@ -244,6 +244,12 @@ class ClassifyExperiment:
         return exp
 
     def _source(self, split: str) -> labeled.LabeledSource:
+        cache = self.__dict__.setdefault("_sources", {})
+        if split not in cache:
+            cache[split] = self._load_source(split)
+        return cache[split]
+
+    def _load_source(self, split: str) -> labeled.LabeledSource:
         try:
             source = labeled.load_labeled_source(
                 self.name,
