@@ -56,6 +56,7 @@ def get_config(variant: str = "lora"):
         # qlora: NF4 base
         quant_block_size=64,
         double_quant=True,
+        quantize_embeddings=False,  # True: embedding tables as NF4 too
         compute_dtype="float32",  # dtype the NF4 kernels are dequantised to
         # prompt tuning
         prompt_tokens=20,

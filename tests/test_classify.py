@@ -341,3 +341,38 @@ def test_eval_command_scores_the_latest_checkpoint(runs, capsys):
     out = json.loads(text[text.index("{") :])
     assert out["accuracy"] == pytest.approx(summary["eval"]["accuracy"], abs=1e-6)
     assert out["loss"] == pytest.approx(summary["eval"]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("embeddings", [False, True])
+def test_qlora_base_bytes_at_minilm_size(embeddings):
+    """NF4 with double quantisation stores all-MiniLM-L6-v2's kernels in under
+    1/7 of their f32 bytes; with quantize_embeddings the whole frozen base too
+    (shapes only: nothing is allocated)."""
+    from fmjax.config import ConfigDict
+    from fmjax.models.layers import TransformerConfig
+    from fmjax.models.text import TextEncoder
+
+    cfg = TransformerConfig(
+        vocab_size=30522,
+        d_model=384,
+        num_layers=6,
+        num_heads=12,
+        head_dim=32,
+        mlp_dim=1536,
+        mlm_head=False,
+        num_classes=2,
+    )
+    tokens = jax.ShapeDtypeStruct((1, 8), np.int32)
+    params = jax.eval_shape(TextEncoder(cfg).init, jax.random.PRNGKey(0), tokens)
+    adapt = load_config(f"{CONFIG}:qlora").adapt.to_dict()
+    adaptation = Adaptation.from_config(
+        ConfigDict({**adapt, "quantize_embeddings": embeddings}), cfg
+    )
+    trained, frozen = jax.eval_shape(
+        adaptation.split, nn.unbox(params["params"]), jax.random.PRNGKey(1)
+    )
+    report = adaptation.summary(trained, frozen)
+    assert 7 * report["quantized_bytes"] <= report["quantized_bytes_f32"]
+    whole = 7 * report["frozen_bytes"] <= report["frozen_bytes_f32"]
+    assert whole == embeddings  # f32 embeddings are half of MiniLM's params
+    assert report["trainable_percent"] < 1.0

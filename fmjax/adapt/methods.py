@@ -9,7 +9,8 @@ Methods (HF PEFT names):
   lora    LoRA adapters on `lora_targets` kernels over a frozen base.
   qlora   the same over a base whose kernels are NF4 codes (block size
           `quant_block_size`, double-quantised absmax), dequantised to
-          `compute_dtype` inside the step.
+          `compute_dtype` inside the step. As bitsandbytes' 4-bit loading, the
+          embedding tables stay as they are unless `quantize_embeddings`.
   prefix  learned per-layer K/V slots (optionally through a reparam MLP).
   prompt  N soft tokens prepended to the input.
 
@@ -32,7 +33,14 @@ import jax.numpy as jnp
 from fmjax.adapt import lora as lora_lib
 from fmjax.adapt import prompts
 from fmjax.adapt.masks import compile_patterns, count_params
-from fmjax.adapt.quant import dequantize_tree, is_quantized, nbytes, quantize_tree
+from fmjax.adapt.quant import (
+    dequantize_tree,
+    is_kernel_matrix,
+    is_matrix,
+    is_quantized,
+    nbytes,
+    quantize_tree,
+)
 from fmjax.models.layers import DTYPES, TransformerConfig
 
 METHODS = ("full", "lora", "qlora", "prefix", "prompt")
@@ -48,6 +56,8 @@ class Adaptation:
     prefix: prompts.PrefixConfig | None = None
     quant_block_size: int = 64
     double_quant: bool = True
+    # QLoRA: also store the (token, position, type) embedding tables as NF4.
+    quantize_embeddings: bool = False
     compute_dtype: str = "float32"
     train_patterns: tuple[str, ...] = HEAD_PATTERNS
 
@@ -95,6 +105,7 @@ class Adaptation:
             model_config=model_config,
             quant_block_size=adapt.quant_block_size,
             double_quant=adapt.double_quant,
+            quantize_embeddings=adapt.get("quantize_embeddings", False),
             compute_dtype=adapt.compute_dtype,
             train_patterns=tuple(adapt.train_patterns),
             **kwargs,
@@ -112,6 +123,7 @@ class Adaptation:
             if self.method == "qlora":
                 base = quantize_tree(
                     base,
+                    is_matrix if self.quantize_embeddings else is_kernel_matrix,
                     block_size=self.quant_block_size,
                     double_quant=self.double_quant,
                 )

@@ -183,13 +183,19 @@ def is_quantized(x) -> bool:
     return isinstance(x, QuantizedTensor)
 
 
-def _is_kernel_matrix(path: str, leaf) -> bool:
+def is_kernel_matrix(path: str, leaf) -> bool:
     return path.split("/")[-1] == "kernel" and jnp.ndim(leaf) >= 2
+
+
+def is_matrix(path: str, leaf) -> bool:
+    """Kernels and embedding tables: every >= 2-D param."""
+    del path
+    return jnp.ndim(leaf) >= 2
 
 
 def quantize_tree(
     params,
-    predicate: Callable[[str, Array], bool] = _is_kernel_matrix,
+    predicate: Callable[[str, Array], bool] = is_kernel_matrix,
     *,
     block_size: int = 64,
     double_quant: bool = True,

@@ -296,6 +296,12 @@ def _print_report(report: dict) -> None:
         f" + frozen params {mib(report['frozen_bytes'])} + optimizer state "
         f"{mib(report['optimizer_bytes'])} = {mib(total)}"
     )
+    if report.get("quantized_bytes"):
+        ratio = report["quantized_bytes_f32"] / report["quantized_bytes"]
+        print(
+            f"NF4 weights: {mib(report['quantized_bytes'])}, 1/{ratio:.2f} of their "
+            f"{mib(report['quantized_bytes_f32'])} in float32"
+        )
 
 
 def train(config, workdir: str) -> dict:
