@@ -112,6 +112,29 @@ def test_bert_mlm_trains(data_dir, tmp_path):
     assert model.embed(["one sentence"]).shape == (1, 64)
     assert summary["eval"]["accuracy"] > evals[0]["accuracy"]
 
+    # The life cycle goes on: this pre-trained encoder (its MLM head dropped) is
+    # the base of a LoRA sentiment classifier.
+    clf_dir = str(tmp_path / "classifier")
+    overrides = {
+        "init.model": str(tmp_path),
+        "data.data_dir": str(data_dir),
+        "data.seq_len": 32,
+        "data.batch_size": 8,
+        "data.train_examples": 64,
+        "data.test_split": "",
+        "train.steps": 2,
+        "train.eval_batches": 2,
+        "train.progress": False,
+        "mesh.num_devices": 1,
+    }
+    clf = load_config(
+        "configs/classify.py:lora", [f"{k}={v}" for k, v in overrides.items()]
+    )
+    clf_summary = train(clf, clf_dir)
+    assert clf_summary["params"]["trainable_percent"] < 5
+    out = fmjax.load(clf_dir).classify(["a fine film", "a dull film"])
+    assert [o["label"] in ("rotten", "fresh") for o in out] == [True, True]
+
 
 def _fmjax(workdir, data_dir, *extra, wait=True):
     cmd = [sys.executable, "-m", "fmjax.cli", "train"]
