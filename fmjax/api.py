@@ -19,6 +19,7 @@ one base in memory (as PEFT's `load_adapter` / `set_adapter`):
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -132,6 +133,32 @@ class Model:
         module = build_model({"kind": "encoder", **model_config.to_dict()})
         self._adapters[name] = (module, params, kwargs, config)
         return self.set_adapter(name)
+
+    def save_merged(self, directory: str) -> str:
+        """Writes the model with the active LoRA/QLoRA adapter folded into the
+        kernels as a whole-model fmjax export (PEFT's `merge_and_unload`), which
+        `fmjax.load` reads without the base. Prompt and prefix adapters are model
+        inputs, not weights, so they cannot be merged."""
+        from fmjax.config import to_json
+        from fmjax.export import MODEL_WEIGHTS, flatten_params
+
+        method = self.config.get("adapt", {}).get("method", "full")
+        if self.active_adapter is not None and method not in ("lora", "qlora"):
+            raise ValueError(
+                f"adapter {self.active_adapter!r} is {method!r} tuning, which adds "
+                "model inputs, not weights: there is nothing to merge"
+            )
+        from safetensors.numpy import save_file
+
+        config = ConfigDict(self.config.to_dict())
+        if "adapt" in config:
+            config.adapt.method = "full"
+        os.makedirs(directory, exist_ok=True)
+        save_file(flatten_params(self.params), os.path.join(directory, MODEL_WEIGHTS))
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            f.write(to_json(config))
+        self.tokenizer.save(directory)
+        return directory
 
     def set_adapter(self, name: str | None) -> Model:
         """Makes adapter `name` active; None goes back to the base model."""

@@ -376,3 +376,17 @@ def test_qlora_base_bytes_at_minilm_size(embeddings):
     whole = 7 * report["frozen_bytes"] <= report["frozen_bytes_f32"]
     assert whole == embeddings  # f32 embeddings are half of MiniLM's params
     assert report["trainable_percent"] < 1.0
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_merged_classifier_gives_the_same_outputs(runs, data_dir, tmp_path, method):
+    texts, _ = _validation(data_dir, 8)
+    m = fmjax.load(runs[method][0])
+    merged_dir = m.save_merged(str(tmp_path / "merged"))
+    merged = fmjax.load(merged_dir)
+    assert merged.active_adapter is None
+    np.testing.assert_allclose(
+        merged.predict_proba(texts), m.predict_proba(texts), atol=1e-5
+    )
+    with pytest.raises(ValueError, match="nothing to merge"):
+        fmjax.load(runs["prompt"][0]).save_merged(str(tmp_path / "no"))

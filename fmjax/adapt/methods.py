@@ -68,8 +68,12 @@ class Adaptation:
             raise ValueError(
                 f"adapt.compute_dtype={self.compute_dtype!r}: expected one of {DTYPES}"
             )
-        needed = {"lora": "lora", "qlora": "lora", "prefix": "prefix"}
-        needed["prompt"] = "prompt"
+        needed = {
+            "lora": "lora",
+            "qlora": "lora",
+            "prefix": "prefix",
+            "prompt": "prompt",
+        }
         if self.method in needed and getattr(self, needed[self.method]) is None:
             raise ValueError(
                 f"adapt.method={self.method!r} needs a {needed[self.method]} config"
