@@ -192,7 +192,8 @@ def _claims(rows: list[dict]) -> str:
             f"tables (half of MiniLM's params) stay f32, as bitsandbytes' 4-bit "
             f"loading leaves them, so the whole frozen base is "
             f"{q['frozen_bytes'] / 2**20:.1f} MiB vs "
-            f"{q['frozen_bytes_f32'] / 2**20:.1f} MiB; `adapt.quantize_embeddings=True` stores them as NF4 too "
+            f"{q['frozen_bytes_f32'] / 2**20:.1f} MiB; "
+            f"`adapt.quantize_embeddings=True` stores them as NF4 too "
             f"(tests/test_classify.py checks < 1/7 for the whole base then)"
         )
     return "\n".join(out)
