@@ -22,6 +22,7 @@ budget that grows with the data (STEPS). Test accuracy is read once, at the end.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shlex
@@ -45,7 +46,13 @@ LABELS = {
 BEGIN, END = "<!-- RESULTS BEGIN -->", "<!-- RESULTS END -->"
 
 
-def command(method: str, size: int, workdir: str, data_dir: str) -> list[str]:
+def run_name(method: str, size: int, seed: int = 0) -> str:
+    return f"{method}_{size or 'all'}" + (f"_seed{seed}" if seed else "")
+
+
+def command(
+    method: str, size: int, workdir: str, data_dir: str, seed: int = 0
+) -> list[str]:
     steps = STEPS[size]
     overrides = {
         "data.train_examples": size,
@@ -57,6 +64,8 @@ def command(method: str, size: int, workdir: str, data_dir: str) -> list[str]:
         "data.eval_split": "test",
         "data.test_split": "",
     }
+    if seed:  # the params' init and dropout; the data and its order stay
+        overrides["train.seed"] = seed
     if data_dir:
         overrides["data.data_dir"] = data_dir
     return [
@@ -84,37 +93,37 @@ def run_one(cmd: list[str], log_path: str) -> int:
     return usage.ru_maxrss * 1024  # kilobytes on Linux
 
 
-def collect(root: str, methods, sizes) -> list[dict]:
+def collect(root: str, methods, sizes, seeds=range(10)) -> list[dict]:
     rows = []
-    for method in methods:
-        for size in sizes:
-            path = os.path.join(root, f"{method}_{size or 'all'}", "summary.json")
-            if not os.path.isfile(path):
-                continue
-            with open(path) as f:
-                summary = json.load(f)
-            params = summary["params"]
-            rows.append(
-                {
-                    "method": method,
-                    "train_examples": summary["train_examples"],
-                    "steps": summary["steps"],
-                    "test_accuracy": summary.get("test", summary["eval"])["accuracy"],
-                    "trainable_params": params["trainable_params"],
-                    "all_params": params["all_params"],
-                    "trainable_percent": params["trainable_percent"],
-                    "state_bytes": params["trained_bytes"]
-                    + params["frozen_bytes"]
-                    + params["optimizer_bytes"],
-                    "frozen_bytes": params["frozen_bytes"],
-                    "frozen_bytes_f32": params["frozen_bytes_f32"],
-                    "quantized_bytes": params.get("quantized_bytes"),
-                    "quantized_bytes_f32": params.get("quantized_bytes_f32"),
-                    "peak_rss_bytes": summary.get("peak_rss_bytes"),
-                    "wall_time_s": summary["wall_time_s"],
-                    "command": summary.get("command", ""),
-                }
-            )
+    for method, size, seed in itertools.product(methods, sizes, seeds):
+        path = os.path.join(root, run_name(method, size, seed), "summary.json")
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            summary = json.load(f)
+        params = summary["params"]
+        rows.append(
+            {
+                "method": method,
+                "seed": seed,
+                "train_examples": summary["train_examples"],
+                "steps": summary["steps"],
+                "test_accuracy": summary.get("test", summary["eval"])["accuracy"],
+                "trainable_params": params["trainable_params"],
+                "all_params": params["all_params"],
+                "trainable_percent": params["trainable_percent"],
+                "state_bytes": params["trained_bytes"]
+                + params["frozen_bytes"]
+                + params["optimizer_bytes"],
+                "frozen_bytes": params["frozen_bytes"],
+                "frozen_bytes_f32": params["frozen_bytes_f32"],
+                "quantized_bytes": params.get("quantized_bytes"),
+                "quantized_bytes_f32": params.get("quantized_bytes_f32"),
+                "peak_rss_bytes": summary.get("peak_rss_bytes"),
+                "wall_time_s": summary["wall_time_s"],
+                "command": summary.get("command", ""),
+            }
+        )
     return rows
 
 
@@ -225,20 +234,62 @@ def _plot(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def _seed_spread(rows: list[dict]) -> str:
+    """Runs repeated with other train.seed values: how much one seed moves."""
+    groups: dict[tuple[str, int], dict[int, float]] = {}
+    for r in rows:
+        key = (r["method"], r["train_examples"])
+        groups.setdefault(key, {})[r["seed"]] = 100 * r["test_accuracy"]
+    lines = []
+    for (method, n), by_seed in sorted(groups.items()):
+        if len(by_seed) < 2:
+            continue
+        values = [by_seed[k] for k in sorted(by_seed)]
+        lines.append(
+            f"| {LABELS[method]} | {n:,} | "
+            + ", ".join(f"{v:.1f}" for v in values)
+            + f" | {max(values) - min(values):.1f} |"
+        )
+    if not lines:
+        return ""
+    means = []
+    for n in sorted({n for _, n in groups}):
+        lora, qlora = groups.get(("lora", n), {}), groups.get(("qlora", n), {})
+        if len(lora) > 1 and len(qlora) > 1:
+            diff = sum(qlora.values()) / len(qlora) - sum(lora.values()) / len(lora)
+            means.append(
+                f"- {n:,} examples, mean over seeds: QLoRA - LoRA = {diff:+.1f} points"
+            )
+    return "\n".join(
+        [
+            "Seed noise: the same runs with other `train.seed` values (the head, "
+            "adapter init and dropout change; the data and its order do not):",
+            "",
+            "| method | examples | test accuracy, seeds 0, 1, 2, ... | spread |",
+            "|---|---|---|---|",
+            *lines,
+            "",
+            *means,
+        ]
+    )
+
+
 def report(rows: list[dict], sizes) -> None:
     docs = os.path.join(REPO, "docs")
     with open(os.path.join(docs, "adaptation.json"), "w") as f:
         json.dump(rows, f, indent=2)
-    _plot(rows, os.path.join(docs, "adaptation.png"))
-    body = "\n\n".join(
-        [
-            "Test accuracy (%) on the 1,276 test snippets, by training examples:",
-            _table(rows, sizes),
-            _claims(rows),
-            _cost_table(rows),
-            "![learning curves](adaptation.png)",
-        ]
-    )
+    main = [r for r in rows if r["seed"] == 0]
+    _plot(main, os.path.join(docs, "adaptation.png"))
+    parts = [
+        "Test accuracy (%) on the 1,276 test snippets, by training examples "
+        "(train.seed 0):",
+        _table(main, sizes),
+        _claims(main),
+        _seed_spread(rows),
+        _cost_table(main),
+        "![learning curves](adaptation.png)",
+    ]
+    body = "\n\n".join(p for p in parts if p)
     path = os.path.join(docs, "adaptation.md")
     text = open(path).read()
     start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
@@ -253,6 +304,13 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", default="")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--sizes", nargs="+", type=int, default=list(SIZES))
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=[0],
+        help="train.seed values (init and dropout) to repeat each run with",
+    )
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
     bad = [m for m in args.methods if m not in METHODS]
@@ -260,36 +318,37 @@ def main(argv=None) -> int:
     if bad:
         parser.error(f"unknown {bad}; methods {METHODS}, sizes {list(STEPS)}")
     if not args.report_only:
-        for size in args.sizes:
-            for method in args.methods:
-                workdir = os.path.join(args.root, f"{method}_{size or 'all'}")
-                summary_path = os.path.join(workdir, "summary.json")
-                if os.path.isfile(summary_path):
-                    continue
-                os.makedirs(workdir, exist_ok=True)
-                cmd = command(method, size, workdir, args.data_dir)
-                print(f"[{time.strftime('%H:%M:%S')}] {shlex.join(cmd)}", flush=True)
-                rss = run_one(cmd, os.path.join(workdir, "log.txt"))
-                # As a user would type it (the data dir is this machine's).
-                shown = ["fmjax", *cmd[3:]]
-                shown[shown.index("--config") + 1] = f"configs/classify.py:{method}"
-                shown[shown.index("--workdir") + 1] = (
-                    f"runs/adaptation/{method}_{size or 'all'}"
-                )
-                with open(summary_path) as f:
-                    summary = json.load(f)
-                summary["peak_rss_bytes"] = rss
-                summary["command"] = shlex.join(
-                    [x for x in shown if not x.startswith("--config.data.data_dir")]
-                )
-                with open(summary_path, "w") as f:
-                    json.dump(summary, f, indent=2)
-                print(
-                    f"  test accuracy {summary['eval']['accuracy']:.4f}, "
-                    f"{summary['wall_time_s']:.0f} s",
-                    flush=True,
-                )
-    rows = collect(args.root, args.methods, args.sizes)
+        for size, seed, method in itertools.product(
+            args.sizes, args.seeds, args.methods
+        ):
+            workdir = os.path.join(args.root, run_name(method, size, seed))
+            summary_path = os.path.join(workdir, "summary.json")
+            if os.path.isfile(summary_path):
+                continue
+            os.makedirs(workdir, exist_ok=True)
+            cmd = command(method, size, workdir, args.data_dir, seed)
+            print(f"[{time.strftime('%H:%M:%S')}] {shlex.join(cmd)}", flush=True)
+            rss = run_one(cmd, os.path.join(workdir, "log.txt"))
+            # As a user would type it (the data dir is this machine's).
+            shown = ["fmjax", *cmd[3:]]
+            shown[shown.index("--config") + 1] = f"configs/classify.py:{method}"
+            shown[shown.index("--workdir") + 1] = (
+                f"runs/adaptation/{method}_{size or 'all'}"
+            )
+            with open(summary_path) as f:
+                summary = json.load(f)
+            summary["peak_rss_bytes"] = rss
+            summary["command"] = shlex.join(
+                [x for x in shown if not x.startswith("--config.data.data_dir")]
+            )
+            with open(summary_path, "w") as f:
+                json.dump(summary, f, indent=2)
+            print(
+                f"  test accuracy {summary['eval']['accuracy']:.4f}, "
+                f"{summary['wall_time_s']:.0f} s",
+                flush=True,
+            )
+    rows = collect(args.root, METHODS, SIZES)
     if not rows:
         print(f"no finished runs under {args.root}")
         return 1
