@@ -266,28 +266,34 @@ def test_classification_loss_and_mean_pooling_match_numpy():
     np.testing.assert_allclose(pool(hidden, seg, "cls"), hidden[:, 0])
 
 
-def test_lora_targets_all_linear_adapts_every_projection():
+def _abstract_split(variant, shape, **adapt_changes):
+    """(adaptation, trained, frozen) for a classifier of `shape`, from shapes only
+    (nothing is allocated)."""
     from fmjax.config import ConfigDict
     from fmjax.models.layers import TransformerConfig
     from fmjax.models.text import TextEncoder
 
-    cfg = TransformerConfig(
-        vocab_size=50,
-        d_model=8,
-        num_layers=2,
-        num_heads=2,
-        head_dim=4,
-        mlp_dim=16,
-        mlm_head=False,
-        num_classes=3,
+    cfg = TransformerConfig(**shape, mlm_head=False, num_classes=2)
+    tokens = jax.ShapeDtypeStruct((1, 8), np.int32)
+    params = jax.eval_shape(TextEncoder(cfg).init, jax.random.PRNGKey(0), tokens)
+    adapt = load_config(f"{CONFIG}:{variant}").adapt.to_dict()
+    adaptation = Adaptation.from_config(ConfigDict({**adapt, **adapt_changes}), cfg)
+    trained, frozen = jax.eval_shape(
+        adaptation.split, nn.unbox(params["params"]), jax.random.PRNGKey(1)
     )
-    params = TextEncoder(cfg).init(jax.random.PRNGKey(0), np.zeros((1, 4), np.int32))
-    adapt = load_config(f"{CONFIG}:lora").adapt
-    adapt = ConfigDict({**adapt.to_dict(), "lora_targets": "all-linear"})
-    adaptation = Adaptation.from_config(adapt, cfg)
-    trained, frozen = adaptation.split(
-        nn.unbox(params["params"]), jax.random.PRNGKey(1)
-    )
+    return adaptation, trained, frozen
+
+
+TINY_SHAPE = dict(
+    vocab_size=50, d_model=8, num_layers=2, num_heads=2, head_dim=4, mlp_dim=16
+)
+MINILM_SHAPE = dict(
+    vocab_size=30522, d_model=384, num_layers=6, num_heads=12, head_dim=32, mlp_dim=1536
+)
+
+
+def test_lora_targets_all_linear_adapts_every_projection():
+    _, trained, frozen = _abstract_split("lora", TINY_SHAPE, lora_targets="all-linear")
     modules = {p.rsplit("/", 1)[0] for p in lora_param_paths(trained["lora"])}
     assert len(modules) == 2 * 6  # q, k, v, out, up, down per layer
     assert set(trained["model"]) == {"classifier"} and "classifier" not in frozen
@@ -346,30 +352,9 @@ def test_eval_command_scores_the_latest_checkpoint(runs, capsys):
 @pytest.mark.parametrize("embeddings", [False, True])
 def test_qlora_base_bytes_at_minilm_size(embeddings):
     """NF4 with double quantisation stores all-MiniLM-L6-v2's kernels in under
-    1/7 of their f32 bytes; with quantize_embeddings the whole frozen base too
-    (shapes only: nothing is allocated)."""
-    from fmjax.config import ConfigDict
-    from fmjax.models.layers import TransformerConfig
-    from fmjax.models.text import TextEncoder
-
-    cfg = TransformerConfig(
-        vocab_size=30522,
-        d_model=384,
-        num_layers=6,
-        num_heads=12,
-        head_dim=32,
-        mlp_dim=1536,
-        mlm_head=False,
-        num_classes=2,
-    )
-    tokens = jax.ShapeDtypeStruct((1, 8), np.int32)
-    params = jax.eval_shape(TextEncoder(cfg).init, jax.random.PRNGKey(0), tokens)
-    adapt = load_config(f"{CONFIG}:qlora").adapt.to_dict()
-    adaptation = Adaptation.from_config(
-        ConfigDict({**adapt, "quantize_embeddings": embeddings}), cfg
-    )
-    trained, frozen = jax.eval_shape(
-        adaptation.split, nn.unbox(params["params"]), jax.random.PRNGKey(1)
+    1/7 of their f32 bytes; with quantize_embeddings the whole frozen base too."""
+    adaptation, trained, frozen = _abstract_split(
+        "qlora", MINILM_SHAPE, quantize_embeddings=embeddings
     )
     report = adaptation.summary(trained, frozen)
     assert 7 * report["quantized_bytes"] <= report["quantized_bytes_f32"]
