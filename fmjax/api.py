@@ -7,7 +7,7 @@ sentence-transformers pooling of its 1_Pooling/config.json).
 A classifier trained with configs/classify.py classifies text:
 
     m = fmjax.load("runs/rt_lora")        # base from its init.model + the adapter
-    m.classify(["a gripping, funny film"])  # [{"label": "fresh", "score": 0.93}]
+    m.classify(["a gripping, funny film"])  # [{"label": "fresh", "score": ...}]
 
 Adapter runs export only their trained params, so several adapters can share
 one base in memory (as PEFT's `load_adapter` / `set_adapter`):

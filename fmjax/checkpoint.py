@@ -99,7 +99,10 @@ class Checkpointer:
         )
 
     def restore(self, step: int, abstract_state: TrainState, shardings: TrainState):
-        """Restores (state, data, loop, config) at `step` onto `shardings`."""
+        """Restores (state, data, loop, config) at `step` onto `shardings`.
+
+        `state.frozen` is not in checkpoints and comes back as `abstract_state`'s;
+        the caller rebuilds it (`fmjax.train.loop._restore`)."""
         target = jax.tree.map(
             lambda leaf, sharding: jax.ShapeDtypeStruct(
                 leaf.shape, leaf.dtype, sharding=sharding
