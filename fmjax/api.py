@@ -32,7 +32,7 @@ from fmjax.data.classification import encode_example
 from fmjax.data.tokenizer import load_tokenizer
 from fmjax.export import find_export, is_adapter_export, load_export
 from fmjax.models import build_model
-from fmjax.models.layers import TransformerConfig
+from fmjax.models.config import TransformerConfig
 from fmjax.train.classify import MODEL_OVERRIDES
 
 # Model fields an adapter's classifier may differ in from its base.

@@ -74,7 +74,7 @@ def tiny_bert_dir(minilm_dir, data_dir, tmp_path_factory):
     from fmjax.convert.hf import save_hf_bert
     from fmjax.data import sources
     from fmjax.data.tokenizer import load_tokenizer
-    from fmjax.models.layers import TransformerConfig
+    from fmjax.models.config import TransformerConfig
     from fmjax.models.text import TextEncoder
 
     sources.prepare("rotten_tomatoes", str(data_dir))

@@ -270,7 +270,7 @@ def _abstract_split(variant, shape, **adapt_changes):
     """(adaptation, trained, frozen) for a classifier of `shape`, from shapes only
     (nothing is allocated)."""
     from fmjax.config import ConfigDict
-    from fmjax.models.layers import TransformerConfig
+    from fmjax.models.config import TransformerConfig
     from fmjax.models.text import TextEncoder
 
     cfg = TransformerConfig(**shape, mlm_head=False, num_classes=2)

@@ -276,7 +276,7 @@ def test_hf_name_for_maps_every_encoder_param_to_a_distinct_tensor():
     from flax import traverse_util
 
     from fmjax.convert.bert import tensor_name
-    from fmjax.models.layers import TransformerConfig
+    from fmjax.models.config import TransformerConfig
     from fmjax.models.text import TextEncoder
 
     cfg = TransformerConfig(

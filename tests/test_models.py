@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fmjax.models.config import TransformerConfig
 from fmjax.models.layers import (
     Attention,
     Block,
-    TransformerConfig,
     apply_rope,
     make_attention_mask,
 )

@@ -9,7 +9,8 @@ import optax
 import pytest
 
 from fmjax.adapt import masks, prompts
-from fmjax.models.layers import Attention, TransformerConfig, make_attention_mask
+from fmjax.models.config import TransformerConfig
+from fmjax.models.layers import Attention, make_attention_mask
 from fmjax.models.text import TextDecoder, TextEncoder
 
 V, D, LAYERS, H, H_KV, K, F = 61, 32, 2, 4, 2, 8, 64

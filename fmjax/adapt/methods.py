@@ -41,7 +41,7 @@ from fmjax.adapt.quant import (
     nbytes,
     quantize_tree,
 )
-from fmjax.models.layers import DTYPES, TransformerConfig
+from fmjax.models.config import DTYPES, TransformerConfig
 
 METHODS = ("full", "lora", "qlora", "prefix", "prompt")
 HEAD_PATTERNS = ("classifier/.*",)

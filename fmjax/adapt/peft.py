@@ -305,7 +305,7 @@ def export_run_to_peft(workdir: str | os.PathLike, directory: str | os.PathLike)
     from fmjax.adapt.methods import Adaptation
     from fmjax.config import ConfigDict
     from fmjax.export import is_adapter_export, load_export
-    from fmjax.models.layers import TransformerConfig
+    from fmjax.models.config import TransformerConfig
 
     workdir = os.fspath(workdir)
     trained, config = load_export(workdir)

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fmjax.models.layers import TransformerConfig
+from fmjax.models.config import TransformerConfig
 
 Array = jax.Array
 

@@ -136,7 +136,7 @@ def model_config_from_hf(hf: Mapping[str, Any], mlm_head: bool) -> dict[str, Any
 
 def hf_config_from_model(model_config: Mapping[str, Any], pad_id: int) -> dict:
     """The HF BertConfig dict of an fmjax encoder config; refuses what BERT lacks."""
-    from fmjax.models.layers import TransformerConfig
+    from fmjax.models.config import TransformerConfig
 
     fields = dict(model_config)
     kind = fields.pop("kind", None)

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 def build_model(model_config: Mapping):
     """The flax module for a `config.model` group: `kind` plus TransformerConfig."""
-    from fmjax.models.layers import TransformerConfig
+    from fmjax.models.config import TransformerConfig
     from fmjax.models.text import TextDecoder, TextEncoder
 
     fields = dict(model_config)

@@ -12,7 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fmjax.models.layers import CLASSIFIER_POOLINGS, EinsumDense, TransformerConfig
+from fmjax.models.config import CLASSIFIER_POOLINGS, TransformerConfig
+from fmjax.models.layers import EinsumDense
 
 Array = jax.Array
 

@@ -31,13 +31,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fmjax.models.config import TransformerConfig
 from fmjax.models.heads import classifier_logits
 from fmjax.models.layers import (
     Block,
     EinsumDense,
     Embed,
     LayerNorm,
-    TransformerConfig,
     activation_fn,
     make_attention_mask,
     residual_init_std,

@@ -26,7 +26,7 @@ from fmjax.config import ConfigError
 from fmjax.data import classification as cls_data
 from fmjax.data import labeled, sources
 from fmjax.data.tokenizer import load_tokenizer
-from fmjax.models.layers import TransformerConfig
+from fmjax.models.config import TransformerConfig
 from fmjax.train.step import classification_loss_fn
 
 # config.model keys a classification run may set over the pretrained model's.

@@ -15,7 +15,7 @@ from fmjax.config import ConfigError
 from fmjax.data import sources
 from fmjax.data import text as text_data
 from fmjax.data.tokenizer import tokenizer_for
-from fmjax.models.layers import TransformerConfig
+from fmjax.models.config import TransformerConfig
 from fmjax.train.step import text_loss_fn
 
 OBJECTIVE_MODEL = {"mlm": "encoder", "causal": "decoder"}
