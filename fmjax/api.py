@@ -30,9 +30,15 @@ from fmjax.config import ConfigDict
 from fmjax.convert import hf
 from fmjax.data.classification import encode_example
 from fmjax.data.tokenizer import load_tokenizer
-from fmjax.export import find_export, is_adapter_export, load_export
+from fmjax.export import (
+    find_export,
+    is_adapter_export,
+    load_export,
+    load_export_config,
+)
 from fmjax.models import build_model
 from fmjax.models.config import TransformerConfig
+from fmjax.models.heads import pool
 from fmjax.train.classify import MODEL_OVERRIDES
 
 # Model fields an adapter's classifier may differ in from its base.
@@ -99,12 +105,12 @@ class Model:
     def load_adapter(self, path: str, name: str = "default") -> Model:
         """Loads the adapter (and head) exported by an adapter run in `path` over
         this model's base params (shared, not copied) and makes it active."""
-        trained, config = load_export(path)
         if not is_adapter_export(path):
             raise ValueError(
                 f"{path!r} is a whole-model export (method 'full'), not an adapter; "
                 "load it with fmjax.load"
             )
+        trained, config = load_export(path)
         config = ConfigDict(config)
         _, base_params, base_config = self._base
         base_fields = {
@@ -287,13 +293,11 @@ class Model:
         return np.concatenate(out).astype(np.float32)
 
     def _pool(self, hidden_BLD: np.ndarray, real_BL: np.ndarray) -> np.ndarray:
-        if self.pooling == "cls":
-            return hidden_BLD[:, 0]
-        mask_BL1 = real_BL[..., None]
         if self.pooling == "max":
+            mask_BL1 = real_BL[..., None]
             return np.where(mask_BL1, hidden_BLD, -np.inf).max(axis=1)
-        mask_BL1 = mask_BL1.astype(np.float32)
-        return (hidden_BLD * mask_BL1).sum(1) / np.maximum(mask_BL1.sum(1), 1.0)
+        # mean / cls: the same pooling the classifier head uses.
+        return np.asarray(pool(hidden_BLD, real_BL, self.pooling))
 
 
 def load(path: str) -> Model:
@@ -304,7 +308,7 @@ def load(path: str) -> Model:
             {"name": "hf_import", "model": model_config, "pooling": hf.hf_pooling(path)}
         )
     elif is_adapter_export(path):
-        _, config = load_export(path)
+        config = load_export_config(path)
         base = config.get("init", {}).get("model", "")
         if not base:
             raise ValueError(f"adapter export {path!r} names no base (init.model)")

@@ -93,6 +93,10 @@ def load_export(path: str) -> tuple[dict, dict]:
     directory = find_export(path)
     weights = ADAPTER_WEIGHTS if is_adapter_export(directory) else MODEL_WEIGHTS
     params = unflatten_params(load_file(os.path.join(directory, weights)))
-    with open(os.path.join(directory, "config.json")) as f:
-        config = json.load(f)
-    return params, config
+    return params, load_export_config(directory)
+
+
+def load_export_config(path: str) -> dict:
+    """The run config saved beside an export's weights (no weights are read)."""
+    with open(os.path.join(find_export(path), "config.json")) as f:
+        return json.load(f)
