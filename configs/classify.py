@@ -18,7 +18,6 @@ Variants set the method and its usual learning rate:
 import importlib.util
 import os
 
-from fmjax.adapt.lora import DEFAULT_TARGETS
 from fmjax.config import base_config
 
 VARIANTS = ("full", "lora", "qlora", "prefix", "prompt", "scratch")
@@ -45,27 +44,10 @@ def get_config(variant: str = "lora"):
     c.name = "classify"
     c.objective = dict(name="classify")
     # The pretrained model: an HF BERT directory or an fmjax workdir/export.
-    c.init = dict(model=minilm_dir(), pretrained=variant != "scratch")
-    c.adapt = dict(
+    c.init.update(model=minilm_dir(), pretrained=variant != "scratch")
+    c.adapt.update(
         method="full" if variant == "scratch" else variant,
-        # lora / qlora
-        lora_rank=8,
-        lora_alpha=16.0,
-        lora_dropout=0.1,
-        lora_targets=DEFAULT_TARGETS,  # or "all-linear", or regexes of param paths
-        # qlora: NF4 base
-        quant_block_size=64,
-        double_quant=True,
-        quantize_embeddings=False,  # True: embedding tables as NF4 too
-        compute_dtype="float32",  # dtype the NF4 kernels are dequantised to
-        # prompt tuning
-        prompt_tokens=20,
-        prompt_init="vocab",  # vocab | random
-        # prefix tuning
-        prefix_tokens=10,
-        prefix_reparam=False,  # True: K/V from an MLP over P embeddings (Li & Liang)
-        prefix_hidden=512,
-        # params trained besides the adapter (PEFT's modules_to_save)
+        # the classifier head trains in every method (PEFT's modules_to_save)
         train_patterns=("classifier/.*",),
     )
     c.data.update(

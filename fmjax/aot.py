@@ -14,6 +14,8 @@ import dataclasses
 import math
 import os
 
+from fmjax.errors import FmjaxError
+
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
@@ -34,7 +36,7 @@ CHIPS = {
 }
 
 
-class DoesNotFitError(ValueError):
+class DoesNotFitError(FmjaxError, ValueError):
     pass
 
 

@@ -36,10 +36,9 @@ from fmjax.export import (
     load_export,
     load_export_config,
 )
-from fmjax.models import build_model
-from fmjax.models.config import TransformerConfig
+from fmjax.models import build_model, model_config
 from fmjax.models.heads import pool
-from fmjax.train.classify import MODEL_OVERRIDES
+from fmjax.tasks.classify import MODEL_OVERRIDES
 
 # Model fields an adapter's classifier may differ in from its base.
 HEAD_FIELDS = (*MODEL_OVERRIDES, "mlm_head")
@@ -114,29 +113,25 @@ class Model:
         config = ConfigDict(config)
         _, base_params, base_config = self._base
         base_fields = {
-            k: v
-            for k, v in base_config.model.items()
-            if k not in (*HEAD_FIELDS, "kind")
+            k: v for k, v in base_config.model.items() if k not in HEAD_FIELDS
         }
-        fields = {k: v for k, v in config.model.items() if k != "kind"}
-        differ = sorted(
-            k for k in base_fields if k not in fields or fields[k] != base_fields[k]
-        )
+        fields = dict(config.model)
+        differ = sorted(k for k in base_fields if fields.get(k) != base_fields[k])
         if differ:
             raise ValueError(
                 f"adapter {path!r} was trained on another architecture: model."
                 f"{differ[0]}={fields.get(differ[0])!r}, this base has "
                 f"{base_fields[differ[0]]!r} (differing: {differ})"
             )
-        model_config = TransformerConfig.from_dict(
+        adapter_model = model_config(
             {**fields, "dropout_rate": 0.0, "attention_dropout_rate": 0.0}
         )
-        adaptation = Adaptation.from_config(config.adapt, model_config)
+        adaptation = Adaptation.from_config(config.adapt, adapter_model)
         head = trained.get("model", {})
         # split() rebuilds the frozen base exactly as training did (e.g. NF4).
         _, frozen = adaptation.split({**base_params, **head}, jax.random.PRNGKey(0))
         params, kwargs = adaptation.merged(jax.tree.map(jnp.asarray, trained), frozen)
-        module = build_model({"kind": "encoder", **model_config.to_dict()})
+        module = build_model(adapter_model)
         self._adapters[name] = (module, params, kwargs, config)
         return self.set_adapter(name)
 

@@ -17,12 +17,14 @@ import numpy as np
 from fmjax import sharding as shd
 from fmjax.models import build_model
 from fmjax.objectives import max_predictions
+from fmjax.tasks import task_for
+from fmjax.tasks.text import TokenIds
 from fmjax.train.state import make_optimizer
-from fmjax.train.step import jit_train_step, text_loss_fn
+from fmjax.train.step import jit_train_step
 
-# Ids 0..4 are pad/unk/bos/eos/mask in fmjax tokenizers.
-SPECIAL_IDS = (0, 1, 2, 3, 4)
-MASK_ID = 4
+# The ids of fmjax tokenizers (pad/unk/bos/eos/mask) that random batches avoid.
+SPECIAL_IDS = TokenIds(0).special_ids
+MASK_ID = TokenIds(0).mask_id
 
 
 def train_flops_per_token(model_cfg, seq_len: int, head_fraction: float = 1.0) -> float:
@@ -36,18 +38,6 @@ def train_flops_per_token(model_cfg, seq_len: int, head_fraction: float = 1.0) -
     per_layer = d * hk * 2 + d * kv * 2 + 2 * d * f
     head = d * model_cfg.vocab_size + (d * d if model_cfg.kind == "encoder" else 0)
     return 6 * (layers * per_layer + head * head_fraction) + 12 * layers * hk * seq_len
-
-
-def _loss_fn(config, model):
-    """The training loss of `config` with fmjax tokenizers' special ids."""
-    return text_loss_fn(
-        model,
-        config.objective.name,
-        mask_id=MASK_ID,
-        vocab_size=config.model.vocab_size,
-        special_ids=SPECIAL_IDS,
-        mask_rate=config.objective.get("mask_rate", 0.15),
-    )
 
 
 def _random_batch(rng, batch: int, seq_len: int, vocab: int) -> dict:
@@ -69,17 +59,18 @@ def _time_steps(run_step, warmup: int, steps: int) -> float:
 
 
 def bench_fmjax(config, warmup: int, steps: int) -> dict:
-    from fmjax.train.loop import init_state
+    from fmjax.train.run import init_state
 
     mesh = shd.mesh_from_config(config.mesh)
-    model = build_model(config.model)
+    task = task_for(config, with_data=False)
+    model = build_model(task.model_config)
     tx, lr_fn = make_optimizer(10_000, **config.optimizer)
     batch_size, seq_len = config.data.batch_size, config.data.seq_len
     batch = _random_batch(
         np.random.default_rng(0), batch_size, seq_len, config.model.vocab_size
     )
-    _, shardings, init = init_state(config, model, tx, mesh, seed=0)
-    loss_fn = _loss_fn(config, model)
+    _, shardings, init = init_state(task, model, tx, mesh, seed=0)
+    loss_fn = task.loss_fn(model)
     with shd.activate(mesh, config.mesh.rules):
         step_fn = jit_train_step(
             loss_fn, lr_fn, config.optimizer.grad_accum_steps, shardings, mesh
@@ -240,23 +231,24 @@ def bench_train(config, against: str = "", warmup: int = 3, steps: int = 10) -> 
 def compiled_step_memory(config, mesh) -> dict:
     """Compiles the real sharded train step from abstract inputs (nothing is
     allocated) and returns its per-device memory analysis and FLOPs."""
-    from fmjax.train.loop import init_state
+    from fmjax.train.run import init_state
 
-    model = build_model(config.model)
+    task = task_for(config, with_data=False)
+    model = build_model(task.model_config)
     tx, lr_fn = make_optimizer(10_000, **config.optimizer)
-    rows, seq_len = config.data.batch_size, config.data.seq_len
-    zeros = np.zeros((rows, seq_len), np.int32)
-    batch = {"tokens": zeros, "segment_ids": zeros + 1, "positions": zeros}
-    abstract, shardings, _ = init_state(config, model, tx, mesh, seed=0)
-    loss_fn = _loss_fn(config, model)
+    abstract, shardings, _ = init_state(task, model, tx, mesh, seed=0)
+    loss_fn = task.loss_fn(model)
     state_in = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         abstract,
         shardings,
     )
-    batch_sharding = shd.batch_sharding(mesh)
+    batch = task.abstract_batch(config.data.batch_size)
+    batch_shardings = {
+        k: shd.batch_sharding(mesh, len(v.shape)) for k, v in batch.items()
+    }
     batch_in = {
-        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k])
         for k, v in batch.items()
     }
     with shd.activate(mesh, config.mesh.rules):
@@ -268,10 +260,8 @@ def compiled_step_memory(config, mesh) -> dict:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     state_bytes = shd.bytes_per_device(shardings, abstract)
-    batch_bytes = shd.bytes_per_device(
-        {k: batch_sharding for k in batch}, {k: batch_in[k] for k in batch}
-    )
-    return {
+    batch_bytes = shd.bytes_per_device(batch_shardings, batch_in)
+    out = {
         "argument_bytes": int(analysis.argument_size_in_bytes),
         "output_bytes": int(analysis.output_size_in_bytes),
         "temp_bytes": int(analysis.temp_size_in_bytes),
@@ -282,6 +272,10 @@ def compiled_step_memory(config, mesh) -> dict:
         "state_bytes_from_shardings": int(state_bytes),
         "flops": float(cost.get("flops", 0.0)) if cost else 0.0,
     }
+    out["total_bytes"] = (
+        out["argument_bytes"] + out["temp_bytes"] + out["output_bytes"]
+    ) - out["alias_bytes"]
+    return out
 
 
 def bench_memory(config, fsdp_sizes=(1, 2, 4, 8)) -> dict:
@@ -305,4 +299,49 @@ def bench_memory(config, fsdp_sizes=(1, 2, 4, 8)) -> dict:
         "config": config.get("config_spec", config.name),
         "devices": devices,
         "rows": rows,
+    }
+
+
+# Targets of `bench memory --methods`: QLoRA's total over LoRA's (f32 base) and
+# over full fine-tuning's.
+QLORA_TARGETS = {"lora": 0.3, "full": 0.1}
+
+
+def bench_memory_methods(config, methods, batch_size: int, seq_len: int) -> dict:
+    """One device's memory for the real train step of each adaptation method,
+    compiled from abstract inputs (nothing allocated) at `batch_size` x
+    `seq_len`: argument bytes (params, frozen base, optimizer state, batch) and
+    XLA's temporaries."""
+    import copy
+
+    rows = []
+    for method in methods:
+        c = copy.deepcopy(config)
+        c.adapt.method = method
+        c.data.update(batch_size=batch_size, seq_len=seq_len, num_shards=1)
+        c.optimizer.grad_accum_steps = 1
+        c.mesh.update(data=1, fsdp=1, tensor=1, num_devices=1)
+        mesh = shd.mesh_from_config(c.mesh)
+        rows.append({"method": method, **compiled_step_memory(c, mesh)})
+    by_method = {row["method"]: row for row in rows}
+    ratios = {}
+    if "qlora" in by_method:
+        for other, target in QLORA_TARGETS.items():
+            if other in by_method:
+                ratio = (
+                    by_method["qlora"]["total_bytes"] / by_method[other]["total_bytes"]
+                )
+                ratios[f"qlora_over_{other}"] = {
+                    "ratio": ratio,
+                    "target": target,
+                    "meets_target": ratio <= target,
+                }
+    return {
+        "benchmark": "memory_methods",
+        "config": config.get("config_spec", config.name),
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "param_dtype": config.model.get("param_dtype", "float32"),
+        "rows": rows,
+        "ratios": ratios,
     }

@@ -15,16 +15,16 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _load_config(args, overrides):
-    from fmjax.config import ConfigError, from_json, load_config
+    """--config FILE:VARIANT, or the workdir's saved config.json (local or gs://)."""
+    from fmjax import storage
+    from fmjax.config import ConfigError, apply_overrides, from_json, load_config
 
     if args.config:
         return load_config(args.config, overrides)
-    saved = os.path.join(args.workdir, "config.json")
-    if not os.path.exists(saved):
+    saved = storage.join(args.workdir, "config.json")
+    if not storage.exists(saved):
         raise ConfigError(f"no --config given and no {saved} to reuse")
-    from fmjax.config import apply_overrides
-
-    config = from_json(open(saved).read())
+    config = from_json(storage.read_text(saved))
     apply_overrides(config, overrides)
     return config
 
@@ -99,9 +99,24 @@ def cmd_embed(args, overrides):
 
 
 def cmd_bench(args, overrides):
-    from fmjax.bench import bench_memory, bench_train
+    from fmjax.bench import bench_memory, bench_memory_methods, bench_train
 
     config = _load_config(args, overrides)
+    if args.what == "memory" and args.methods:
+        methods = [m for m in args.methods.split(",") if m]
+        result = bench_memory_methods(config, methods, args.batch_size, args.seq_len)
+        if not args.json:
+            for row in result["rows"]:
+                keys = ("argument", "temp", "total")
+                mib = {k: row[f"{k}_bytes"] / 2**20 for k in keys}
+                print(
+                    f"{row['method']:6s} arguments {mib['argument']:10.1f} MiB + "
+                    f"temporaries {mib['temp']:9.1f} MiB = {mib['total']:10.1f} MiB"
+                )
+            for name, r in result["ratios"].items():
+                print(f"{name}: {r['ratio']:.3f} (target <= {r['target']})")
+        print(json.dumps(result))
+        return 0
     if args.what == "memory":
         result = bench_memory(config)
         if not args.json:
@@ -230,10 +245,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train.add_argument("--json", action="store_true", help="only the JSON line")
     bench_train.set_defaults(func=cmd_bench)
     bench_memory = bench_sub.add_parser(
-        "memory", help="per-device params + optimizer bytes for fsdp = 1, 2, 4, 8"
+        "memory",
+        help="per-device params + optimizer bytes for fsdp = 1, 2, 4, 8; or with "
+        "--methods, one device's memory per adaptation method",
     )
     bench_memory.add_argument("--config", required=True)
     bench_memory.add_argument("--workdir", default="")
+    bench_memory.add_argument(
+        "--methods", default="", help="e.g. full,lora,qlora: compare their train steps"
+    )
+    bench_memory.add_argument(
+        "--batch-size", type=int, default=1, help="rows per step (with --methods)"
+    )
+    bench_memory.add_argument(
+        "--seq-len", type=int, default=512, help="tokens per row (with --methods)"
+    )
     bench_memory.add_argument("--json", action="store_true")
     bench_memory.set_defaults(func=cmd_bench)
     return parser
@@ -259,26 +285,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.func is cmd_compile:
         # Ahead-of-time compilation runs on the host CPU: never wait for a TPU.
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from fmjax.aot import DoesNotFitError
-    from fmjax.config import ConfigError
-    from fmjax.sharding import ShardingError
+    from fmjax.errors import FmjaxError
 
+    # fmjax's own errors (and a missing file) are one line; anything else is a
+    # bug and keeps its traceback. FMJAX_DEBUG=1 shows tracebacks for all.
     try:
         return args.func(args, overrides)
-    except (
-        ConfigError,
-        ShardingError,
-        FileNotFoundError,
-        DoesNotFitError,
-        ValueError,
-    ) as e:
+    except (FmjaxError, FileNotFoundError) as e:
         if os.environ.get("FMJAX_DEBUG"):
             raise
         print(f"fmjax: error: {e}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:
-        print(f"fmjax: error: {e}", file=sys.stderr)
-        return 3
+        return 3 if isinstance(e, FloatingPointError) else 2
 
 
 if __name__ == "__main__":

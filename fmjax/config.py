@@ -11,16 +11,19 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import inspect
 import json
 import os
 from collections.abc import Sequence
 
 import ml_collections
 
+from fmjax.errors import FmjaxError
+
 ConfigDict = ml_collections.ConfigDict
 
 
-class ConfigError(ValueError):
+class ConfigError(FmjaxError, ValueError):
     """A config that cannot run: the message names the bad key or value."""
 
 
@@ -45,6 +48,12 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
     leading `--config.`)."""
     path, _, variant = spec.partition(":")
     module = _import_config_module(path)
+    if not variant:  # the file's default: get_config's default argument
+        default = inspect.signature(module.get_config).parameters.get("variant")
+        if default is None or default.default is inspect.Parameter.empty:
+            raise ConfigError(f"{path} has no default variant; name one: {path}:NAME")
+        variant = default.default
+        spec = f"{path}:{variant}"
     variants = getattr(module, "VARIANTS", None)
     if variants is not None and variant not in variants:
         raise ConfigError(
@@ -97,10 +106,18 @@ def _parse_value(key: str, text: str, expected: type | None):
     except (ValueError, SyntaxError):
         value = text
     if expected in (tuple, list) and not isinstance(value, tuple | list):
-        raise ConfigError(f"--config.{key}={text!r}: expected a {expected.__name__}")
+        if not isinstance(value, str):
+            raise ConfigError(
+                f"--config.{key}={text!r}: expected a {expected.__name__}"
+            )
+        value = (value,)  # one string: a one-item tuple (e.g. lora_targets)
     if expected in (tuple, list):
         return expected(value)
     return value
+
+
+# Other names of a key (DESIGN.md calls init.model init.from).
+ALIASES = {"init.from": "init.model"}
 
 
 def apply_overrides(config: ConfigDict, overrides: Sequence[str]) -> None:
@@ -110,6 +127,7 @@ def apply_overrides(config: ConfigDict, overrides: Sequence[str]) -> None:
         key, sep, text = item.partition("=")
         if not sep:
             raise ConfigError(f"override {override!r} is not of the form key=value")
+        key = ALIASES.get(key, key)
         *parents, leaf = key.split(".")
         node = config
         for depth, part in enumerate(parents):
@@ -200,4 +218,39 @@ def base_config() -> ConfigDict:
     )
     c.checkpoint = dict(every=100, keep=3, async_save=True)
     c.mesh = dict(data=-1, fsdp=1, tensor=1, num_devices=0, rules=DEFAULT_RULES)
+    # A pretrained model to start from (`init.from` is the same key): an fmjax
+    # workdir or export, or an HF directory. Empty: random init.
+    c.init = dict(model="", pretrained=True)
+    c.adapt = adapt_config()
     return c
+
+
+def adapt_config(method: str = "full") -> ConfigDict:
+    """How a run adapts its model (fmjax.adapt.methods): full training, or an
+    adapter over the frozen model (lora, qlora, prefix, prompt)."""
+    from fmjax.adapt.lora import DEFAULT_TARGETS
+
+    return ConfigDict(
+        dict(
+            method=method,
+            # lora / qlora
+            lora_rank=8,
+            lora_alpha=16.0,
+            lora_dropout=0.1,
+            lora_targets=DEFAULT_TARGETS,  # or "all-linear", or regexes of paths
+            # qlora: NF4 base
+            quant_block_size=64,
+            double_quant=True,
+            quantize_embeddings=False,  # True: embedding tables as NF4 too
+            compute_dtype="float32",  # dtype the NF4 kernels are dequantised to
+            # prompt tuning
+            prompt_tokens=20,
+            prompt_init="vocab",  # vocab | random
+            # prefix tuning
+            prefix_tokens=10,
+            prefix_reparam=False,  # True: K/V from an MLP over T embeddings
+            prefix_hidden=512,
+            # params trained besides the adapter (PEFT's modules_to_save)
+            train_patterns=(),
+        )
+    )

@@ -17,6 +17,7 @@ from safetensors.numpy import load_file, save
 
 from fmjax import storage
 from fmjax.config import to_json
+from fmjax.errors import FormatError
 
 EXPORT_DIR = "export"
 MODEL_WEIGHTS = "model.safetensors"
@@ -44,7 +45,8 @@ def export(
     storage.makedirs(out)
     storage.write_bytes(storage.join(out, weights), save(flatten_params(params)))
     storage.write_text(storage.join(out, "config.json"), to_json(config))
-    tokenizer.save(out)
+    if tokenizer is not None:
+        tokenizer.save(out)
     return out
 
 
@@ -59,7 +61,7 @@ def refuse_pickles(directory: str) -> None:
     pickled = sorted(f for f in os.listdir(directory) if f.endswith(PICKLE_SUFFIXES))
     if pickled:
         path = os.path.join(directory, pickled[0])
-        raise ValueError(
+        raise FormatError(
             f"{path} is a pickle, which can run code when loaded; fmjax reads "
             f"safetensors only. Convert it first where you trust the file, e.g. in "
             f"Python: `from safetensors.torch import save_file; save_file("

@@ -18,13 +18,15 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from fmjax.errors import FmjaxError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
 
 
-class ShardingError(ValueError):
+class ShardingError(FmjaxError, ValueError):
     """A mesh or a sharding rule that cannot work; the message names it."""
 
 

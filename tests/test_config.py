@@ -15,11 +15,38 @@ from fmjax.config import ConfigError, load_config
     + [("gpt_lm", "1b"), ("gpt_lm", "8b")],
 )
 def test_variants_load_and_validate(name, variant):
-    from fmjax.train.experiment import validate
+    from fmjax.tasks import task_for
 
     config = load_config(f"configs/{name}.py:{variant}")
-    validate(config)
+    task = task_for(config, with_data=False)  # validates; reads no data
     assert config.model.kind == {"bert_mlm": "encoder", "gpt_lm": "decoder"}[name]
+    assert task.model_config.kind == config.model.kind
+
+
+@pytest.mark.parametrize("name", ["bert_mlm", "gpt_lm", "classify"])
+def test_every_config_file_has_a_default_variant(name):
+    config = load_config(f"configs/{name}.py")
+    assert config.config_spec.startswith(f"configs/{name}.py:")
+    variant = config.config_spec.split(":")[1]
+    assert load_config(config.config_spec).to_dict() == config.to_dict(), variant
+
+
+def test_init_from_is_an_alias_of_init_model():
+    config = load_config("configs/gpt_lm.py:tiny", ["--config.init.from=/some/run"])
+    assert config.init.model == "/some/run"
+
+
+def test_task_config_is_resolved_without_touching_the_input():
+    from fmjax.tasks import TASKS, task_for
+
+    config = load_config("configs/gpt_lm.py:tiny")
+    before = config.to_dict()
+    task = task_for(config, with_data=False)
+    assert config.to_dict() == before
+    assert task.config is not config
+    assert set(TASKS) >= {"mlm", "causal", "classify"}
+    with pytest.raises(ConfigError, match="objective.name='nope'"):
+        task_for(load_config("configs/gpt_lm.py:tiny", ["objective.name=nope"]))
 
 
 def test_overrides_are_typed():

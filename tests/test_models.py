@@ -16,13 +16,10 @@ from fmjax.models.layers import (
     apply_rope,
     make_attention_mask,
 )
-from fmjax.models.text import (
-    PRESETS,
-    TextDecoder,
-    TextEncoder,
-    count_params,
-    preset_config,
-)
+from fmjax.config import load_config
+from fmjax.models import build_model
+from fmjax.models.axes import kernel_num_in
+from fmjax.models.text import TextDecoder, TextEncoder, count_params
 
 TINY = dict(
     vocab_size=61, d_model=32, num_layers=2, num_heads=4, head_dim=8, mlp_dim=64
@@ -94,9 +91,27 @@ def test_config_from_dict_rejects_unknown_key_and_roundtrips():
     with pytest.raises(ValueError, match="hidden_size"):
         TransformerConfig.from_dict({**TINY, "hidden_size": 3})
     assert TransformerConfig.from_dict(DEC_CFG.to_dict()) == DEC_CFG
-    assert preset_config("bert_tiny", vocab_size=100).vocab_size == 100
-    with pytest.raises(ValueError, match="bert_huge"):
-        preset_config("bert_huge")
+    with pytest.raises(ValueError, match="kind='vit'"):
+        TransformerConfig(**TINY, kind="vit")
+    with pytest.raises(ValueError, match="model.kind='vit'"):
+        build_model({**TINY, "kind": "vit"})
+    assert isinstance(build_model({**TINY, "kind": "decoder"}), TextDecoder)
+
+
+@pytest.mark.parametrize(
+    "names, num_in",
+    [
+        (("embed", "heads", "kv"), 1),  # query/key/value
+        (("heads", "kv", "embed"), 2),  # attention out
+        (("embed", "mlp"), 1),
+        (("mlp", "embed"), 1),
+        (("embed", "vocab"), 1),
+    ],
+)
+def test_kernel_inputs_come_from_logical_axes(names, num_in):
+    assert kernel_num_in(names) == num_in
+    with pytest.raises(ValueError, match="split the head axes"):
+        kernel_num_in(("heads", "embed", "kv"))
 
 
 def test_attention_mask_segments_padding_and_causality():
@@ -411,8 +426,9 @@ def test_every_param_has_one_logical_name_per_dim(model):
     assert [len(s) for s in specs] == [b.value.ndim for b in boxes]
 
 
-def _abstract_count(model_cls, preset, **overrides):
-    model = model_cls(preset_config(preset, **overrides))
+def _abstract_count(config_spec, **overrides):
+    """Params of a config file's model (the presets live in configs/)."""
+    model = build_model({**load_config(config_spec).model, **overrides})
     tokens = jnp.zeros((1, 8), jnp.int32)
     return count_params(jax.eval_shape(lambda: model.init(jax.random.key(0), tokens)))
 
@@ -426,11 +442,11 @@ def test_bert_base_matches_hf_bert_for_masked_lm():
     d, v = 768, 30522
     want = 109_482_240 - (d * d + d) + (d * d + d) + 2 * d + v
     assert want == 109_514_298
-    assert PRESETS["bert_base"]["vocab_size"] == v
-    assert _abstract_count(TextEncoder, "bert_base") == want
+    assert load_config("configs/bert_mlm.py:base").model.vocab_size == v
+    assert _abstract_count("configs/bert_mlm.py:base") == want
 
 
 def test_gpt2_124m_matches_hf_gpt2():
-    assert _abstract_count(TextDecoder, "gpt2_124m") == 124_439_808
-    untied = _abstract_count(TextDecoder, "gpt2_124m", tie_embeddings=False)
+    assert _abstract_count("configs/gpt_lm.py:base") == 124_439_808
+    untied = _abstract_count("configs/gpt_lm.py:base", tie_embeddings=False)
     assert untied == 124_439_808 + 768 * 50257

@@ -8,10 +8,11 @@ import numpy as np
 import optax
 import pytest
 
-from fmjax.adapt import masks, prompts
+from fmjax.adapt import prompts
 from fmjax.models.config import TransformerConfig
 from fmjax.models.layers import Attention, make_attention_mask
 from fmjax.models.text import TextDecoder, TextEncoder
+from fmjax.train.state import TrainState
 
 V, D, LAYERS, H, H_KV, K, F = 61, 32, 2, 4, 2, 8, 64
 TINY = dict(
@@ -139,17 +140,17 @@ def test_prefix_attention_matches_numpy_concatenated_kv():
     equals softmax attention over [prefix; text] keys/values in NumPy."""
     attention = Attention(num_heads=H, head_dim=K, num_kv_heads=H_KV, use_rope=True)
     x_BLD = jax.random.normal(jax.random.key(0), (B, L, D))
-    k_PHK, v_PHK = jax.random.normal(jax.random.key(1), (2, P_PREFIX, H_KV, K))
+    k_TGK, v_TGK = jax.random.normal(jax.random.key(1), (2, P_PREFIX, H_KV, K))
     segment_ids = np.ones((B, L), np.int32)
     segment_ids[1, 5:] = 0  # padding
     positions = np.broadcast_to(np.arange(L)[None], (B, L))
     mask = make_attention_mask(jnp.asarray(segment_ids), True, num_prefix=P_PREFIX)
     variables = attention.init(
-        jax.random.key(2), x_BLD, mask, positions, prefix_kv=(k_PHK, v_PHK)
+        jax.random.key(2), x_BLD, mask, positions, prefix_kv=(k_TGK, v_TGK)
     )
     params = _perturb(nn.unbox(variables["params"]))
     got = attention.apply(
-        {"params": params}, x_BLD, mask, positions, prefix_kv=(k_PHK, v_PHK)
+        {"params": params}, x_BLD, mask, positions, prefix_kv=(k_TGK, v_TGK)
     )
 
     p = jax.tree.map(np.asarray, params)
@@ -164,8 +165,8 @@ def test_prefix_attention_matches_numpy_concatenated_kv():
             np.einsum("LD,DHK->LHK", x[b], p["value"]["kernel"]) + p["value"]["bias"]
         )
         q_LHK, k_LHK = _np_rope(q_LHK, positions[b]), _np_rope(k_LHK, positions[b])
-        k_SHK = np.concatenate([np.asarray(k_PHK), k_LHK])
-        v_SHK = np.concatenate([np.asarray(v_PHK), v_LHK])
+        k_SHK = np.concatenate([np.asarray(k_TGK), k_LHK])
+        v_SHK = np.concatenate([np.asarray(v_TGK), v_LHK])
         context_LHK = np.zeros((L, H, K))
         for i in range(L):
             if segment_ids[b, i] == 0:
@@ -199,9 +200,9 @@ def test_attention_rejects_mask_without_prefix_columns():
 
 @pytest.mark.parametrize("method", ["prompt", "prefix"])
 def test_training_adapter_leaves_base_bit_identical(models, method):
-    """adamw with weight decay over {"base", "adapter"} through the trainable mask:
-    the adapter gets gradients and moves, the loss falls, base bits do not change
-    (weight decay alone would change them if the mask let it through)."""
+    """adamw with weight decay through the trainer's trained/frozen split: the
+    adapter gets gradients and moves, the loss falls, base bits do not change
+    (weight decay alone would change them if the base were trained)."""
     params, cfg, _ = models["decoder"]
     model = TextDecoder(cfg)
     if method == "prefix":  # the reparam MLP, as it will be trained
@@ -210,37 +211,32 @@ def test_training_adapter_leaves_base_bit_identical(models, method):
         )
     else:
         adapter = _adapter(method, params, cfg)
-    tree = {"base": params, "adapter": adapter}
-    mask = masks.trainable_mask(tree, "adapter/.*")
-    tx = masks.masked_optimizer(optax.adamw(3e-2, weight_decay=0.1), mask)
+    # The trainer's split: the adapter is trained, the base is `frozen`.
+    tx = optax.adamw(3e-2, weight_decay=0.1)
+    state = TrainState.create(adapter, tx, jax.random.key(0), frozen=params)
     tokens_BL = _tokens(seed=5, shape=(B, 12))
 
-    def loss_fn(tree):
-        kwargs = prompts.model_kwargs(method, tree["adapter"], cfg)
-        logits = model.apply({"params": tree["base"]}, tokens_BL[:, :-1], **kwargs)[
-            "logits"
-        ]
+    def loss_fn(adapter, base):
+        kwargs = prompts.model_kwargs(method, adapter, cfg)
+        logits = model.apply({"params": base}, tokens_BL[:, :-1], **kwargs)["logits"]
         return optax.softmax_cross_entropy_with_integer_labels(
             logits, tokens_BL[:, 1:]
         ).mean()
 
     @jax.jit
-    def step(tree, opt_state):
-        loss, grads = jax.value_and_grad(loss_fn)(tree)
-        updates, opt_state = tx.update(grads, opt_state, tree)
-        return optax.apply_updates(tree, updates), opt_state, loss, grads
+    def step(state):
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, state.frozen)
+        return state.apply_gradients(grads), loss, grads
 
-    opt_state = tx.init(tree)
     losses = []
-    start = tree
+    start = {"adapter": state.params, "base": state.frozen}
     for _ in range(3):
-        tree, opt_state, loss, grads = step(tree, opt_state)
+        state, loss, grads = step(state)
         losses.append(float(loss))
-        for path, g in flax.traverse_util.flatten_dict(
-            grads["adapter"], sep="/"
-        ).items():
+        for path, g in flax.traverse_util.flatten_dict(grads, sep="/").items():
             assert float(jnp.abs(g).max()) > 0, f"zero gradient for adapter/{path}"
-    final_loss = float(loss_fn(tree))
+    tree = {"adapter": state.params, "base": state.frozen}
+    final_loss = float(loss_fn(tree["adapter"], tree["base"]))
     assert final_loss < losses[0], (losses, final_loss)
     for a, b in zip(*(jax.tree.leaves(t["base"]) for t in (start, tree)), strict=True):
         np.testing.assert_array_equal(
@@ -354,8 +350,8 @@ def test_model_rejects_badly_shaped_adapters(models):
     params, cfg, _ = models["decoder"]
     model = TextDecoder(cfg)
     tokens = _tokens()
-    with pytest.raises(ValueError, match=r"prompt_ND has shape \(3, 5\)"):
-        model.apply({"params": params}, tokens, prompt_ND=jnp.zeros((3, 5)))
+    with pytest.raises(ValueError, match=r"prompt_TD has shape \(3, 5\)"):
+        model.apply({"params": params}, tokens, prompt_TD=jnp.zeros((3, 5)))
     bad = jnp.zeros((LAYERS + 1, P_PREFIX, H_KV, K))
     with pytest.raises(ValueError, match="num_layers=2"):
         model.apply({"params": params}, tokens, prefix_kv=(bad, bad))

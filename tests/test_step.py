@@ -7,15 +7,17 @@ import pytest
 from fmjax import sharding as shd
 from fmjax.config import load_config
 from fmjax.models import build_model
-from fmjax.train.loop import init_state
+from fmjax.tasks import task_for
+from fmjax.train.run import init_state
 from fmjax.train.state import make_optimizer
-from fmjax.train.step import jit_train_step, text_loss_fn
+from fmjax.train.step import jit_train_step
 
 
-def _setup(mesh_shape=(-1, 1, 1), **model_overrides):
+def _setup(mesh_shape=(-1, 1, 1), adapt=None, **model_overrides):
     config = load_config("configs/gpt_lm.py:tiny")
     config.model.update(vocab_size=256, d_model=32, head_dim=16, mlp_dim=64)
     config.model.update(model_overrides)
+    config.adapt.update(adapt or {})
     config.mesh.update(data=mesh_shape[0], fsdp=mesh_shape[1], tensor=mesh_shape[2])
     rng = np.random.default_rng(0)
     tokens = rng.integers(5, 256, size=(8, 32)).astype(np.int32)
@@ -25,15 +27,17 @@ def _setup(mesh_shape=(-1, 1, 1), **model_overrides):
     batch = {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
     batch = {k: v.astype(np.int32) for k, v in batch.items()}
     mesh = shd.make_mesh(*mesh_shape)
-    model = build_model(config.model)
+    task = task_for(config, with_data=False)
+    model = build_model(task.model_config)
     tx, lr_fn = make_optimizer(10, **config.optimizer)
-    _, shardings, init = init_state(config, model, tx, mesh, seed=0)
-    return config, mesh, model, lr_fn, shardings, init, batch
+    _, shardings, init = init_state(task, model, tx, mesh, seed=0)
+    return task, mesh, model, lr_fn, shardings, init, batch
 
 
 def _run(accum, steps=2, **kw):
-    config, mesh, model, lr_fn, shardings, init, batch = _setup(**kw)
-    loss_fn = text_loss_fn(model, "causal")
+    task, mesh, model, lr_fn, shardings, init, batch = _setup(**kw)
+    config = task.config
+    loss_fn = task.loss_fn(model)
     with shd.activate(mesh, config.mesh.rules):
         step = jit_train_step(loss_fn, lr_fn, accum, shardings, mesh)
         state = init()
@@ -131,28 +135,17 @@ def test_mlm_scoring_only_masked_positions_equals_full_logits():
 def test_lora_trains_adapters_only_through_the_train_step():
     """The trainer's frozen/trainable split: LoRA adapters are the state's params,
     the base model is `frozen`, which the step reads but never changes."""
-    from flax.core import meta
-
-    from fmjax.adapt import lora
-    from fmjax.train.state import TrainState
-
-    config, mesh, model, lr_fn, _, _, batch = _setup()
-    base = meta.unbox(model.init(jax.random.PRNGKey(0), batch["tokens"])["params"])
-    lora_config = lora.LoraConfig(rank=4, alpha=8.0)
-    adapters = lora.init_lora(base, lora_config, jax.random.PRNGKey(1))
-    base_before = jax.device_get(base)  # the step donates (and deletes) its input
-    adapter_bytes = sum(x.nbytes for x in jax.tree.leaves(adapters))
-
-    def combine(params, frozen, rng, train):
-        return lora.apply_lora(frozen, params, lora_config), {}
-
+    adapt = dict(method="lora", lora_rank=4, lora_alpha=8.0, lora_dropout=0.0)
+    task, mesh, model, _, shardings, init, batch = _setup(adapt=adapt)
+    config = task.config
     tx, lr_fn = make_optimizer(10, **{**config.optimizer, "learning_rate": 1e-2})
-    state = TrainState.create(adapters, tx, jax.random.PRNGKey(2), frozen=base)
-    shardings = jax.tree.map(
-        lambda _: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), state
-    )
-    loss_fn = text_loss_fn(model, "causal", combine=combine)
+    _, shardings, init = init_state(task, model, tx, mesh, seed=0)
+    loss_fn = task.loss_fn(model)
     with shd.activate(mesh, config.mesh.rules):
+        state = init()
+        base_before = jax.device_get(state.frozen)  # the step donates its input
+        adapter_bytes = sum(x.nbytes for x in jax.tree.leaves(state.params))
+        assert set(state.params) == {"model", "lora"} and not state.params["model"]
         step = jit_train_step(loss_fn, lr_fn, 1, shardings, mesh)
         losses = []
         for _ in range(4):

@@ -1,19 +1,17 @@
-"""LoRA as a separate param tree folded into the frozen kernels inside the step.
+"""LoRA: a low-rank path beside each adapted matmul, y = x W + scale * drop(x) A B.
 
-The model code is untouched: `apply_lora(base, lora, config)` returns the params
-`model.apply` sees, each targeted kernel W replaced by `W + scale * A @ B`
-(reshaped to W's shape). Differentiate the loss with respect to `lora` only and
-the gradients reach nothing else; at init B = 0, so step 0 is the base model.
+The model code is untouched and the frozen kernel W is never copied: inside
+`wrap_matmuls(adapters, config, ...)`, every targeted `EinsumDense` computes
+its own einsum and adds `scale * dropout(x) @ A @ B`, with x's input dims and
+y's output dims flattened as the kernel's logical axes say
+(`fmjax.models.axes.kernel_num_in`). That is PEFT's forward: dropout is drawn
+per element of the input activations. At init B = 0, so step 0 is the base
+model; differentiate with respect to the adapters only and the gradients
+reach nothing else. `merge` folds `scale * A @ B` into the kernels for serving
+(and `unmerge` takes it out again).
 
 Adapters sit at the kernel's module path: `layers_0/attention/query/kernel`
-gets `layers_0/attention/query/{lora_a, lora_b}` in the LoRA tree.
-
-Which kernel dims are inputs: the model's kernels put the contracted dims
-first (EinsumDense's `num_in`). LoRA views a kernel as [in, out] with
-  * 2-D kernels ([D, F], [F, D], ...): in = first dim, out = last;
-  * query/key/value [D, H, K]: in = D, out = H*K (first dim is the input);
-  * out [H, K, D]: in = H*K, out = D (last dim is the output).
-Any other kernel with more than two dims is rejected rather than guessed.
+gets `layers_0/attention/query/{lora_a [in, r], lora_b [r, out]}`.
 
 Target patterns: regexes matched against a "/"-aligned suffix of the path (see
 `fmjax.adapt.masks`), e.g. "attention/query/kernel" or "layers_1[01]/mlp/.*/kernel".
@@ -21,15 +19,18 @@ Target patterns: regexes matched against a "/"-aligned suffix of the path (see
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
+import flax.linen as nn
 import flax.traverse_util
 import jax
 import jax.numpy as jnp
 
 from fmjax.adapt.masks import compile_patterns, count_params
 from fmjax.adapt.quant import dequantize_nf4, is_quantized
+from fmjax.models.axes import axes_of, matrix_shape
 
 Array = jax.Array
 
@@ -43,20 +44,12 @@ ALL_LINEAR = (
     "mlp/up/kernel",
     "mlp/down/kernel",
 )
-_INPUT_FIRST = ("query", "key", "value")
-_OUTPUT_LAST = ("out",)
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-    """rank r, alpha (scale = alpha / r), dropout on the adapter's input features.
-
-    Dropout: PEFT drops entries of the input x of the A projection, one mask per
-    token. A weight-merge formulation has no x, so here the mask is drawn over
-    A's rows (= input features) once per step and target, scaled by 1/(1-p):
-    the same as PEFT's dropout with one mask shared by every token of the batch.
-    Same expectation, but the noise is correlated across tokens.
-    """
+    """rank r, alpha (scale = alpha / r), dropout on the adapter's input
+    activations (per element, as PEFT's `lora_dropout`), target patterns."""
 
     rank: int = 8
     alpha: float = 16.0
@@ -82,38 +75,35 @@ class LoraConfig:
         return self.alpha / self.rank
 
 
-def kernel_num_in(path: str, shape: tuple[int, ...]) -> int:
-    """How many leading dims of the kernel at `path` are inputs (rule above)."""
-    parts = path.split("/")
-    if parts[-1] != "kernel" or len(shape) < 2:
+def _axes(params, axes):
+    """`axes` as given, or read from boxed (`nn.Partitioned`) params."""
+    if axes is not None:
+        return axes
+    found = axes_of(params)
+    if not any(found.values()):
         raise ValueError(
-            f"LoRA adapts >= 2-D `kernel` params; {path} has shape {tuple(shape)}"
+            "LoRA needs the params' logical axis names: pass axes="
+            "fmjax.models.param_axes(model_config), or boxed params"
         )
-    module = parts[-2] if len(parts) > 1 else ""
-    if len(shape) == 2 or module in _INPUT_FIRST:
-        return 1
-    if module in _OUTPUT_LAST:
-        return len(shape) - 1
-    raise ValueError(
-        f"cannot tell the input dims of {path} with shape {tuple(shape)}: expected a "
-        f"2-D kernel or a module named one of {_INPUT_FIRST + _OUTPUT_LAST}"
-    )
+    return found
 
 
-def _matrix_shape(path: str, shape: tuple[int, ...]) -> tuple[int, int]:
-    num_in = kernel_num_in(path, shape)
-    return math.prod(shape[:num_in]), math.prod(shape[num_in:])
-
-
-def lora_targets(params, config: LoraConfig) -> dict[str, tuple[int, int]]:
-    """Targeted kernel path -> its (in, out) matrix shape, in path order."""
+def lora_targets(params, config: LoraConfig, axes=None) -> dict[str, tuple[int, int]]:
+    """Targeted kernel path -> its (in, out) matrix shape, in path order.
+    `axes`: {path: logical axis names} (default: from boxed params)."""
+    axes = _axes(params, axes)
     regex = compile_patterns(config.targets, "LoraConfig.targets")
-    flat = flax.traverse_util.flatten_dict(params, sep="/")
-    targets = {
-        path: _matrix_shape(path, tuple(leaf.shape))
-        for path, leaf in sorted(flat.items())
-        if regex.fullmatch(path)
-    }
+    flat = flax.traverse_util.flatten_dict(nn.unbox(params), sep="/")
+    targets = {}
+    for path, leaf in sorted(flat.items()):
+        if not regex.fullmatch(path):
+            continue
+        if path.split("/")[-1] != "kernel" or len(leaf.shape) < 2:
+            raise ValueError(
+                f"LoRA adapts >= 2-D `kernel` params; {path} has shape "
+                f"{tuple(leaf.shape)}"
+            )
+        targets[path] = matrix_shape(axes[path], leaf.shape, path)
     if not targets:
         kernels = [p for p in sorted(flat) if p.endswith("kernel")]
         raise ValueError(
@@ -131,13 +121,14 @@ def _join(module: str, name: str) -> str:
     return f"{module}/{name}" if module else name
 
 
-def init_lora(params, config: LoraConfig, rng: Array, dtype=jnp.float32):
+def init_lora(params, config: LoraConfig, rng: Array, axes=None, dtype=jnp.float32):
     """Adapters for every targeted kernel: lora_a [in, r], lora_b [r, out] = 0.
 
     A ~ U(-1/sqrt(in), 1/sqrt(in)): PEFT's kaiming_uniform(a=sqrt(5)) default.
     """
     flat = {}
-    for i, (path, (n_in, n_out)) in enumerate(lora_targets(params, config).items()):
+    targets = lora_targets(params, config, axes)
+    for i, (path, (n_in, n_out)) in enumerate(targets.items()):
         bound = 1.0 / math.sqrt(n_in)
         a_IR = jax.random.uniform(
             jax.random.fold_in(rng, i), (n_in, config.rank), dtype, -bound, bound
@@ -148,7 +139,7 @@ def init_lora(params, config: LoraConfig, rng: Array, dtype=jnp.float32):
     return flax.traverse_util.unflatten_dict(flat, sep="/")
 
 
-def _adapters(lora_params) -> dict[str, tuple[Array, Array]]:
+def adapters_by_module(lora_params) -> dict[str, tuple[Array, Array]]:
     """Module path -> (lora_a, lora_b), checking that both are present."""
     flat = flax.traverse_util.flatten_dict(lora_params, sep="/")
     modules: dict[str, dict[str, Array]] = {}
@@ -163,72 +154,112 @@ def _adapters(lora_params) -> dict[str, tuple[Array, Array]]:
     return {m: (ab["lora_a"], ab["lora_b"]) for m, ab in sorted(modules.items())}
 
 
-def _deltas(params, lora_params, config, rng, deterministic):
-    """Kernel path -> (kernel as an array, scale * A @ B in the kernel's shape)."""
+def lora_delta(x, a_IR, b_RO, config: LoraConfig, num_in: int, out_shape, *, rng):
+    """scale * dropout(x) @ A @ B for x [..., in dims] -> [..., out dims].
+    `rng` None: no dropout (eval, or dropout 0)."""
+    lead = x.shape[: x.ndim - num_in]
+    x_XI = x.reshape(*lead, -1)
+    if x_XI.shape[-1] != a_IR.shape[0]:
+        raise ValueError(
+            f"LoRA input has {x_XI.shape[-1]} features; lora_a is {a_IR.shape}"
+        )
+    if rng is not None and config.dropout > 0:
+        keep = jax.random.bernoulli(rng, 1.0 - config.dropout, x_XI.shape)
+        x_XI = jnp.where(keep, x_XI / (1.0 - config.dropout), 0.0)
+    dtype = x.dtype
+    h_XR = jnp.einsum("...I,IR->...R", x_XI, a_IR.astype(dtype))
+    delta_XO = jnp.einsum("...R,RO->...O", h_XR, b_RO.astype(dtype))
+    return (config.scale * delta_XO).reshape(*lead, *out_shape)
+
+
+@contextlib.contextmanager
+def wrap_matmuls(
+    lora_params, config: LoraConfig, *, rng: Array | None = None, deterministic=True
+):
+    """Within this context every `EinsumDense` that has an adapter adds its LoRA
+    path to its output (module docstring). Dropout needs `rng` when not
+    `deterministic`. Raises if an adapter names a module the model never called."""
+    from fmjax.models.layers import EinsumDense
+
+    adapters = adapters_by_module(lora_params)
     use_dropout = config.dropout > 0 and not deterministic
     if use_dropout and rng is None:
-        raise ValueError("apply_lora: dropout > 0 with deterministic=False needs rng")
+        raise ValueError("LoRA dropout > 0 with deterministic=False needs rng")
+    index = {module: i for i, module in enumerate(adapters)}
+    applied = set()
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or not isinstance(module, EinsumDense):
+            return next_fun(*args, **kwargs)
+        path = "/".join(module.path)
+        y = next_fun(*args, **kwargs)
+        if path not in adapters:
+            return y
+        applied.add(path)
+        a_IR, b_RO = adapters[path]
+        out_shape = module.kernel_shape[module.num_in :]
+        drop_rng = jax.random.fold_in(rng, index[path]) if use_dropout else None
+        delta = lora_delta(
+            args[0].astype(module.dtype),
+            a_IR,
+            b_RO,
+            config,
+            module.num_in,
+            out_shape,
+            rng=drop_rng,
+        )
+        return y + delta.astype(y.dtype)
+
+    with nn.intercept_methods(interceptor):
+        yield
+    missing = sorted(set(adapters) - applied)
+    if missing:
+        raise ValueError(
+            f"LoRA adapters {missing[:3]} name modules the model did not call"
+        )
+
+
+def _merged_kernel(w, a_IR, b_RO, config: LoraConfig, sign: float):
+    """w +/- scale * A @ B in w's shape (the kernel's inputs lead, so a row-major
+    [in, out] matrix reshapes onto it), summed in f32 and cast back."""
+    if is_quantized(w):
+        w = dequantize_nf4(w)
+    if a_IR.shape[0] * b_RO.shape[1] != w.size:
+        raise ValueError(
+            f"LoRA lora_a {a_IR.shape}, lora_b {b_RO.shape} do not fit kernel "
+            f"{tuple(w.shape)}"
+        )
+    delta_IO = jnp.matmul(
+        a_IR.astype(jnp.float32),
+        b_RO.astype(jnp.float32),
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    merged = w.astype(jnp.float32) + sign * config.scale * delta_IO.reshape(w.shape)
+    return merged.astype(w.dtype)
+
+
+def _fold(params, lora_params, config: LoraConfig, sign: float):
     flat = flax.traverse_util.flatten_dict(params, sep="/")
-    out = {}
-    for i, (module, (a_IR, b_RO)) in enumerate(_adapters(lora_params).items()):
+    for module, (a_IR, b_RO) in adapters_by_module(lora_params).items():
         path = _join(module, "kernel")
         if path not in flat:
             raise KeyError(f"LoRA adapter {module} has no kernel {path} in params")
-        w = flat[path]
-        if is_quantized(w):
-            w = dequantize_nf4(w)
-        n_in, n_out = _matrix_shape(path, tuple(w.shape))
-        expected = ((n_in, config.rank), (config.rank, n_out))
-        if (a_IR.shape, b_RO.shape) != expected:
-            raise ValueError(
-                f"LoRA {module}: lora_a {a_IR.shape}, lora_b {b_RO.shape}; expected "
-                f"{expected[0]} and {expected[1]} for kernel {tuple(w.shape)}"
-            )
-        a_IR = a_IR.astype(jnp.float32)
-        if use_dropout:
-            keep_I = jax.random.bernoulli(
-                jax.random.fold_in(rng, i), 1.0 - config.dropout, (n_in,)
-            )
-            a_IR = jnp.where(keep_I[:, None], a_IR / (1.0 - config.dropout), 0.0)
-        delta_IO = jnp.matmul(
-            a_IR, b_RO.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
-        )
-        out[path] = (w, (config.scale * delta_IO).reshape(w.shape))
-    return flat, out
-
-
-def apply_lora(
-    params,
-    lora_params,
-    config: LoraConfig,
-    *,
-    rng: Array | None = None,
-    deterministic: bool = True,
-):
-    """`params` with each adapted kernel W replaced by W + scale * A @ B.
-
-    Quantised targeted kernels are dequantised first; other QuantizedTensors are
-    left for `dequantize_tree`. The sum is taken in f32 and cast to W's dtype.
-    """
-    flat, deltas = _deltas(params, lora_params, config, rng, deterministic)
-    for path, (w, delta) in deltas.items():
-        flat[path] = (w.astype(jnp.float32) + delta).astype(w.dtype)
+        if sign < 0 and is_quantized(flat[path]):
+            raise ValueError(f"unmerge: {path} is quantised; expected merged arrays")
+        flat[path] = _merged_kernel(flat[path], a_IR, b_RO, config, sign)
     return flax.traverse_util.unflatten_dict(flat, sep="/")
 
 
 def merge(params, lora_params, config: LoraConfig):
-    """The adapters folded into the kernels, for serving (no dropout)."""
-    return apply_lora(params, lora_params, config, deterministic=True)
+    """The adapters folded into the kernels, for serving (no dropout). A
+    quantised adapted kernel is dequantised first."""
+    return _fold(params, lora_params, config, 1.0)
 
 
 def unmerge(merged, lora_params, config: LoraConfig):
     """Inverse of `merge`: subtracts scale * A @ B from each adapted kernel."""
-    flat, deltas = _deltas(merged, lora_params, config, None, True)
-    for path, (w, delta) in deltas.items():
-        if is_quantized(flat[path]):
-            raise ValueError(f"unmerge: {path} is quantised; expected merged arrays")
-        flat[path] = (w.astype(jnp.float32) - delta).astype(w.dtype)
-    return flax.traverse_util.unflatten_dict(flat, sep="/")
+    return _fold(merged, lora_params, config, -1.0)
 
 
 def lora_param_paths(lora_params) -> list[str]:
@@ -240,7 +271,7 @@ def count_lora_params(lora_params) -> int:
     return count_params(lora_params)
 
 
-def lora_param_count(params, config: LoraConfig) -> int:
+def lora_param_count(params, config: LoraConfig, axes=None) -> int:
     """Adapter size r * (in + out) summed over targets, without allocating them."""
-    targets = lora_targets(params, config).values()
+    targets = lora_targets(params, config, axes).values()
     return sum(config.rank * (n_in + n_out) for n_in, n_out in targets)

@@ -1,4 +1,9 @@
-"""Which params train: one bool pytree, and the optimizer built from it.
+"""Param paths and the patterns that select them (LoRA targets, the params an
+adapter run trains besides its adapter), and param counts.
+
+Which params train is decided by `fmjax.adapt.methods.Adaptation.split`: trained
+params and frozen ones are separate trees, so frozen params never get optimizer
+state or updates.
 
 Paths are the "/"-joined keys of a param tree, e.g.
 `layers_0/attention/query/kernel`. A pattern is a regular expression that must
@@ -10,19 +15,15 @@ matches `layers_0/attention/query/kernel` but not `layers_0/attention/xquery/ker
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import flax.traverse_util
 import jax
-import numpy as np
-import optax
 
 from fmjax.adapt.quant import is_quantized
 from fmjax.models.text import count_params as _count_array_params
 
 Patterns = str | Sequence[str]
-
-_TRAIN, _FREEZE = "train", "freeze"
 
 
 def compile_patterns(patterns: Patterns, what: str = "patterns") -> re.Pattern:
@@ -50,42 +51,6 @@ def param_paths(params) -> list[str]:
     return list(flax.traverse_util.flatten_dict(params, sep="/"))
 
 
-def trainable_mask(params, trainable: Callable[[str], bool] | Patterns):
-    """A bool tree shaped like `params` (QuantizedTensors are single leaves):
-    True where `trainable(path)` holds or a pattern matches the path."""
-    if callable(trainable):
-        predicate = trainable
-    else:
-        regex = compile_patterns(trainable, "trainable")
-        predicate = lambda path: regex.fullmatch(path) is not None  # noqa: E731
-    flat = flax.traverse_util.flatten_dict(params, sep="/")
-    mask = {}
-    for path in flat:
-        value = predicate(path)
-        if not isinstance(value, (bool, np.bool_)):
-            raise TypeError(f"trainable({path!r}) returned {value!r}; expected a bool")
-        mask[path] = bool(value)
-    return flax.traverse_util.unflatten_dict(mask, sep="/")
-
-
-def masked_optimizer(
-    tx: optax.GradientTransformation, mask
-) -> optax.GradientTransformation:
-    """`tx` on the leaves where `mask` is True; zero updates elsewhere.
-
-    Frozen leaves carry no optimizer state: `set_to_zero` keeps none and
-    `multi_transform` hands `tx` only the trainable leaves. Under jit the
-    gradients of frozen leaves are never read, so XLA drops their computation.
-    """
-    bad = [x for x in jax.tree.leaves(mask) if not isinstance(x, (bool, np.bool_))]
-    if bad:
-        raise TypeError(f"mask leaves must be bools; got {bad[0]!r}")
-    if not any(jax.tree.leaves(mask)):
-        raise ValueError("masked_optimizer: the mask marks no param as trainable")
-    labels = jax.tree.map(lambda t: _TRAIN if t else _FREEZE, mask)
-    return optax.multi_transform({_TRAIN: tx, _FREEZE: optax.set_to_zero()}, labels)
-
-
 def count_params(params) -> int:
     """Number of scalars in a param tree; a QuantizedTensor counts its logical size."""
     logical = jax.tree.map(
@@ -94,17 +59,6 @@ def count_params(params) -> int:
         is_leaf=is_quantized,
     )
     return _count_array_params(logical)
-
-
-def masked_count(params, mask) -> int:
-    """Number of scalars in the leaves of `params` where `mask` is True."""
-    flat = flax.traverse_util.flatten_dict(params, sep="/")
-    flat_mask = flax.traverse_util.flatten_dict(mask, sep="/")
-    if set(flat) != set(flat_mask):
-        raise ValueError(
-            f"mask paths differ from params: {sorted(set(flat) ^ set(flat_mask))[:5]}"
-        )
-    return count_params([leaf for path, leaf in flat.items() if flat_mask[path]])
 
 
 def trainable_summary(params_trainable, params_all) -> str:

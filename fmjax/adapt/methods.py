@@ -1,23 +1,26 @@
-"""The adaptation method of a run: which params train, and what the model reads.
+"""The adaptation method of a run: which params train, and how the model runs.
 
     adaptation = Adaptation.from_config(config.adapt, model_config)
-    trained, frozen = adaptation.split(params, rng)   # at init
-    model_params, kwargs = adaptation.combine(trained, frozen, rng, train)  # per step
+    trained, frozen = adaptation.split(params, rng)          # at init
+    out = adaptation.apply(model, trained, frozen, rng, train, *inputs, **kw)
 
 Methods (HF PEFT names):
   full    every param trains; `frozen` is empty.
-  lora    LoRA adapters on `lora_targets` kernels over a frozen base.
+  lora    LoRA adapters on `lora_targets` kernels over a frozen base; each
+          adapted matmul adds its low-rank path (`fmjax.adapt.lora`).
   qlora   the same over a base whose kernels are NF4 codes (block size
-          `quant_block_size`, double-quantised absmax), dequantised to
-          `compute_dtype` inside the step. As bitsandbytes' 4-bit loading, the
-          embedding tables stay as they are unless `quantize_embeddings`.
+          `quant_block_size`, double-quantised absmax), each dequantised to
+          `compute_dtype` inside its own matmul. As bitsandbytes' 4-bit
+          loading, the embedding tables stay as they are unless
+          `quantize_embeddings`.
   prefix  learned per-layer K/V slots (optionally through a reparam MLP).
-  prompt  N soft tokens prepended to the input.
+  prompt  T soft tokens prepended to the input.
 
-In every method but `full`, the params matching `train_patterns` (the task head,
-`classifier/...`, as PEFT's `modules_to_save`) train too. The trained tree is
-`{"model": <those params, at their model paths>, <method>: <adapter params>}`,
-so an adapter checkpoint or export holds the adapter and the head only.
+In every method but `full`, the params matching `train_patterns` (a task head
+such as `classifier/...`, as PEFT's `modules_to_save`) train too. The trained
+tree is `{"model": <those params, at their model paths>, <method>: <adapter
+params>}`, so an adapter checkpoint or export holds the adapter and the head
+only.
 """
 
 from __future__ import annotations
@@ -42,9 +45,9 @@ from fmjax.adapt.quant import (
     quantize_tree,
 )
 from fmjax.models.config import DTYPES, TransformerConfig
+from fmjax.models.registry import param_axes
 
 METHODS = ("full", "lora", "qlora", "prefix", "prompt")
-HEAD_PATTERNS = ("classifier/.*",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +62,7 @@ class Adaptation:
     # QLoRA: also store the (token, position, type) embedding tables as NF4.
     quantize_embeddings: bool = False
     compute_dtype: str = "float32"
-    train_patterns: tuple[str, ...] = HEAD_PATTERNS
+    train_patterns: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -83,7 +86,7 @@ class Adaptation:
 
     @classmethod
     def from_config(cls, adapt, model_config: TransformerConfig) -> Adaptation:
-        """From a config's `adapt` group (see configs/classify.py); a bad value
+        """From a config's `adapt` group (`fmjax.config.base_config`); a bad value
         raises ValueError naming the `adapt.` key."""
         method = adapt.method
         kwargs: dict[str, Any] = {}
@@ -123,13 +126,15 @@ class Adaptation:
             return params, {}
         head, base = self._partition(params)
         if self.method in ("lora", "qlora"):
-            adapter = lora_lib.init_lora(base, self.lora, rng)
+            axes = param_axes(self.model_config)
+            adapter = lora_lib.init_lora(base, self.lora, rng, axes)
             if self.method == "qlora":
                 base = quantize_tree(
                     base,
                     is_matrix if self.quantize_embeddings else is_kernel_matrix,
                     block_size=self.quant_block_size,
                     double_quant=self.double_quant,
+                    dtype=self.compute_dtype,
                 )
         elif self.method == "prompt":
             adapter = prompts.init_prompt(base, self.prompt, rng)
@@ -138,39 +143,48 @@ class Adaptation:
         return {"model": head, self.method: adapter}, base
 
     def _partition(self, params) -> tuple[dict, dict]:
-        regex = compile_patterns(self.train_patterns, "adapt.train_patterns")
         flat = flax.traverse_util.flatten_dict(params, sep="/")
-        head = {p: v for p, v in flat.items() if regex.fullmatch(p)}
+        head = {}
+        if self.train_patterns:
+            regex = compile_patterns(self.train_patterns, "adapt.train_patterns")
+            head = {p: v for p, v in flat.items() if regex.fullmatch(p)}
         base = {p: v for p, v in flat.items() if p not in head}
         unflatten = lambda d: flax.traverse_util.unflatten_dict(d, sep="/")  # noqa: E731
         return unflatten(head), unflatten(base)
 
     # --- per step ---------------------------------------------------------------
 
-    def combine(self, trained, frozen, rng, train: bool) -> tuple[dict, dict]:
-        """(params the model reads, extra model kwargs)."""
+    def apply(self, model, trained, frozen, rng, train: bool, *args, **kwargs):
+        """`model.apply` with this adaptation: the base under the trained params,
+        the adapter's model inputs (prompt, prefix), and LoRA beside each adapted
+        matmul. `rng` draws the LoRA dropout; model rngs go in `rngs=`."""
+        if self.method == "full":
+            return model.apply({"params": trained}, *args, **kwargs)
+        params = _merge_trees(frozen, trained["model"])
+        if self.method in ("prompt", "prefix"):
+            extra = prompts.model_kwargs(
+                self.method, trained[self.method], self.model_config
+            )
+            return model.apply({"params": params}, *args, **kwargs, **extra)
+        with lora_lib.wrap_matmuls(
+            trained[self.method], self.lora, rng=rng, deterministic=not train
+        ):
+            return model.apply({"params": params}, *args, **kwargs)
+
+    def merged(self, trained, frozen) -> tuple[dict, dict]:
+        """For serving: (params, model kwargs) with LoRA folded into the kernels
+        and every NF4 kernel dequantised; prefix/prompt keep their kwargs."""
         if self.method == "full":
             return trained, {}
         params = _merge_trees(frozen, trained["model"])
         kwargs: dict[str, Any] = {}
         if self.method in ("lora", "qlora"):
-            params = lora_lib.apply_lora(
-                params,
-                trained[self.method],
-                self.lora,
-                rng=rng,
-                deterministic=not train,
-            )
+            params = lora_lib.merge(params, trained[self.method], self.lora)
         else:
             kwargs = prompts.model_kwargs(
                 self.method, trained[self.method], self.model_config
             )
         return dequantize_tree(params, jnp.dtype(self.compute_dtype)), kwargs
-
-    def merged(self, trained, frozen) -> tuple[dict, dict]:
-        """For serving: LoRA folded into the kernels (qlora: into the dequantised
-        kernels); prefix/prompt keep their kwargs."""
-        return self.combine(trained, frozen, None, False)
 
     # --- reporting ---------------------------------------------------------------
 
@@ -220,9 +234,9 @@ def tree_bytes(tree) -> int:
 
 
 def _targets(targets) -> tuple[str, ...]:
-    if isinstance(targets, str):
-        return lora_lib.ALL_LINEAR if targets == "all-linear" else (targets,)
-    return tuple(targets)
+    """Target patterns; "all-linear" (alone) names every block projection."""
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    return lora_lib.ALL_LINEAR if targets == ("all-linear",) else targets
 
 
 def _merge_trees(base, overlay):

@@ -8,8 +8,9 @@ nn.Linear weight [out, in]; fmjax adds `scale * lora_a @ lora_b` (lora_a [in, r]
 lora_b [r, out]) to the kernel viewed as [in, out], then reshapes it to the kernel's
 einsum shape. `fmjax.convert.bert.to_fmjax` / `to_hf` map a weight to a kernel
 by a transpose and a row-major reshape of [in, out] (e.g. attention out [H, K, D]
-is [H*K, D] with in = h * K + k, HF's head-major order), and `lora.kernel_num_in`
-splits the kernel into [in, out] the same way (`_check_layouts_agree`). So the
+is [H*K, D] with in = h * K + k, HF's head-major order), and LoRA splits the
+kernel into [in, out] the same way: both read the split from the kernel's
+logical axes (`fmjax.models.axes.kernel_num_in`). So the
 adapter matrices are transposed and nothing else: lora_A = lora_a.T,
 lora_B = lora_b.T, with the same scale alpha / r.
 
@@ -32,19 +33,19 @@ never unpickled. Adapter tensors are stored in float32.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import flax.traverse_util
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from fmjax.adapt.lora import ALL_LINEAR, LoraConfig, _adapters, kernel_num_in
-from fmjax.convert import bert
+from fmjax.adapt.lora import ALL_LINEAR, LoraConfig, adapters_by_module
 from fmjax.convert.bert import hf_name_for
+from fmjax.errors import FormatError
 from fmjax.export import refuse_pickles
+from fmjax.models.axes import matrix_shape
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -57,16 +58,6 @@ _TENSOR = re.compile(r"(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
 HfName = Callable[[tuple[str, ...]], str]
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "load_peft", "save_peft"]
-
-
-def _check_layouts_agree(path: tuple[str, ...], shape: tuple[int, ...]) -> None:
-    """LoRA's [in, out] split of a kernel must be the HF converter's (see above)."""
-    k = kernel_num_in("/".join(path), shape)
-    if k != bert.num_in(path):
-        raise ValueError(
-            f"{'/'.join(path)} {shape}: LoRA views {k} leading dims as inputs but "
-            f"the HF converter uses {bert.num_in(path)}; cannot express it in PEFT"
-        )
 
 
 def _matches(target: str, name: str) -> bool:
@@ -119,23 +110,23 @@ def save_peft(
     checked against `lora_config.rank`.
     """
     directory = os.fspath(directory)
-    adapters = _adapters(lora_params)
+    adapters = adapters_by_module(lora_params)
     if not adapters:
-        raise ValueError("save_peft: lora_params holds no adapters")
+        raise FormatError("save_peft: lora_params holds no adapters")
     tensors: dict[str, np.ndarray] = {}
     names: dict[str, tuple[str, ...]] = {}
     for module, (a_IR, b_RO) in adapters.items():
         path = tuple(module.split("/"))
         name = hf_name(path)
         if name in names:
-            raise ValueError(
+            raise FormatError(
                 f"fmjax modules {'/'.join(names[name])} and {module} both map to HF "
                 f"module {name!r}"
             )
         names[name] = path
         r = lora_config.rank
         if a_IR.ndim != 2 or b_RO.ndim != 2 or a_IR.shape[1] != r or b_RO.shape[0] != r:
-            raise ValueError(
+            raise FormatError(
                 f"LoRA {module}: lora_a {tuple(a_IR.shape)}, lora_b "
                 f"{tuple(b_RO.shape)}; expected [in, {r}] and [{r}, out] for "
                 f"LoraConfig.rank={r}"
@@ -188,7 +179,7 @@ def _read_config(directory: str) -> dict:
     with open(path, encoding="utf-8") as f:
         config = json.load(f)
     if config.get("peft_type") != "LORA":
-        raise ValueError(
+        raise FormatError(
             f"{path}: peft_type={config.get('peft_type')!r}; fmjax loads 'LORA' only"
         )
     for key, ok in (
@@ -199,10 +190,10 @@ def _read_config(directory: str) -> dict:
         ("lora_bias", False),
     ):
         if config.get(key, ok) != ok:
-            raise ValueError(f"{path}: {key}={config[key]!r}; fmjax supports {ok!r}")
+            raise FormatError(f"{path}: {key}={config[key]!r}; fmjax supports {ok!r}")
     for key in ("rank_pattern", "alpha_pattern", "modules_to_save"):
         if config.get(key):
-            raise ValueError(
+            raise FormatError(
                 f"{path}: {key}={config[key]!r}; fmjax supports one rank and alpha "
                 f"for every module and no modules_to_save"
             )
@@ -210,10 +201,16 @@ def _read_config(directory: str) -> dict:
 
 
 def load_peft(
-    directory: str | os.PathLike, fmjax_params, *, hf_name: HfName = hf_name_for
+    directory: str | os.PathLike,
+    fmjax_params,
+    *,
+    axes: Mapping[str, tuple],
+    hf_name: HfName = hf_name_for,
 ) -> tuple[dict, LoraConfig]:
     """(lora_params, LoraConfig) of a PEFT LoRA adapter directory, for the model
-    whose params are `fmjax_params`; pass both to `apply_lora`.
+    whose params are `fmjax_params` with logical axes `axes`
+    (`fmjax.models.param_axes(model_config)`); use them with
+    `fmjax.adapt.lora.wrap_matmuls` or `merge`.
 
     The config's targets are the shortest "/"-aligned suffix patterns that select
     exactly the adapted kernels of `fmjax_params`.
@@ -243,25 +240,23 @@ def load_peft(
         match = _TENSOR.fullmatch(tensor.removeprefix(PREFIX))
         module = match["module"].removeprefix("bert.") if match else None
         if not tensor.startswith(PREFIX) or module not in kernels:
-            raise ValueError(
+            raise FormatError(
                 f"{weights_path}: tensor {tensor!r} is not a LoRA weight of a "
                 f"projection in the fmjax params; expected "
                 f"'{PREFIX}<HF module>.lora_A.weight' / '.lora_B.weight'"
             )
         found.setdefault(module, {})[match["ab"]] = value
     if not found:
-        raise ValueError(f"{weights_path} holds no LoRA tensors")
+        raise FormatError(f"{weights_path} holds no LoRA tensors")
     lora_flat = {}
     for module, ab in sorted(found.items()):
         path, shape = kernels[module]
         if set(ab) != {"A", "B"}:
-            raise ValueError(f"{weights_path}: {module} lacks lora_A or lora_B")
-        _check_layouts_agree(path, shape)
-        k = kernel_num_in("/".join(path), shape)
-        n_in, n_out = math.prod(shape[:k]), math.prod(shape[k:])
+            raise FormatError(f"{weights_path}: {module} lacks lora_A or lora_B")
+        n_in, n_out = matrix_shape(axes["/".join(path)], shape, "/".join(path))
         got = (ab["A"].shape, ab["B"].shape)
         if got != ((rank, n_in), (n_out, rank)):
-            raise ValueError(
+            raise FormatError(
                 f"{weights_path}: {module} lora_A {got[0]}, lora_B {got[1]}; "
                 f"expected {(rank, n_in)} and {(n_out, rank)} for r={rank!r} and "
                 f"fmjax kernel {'/'.join(path)} {shape}"
@@ -305,19 +300,18 @@ def export_run_to_peft(workdir: str | os.PathLike, directory: str | os.PathLike)
     from fmjax.adapt.methods import Adaptation
     from fmjax.config import ConfigDict
     from fmjax.export import is_adapter_export, load_export
-    from fmjax.models.config import TransformerConfig
+    from fmjax.models.registry import model_config
 
     workdir = os.fspath(workdir)
     trained, config = load_export(workdir)
     method = config.get("adapt", {}).get("method", "full")
     if not is_adapter_export(workdir) or method not in ("lora", "qlora"):
-        raise ValueError(
+        raise FormatError(
             f"{workdir!r} is a {method!r} run; lora-to-peft needs a run trained with "
             "adapt.method=lora or qlora"
         )
-    fields = {k: v for k, v in config["model"].items() if k != "kind"}
     adaptation = Adaptation.from_config(
-        ConfigDict(config["adapt"]), TransformerConfig.from_dict(fields)
+        ConfigDict(config["adapt"]), model_config(config["model"])
     )
     return save_peft(
         directory,

@@ -2,12 +2,12 @@
 
 Neither touches the base params. The trainer differentiates the loss with
 respect to the adapter tree only and passes `model_kwargs(...)` to the model:
-  * prompt tuning (Lester et al. 2021): `{"prompt": [N, D]}`, N soft tokens
-    prepended to every row (`prompt_ND=`; see `fmjax.models.text`).
+  * prompt tuning (Lester et al. 2021): `{"prompt": [T, D]}`, T soft tokens
+    prepended to every row (`prompt_TD=`; see `fmjax.models.text`).
   * prefix tuning (Li & Liang 2021): per-layer key/value slots
-    (`prefix_kv=(k_LPHK, v_LPHK)`, [num_layers, P, H_kv, K] each). With
-    `reparam`, the params are an embedding [P, D] and a tanh MLP
-    D -> hidden -> num_layers * 2 * H_kv * K whose output is reshaped into the
+    (`prefix_kv=(prefix_k, prefix_v)`, [num_layers, T, G, K] each). With
+    `reparam`, the params are an embedding [T, D] and a tanh MLP
+    D -> hidden -> num_layers * 2 * G * K whose output is reshaped into the
     K/V (the MLP is a training device: export `prefix_kv(...)` for serving);
     without, `{"key", "value"}` are the K/V themselves.
 """
@@ -31,7 +31,7 @@ METHODS = ("prompt", "prefix")
 
 @dataclasses.dataclass(frozen=True)
 class PromptConfig:
-    """N soft tokens; init "vocab": the embeddings of N vocabulary tokens,
+    """T soft tokens; init "vocab": the embeddings of T vocabulary tokens,
     "random": normal with the token embeddings' standard deviation."""
 
     num_tokens: int = 20
@@ -50,7 +50,7 @@ class PromptConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PrefixConfig:
-    """P prefix slots per layer, optionally produced by a reparameterisation MLP."""
+    """T prefix slots per layer, optionally produced by a reparameterisation MLP."""
 
     num_tokens: int = 10
     reparam: bool = True
@@ -83,9 +83,9 @@ def _token_embedding(params) -> Array:
 
 
 def init_prompt(params, config: PromptConfig, rng: Array, *, vocab_ids=None):
-    """{"prompt": [N, D] float32} from the base model's token embeddings.
+    """{"prompt": [T, D] float32} from the base model's token embeddings.
 
-    "vocab": rows of the embedding at `vocab_ids` ([N] ints) or, if None, at N
+    "vocab": rows of the embedding at `vocab_ids` ([T] ints) or, if None, at T
     distinct ids drawn uniformly (Lester et al. draw from the most frequent
     tokens; pass such ids as `vocab_ids` to do the same).
     """
@@ -122,9 +122,9 @@ def _prefix_width(model_config: TransformerConfig) -> int:
 def init_prefix(model_config: TransformerConfig, config: PrefixConfig, rng: Array):
     """Prefix params, float32.
 
-    reparam: {"embedding": [P, D] ~ N(0, 1), "mlp": {"up": {"kernel" [D, hidden]
+    reparam: {"embedding": [T, D] ~ N(0, 1), "mlp": {"up": {"kernel" [D, hidden]
     ~ N(0, 1/D), "bias"}, "down": {"kernel" [hidden, out] ~ N(0, init_std^2),
-    "bias"}}} with zero biases; else {"key", "value": [layers, P, H_kv, K] ~
+    "bias"}}} with zero biases; else {"key", "value": [layers, T, G, K] ~
     N(0, init_std^2)}, init_std being the base model's.
     """
     cfg, num = model_config, config.num_tokens
@@ -155,27 +155,27 @@ def init_prefix(model_config: TransformerConfig, config: PrefixConfig, rng: Arra
 
 
 def prefix_kv(prefix_params, model_config: TransformerConfig) -> tuple[Array, Array]:
-    """(k_LPHK, v_LPHK), each [num_layers, P, H_kv, K], from either param layout."""
+    """(prefix_k, prefix_v), each [num_layers, T, G, K], from either param layout."""
     cfg = model_config
     if "key" in prefix_params and "value" in prefix_params:
-        k_LPHK, v_LPHK = prefix_params["key"], prefix_params["value"]
-        expected = (cfg.num_layers, k_LPHK.shape[1], cfg.kv_heads, cfg.head_dim)
-        if k_LPHK.shape != expected or v_LPHK.shape != expected:
+        prefix_k, prefix_v = prefix_params["key"], prefix_params["value"]
+        expected = (cfg.num_layers, prefix_k.shape[1], cfg.kv_heads, cfg.head_dim)
+        if prefix_k.shape != expected or prefix_v.shape != expected:
             raise ValueError(
-                f"prefix key {k_LPHK.shape} / value {v_LPHK.shape}: expected "
-                f"{expected} (layers, P, kv heads, head dim)"
+                f"prefix key {prefix_k.shape} / value {prefix_v.shape}: expected "
+                f"{expected} (layers, T, kv heads, head dim)"
             )
-        return k_LPHK, v_LPHK
+        return prefix_k, prefix_v
     if "embedding" not in prefix_params or "mlp" not in prefix_params:
         raise KeyError(
             f"prefix params have keys {sorted(prefix_params)}; expected "
             "{'key', 'value'} or {'embedding', 'mlp'}"
         )
-    emb_PD, mlp = prefix_params["embedding"], prefix_params["mlp"]
+    emb_TD, mlp = prefix_params["embedding"], prefix_params["mlp"]
     up, down = mlp["up"], mlp["down"]
-    if emb_PD.ndim != 2 or emb_PD.shape[1] != cfg.d_model:
+    if emb_TD.ndim != 2 or emb_TD.shape[1] != cfg.d_model:
         raise ValueError(
-            f"prefix embedding {emb_PD.shape}: expected [P, {cfg.d_model}]"
+            f"prefix embedding {emb_TD.shape}: expected [T, {cfg.d_model}]"
         )
     if down["kernel"].shape[1] != _prefix_width(cfg):
         raise ValueError(
@@ -183,23 +183,23 @@ def prefix_kv(prefix_params, model_config: TransformerConfig) -> tuple[Array, Ar
             f"{_prefix_width(cfg)}] (layers * 2 * kv heads * head dim)"
         )
     hi = jax.lax.Precision.HIGHEST
-    h_PF = jnp.tanh(jnp.matmul(emb_PD, up["kernel"], precision=hi) + up["bias"][None])
-    out_PO = jnp.matmul(h_PF, down["kernel"], precision=hi) + down["bias"][None]
-    kv_2LPHK = jnp.reshape(
-        out_PO, (emb_PD.shape[0], cfg.num_layers, 2, cfg.kv_heads, cfg.head_dim)
+    h_TF = jnp.tanh(jnp.matmul(emb_TD, up["kernel"], precision=hi) + up["bias"][None])
+    out_TO = jnp.matmul(h_TF, down["kernel"], precision=hi) + down["bias"][None]
+    kv_2xTGK = jnp.reshape(
+        out_TO, (emb_TD.shape[0], cfg.num_layers, 2, cfg.kv_heads, cfg.head_dim)
     ).transpose(2, 1, 0, 3, 4)
-    return kv_2LPHK[0], kv_2LPHK[1]
+    return kv_2xTGK[0], kv_2xTGK[1]
 
 
 def model_kwargs(method: str, adapter_params, model_config: TransformerConfig):
-    """Model-call kwargs for an adapter: {"prompt_ND": ...} or {"prefix_kv": ...}."""
+    """Model-call kwargs for an adapter: {"prompt_TD": ...} or {"prefix_kv": ...}."""
     if method == "prompt":
         if "prompt" not in adapter_params:
             raise KeyError(
                 f"prompt adapter params have keys {sorted(adapter_params)}; "
                 "expected 'prompt'"
             )
-        return {"prompt_ND": adapter_params["prompt"]}
+        return {"prompt_TD": adapter_params["prompt"]}
     if method == "prefix":
         return {"prefix_kv": prefix_kv(adapter_params, model_config)}
     raise ValueError(f"adapter method={method!r}: expected one of {METHODS}")

@@ -13,7 +13,8 @@ Cost per weight: 4 + 8/64 + 64/(64*256) = 4.129 bits (bitsandbytes: 4.127, with
 one global offset instead of one per group).
 
 Everything is jnp, so `dequantize_nf4` runs inside a jitted step: the base
-weights stay quantised in memory and are expanded just before the matmul.
+weights stay quantised in memory and each kernel is expanded inside its own
+matmul (`fmjax.models.layers.EinsumDense`), never the whole tree at once.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ class QuantizedTensor:
     absmax: f32 [num_blocks], or with double quantisation uint8
         [num_groups * ABSMAX_GROUP] decoded as `absmax * scale + offset`.
     absmax_scale, absmax_offset: f32 [num_groups], None without double quant.
+    dtype: what `dequantize_nf4` returns by default (the original array's dtype,
+        or the compute dtype QLoRA asked for).
     """
 
     codes: Array
@@ -124,9 +127,10 @@ def block_absmax(q: QuantizedTensor) -> Array:
 
 
 def quantize_nf4(
-    w: Array, block_size: int = 64, double_quant: bool = True
+    w: Array, block_size: int = 64, double_quant: bool = True, dtype: Any = None
 ) -> QuantizedTensor:
-    """NF4 codes of `w` (any float shape) in blocks of `block_size` values."""
+    """NF4 codes of `w` (any float shape) in blocks of `block_size` values;
+    `dtype` (default w's) is what it dequantises to."""
     _check_block_size(block_size)
     w = jnp.asarray(w)
     if not jnp.issubdtype(w.dtype, jnp.floating) or w.size == 0:
@@ -156,16 +160,18 @@ def quantize_nf4(
         absmax_scale=absmax_scale,
         absmax_offset=absmax_offset,
         shape=tuple(w.shape),
-        dtype=jnp.dtype(w.dtype).name,
+        dtype=jnp.dtype(w.dtype if dtype is None else dtype).name,
         block_size=block_size,
     )
 
 
-def dequantize_nf4(q: QuantizedTensor, dtype: Any = None) -> Array:
-    """The array `q` encodes, in `dtype` (default: the quantised array's dtype)."""
+def dequantize_nf4(q: QuantizedTensor, dtype: Any = None, levels=None) -> Array:
+    """The array `q` encodes, in `dtype` (default: the quantised array's dtype).
+    `levels`: the 16 NF4 values to decode with (default `NF4_CODES`)."""
     high, low = q.codes >> 4, q.codes & 0xF
     index = jnp.stack([high, low], axis=-1).reshape(-1)
-    values_NB = jnp.asarray(NF4_CODES)[index].reshape(-1, q.block_size)
+    levels = jnp.asarray(NF4_CODES) if levels is None else levels
+    values_NB = levels[index].reshape(-1, q.block_size)
     absmax_N1 = _dequantize_absmax(q)[:, None]
     flat = (values_NB * absmax_N1).reshape(-1)[: q.size]
     return flat.reshape(q.shape).astype(q.dtype if dtype is None else dtype)
@@ -199,10 +205,12 @@ def quantize_tree(
     *,
     block_size: int = 64,
     double_quant: bool = True,
+    dtype: Any = None,
 ):
     """`params` with each leaf where `predicate("/"-joined path, leaf)` holds
     replaced by its QuantizedTensor (default: every >= 2-D `kernel`; embeddings,
-    biases and norms stay as they are)."""
+    biases and norms stay as they are), dequantising to `dtype` (default: the
+    leaf's)."""
     flat = flax.traverse_util.flatten_dict(params, sep="/")
     out = {}
     for path, leaf in flat.items():
@@ -212,7 +220,7 @@ def quantize_tree(
                     f"quantize_tree: {path} has shape {jnp.shape(leaf)}; "
                     "expected a matrix (>= 2 dims)"
                 )
-            leaf = quantize_nf4(leaf, block_size, double_quant)
+            leaf = quantize_nf4(leaf, block_size, double_quant, dtype)
         out[path] = leaf
     return flax.traverse_util.unflatten_dict(out, sep="/")
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from fmjax.errors import FormatError
+
 # HF hidden_act -> fmjax activation (the tanh forms are the same function).
 _ACTIVATIONS = {
     "gelu": "gelu",
@@ -82,15 +84,10 @@ def tensor_name(path: tuple[str, ...]) -> str:
     return f"{hf_name_for(path)}.{_LEAVES.get(path[-1], 'bias')}"
 
 
-def num_in(path: tuple[str, ...]) -> int:
-    """Contracting dims of a kernel: 2 for the attention output [H,K,D]."""
-    return 2 if path[-3:] == ("attention", "out", "kernel") else 1
-
-
 def model_config_from_hf(hf: Mapping[str, Any], mlm_head: bool) -> dict[str, Any]:
     """fmjax's `config.model` group (kind "encoder") for an HF BertConfig dict."""
     if hf.get("model_type") != "bert":
-        raise ValueError(
+        raise FormatError(
             f"HF model_type={hf.get('model_type')!r}: fmjax converts model_type "
             f"'bert' only (BertModel / BertForMaskedLM checkpoints)"
         )
@@ -100,15 +97,15 @@ def model_config_from_hf(hf: Mapping[str, Any], mlm_head: bool) -> dict[str, Any
         ("add_cross_attention", False),
     ):
         if hf.get(key, want) != want:
-            raise ValueError(f"HF BERT {key}={hf[key]!r}: fmjax supports {want!r}")
+            raise FormatError(f"HF BERT {key}={hf[key]!r}: fmjax supports {want!r}")
     act = hf.get("hidden_act", "gelu")
     if act not in _ACTIVATIONS:
-        raise ValueError(
+        raise FormatError(
             f"HF BERT hidden_act={act!r}: expected one of {sorted(_ACTIVATIONS)}"
         )
     d_model, heads = hf["hidden_size"], hf["num_attention_heads"]
     if d_model % heads:
-        raise ValueError(
+        raise FormatError(
             f"HF BERT hidden_size={d_model} is not divisible by "
             f"num_attention_heads={heads}"
         )
@@ -141,7 +138,7 @@ def hf_config_from_model(model_config: Mapping[str, Any], pad_id: int) -> dict:
     fields = dict(model_config)
     kind = fields.pop("kind", None)
     if kind != "encoder":
-        raise ValueError(f"model.kind={kind!r}: HF BERT export needs 'encoder'")
+        raise FormatError(f"model.kind={kind!r}: HF BERT export needs 'encoder'")
     cfg = TransformerConfig.from_dict(fields)
     for ok, what in (
         (cfg.position == "learned", f"position={cfg.position!r} (BERT: 'learned')"),
@@ -153,7 +150,7 @@ def hf_config_from_model(model_config: Mapping[str, Any], pad_id: int) -> dict:
         ),
     ):
         if not ok:
-            raise ValueError(f"cannot express {what} as an HF BERT model")
+            raise FormatError(f"cannot express {what} as an HF BERT model")
     return {
         "architectures": ["BertForMaskedLM" if cfg.mlm_head else "BertModel"],
         "model_type": "bert",
@@ -175,14 +172,18 @@ def hf_config_from_model(model_config: Mapping[str, Any], pad_id: int) -> dict:
     }
 
 
-def to_fmjax(name: str, x: np.ndarray, path: tuple[str, ...], shape) -> np.ndarray:
+def to_fmjax(
+    name: str, x: np.ndarray, path: tuple[str, ...], shape, num_in: int = 1
+) -> np.ndarray:
+    """An HF tensor in fmjax's layout; `num_in`: the kernel's input dims
+    (`fmjax.models.axes.kernel_num_in` of its logical axes)."""
     if path[-1] == "kernel":  # torch [out, in] -> einsum [in..., out...]
-        k = num_in(path)
+        k = num_in
         want = (math.prod(shape[k:]), math.prod(shape[:k]))
     else:
         want = shape if path[-1] == "embedding" else (math.prod(shape),)
     if x.shape != want:
-        raise ValueError(
+        raise FormatError(
             f"HF tensor {name} has shape {x.shape}; expected {want} for fmjax "
             f"{'/'.join(path)} of shape {shape}"
         )
@@ -190,9 +191,9 @@ def to_fmjax(name: str, x: np.ndarray, path: tuple[str, ...], shape) -> np.ndarr
     return np.ascontiguousarray(x.reshape(shape), np.float32)
 
 
-def to_hf(x: np.ndarray, path: tuple[str, ...]) -> np.ndarray:
+def to_hf(x: np.ndarray, path: tuple[str, ...], num_in: int = 1) -> np.ndarray:
     if path[-1] == "kernel":
-        x = x.reshape(math.prod(x.shape[: num_in(path)]), -1).T
+        x = x.reshape(math.prod(x.shape[:num_in]), -1).T
     elif path[-1] != "embedding":
         x = x.reshape(-1)
     return np.ascontiguousarray(x, np.float32)

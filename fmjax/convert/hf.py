@@ -25,8 +25,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from safetensors.numpy import load_file, save
@@ -44,7 +42,10 @@ from fmjax.convert.bert import (
     to_hf,
 )
 from fmjax.data.tokenizer import Tokenizer, load_tokenizer
+from fmjax.errors import FormatError
 from fmjax.export import find_export, flatten_params, load_export, refuse_pickles
+from fmjax.models.axes import kernel_num_in
+from fmjax.models.registry import param_axes
 
 CONFIG_FILENAME = "config.json"
 WEIGHTS_FILENAME = "model.safetensors"
@@ -88,7 +89,7 @@ def hf_pooling(directory: str | os.PathLike) -> str:
     names = {f"pooling_mode_{p}_tokens": p for p in ("mean", "max")}
     names["pooling_mode_cls_token"] = "cls"
     if len(modes) != 1 or modes[0] not in names:
-        raise ValueError(
+        raise FormatError(
             f"{path} enables pooling modes {modes}; fmjax supports exactly one of "
             f"{sorted(names)}"
         )
@@ -97,14 +98,17 @@ def hf_pooling(directory: str | os.PathLike) -> str:
 
 def _param_shapes(model_config: Mapping[str, Any]) -> dict[tuple[str, ...], tuple]:
     """Flat {path: shape} of the TextEncoder's params (eval_shape: nothing built)."""
-    from fmjax.models import build_model
+    from fmjax.models.registry import abstract_model_params
 
-    module = build_model(model_config)
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    abstract = jax.eval_shape(
-        lambda: nn.unbox(module.init(jax.random.key(0), tokens)["params"])
-    )
+    abstract = nn.unbox(abstract_model_params(model_config))
     return {k: v.shape for k, v in traverse_util.flatten_dict(abstract).items()}
+
+
+def _num_in(model_config, path: tuple[str, ...]) -> int:
+    """Input dims of a kernel, from its logical axes (1 for any other param)."""
+    if path[-1] != "kernel":
+        return 1
+    return kernel_num_in(param_axes(model_config)["/".join(path)], "/".join(path))
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -138,7 +142,7 @@ def read_hf_weights(directory: str) -> dict[str, np.ndarray]:
             name = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", name)
             name = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name)
             if name in weights:
-                raise ValueError(f"{directory}: tensor {name!r} appears twice")
+                raise FormatError(f"{directory}: tensor {name!r} appears twice")
             weights[name] = value
     return weights
 
@@ -170,27 +174,28 @@ def load_hf_bert(directory: str | os.PathLike) -> tuple[dict, dict, Tokenizer]:
             missing.append(name)
             continue
         used.add(name)
-        flat[path] = to_fmjax(name, weights[name], path, shape)
+        num_in = _num_in(model_config, path)
+        flat[path] = to_fmjax(name, weights[name], path, shape, num_in)
     for copy, original in TIED.items():
         if copy in weights:
             used.add(copy)
             if original in weights and not np.array_equal(
                 weights[copy], weights[original]
             ):
-                raise ValueError(
+                raise FormatError(
                     f"{directory}: {copy} differs from {original}; fmjax ties the "
                     f"MLM decoder to them and cannot hold an untied copy"
                 )
     unused = sorted(n for n in set(weights) - used if not IGNORED.fullmatch(n))
     if missing or unused:
-        raise ValueError(
+        raise FormatError(
             f"{directory}/{WEIGHTS_FILENAME} does not match an fmjax BERT of its "
             f"config.json: missing tensors {missing}; tensors with no fmjax param "
             f"{unused}"
         )
     tokenizer = load_tokenizer(directory)
     if tokenizer.vocab_size > model_config["vocab_size"]:
-        raise ValueError(
+        raise FormatError(
             f"{directory}: tokenizer has {tokenizer.vocab_size} tokens, more than "
             f"the model's vocab_size={model_config['vocab_size']}"
         )
@@ -217,7 +222,7 @@ def save_hf_bert(
     missing = sorted(".".join(p) for p in set(expected) - set(flat))
     extra = sorted(".".join(p) for p in set(flat) - set(expected))
     if missing or extra:
-        raise ValueError(
+        raise FormatError(
             f"params do not match the encoder config: missing {missing}, "
             f"unexpected {extra} (merge LoRA or other adapters into the kernels "
             f"before exporting)"
@@ -226,12 +231,12 @@ def save_hf_bert(
     tensors = {}
     for path, shape in expected.items():
         if flat[path].shape != shape:
-            raise ValueError(
+            raise FormatError(
                 f"param {'.'.join(path)} has shape {flat[path].shape}; expected {shape}"
             )
         name = tensor_name(path)
         tensors[name if name.startswith("cls.") else prefix + name] = to_hf(
-            flat[path], path
+            flat[path], path, _num_in(model_config, path)
         )
     storage.makedirs(directory)
     storage.write_text(
@@ -272,7 +277,7 @@ def fmjax_to_hf(src: str | os.PathLike, dst_dir: str | os.PathLike) -> str:
     params, config = load_export(src)
     model_config = dict(config.get("model") or {})
     if model_config.get("kind") != "encoder":
-        raise ValueError(
+        raise FormatError(
             f"{src} holds a model of kind={model_config.get('kind')!r}; fmjax-to-hf "
             f"converts encoders (BERT) only"
         )

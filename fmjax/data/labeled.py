@@ -325,6 +325,25 @@ def load_labeled_source(
     )
 
 
+def split_names(
+    name: str,
+    *,
+    text_fields: Sequence[str] = ("text",),
+    label_field: str = "label",
+    data_dir: str | os.PathLike | None = None,
+) -> list[str]:
+    """The splits `name` has: a file's split column values (or train and
+    validation for a file without one), or the TFDS dataset's splits."""
+    file = _file_of(name)
+    if file is None:
+        return sorted(sources.dataset_info(name, data_dir).splits)
+    kind, path = file
+    rows, _ = _file_rows(kind, path, tuple(text_fields), label_field, None)
+    if any(SPLIT_COLUMN in row for row in rows):
+        return sorted({row.get(SPLIT_COLUMN, "") for row in rows})
+    return ["train", "validation"]
+
+
 def label_names(
     name: str,
     *,

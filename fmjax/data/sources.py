@@ -26,10 +26,12 @@ from typing import Any
 import tensorflow_datasets as tfds
 from etils import epath
 
+from fmjax.errors import FmjaxError
+
 FILE_FORMAT = "array_record"
 
 
-class DatasetNotFoundError(ValueError):
+class DatasetNotFoundError(FmjaxError, ValueError):
     """A dataset that is neither prepared in the data dir nor shipped by fmjax."""
 
 

@@ -6,9 +6,9 @@ Each batch is a dict of int32 arrays of shape [batch_size, seq_len]:
   positions    0..n-1 restarting in every segment, 0 for padding
 
 The iterator is a `grain.DatasetIterator`: `get_state()` is a small JSON-able
-dict and `set_state(state)` resumes exactly where it was taken. With Orbax,
-save it as `ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it))` and
-restore with `grain.checkpoint.CheckpointRestore(it)` (one JSON per process).
+dict and `set_state(state)` resumes exactly where it was taken; a run's
+global batch is a `fmjax.data.sharded.ShardedIterator` of such pipelines, and
+`fmjax.checkpoint` saves its state beside the train state.
 """
 
 from __future__ import annotations
@@ -217,66 +217,3 @@ def make_eval_iterator(
         drop_remainder=False,
         num_packing_bins=num_packing_bins,
     )
-
-
-class ShardedTextIterator:
-    """A global batch built from `num_shards` independent pipelines.
-
-    Shard j reads documents j::num_shards and yields batch_size / num_shards rows;
-    the global batch is the shards' rows in order. Process i of n runs only the
-    contiguous shards i*S/n .. (i+1)*S/n - 1, so every process reads only its own
-    slice, and the global batch (and its state, one entry per shard) is the same
-    for any process count that divides num_shards.
-    """
-
-    def __init__(
-        self,
-        source,
-        tokenizer: Tokenizer,
-        *,
-        num_shards: int,
-        process_index: int = 0,
-        process_count: int = 1,
-        batch_size: int,
-        **pipeline_args,
-    ):
-        if num_shards % process_count or batch_size % num_shards:
-            raise ValueError(
-                f"num_shards={num_shards} must be a multiple of the process count "
-                f"({process_count}) and divide the global batch size ({batch_size})"
-            )
-        per_process = num_shards // process_count
-        self.shard_ids = list(
-            range(process_index * per_process, (process_index + 1) * per_process)
-        )
-        self._iterators = {
-            shard: make_text_iterator(
-                source,
-                tokenizer,
-                batch_size=batch_size // num_shards,
-                process_index=shard,
-                process_count=num_shards,
-                **pipeline_args,
-            )
-            for shard in self.shard_ids
-        }
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        parts = [next(self._iterators[shard]) for shard in self.shard_ids]
-        return {key: np.concatenate([p[key] for p in parts]) for key in BATCH_KEYS}
-
-    def get_state(self) -> dict:
-        return {str(shard): it.get_state() for shard, it in self._iterators.items()}
-
-    def set_state(self, state: dict) -> None:
-        missing = [s for s in self.shard_ids if str(s) not in state]
-        if missing:
-            raise ValueError(
-                f"data state has shards {sorted(state)}, not this process's {missing};"
-                " was the checkpoint written with another data.num_shards?"
-            )
-        for shard, it in self._iterators.items():
-            it.set_state(state[str(shard)])

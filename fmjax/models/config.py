@@ -1,5 +1,8 @@
 """TransformerConfig: the shape and numerics of a BERT/GPT-style transformer,
-checked when built (a bad value raises ValueError naming the field)."""
+checked when built (a bad value raises ValueError naming the field).
+
+`kind` says which module reads it (fmjax.models.registry): "encoder"
+(TextEncoder, BERT family) or "decoder" (TextDecoder, GPT family)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+TRANSFORMER_KINDS = ("encoder", "decoder")
 POSITIONS = ("learned", "rope")
 ACTIVATIONS = ("gelu", "gelu_tanh")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -52,8 +56,12 @@ class TransformerConfig:
     # Encoders only: > 0 adds a classifier head over pooled hidden states.
     num_classes: int = 0
     classifier_pooling: str = "mean"
+    kind: str = "encoder"
 
     def __post_init__(self):
+        _check(
+            self, "kind", self.kind in TRANSFORMER_KINDS, f"one of {TRANSFORMER_KINDS}"
+        )
         for name in _POSITIVE_INTS:
             value = getattr(self, name)
             _check(self, name, _is_int(value) and value > 0, "a positive int")

@@ -1,15 +1,19 @@
 """Transformer building blocks shared by the text, vision and multimodal models.
 
-Einsum letters: B batch, L query length, S key length (equals L until a KV cache
-or prefix slots extend the keys), D model width, H heads, G query heads per KV
-head (GQA), K head dim, F MLP hidden.
+Einsum letters (DESIGN.md's alphabet): B batch, L query length, S key length
+(equals L until a KV cache or prefix slots extend the keys), D model width,
+H query heads, G kv heads (GQA; H = G * Q with Q query heads per kv head),
+K head dim, F MLP hidden, V vocab, T prefix slots / soft tokens.
 
 Logical axis names used by parameters: "vocab", "type_vocab", "length",
 "embed", "heads", "kv", "mlp", "classes"; activations also use "batch".
+A frozen kernel or embedding may be an NF4 `QuantizedTensor` (QLoRA): it is
+dequantised inside its own matmul (`_dense_einsum`), never as a whole tree.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -17,7 +21,10 @@ import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from fmjax.adapt.quant import NF4_CODES, dequantize_nf4, is_quantized
+from fmjax.models.axes import kernel_num_in
 from fmjax.models.config import ACTIVATIONS, TransformerConfig
 
 Array = jax.Array
@@ -29,9 +36,9 @@ _MASKED_SCORE = float(jnp.finfo(jnp.float32).min)
 def make_attention_mask(
     segment_ids_BL: Array, causal: bool, num_prefix: int = 0
 ) -> Array:
-    """bool [B,1,L,P+L]: query i may attend key j (same nonzero segment; j<=i if
-    causal). The first `num_prefix` columns are prefix K/V slots, visible to every
-    non-padding query; rows of padding (segment 0) attend to nothing.
+    """bool [B,1,L,T+L]: query i may attend key j (same nonzero segment; j<=i if
+    causal). The first `num_prefix` (T) columns are prefix K/V slots, visible to
+    every non-padding query; rows of padding (segment 0) attend to nothing.
     """
     seg_BL1 = segment_ids_BL[:, :, None]
     seg_B1L = segment_ids_BL[:, None, :]
@@ -41,8 +48,8 @@ def make_attention_mask(
         causal_1LL = jnp.tril(jnp.ones((length, length), dtype=bool))[None]
         mask_BLL = mask_BLL & causal_1LL
     if num_prefix:
-        prefix_BLP = jnp.broadcast_to(seg_BL1 != 0, (*seg_BL1.shape[:2], num_prefix))
-        mask_BLL = jnp.concatenate([prefix_BLP, mask_BLL], axis=-1)
+        prefix_BLT = jnp.broadcast_to(seg_BL1 != 0, (*seg_BL1.shape[:2], num_prefix))
+        mask_BLL = jnp.concatenate([prefix_BLT, mask_BLL], axis=-1)
     return mask_BLL[:, None]
 
 
@@ -84,30 +91,94 @@ class LayerNorm(nn.LayerNorm):
         return super().__call__(x.astype(jnp.float32), *args, **kwargs)
 
 
-class EinsumDense(nn.Module):
-    """`einsum(equation, x, kernel) + bias`; the kernel's first `num_in` dims contract.
+def _frozen_or_param(module: nn.Module, name: str, init_fn, shape, dtype):
+    """The param `name`, or the NF4 QuantizedTensor stored under that name (flax's
+    `param` would compare the codes' shape with the logical shape)."""
+    if module.has_variable("params", name):
+        value = module.get_variable("params", name)
+        if is_quantized(value):
+            return value
+    return module.param(name, init_fn, shape, dtype)
 
-    The bias covers the kernel's output dims, e.g. kernel DHK -> bias HK.
+
+def _dense_einsum(equation: str, x, kernel, dtype):
+    """einsum(x, kernel) in `dtype`; an NF4 kernel goes through
+    `_quantized_einsum`, which never keeps its dequantised copy."""
+    if not is_quantized(kernel):
+        return jnp.einsum(equation, x.astype(dtype), kernel.astype(dtype))
+    return _quantized_einsum(equation, jnp.dtype(dtype).name, x, kernel)
+
+
+def _dequantized(q, tie, dtype: str):
+    """q's kernel, dequantised only once `tie` (this matmul's input, or in the
+    backward pass its output gradient) exists, so no two layers' full-precision
+    kernels need to be alive together. The dependence is real arithmetic (0 * an
+    element of `tie` added to the codes and to the 16 NF4 levels they index),
+    since XLA:CPU expands optimization barriers before it schedules; a NaN or
+    inf there would reach the output through the matmul anyway."""
+    zero = 0.0 * jax.lax.stop_gradient(tie.reshape(-1)[0]).astype(jnp.float32)
+    q = q.replace(codes=q.codes + zero.astype(q.codes.dtype))  # unpacked after tie
+    return dequantize_nf4(q, levels=jnp.asarray(NF4_CODES) + zero).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _quantized_einsum(equation: str, dtype: str, x, q):
+    """einsum(x, dequantise(q)) whose backward pass recomputes the kernel from
+    the NF4 codes: the residuals are x and q, so at most the kernels of the
+    matmul being differentiated exist in full precision at once."""
+    return jnp.einsum(equation, x.astype(dtype), _dequantized(q, x, dtype))
+
+
+def _quantized_einsum_fwd(equation, dtype, x, q):
+    return _quantized_einsum(equation, dtype, x, q), (x, q)
+
+
+def _quantized_einsum_bwd(equation, dtype, residuals, dy):
+    x, q = residuals
+    w = _dequantized(q, dy, dtype)
+    _, vjp = jax.vjp(lambda x: jnp.einsum(equation, x.astype(dtype), w), x)
+    (dx,) = vjp(dy)
+    # The frozen codes get no gradient (float0 for the integer arrays).
+    dq = jax.tree.map(
+        lambda a: np.zeros(a.shape, jax.dtypes.float0)
+        if jnp.issubdtype(a.dtype, jnp.integer)
+        else jnp.zeros_like(a),
+        q,
+    )
+    return dx, dq
+
+
+_quantized_einsum.defvjp(_quantized_einsum_fwd, _quantized_einsum_bwd)
+
+
+class EinsumDense(nn.Module):
+    """`einsum(equation, x, kernel) + bias`. The kernel's logical axes say which
+    of its dims contract (`fmjax.models.axes.kernel_num_in`); the bias covers the
+    others, e.g. kernel [embed, heads, kv] -> bias [heads, kv].
     """
 
     equation: str
     kernel_shape: tuple[int, ...]
     kernel_axes: tuple[str, ...]
-    num_in: int = 1
     use_bias: bool = True
     init_std: float = 0.02
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
+    @property
+    def num_in(self) -> int:
+        return kernel_num_in(self.kernel_axes, self.name or "kernel")
+
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        kernel = self.param(
+        kernel = _frozen_or_param(
+            self,
             "kernel",
             _normal(self.init_std, self.kernel_axes),
             self.kernel_shape,
             self.param_dtype,
         )
-        y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        y = _dense_einsum(self.equation, x, kernel, self.dtype)
         if not self.use_bias:
             return y
         bias_shape = self.kernel_shape[self.num_in :]
@@ -125,7 +196,9 @@ class EinsumDense(nn.Module):
 
 
 class Embed(nn.Module):
-    """Lookup table [num, D]; the lookup stays in param dtype (it is not a matmul)."""
+    """Lookup table [num, D]; the lookup stays in param dtype (it is not a matmul).
+    An NF4 table (QLoRA with quantised embeddings) is dequantised where it is read.
+    """
 
     num_embeddings: int
     features: int
@@ -134,7 +207,8 @@ class Embed(nn.Module):
     param_dtype: Any = jnp.float32
 
     def setup(self):
-        self.embedding = self.param(
+        self.embedding = _frozen_or_param(
+            self,
             "embedding",
             _normal(self.init_std, self.axes),
             (self.num_embeddings, self.features),
@@ -142,10 +216,17 @@ class Embed(nn.Module):
         )
 
     def __call__(self, ids: Array) -> Array:
+        if is_quantized(self.embedding):  # frozen: no gradient flows to it
+            table = _dequantized(self.embedding, ids, jnp.float32)
+            return jnp.take(table, ids, axis=0)
         return jnp.take(self.embedding, ids, axis=0).astype(jnp.float32)
 
     def attend(self, x_BLD: Array, dtype: Any) -> Array:
         """Tied output logits [B,L,num] in f32 (matmul in `dtype`)."""
+        if is_quantized(self.embedding):
+            return _dense_einsum("BLD,VD->BLV", x_BLD, self.embedding, dtype).astype(
+                jnp.float32
+            )
         return jnp.einsum(
             "BLD,VD->BLV",
             x_BLD.astype(dtype),
@@ -154,44 +235,44 @@ class Embed(nn.Module):
         )
 
 
-def attention_probs(q_BLHK: Array, k_BSHK: Array, mask_B1LS: Array) -> Array:
-    """Softmax(q.k / sqrt(K)) in f32 -> [B, H, L, S]; GQA when k has fewer heads."""
-    num_heads, num_kv_heads = q_BLHK.shape[2], k_BSHK.shape[2]
-    q_BLHGK = einops.rearrange(
-        q_BLHK, "B L (H G) K -> B L H G K", H=num_kv_heads, G=num_heads // num_kv_heads
+def attention_probs(q_BLHK: Array, k_BSGK: Array, mask_B1LS: Array) -> Array:
+    """Softmax(q.k / sqrt(K)) in f32 -> [B, H, L, S]; GQA when k has G < H heads."""
+    num_heads, num_kv_heads = q_BLHK.shape[2], k_BSGK.shape[2]
+    q_BLGQK = einops.rearrange(
+        q_BLHK, "B L (G Q) K -> B L G Q K", G=num_kv_heads, Q=num_heads // num_kv_heads
     )
-    scores_BHGLS = jnp.einsum(
-        "BLHGK,BSHK->BHGLS", q_BLHGK, k_BSHK, preferred_element_type=jnp.float32
+    scores_BGQLS = jnp.einsum(
+        "BLGQK,BSGK->BGQLS", q_BLGQK, k_BSGK, preferred_element_type=jnp.float32
     )
-    scores_BHGLS = scores_BHGLS * (q_BLHK.shape[-1] ** -0.5)
-    scores_BHGLS = jnp.where(mask_B1LS[:, :, None], scores_BHGLS, _MASKED_SCORE)
-    probs_BHGLS = jax.nn.softmax(scores_BHGLS, axis=-1)
-    return einops.rearrange(probs_BHGLS, "B H G L S -> B (H G) L S")
+    scores_BGQLS = scores_BGQLS * (q_BLHK.shape[-1] ** -0.5)
+    scores_BGQLS = jnp.where(mask_B1LS[:, :, None], scores_BGQLS, _MASKED_SCORE)
+    probs_BGQLS = jax.nn.softmax(scores_BGQLS, axis=-1)
+    return einops.rearrange(probs_BGQLS, "B G Q L S -> B (G Q) L S")
 
 
-def attend_values(probs_BHLS: Array, v_BSHK: Array) -> Array:
+def attend_values(probs_BHLS: Array, v_BSGK: Array) -> Array:
     """Probability-weighted values -> [B, L, H, K] (H query heads)."""
-    num_kv_heads = v_BSHK.shape[2]
-    probs_BHGLS = einops.rearrange(
-        probs_BHLS, "B (H G) L S -> B H G L S", H=num_kv_heads
+    num_kv_heads = v_BSGK.shape[2]
+    probs_BGQLS = einops.rearrange(
+        probs_BHLS, "B (G Q) L S -> B G Q L S", G=num_kv_heads
     )
-    out_BLHGK = jnp.einsum(
-        "BHGLS,BSHK->BLHGK", probs_BHGLS.astype(v_BSHK.dtype), v_BSHK
+    out_BLGQK = jnp.einsum(
+        "BGQLS,BSGK->BLGQK", probs_BGQLS.astype(v_BSGK.dtype), v_BSGK
     )
-    return einops.rearrange(out_BLHGK, "B L H G K -> B L (H G) K")
+    return einops.rearrange(out_BLGQK, "B L G Q K -> B L (G Q) K")
 
 
 class Attention(nn.Module):
     """Multi-head / grouped-query self-attention with optional RoPE.
 
-    Params: query [D,H,K], key/value [D,H_kv,K], out [H,K,D], each with a bias.
+    Params: query [D,H,K], key/value [D,G,K], out [H,K,D], each with a bias.
     Projection, position encoding and the softmax are separate steps so that a
     KV cache or prefix K/V slots can extend the keys (S > L) without touching
     the parameter tree.
 
-    `prefix_kv=(k_PHK, v_PHK)` (prefix tuning): P key/value slots shared by the
-    batch, in front of the projected keys/values (S = P + L), with a [B,1,L,P+L]
-    mask (`make_attention_mask(..., num_prefix=P)`). No RoPE on prefix keys: they
+    `prefix_kv=(k_TGK, v_TGK)` (prefix tuning): T key/value slots shared by the
+    batch, in front of the projected keys/values (S = T + L), with a [B,1,L,T+L]
+    mask (`make_attention_mask(..., num_prefix=T)`). No RoPE on prefix keys: they
     have no position (like cached keys rotated before the text began).
     """
 
@@ -206,12 +287,11 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
-    def _dense(self, equation, shape, axes, name, num_in=1, std=None):
+    def _dense(self, equation, shape, axes, name, std=None):
         return EinsumDense(
             equation,
             shape,
             axes,
-            num_in=num_in,
             init_std=self.init_std if std is None else std,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
@@ -234,48 +314,47 @@ class Attention(nn.Module):
         axes = ("embed", "heads", "kv")
         q_shape, kv_shape = (d_model, heads, head_dim), (d_model, kv_heads, head_dim)
         q_BLHK = self._dense("BLD,DHK->BLHK", q_shape, axes, "query")(x_BLD)
-        k_BLHK = self._dense("BLD,DHK->BLHK", kv_shape, axes, "key")(x_BLD)
-        v_BLHK = self._dense("BLD,DHK->BLHK", kv_shape, axes, "value")(x_BLD)
+        k_BLGK = self._dense("BLD,DGK->BLGK", kv_shape, axes, "key")(x_BLD)
+        v_BLGK = self._dense("BLD,DGK->BLGK", kv_shape, axes, "value")(x_BLD)
         if self.use_rope:
             if positions_BL is None:
                 raise ValueError("Attention(use_rope=True) needs positions_BL")
             q_BLHK = apply_rope(q_BLHK, positions_BL, self.rope_theta)
-            k_BLHK = apply_rope(k_BLHK, positions_BL, self.rope_theta)
-        k_BSHK, v_BSHK = k_BLHK, v_BLHK
+            k_BLGK = apply_rope(k_BLGK, positions_BL, self.rope_theta)
+        k_BSGK, v_BSGK = k_BLGK, v_BLGK
         if prefix_kv is not None:  # no RoPE on the prefix: see the docstring
-            k_BSHK, v_BSHK = (
-                jnp.concatenate([_batched_prefix(p, kv_BLHK), kv_BLHK], axis=1)
-                for p, kv_BLHK in zip(prefix_kv, (k_BLHK, v_BLHK), strict=True)
+            k_BSGK, v_BSGK = (
+                jnp.concatenate([_batched_prefix(p, kv_BLGK), kv_BLGK], axis=1)
+                for p, kv_BLGK in zip(prefix_kv, (k_BLGK, v_BLGK), strict=True)
             )
-        if mask_B1LS.shape[-1] != k_BSHK.shape[1]:
+        if mask_B1LS.shape[-1] != k_BSGK.shape[1]:
             raise ValueError(
                 f"attention mask {mask_B1LS.shape} has {mask_B1LS.shape[-1]} key "
-                f"columns; expected {k_BSHK.shape[1]} (prefix slots + length)"
+                f"columns; expected {k_BSGK.shape[1]} (prefix slots + length)"
             )
-        probs_BHLS = attention_probs(q_BLHK, k_BSHK, mask_B1LS)
+        probs_BHLS = attention_probs(q_BLHK, k_BSGK, mask_B1LS)
         probs_BHLS = nn.Dropout(self.dropout_rate)(
             probs_BHLS, deterministic=deterministic
         )
-        context_BLHK = attend_values(probs_BHLS, v_BSHK)
+        context_BLHK = attend_values(probs_BHLS, v_BSGK)
         return self._dense(
             "BLHK,HKD->BLD",
             (heads, head_dim, d_model),
             ("heads", "kv", "embed"),
             "out",
-            num_in=2,
             std=self.out_init_std,
         )(context_BLHK)
 
 
-def _batched_prefix(prefix_PHK: Array, like_BLHK: Array) -> Array:
-    """A layer's prefix [P,H_kv,K] broadcast to [B,P,H_kv,K] in the keys' dtype."""
-    batch, _, kv_heads, head_dim = like_BLHK.shape
-    if prefix_PHK.ndim != 3 or prefix_PHK.shape[1:] != (kv_heads, head_dim):
+def _batched_prefix(prefix_TGK: Array, like_BLGK: Array) -> Array:
+    """A layer's prefix [T,G,K] broadcast to [B,T,G,K] in the keys' dtype."""
+    batch, _, kv_heads, head_dim = like_BLGK.shape
+    if prefix_TGK.ndim != 3 or prefix_TGK.shape[1:] != (kv_heads, head_dim):
         raise ValueError(
-            f"prefix K/V shape {prefix_PHK.shape}: expected [P, {kv_heads}, {head_dim}]"
+            f"prefix K/V shape {prefix_TGK.shape}: expected [T, {kv_heads}, {head_dim}]"
         )
-    prefix_1PHK = prefix_PHK.astype(like_BLHK.dtype)[None]
-    return jnp.broadcast_to(prefix_1PHK, (batch, *prefix_PHK.shape))
+    prefix_1TGK = prefix_TGK.astype(like_BLGK.dtype)[None]
+    return jnp.broadcast_to(prefix_1TGK, (batch, *prefix_TGK.shape))
 
 
 class Mlp(nn.Module):
@@ -333,7 +412,7 @@ class Block(nn.Module):
         prefix_kv: tuple[Array, Array] | None = None,
         deterministic: bool = True,
     ) -> Array:
-        """`prefix_kv`: this layer's (k_PHK, v_PHK) prefix slots (see Attention).
+        """`prefix_kv`: this layer's (k_TGK, v_TGK) prefix slots (see Attention).
         Arguments may be positional so that `block_class` can remat it."""
         cfg = self.config
         numerics = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)

@@ -6,26 +6,25 @@ restarts at 0 for each document.
 
 Prompt and prefix tuning (`fmjax.adapt.prompts`) enter as call arguments, not
 params, so the base param tree is unchanged:
-  * `prompt_ND` [N,D]: N soft tokens prepended to every row's embedded sequence
+  * `prompt_TD` [T,D]: T soft tokens prepended to every row's embedded sequence
     (encoder: before the embedding LayerNorm; decoder: after the position sum).
     Soft tokens have no position: no learned position embedding is added, and
     with RoPE they are rotated by angle 0 (like prefix keys); real tokens keep
     `positions_BL`, so `max_len` bounds the text alone. Every non-padding query
     attends to the soft tokens; soft tokens attend as segment 1 (the decoder's
-    soft tokens, being first, see only each other). The outputs drop the N soft
+    soft tokens, being first, see only each other). The outputs drop the T soft
     positions, so shapes stay [B,L,...]. The encoder needs unpacked rows
     (segment ids in {0, 1}): its soft tokens read segment 1, so with packed rows
     later documents would see the first one through them. The decoder's soft
     tokens read no text, so packed decoder rows are exact.
-  * `prefix_kv` = (k_LPHK, v_LPHK) [num_layers, P, H_kv, K]: layer i's attention
-    reads P extra key/value slots in front of its own (see `layers.Attention`),
+  * `prefix_kv` = (prefix_k, prefix_v), each [num_layers, T, G, K]: layer i's attention
+    reads T extra key/value slots in front of its own (see `layers.Attention`),
     visible to every non-padding query, in the decoder too.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -44,49 +43,6 @@ from fmjax.models.layers import (
 )
 
 Array = jax.Array
-
-_BERT = dict(head_dim=64, max_len=512, layer_norm_eps=1e-12, activation="gelu")
-_GPT2 = dict(head_dim=64, max_len=1024, layer_norm_eps=1e-5, activation="gelu_tanh")
-
-# TransformerConfig kwargs per size. Vocab sizes are those of the BERT WordPiece
-# and GPT-2 BPE vocabularies; a config with its own tokenizer overrides them.
-PRESETS: dict[str, dict[str, Any]] = {
-    "bert_tiny": dict(
-        vocab_size=30522, d_model=128, num_layers=2, num_heads=2, mlp_dim=512, **_BERT
-    ),
-    "bert_small": dict(
-        vocab_size=30522, d_model=256, num_layers=4, num_heads=4, mlp_dim=1024, **_BERT
-    ),
-    "bert_base": dict(
-        vocab_size=30522,
-        d_model=768,
-        num_layers=12,
-        num_heads=12,
-        mlp_dim=3072,
-        **_BERT,
-    ),
-    "gpt_tiny": dict(
-        vocab_size=50257, d_model=128, num_layers=2, num_heads=2, mlp_dim=512, **_GPT2
-    ),
-    "gpt_small": dict(
-        vocab_size=50257, d_model=256, num_layers=4, num_heads=4, mlp_dim=1024, **_GPT2
-    ),
-    "gpt2_124m": dict(
-        vocab_size=50257,
-        d_model=768,
-        num_layers=12,
-        num_heads=12,
-        mlp_dim=3072,
-        **_GPT2,
-    ),
-}
-
-
-def preset_config(name: str, **overrides: Any) -> TransformerConfig:
-    """The named preset with `overrides` applied (unknown keys are rejected)."""
-    if name not in PRESETS:
-        raise ValueError(f"preset {name!r}: expected one of {sorted(PRESETS)}")
-    return TransformerConfig.from_dict({**PRESETS[name], **overrides})
 
 
 def count_params(params) -> int:
@@ -117,19 +73,20 @@ def _default_inputs(tokens_BL, segment_ids_BL, positions_BL, max_len):
     return segment_ids_BL, positions_BL
 
 
-def _check_adapter_inputs(cfg: TransformerConfig, prompt_ND, prefix_kv):
-    """(N, P): the number of soft tokens and prefix slots, after shape checks."""
+def _check_adapter_inputs(cfg: TransformerConfig, prompt_TD, prefix_kv):
+    """(soft tokens, prefix slots), after shape checks."""
     num_prompt = num_prefix = 0
-    if prompt_ND is not None:
-        if prompt_ND.ndim != 2 or prompt_ND.shape[1] != cfg.d_model:
+    if prompt_TD is not None:
+        if prompt_TD.ndim != 2 or prompt_TD.shape[1] != cfg.d_model:
             raise ValueError(
-                f"prompt_ND has shape {prompt_ND.shape}; expected [N, {cfg.d_model}]"
+                f"prompt_TD has shape {prompt_TD.shape}; expected [T, {cfg.d_model}]"
             )
-        num_prompt = prompt_ND.shape[0]
+        num_prompt = prompt_TD.shape[0]
     if prefix_kv is not None:
         if not isinstance(prefix_kv, (tuple, list)) or len(prefix_kv) != 2:
             raise ValueError(
-                f"prefix_kv is a {type(prefix_kv).__name__}; expected (k_LPHK, v_LPHK)"
+                f"prefix_kv is a {type(prefix_kv).__name__}; expected "
+                "(prefix_k, prefix_v)"
             )
         num_prefix = prefix_kv[0].shape[1] if prefix_kv[0].ndim == 4 else -1
         expected = (cfg.num_layers, num_prefix, cfg.kv_heads, cfg.head_dim)
@@ -137,36 +94,36 @@ def _check_adapter_inputs(cfg: TransformerConfig, prompt_ND, prefix_kv):
             if x.shape != expected or num_prefix < 1:
                 raise ValueError(
                     f"prefix_kv {name} has shape {x.shape}; expected [num_layers="
-                    f"{cfg.num_layers}, P, kv_heads={cfg.kv_heads}, "
-                    f"head_dim={cfg.head_dim}] with the same P >= 1 for k and v"
+                    f"{cfg.num_layers}, T, kv_heads={cfg.kv_heads}, "
+                    f"head_dim={cfg.head_dim}] with the same T >= 1 for k and v"
                 )
     return num_prompt, num_prefix
 
 
-def _prepend_prompt(x_BLD: Array, prompt_ND: Array | None) -> Array:
-    """[B, N+L, D]: the soft tokens in front of every row."""
-    if prompt_ND is None:
+def _prepend_prompt(x_BLD: Array, prompt_TD: Array | None) -> Array:
+    """[B, T+L, D]: the soft tokens in front of every row."""
+    if prompt_TD is None:
         return x_BLD
     batch = x_BLD.shape[0]
-    prompt_BND = jnp.broadcast_to(
-        prompt_ND.astype(x_BLD.dtype)[None], (batch, *prompt_ND.shape)
+    prompt_BTD = jnp.broadcast_to(
+        prompt_TD.astype(x_BLD.dtype)[None], (batch, *prompt_TD.shape)
     )
-    return jnp.concatenate([prompt_BND, x_BLD], axis=1)
+    return jnp.concatenate([prompt_BTD, x_BLD], axis=1)
 
 
 def _adapted_mask_and_positions(
     segment_ids_BL, positions_BL, num_prompt: int, num_prefix: int, causal: bool
 ):
-    """Mask [B,1,N+L,P+N+L] and positions [B,N+L] with N soft tokens in front
-    (segment 1, position 0; see the module docstring) and P prefix slots."""
+    """Mask [B,1,T+L,T'+T+L] and positions [B,T+L] with T soft tokens in front
+    (segment 1, position 0; see the module docstring) and T' prefix slots."""
     if not num_prompt:
         mask = make_attention_mask(segment_ids_BL, causal, num_prefix)
         return mask, positions_BL
     batch, _ = segment_ids_BL.shape
-    soft_BN = jnp.ones((batch, num_prompt), segment_ids_BL.dtype)
-    segment_ids_BS = jnp.concatenate([soft_BN, segment_ids_BL], axis=1)
-    soft_positions_BN = jnp.zeros((batch, num_prompt), positions_BL.dtype)
-    positions_BS = jnp.concatenate([soft_positions_BN, positions_BL], axis=1)
+    soft_BT = jnp.ones((batch, num_prompt), segment_ids_BL.dtype)
+    segment_ids_BS = jnp.concatenate([soft_BT, segment_ids_BL], axis=1)
+    soft_positions_BT = jnp.zeros((batch, num_prompt), positions_BL.dtype)
+    positions_BS = jnp.concatenate([soft_positions_BT, positions_BL], axis=1)
     mask_B1SS = make_attention_mask(segment_ids_BS, causal, num_prefix)
     # Every non-padding query of any segment reads the soft tokens.
     soft_columns = slice(num_prefix, num_prefix + num_prompt)
@@ -180,8 +137,8 @@ def _adapted_mask_and_positions(
 def _layer_prefix(prefix_kv, layer: int):
     if prefix_kv is None:
         return None
-    k_LPHK, v_LPHK = prefix_kv
-    return k_LPHK[layer], v_LPHK[layer]
+    prefix_k, prefix_v = prefix_kv
+    return prefix_k[layer], prefix_v[layer]
 
 
 def block_class(config: TransformerConfig):
@@ -242,19 +199,19 @@ class TextEncoder(nn.Module):
         positions_BL: Array | None = None,
         type_ids_BL: Array | None = None,
         predict_positions_BK: Array | None = None,
-        prompt_ND: Array | None = None,
+        prompt_TD: Array | None = None,
         prefix_kv: tuple[Array, Array] | None = None,
         deterministic: bool = True,
     ) -> dict[str, Array]:
         """`predict_positions_BK`: score only these positions ([B,K,V] logits).
 
-        `prompt_ND`, `prefix_kv`: prompt / prefix tuning (module docstring).
+        `prompt_TD`, `prefix_kv`: prompt / prefix tuning (module docstring).
         """
         cfg = self.config
         segment_ids_BL, positions_BL = _default_inputs(
             tokens_BL, segment_ids_BL, positions_BL, cfg.max_len
         )
-        num_prompt, num_prefix = _check_adapter_inputs(cfg, prompt_ND, prefix_kv)
+        num_prompt, num_prefix = _check_adapter_inputs(cfg, prompt_TD, prefix_kv)
         if type_ids_BL is None:
             type_ids_BL = jnp.zeros_like(tokens_BL)
         token_embed, x_BLD = _embed_tokens(cfg, tokens_BL, positions_BL)
@@ -262,8 +219,8 @@ class TextEncoder(nn.Module):
             cfg, cfg.type_vocab_size, ("type_vocab", "embed"), "type_embed"
         )
         x_BLD = x_BLD + type_embed(type_ids_BL)
-        # S = N + L below: the soft tokens, if any, then the text.
-        x_BSD = _prepend_prompt(x_BLD, prompt_ND)
+        # S = T + L below: the soft tokens, if any, then the text.
+        x_BSD = _prepend_prompt(x_BLD, prompt_TD)
         norm = dict(epsilon=cfg.layer_norm_eps, param_dtype=cfg.params_dtype)
         x_BSD = LayerNorm(name="embed_norm", **norm)(x_BSD)
         x_BSD = nn.Dropout(cfg.dropout_rate)(x_BSD, deterministic=deterministic)
@@ -336,11 +293,11 @@ class TextDecoder(nn.Module):
         *,
         segment_ids_BL: Array | None = None,
         positions_BL: Array | None = None,
-        prompt_ND: Array | None = None,
+        prompt_TD: Array | None = None,
         prefix_kv: tuple[Array, Array] | None = None,
         deterministic: bool = True,
     ) -> dict[str, Array]:
-        """`prompt_ND`, `prefix_kv`: prompt / prefix tuning (module docstring)."""
+        """`prompt_TD`, `prefix_kv`: prompt / prefix tuning (module docstring)."""
         cfg = self.config
         if cfg.num_classes:
             raise ValueError(
@@ -350,10 +307,10 @@ class TextDecoder(nn.Module):
         segment_ids_BL, positions_BL = _default_inputs(
             tokens_BL, segment_ids_BL, positions_BL, cfg.max_len
         )
-        num_prompt, num_prefix = _check_adapter_inputs(cfg, prompt_ND, prefix_kv)
+        num_prompt, num_prefix = _check_adapter_inputs(cfg, prompt_TD, prefix_kv)
         token_embed, x_BLD = _embed_tokens(cfg, tokens_BL, positions_BL)
-        # S = N + L below: the soft tokens, if any, then the text.
-        x_BSD = _prepend_prompt(x_BLD, prompt_ND)
+        # S = T + L below: the soft tokens, if any, then the text.
+        x_BSD = _prepend_prompt(x_BLD, prompt_TD)
         x_BSD = nn.Dropout(cfg.dropout_rate)(x_BSD, deterministic=deterministic)
         x_BSD = nn.with_logical_constraint(x_BSD, ("batch", "length", "embed"))
 

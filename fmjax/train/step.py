@@ -4,114 +4,35 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from fmjax import objectives
 from fmjax.sharding import batch_sharding
 from fmjax.train.state import TrainState
 
-# Metrics that are sums over tokens (they aggregate exactly over micro-batches,
-# steps and eval batches); every other metric is one number per step.
-SUM_METRICS = ("loss_sum", "correct", "count")
-
-# loss_fn(params, frozen, batch, rng, train) -> metric sums.
+# loss_fn(params, frozen, batch, rng, train) -> metric sums (a task's
+# `loss_fn`). Every value is a sum over the batch, so it adds up exactly over
+# micro-batches, devices, steps and eval batches; "loss_sum" is differentiated
+# and "count" is what it is divided by (tokens, examples, pairs).
 LossFn = Callable[..., dict]
-# combine(params, frozen, rng, train) -> (model params, extra model kwargs).
-Combine = Callable[..., tuple[Any, dict]]
+REQUIRED_SUMS = ("loss_sum", "count")
+# Per-step metrics the train step adds beside the sums (averaged over steps).
+STEP_METRICS = ("grad_norm", "param_norm", "learning_rate", "nonfinite")
 
 
-def full_params(params, frozen, rng, train):
-    """Full training: the trained params are the model's params."""
-    return params, {}
-
-
-def text_loss_fn(
-    model: nn.Module,
-    objective: str,
-    *,
-    mask_id: int = 0,
-    vocab_size: int = 0,
-    special_ids: tuple[int, ...] = (),
-    mask_rate: float = 0.15,
-    combine: Combine = full_params,
-) -> LossFn:
-    """Metric sums for MLM or next-token. `combine` turns (trained, frozen) params
-    into what the model reads, e.g. a frozen base plus LoRA adapters."""
-
-    def loss_fn(params, frozen, batch, rng, train: bool) -> dict:
-        tokens, segment_ids = batch["tokens"], batch["segment_ids"]
-        mask_rng, dropout_rng, adapter_rng = jax.random.split(rng, 3)
-        model_params, extra = combine(params, frozen, adapter_rng, train)
-        extra = dict(extra)
-        if objective == "mlm":
-            inputs, targets, weights = objectives.mlm_mask(
-                mask_rng,
-                tokens,
-                segment_ids,
-                mask_id=mask_id,
-                vocab_size=vocab_size,
-                special_ids=special_ids,
-                rate=mask_rate,
-            )
-            num = objectives.max_predictions(tokens.shape[1], mask_rate)
-            if num < tokens.shape[1]:
-                positions, targets, weights = objectives.gather_predictions(
-                    targets, weights, num
-                )
-                extra["predict_positions_BK"] = positions
-        else:
-            inputs = tokens
-        out = model.apply(
-            {"params": model_params},
-            inputs,
-            segment_ids_BL=segment_ids,
-            positions_BL=batch["positions"],
-            deterministic=not train,
-            rngs={"dropout": dropout_rng},
-            **extra,
-        )
-        if objective == "mlm":
-            _, metrics = objectives.mlm_loss(out["logits"], targets, weights)
-        else:
-            _, metrics = objectives.next_token_loss(out["logits"], tokens, segment_ids)
-        return metrics
-
-    return loss_fn
-
-
-def classification_loss_fn(model: nn.Module, *, combine: Combine = full_params):
-    """Metric sums of a classifier (`model` returns "class_logits") on batches of
-    `fmjax.data.classification`."""
-
-    def loss_fn(params, frozen, batch, rng, train: bool) -> dict:
-        dropout_rng, adapter_rng = jax.random.split(rng)
-        model_params, extra = combine(params, frozen, adapter_rng, train)
-        out = model.apply(
-            {"params": model_params},
-            batch["tokens"],
-            segment_ids_BL=batch["segment_ids"],
-            positions_BL=batch["positions"],
-            type_ids_BL=batch["type_ids"],
-            deterministic=not train,
-            rngs={"dropout": dropout_rng},
-            **extra,
-        )
-        _, metrics = objectives.classification_loss(
-            out["class_logits"], batch["labels"], batch["weights"]
-        )
-        return metrics
-
-    return loss_fn
+def _sums(loss_fn: LossFn, params, frozen, batch, rng, train: bool) -> dict:
+    sums = loss_fn(params, frozen, batch, rng, train)
+    missing = [k for k in REQUIRED_SUMS if k not in sums]
+    if missing:
+        raise KeyError(f"loss_fn returned {sorted(sums)}; it must return {missing}")
+    return sums
 
 
 def _grads_and_metrics(loss_fn: LossFn, params, frozen, batch, rng):
     def objective(p):
-        metrics = loss_fn(p, frozen, batch, rng, True)
+        metrics = _sums(loss_fn, p, frozen, batch, rng, True)
         return metrics["loss_sum"], metrics
 
     grads, metrics = jax.grad(objective, has_aux=True)(params)
@@ -166,7 +87,7 @@ def train_step(
     count = jnp.maximum(metrics["count"], 1.0)
     grads = jax.tree.map(lambda g: g / count.astype(g.dtype), grads)
     new_state = state.apply_gradients(grads)
-    metrics = {key: metrics[key] for key in SUM_METRICS}
+    metrics = dict(metrics)
     metrics.update(
         grad_norm=optax.tree.norm(grads),
         param_norm=optax.tree.norm(new_state.params),
@@ -177,8 +98,7 @@ def train_step(
 
 
 def eval_step(params, frozen, batch: dict, rng, *, loss_fn: LossFn) -> dict:
-    metrics = loss_fn(params, frozen, batch, rng, False)
-    return {key: metrics[key] for key in SUM_METRICS}
+    return _sums(loss_fn, params, frozen, batch, rng, False)
 
 
 def jit_train_step(loss_fn, learning_rate_fn, grad_accum_steps, state_shardings, mesh):
