@@ -52,7 +52,7 @@ def get_config(variant: str = "tiny"):
             attention_dropout_rate=0.1,
             dtype="bfloat16",
         )
-        c.data.update(seq_len=512, batch_size=256, vocab_size=30522)
+        c.data.update(seq_len=512, batch_size=256, vocab_size=30522, num_shards=64)
         c.train.update(steps=100_000, eval_every=5000, log_every=100)
         c.optimizer.update(learning_rate=1e-4, warmup_steps=10_000, b2=0.999)
         c.checkpoint.update(every=5000)

@@ -55,7 +55,7 @@ def get_config(variant: str = "tiny"):
             attention_dropout_rate=0.1,
             dtype="bfloat16",
         )
-        c.data.update(seq_len=1024, batch_size=512, vocab_size=50257)
+        c.data.update(seq_len=1024, batch_size=512, vocab_size=50257, num_shards=64)
         c.train.update(steps=100_000, eval_every=5000, log_every=100)
         c.optimizer.update(
             learning_rate=6e-4, warmup_steps=2000, b2=0.95, weight_decay=0.1
@@ -75,7 +75,7 @@ def get_config(variant: str = "tiny"):
             dtype="bfloat16",
             remat="full",
         )
-        c.data.update(seq_len=2048, batch_size=256, vocab_size=50257)
+        c.data.update(seq_len=2048, batch_size=256, vocab_size=50257, num_shards=64)
         c.train.update(steps=100_000, eval_every=5000, log_every=100)
         c.optimizer.update(
             learning_rate=3e-4, warmup_steps=2000, b2=0.95, weight_decay=0.1
@@ -99,7 +99,7 @@ def get_config(variant: str = "tiny"):
             remat="full",
             tie_embeddings=False,
         )
-        c.data.update(seq_len=4096, batch_size=256, vocab_size=128256)
+        c.data.update(seq_len=4096, batch_size=256, vocab_size=128256, num_shards=64)
         c.train.update(steps=100_000, eval_every=5000, log_every=100)
         c.optimizer.update(
             learning_rate=3e-4, warmup_steps=2000, b2=0.95, weight_decay=0.1

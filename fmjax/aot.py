@@ -14,6 +14,7 @@ import dataclasses
 import math
 import os
 
+from fmjax.config import ConfigError
 from fmjax.errors import FmjaxError
 
 
@@ -52,7 +53,7 @@ def parse_topology(topology: str) -> tuple[str, tuple[int, ...]]:
         kind, _, count = topology.rpartition("-")
         shape = _shape_for_count(kind, int(count)) if count.isdigit() else ()
     if kind not in CHIPS or not shape or min(shape) < 1:
-        raise ValueError(
+        raise ConfigError(
             f"topology {topology!r}: expected KIND:AxB[xC] or KIND-CHIPS with KIND in "
             f"{sorted(CHIPS)}, e.g. v5e:2x2, v5p:4x4x4, v5p-64"
         )
@@ -80,7 +81,7 @@ def topology_devices(kind: str, shape: tuple[int, ...]):
     try:
         from jax.experimental.topologies import get_topology_desc
     except ImportError as e:  # pragma: no cover
-        raise RuntimeError(f"JAX has no topology descriptions: {e}") from None
+        raise ConfigError(f"JAX has no topology descriptions: {e}") from None
     dims = tuple(shape) + (1,) * (3 - len(shape))
     host = tuple(min(2, d) for d in dims[:2]) + (1,)
     name = f"{kind}:{'x'.join(map(str, shape))}"
@@ -93,7 +94,7 @@ def topology_devices(kind: str, shape: tuple[int, ...]):
             num_slices=1,
         ).devices
     except Exception as e:
-        raise RuntimeError(
+        raise ConfigError(
             f"cannot describe TPU topology {name!r} ({e}); install the [tpu] extra "
             "(pip install -e '.[tpu]', the libtpu wheel)"
         ) from None

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from fmjax import sharding as shd
+from fmjax.config import ConfigError
 from fmjax.models import build_model
 from fmjax.objectives import max_predictions
 from fmjax.tasks import task_for
@@ -96,7 +97,7 @@ def bench_hf(config, warmup: int, steps: int, threads: int) -> dict:
     torch.manual_seed(0)
     m = config.model
     if m.dtype != "float32":
-        raise ValueError(
+        raise ConfigError(
             f"--against hf compares float32 only, got model.dtype={m.dtype}"
         )
     if m.kind == "decoder":
@@ -224,7 +225,7 @@ def bench_train(config, against: str = "", warmup: int = 3, steps: int = 10) -> 
         result["hf"] = theirs
         result["speedup_vs_hf"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
     elif against:
-        raise ValueError(f"--against {against!r}; expected 'hf'")
+        raise ConfigError(f"--against {against!r}; expected 'hf'")
     return result
 
 
@@ -285,7 +286,7 @@ def bench_memory(config, fsdp_sizes=(1, 2, 4, 8)) -> dict:
     rows = []
     for fsdp in fsdp_sizes:
         if devices % fsdp:
-            raise ValueError(f"fsdp={fsdp} does not divide the {devices} devices")
+            raise ConfigError(f"fsdp={fsdp} does not divide the {devices} devices")
         config.mesh.update(data=-1, fsdp=fsdp, tensor=1)
         mesh = shd.mesh_from_config(config.mesh)
         rows.append({"fsdp": fsdp, **compiled_step_memory(config, mesh)})
@@ -307,21 +308,29 @@ def bench_memory(config, fsdp_sizes=(1, 2, 4, 8)) -> dict:
 QLORA_TARGETS = {"lora": 0.3, "full": 0.1}
 
 
-def bench_memory_methods(config, methods, batch_size: int, seq_len: int) -> dict:
+def bench_memory_methods(
+    config, methods, batch_size: int, seq_len: int, topology: str = ""
+) -> dict:
     """One device's memory for the real train step of each adaptation method,
     compiled from abstract inputs (nothing allocated) at `batch_size` x
     `seq_len`: argument bytes (params, frozen base, optimizer state, batch) and
-    XLA's temporaries."""
+    XLA's temporaries. `topology` (e.g. "v5p:1x1x1", one chip) compiles with the
+    TPU compiler instead of this host's XLA:CPU, whose layout copies of frozen
+    kernels inflate the temporaries of every method."""
     import copy
 
+    devices = jax.devices()[:1]
+    if topology:
+        from fmjax.aot import parse_topology, topology_devices
+
+        devices = topology_devices(*parse_topology(topology))[:1]
     rows = []
     for method in methods:
         c = copy.deepcopy(config)
         c.adapt.method = method
         c.data.update(batch_size=batch_size, seq_len=seq_len, num_shards=1)
         c.optimizer.grad_accum_steps = 1
-        c.mesh.update(data=1, fsdp=1, tensor=1, num_devices=1)
-        mesh = shd.mesh_from_config(c.mesh)
+        mesh = shd.make_mesh(1, 1, 1, devices=devices)
         rows.append({"method": method, **compiled_step_memory(c, mesh)})
     by_method = {row["method"]: row for row in rows}
     ratios = {}
@@ -341,6 +350,7 @@ def bench_memory_methods(config, methods, batch_size: int, seq_len: int) -> dict
         "config": config.get("config_spec", config.name),
         "batch_size": batch_size,
         "seq_len": seq_len,
+        "compiler": topology or str(devices[0].platform),
         "param_dtype": config.model.get("param_dtype", "float32"),
         "rows": rows,
         "ratios": ratios,

@@ -104,7 +104,9 @@ def cmd_bench(args, overrides):
     config = _load_config(args, overrides)
     if args.what == "memory" and args.methods:
         methods = [m for m in args.methods.split(",") if m]
-        result = bench_memory_methods(config, methods, args.batch_size, args.seq_len)
+        result = bench_memory_methods(
+            config, methods, args.batch_size, args.seq_len, args.topology
+        )
         if not args.json:
             for row in result["rows"]:
                 keys = ("argument", "temp", "total")
@@ -260,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench_memory.add_argument(
         "--seq-len", type=int, default=512, help="tokens per row (with --methods)"
     )
+    bench_memory.add_argument(
+        "--topology",
+        default="",
+        help="with --methods: compile for one chip of this TPU topology (e.g. "
+        "v5p:1x1x1) instead of this host",
+    )
     bench_memory.add_argument("--json", action="store_true")
     bench_memory.set_defaults(func=cmd_bench)
     return parser
@@ -282,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    if args.func is cmd_compile:
+    if args.func is cmd_compile or getattr(args, "topology", ""):
         # Ahead-of-time compilation runs on the host CPU: never wait for a TPU.
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from fmjax.errors import FmjaxError

@@ -192,9 +192,11 @@ def base_config() -> ConfigDict:
         batch_size=32,  # global batch, split over processes and devices
         vocab_size=8000,  # SentencePiece vocabulary trained on the train split
         shuffle_seed=0,
-        # Independent pipelines that make up the global batch; 0: one per process.
-        # Fix it (e.g. 8) to get the same batches for any process count dividing it.
-        num_shards=0,
+        # Independent pipelines that make up the global batch (it must divide
+        # batch_size). Process counts that divide it read the same global batches:
+        # a run depends on its config and seed, not on how many hosts read it.
+        # 0: one per process (then the batches change with the process count).
+        num_shards=8,
     )
     c.optimizer = dict(
         learning_rate=1e-3,

@@ -221,7 +221,9 @@ def test_dropout_is_per_element_of_the_input_as_in_peft():
     with pytest.raises(ValueError, match="needs rng"):
         with lora.wrap_matmuls(adapters, config, deterministic=False):
             pass
-    with lora.wrap_matmuls(adapters, config, rng=jax.random.key(5), deterministic=False):
+    with lora.wrap_matmuls(
+        adapters, config, rng=jax.random.key(5), deterministic=False
+    ):
         y = np.asarray(layer.apply(variables, x))
     kept = np.isclose(y, 1 / (1 - p), rtol=1e-6)
     assert np.all(kept | (y == 0))
@@ -288,15 +290,15 @@ def test_nf4_codes_times_scale_round_trip_exactly():
     w = quant.NF4_CODES[index] * scale_N1
     q = quant.quantize_nf4(jnp.asarray(w), 64, double_quant=False)
     np.testing.assert_array_equal(np.asarray(quant.dequantize_nf4(q)), w)
-    packed = np.asarray(q.codes)  # first value of each pair in the high nibble
+    packed = np.asarray(q.codes)  # value i and i + 32 of a block share a byte
     np.testing.assert_array_equal(
-        packed, (index.ravel()[0::2] << 4) | index.ravel()[1::2]
+        packed, ((index[:, :32] << 4) | index[:, 32:]).ravel()
     )
 
 
 def _numpy_dequantize(q):
-    packed = np.asarray(q.codes)
-    index = np.stack([packed >> 4, packed & 15], axis=-1).ravel()
+    packed = np.asarray(q.codes).reshape(-1, q.block_size // 2)
+    index = np.concatenate([packed >> 4, packed & 15], axis=1).ravel()
     absmax_N = np.asarray(q.absmax, np.float32)
     if q.double_quant:
         codes_GA = absmax_N.reshape(-1, quant.ABSMAX_GROUP)

@@ -9,6 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fmjax.config import load_config
+from fmjax.models import build_model
+from fmjax.models.axes import kernel_num_in
 from fmjax.models.config import TransformerConfig
 from fmjax.models.layers import (
     Attention,
@@ -16,9 +19,6 @@ from fmjax.models.layers import (
     apply_rope,
     make_attention_mask,
 )
-from fmjax.config import load_config
-from fmjax.models import build_model
-from fmjax.models.axes import kernel_num_in
 from fmjax.models.text import TextDecoder, TextEncoder, count_params
 
 TINY = dict(

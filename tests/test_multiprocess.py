@@ -18,7 +18,6 @@ def _overrides(data_dir):
     return tiny_overrides(
         data_dir,
         **{
-            "data.num_shards": 2,  # the same global batches for 1 or 2 processes
             "train.steps": 8,
             "train.log_every": 1,
             "train.eval_every": 4,

@@ -17,11 +17,12 @@ from fmjax.adapt.lora import (  # noqa: E402
     ALL_LINEAR,
     DEFAULT_TARGETS,
     LoraConfig,
-    apply_lora,
     init_lora,
+    merge,
 )
 from fmjax.adapt.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft, save_peft  # noqa: E402
 from fmjax.api import Model  # noqa: E402
+from fmjax.models import param_axes  # noqa: E402
 
 SENTENCES = [
     "Hello, world!",
@@ -45,7 +46,7 @@ def batch(fm):
 
 
 def _fmjax_hidden(fm, lora, config, ids):
-    params = apply_lora(fm.params, lora, config)
+    params = merge(fm.params, lora, config)
     return Model(fm.module, params, fm.tokenizer, fm.config).hidden(ids)
 
 
@@ -60,7 +61,9 @@ def _torch_hidden(model, ids, mask):
 
 def _random_lora(fm, config, seed=0):
     """init_lora with lora_b random too (at init B = 0: the adapter does nothing)."""
-    lora = init_lora(fm.params, config, jax.random.key(seed))
+    lora = init_lora(
+        fm.params, config, jax.random.key(seed), param_axes(fm.module.config)
+    )
     leaves, treedef = jax.tree.flatten_with_path(lora)
     rng = np.random.default_rng(seed)
     out = [
@@ -119,7 +122,9 @@ def test_fmjax_adapter_loads_in_peft(
     print(f"max |hidden fmjax+LoRA - PEFT| on real tokens: {diff:.2e}")
     assert diff <= 1e-4
 
-    lora2, config2 = load_peft(tmp_path, fm.params)  # and back: exactly the same
+    lora2, config2 = load_peft(
+        tmp_path, fm.params, axes=param_axes(fm.module.config)
+    )  # and back: exactly the same
     assert config2.targets == tuple(sorted(config.targets))
     assert config2 == LoraConfig(rank=4, alpha=8.0, targets=config2.targets)
     for a, b in zip(jax.tree.leaves(lora), jax.tree.leaves(lora2), strict=True):
@@ -141,7 +146,7 @@ def test_peft_adapter_loads_in_fmjax(fm, batch, minilm_dir, tmp_path):
     model.save_pretrained(str(tmp_path))
     want = _torch_hidden(model.eval(), ids, mask)
 
-    lora, config = load_peft(tmp_path, fm.params)
+    lora, config = load_peft(tmp_path, fm.params, axes=param_axes(fm.module.config))
     assert config.rank == 4 and config.alpha == 16.0
     assert config.targets == (
         "attention/out/kernel",
@@ -187,7 +192,7 @@ def _edit_config(directory, **changes):
 def test_load_refuses_unsupported_configs(fm, saved, changes, message):
     _edit_config(saved, **changes)
     with pytest.raises(ValueError, match=message):
-        load_peft(saved, fm.params)
+        load_peft(saved, fm.params, axes=param_axes(fm.module.config))
 
 
 def test_load_refuses_pickles_and_foreign_tensors(fm, saved):
@@ -198,11 +203,11 @@ def test_load_refuses_pickles_and_foreign_tensors(fm, saved):
     tensors["base_model.model.pooler.dense.lora_A.weight"] = np.zeros((4, 384))
     save_file(tensors, str(path))
     with pytest.raises(ValueError, match="pooler.dense.lora_A"):
-        load_peft(saved, fm.params)
+        load_peft(saved, fm.params, axes=param_axes(fm.module.config))
     os.remove(path)
     (saved / "adapter_model.bin").write_bytes(b"not unpickled")
     with pytest.raises(ValueError, match=r"adapter_model\.bin is a pickle"):
-        load_peft(saved, fm.params)
+        load_peft(saved, fm.params, axes=param_axes(fm.module.config))
 
 
 def test_save_refuses_rank_mismatch(fm, tmp_path):

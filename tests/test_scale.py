@@ -16,8 +16,10 @@ from fmjax.checkpoint import Checkpointer
 from fmjax.config import load_config
 from fmjax.models import build_model
 from fmjax.models.text import count_params
-from fmjax.train.loop import init_state, train
+from fmjax.tasks import task_for
+from fmjax.train.loop import train
 from fmjax.train.metrics import read_metrics
+from fmjax.train.run import init_state
 from fmjax.train.state import make_optimizer
 
 MESHES = {  # (data, fsdp, tensor, num_devices)
@@ -69,9 +71,10 @@ def test_every_mesh_gives_the_single_device_loss_curve(
 
 
 def _abstract(config, mesh):
-    model = build_model(config.model)
+    task = task_for(config, with_data=False)
+    model = build_model(task.model_config)
     tx, _ = make_optimizer(config.train.steps, **config.optimizer)
-    abstract, shardings, _ = init_state(config, model, tx, mesh)
+    abstract, shardings, _ = init_state(task, model, tx, mesh)
     return abstract, shardings
 
 

@@ -160,7 +160,7 @@ class Adaptation:
         matmul. `rng` draws the LoRA dropout; model rngs go in `rngs=`."""
         if self.method == "full":
             return model.apply({"params": trained}, *args, **kwargs)
-        params = _merge_trees(frozen, trained["model"])
+        params = _merge_trees(frozen, trained.get("model", {}))
         if self.method in ("prompt", "prefix"):
             extra = prompts.model_kwargs(
                 self.method, trained[self.method], self.model_config
@@ -176,7 +176,7 @@ class Adaptation:
         and every NF4 kernel dequantised; prefix/prompt keep their kwargs."""
         if self.method == "full":
             return trained, {}
-        params = _merge_trees(frozen, trained["model"])
+        params = _merge_trees(frozen, trained.get("model", {}))
         kwargs: dict[str, Any] = {}
         if self.method in ("lora", "qlora"):
             params = lora_lib.merge(params, trained[self.method], self.lora)

@@ -2,8 +2,10 @@
 
 A tensor is flattened, zero-padded to whole blocks of `block_size` values and
 each block is stored as 4-bit indices into the 16 NF4 levels, scaled by the
-block's absmax. Two indices share a byte (the first value in the high nibble,
-as bitsandbytes does).
+block's absmax. Two indices share a byte: value i of a block in the high
+nibble and value i + block_size/2 in the low one (bitsandbytes pairs adjacent
+values instead; decoding adjacent pairs needs a [n, 2] interleave, which a TPU
+pads to 64 times its size).
 
 Double quantisation stores the per-block absmax values themselves in 8 bits:
 groups of `ABSMAX_GROUP` absmax values are mapped affinely onto 0..255 with one
@@ -63,7 +65,8 @@ ABSMAX_GROUP = 256
 class QuantizedTensor:
     """An NF4-quantised array; a pytree whose leaves are the stored arrays.
 
-    codes: uint8 [num_blocks * block_size // 2], two 4-bit indices per byte.
+    codes: uint8 [num_blocks * block_size // 2], two 4-bit indices per byte
+        (values i and i + block_size/2 of a block).
     absmax: f32 [num_blocks], or with double quantisation uint8
         [num_groups * ABSMAX_GROUP] decoded as `absmax * scale + offset`.
     absmax_scale, absmax_offset: f32 [num_groups], None without double quant.
@@ -152,8 +155,9 @@ def quantize_nf4(
         absmax_N = decoded.reshape(-1)[: x_NB.shape[0]]
     safe_absmax_N1 = jnp.where(absmax_N > 0, absmax_N, 1.0)[:, None]
     index_NB = jnp.searchsorted(jnp.asarray(_NF4_MIDPOINTS), x_NB / safe_absmax_N1)
-    index = index_NB.reshape(-1).astype(jnp.uint8)
-    codes = (index[0::2] << 4) | index[1::2]
+    index_NB = index_NB.astype(jnp.uint8)
+    half = block_size // 2
+    codes = ((index_NB[:, :half] << 4) | index_NB[:, half:]).reshape(-1)
     return QuantizedTensor(
         codes=codes,
         absmax=stored_absmax,
@@ -165,16 +169,32 @@ def quantize_nf4(
     )
 
 
+def _lookup(levels, index):
+    """levels[index] for 4-bit indices as a tree of 15 elementwise selects, one
+    bit at a time: it fuses into the dequantising loop, where a gather from the
+    16-entry table becomes a materialised one-hot on TPUs."""
+    values = [levels[i] for i in range(16)]
+    for bit in range(4):
+        take_odd = ((index >> bit) & 1).astype(bool)
+        values = [
+            jnp.where(take_odd, values[2 * k + 1], values[2 * k])
+            for k in range(len(values) // 2)
+        ]
+    return values[0]
+
+
 def dequantize_nf4(q: QuantizedTensor, dtype: Any = None, levels=None) -> Array:
     """The array `q` encodes, in `dtype` (default: the quantised array's dtype).
     `levels`: the 16 NF4 values to decode with (default `NF4_CODES`)."""
-    high, low = q.codes >> 4, q.codes & 0xF
-    index = jnp.stack([high, low], axis=-1).reshape(-1)
+    # Rounded to the tensor's own dtype (QLoRA's compute dtype) first.
+    dtype = q.dtype if dtype is None else dtype
+    codes_NH = q.codes.reshape(-1, q.block_size // 2)
+    # The 4-bit indices of each block in order: high nibbles, then low ones.
+    index_NB = jnp.concatenate([codes_NH >> 4, codes_NH & 0xF], axis=1)
     levels = jnp.asarray(NF4_CODES) if levels is None else levels
-    values_NB = levels[index].reshape(-1, q.block_size)
     absmax_N1 = _dequantize_absmax(q)[:, None]
-    flat = (values_NB * absmax_N1).reshape(-1)[: q.size]
-    return flat.reshape(q.shape).astype(q.dtype if dtype is None else dtype)
+    values_NB = (_lookup(levels, index_NB) * absmax_N1).astype(q.dtype).astype(dtype)
+    return values_NB.reshape(-1)[: q.size].reshape(q.shape)
 
 
 def nbytes(q: QuantizedTensor) -> int:

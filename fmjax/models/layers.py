@@ -112,13 +112,15 @@ def _dense_einsum(equation: str, x, kernel, dtype):
 def _dequantized(q, tie, dtype: str):
     """q's kernel, dequantised only once `tie` (this matmul's input, or in the
     backward pass its output gradient) exists, so no two layers' full-precision
-    kernels need to be alive together. The dependence is real arithmetic (0 * an
-    element of `tie` added to the codes and to the 16 NF4 levels they index),
-    since XLA:CPU expands optimization barriers before it schedules; a NaN or
-    inf there would reach the output through the matmul anyway."""
+    kernels need to be alive together. An optimization barrier says so to the
+    TPU and GPU compilers; XLA:CPU expands barriers before it schedules, so the
+    dependence is also real arithmetic (0 * an element of `tie` added to the
+    codes and to the 16 NF4 levels they index; a NaN or inf there would reach
+    the output through the matmul anyway)."""
+    tie, q = jax.lax.optimization_barrier((tie, q))  # TPU and GPU honour it
     zero = 0.0 * jax.lax.stop_gradient(tie.reshape(-1)[0]).astype(jnp.float32)
     q = q.replace(codes=q.codes + zero.astype(q.codes.dtype))  # unpacked after tie
-    return dequantize_nf4(q, levels=jnp.asarray(NF4_CODES) + zero).astype(dtype)
+    return dequantize_nf4(q, dtype, levels=jnp.asarray(NF4_CODES) + zero)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -140,9 +142,11 @@ def _quantized_einsum_bwd(equation, dtype, residuals, dy):
     (dx,) = vjp(dy)
     # The frozen codes get no gradient (float0 for the integer arrays).
     dq = jax.tree.map(
-        lambda a: np.zeros(a.shape, jax.dtypes.float0)
-        if jnp.issubdtype(a.dtype, jnp.integer)
-        else jnp.zeros_like(a),
+        lambda a: (
+            np.zeros(a.shape, jax.dtypes.float0)
+            if jnp.issubdtype(a.dtype, jnp.integer)
+            else jnp.zeros_like(a)
+        ),
         q,
     )
     return dx, dq
