@@ -290,14 +290,17 @@ def test_nf4_codes_times_scale_round_trip_exactly():
     w = quant.NF4_CODES[index] * scale_N1
     q = quant.quantize_nf4(jnp.asarray(w), 64, double_quant=False)
     np.testing.assert_array_equal(np.asarray(quant.dequantize_nf4(q)), w)
-    packed = np.asarray(q.codes)  # value i and i + 32 of a block share a byte
+    # Rows of 256 values (4 blocks): value i and i + 128 of a row share a byte.
+    packed = np.asarray(q.codes)
+    rows = index.reshape(-1, 256)
     np.testing.assert_array_equal(
-        packed, ((index[:, :32] << 4) | index[:, 32:]).ravel()
+        packed, ((rows[:, :128] << 4) | rows[:, 128:]).ravel()
     )
 
 
 def _numpy_dequantize(q):
-    packed = np.asarray(q.codes).reshape(-1, q.block_size // 2)
+    row = max(256, q.block_size)
+    packed = np.asarray(q.codes).reshape(-1, row // 2)
     index = np.concatenate([packed >> 4, packed & 15], axis=1).ravel()
     absmax_N = np.asarray(q.absmax, np.float32)
     if q.double_quant:

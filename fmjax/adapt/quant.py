@@ -1,11 +1,13 @@
 """NF4 block quantisation of frozen weights (QLoRA, Dettmers et al. 2023).
 
-A tensor is flattened, zero-padded to whole blocks of `block_size` values and
-each block is stored as 4-bit indices into the 16 NF4 levels, scaled by the
-block's absmax. Two indices share a byte: value i of a block in the high
-nibble and value i + block_size/2 in the low one (bitsandbytes pairs adjacent
-values instead; decoding adjacent pairs needs a [n, 2] interleave, which a TPU
-pads to 64 times its size).
+A tensor is flattened, zero-padded to whole rows of W = max(256, block_size)
+values (whole blocks), and each block of `block_size` values is stored as 4-bit
+indices into the 16 NF4 levels, scaled by the
+block's absmax. Two indices share a byte: value i of a row in the high nibble
+and value i + W/2 in the low one. (bitsandbytes pairs adjacent values instead;
+decoding those needs a [n, 2] interleave, and any minor dimension under 128
+lanes, which a TPU pads to up to 64 times its size. A row decodes as
+[rows, W/2]-byte arrays, 128 lanes wide.)
 
 Double quantisation stores the per-block absmax values themselves in 8 bits:
 groups of `ABSMAX_GROUP` absmax values are mapped affinely onto 0..255 with one
@@ -65,8 +67,8 @@ ABSMAX_GROUP = 256
 class QuantizedTensor:
     """An NF4-quantised array; a pytree whose leaves are the stored arrays.
 
-    codes: uint8 [num_blocks * block_size // 2], two 4-bit indices per byte
-        (values i and i + block_size/2 of a block).
+    codes: uint8 [rows * W // 2], two 4-bit indices per byte (values i and
+        i + W/2 of a row of W = max(256, block_size) values).
     absmax: f32 [num_blocks], or with double quantisation uint8
         [num_groups * ABSMAX_GROUP] decoded as `absmax * scale + offset`.
     absmax_scale, absmax_offset: f32 [num_groups], None without double quant.
@@ -91,14 +93,28 @@ class QuantizedTensor:
         return math.prod(self.shape)
 
     @property
+    def row_size(self) -> int:
+        return row_size(self.block_size)
+
+    @property
     def num_blocks(self) -> int:
-        return -(-self.size // self.block_size)
+        rows = -(-self.size // self.row_size)
+        return rows * self.row_size // self.block_size
+
+
+def row_size(block_size: int) -> int:
+    """Values per row of codes: whole blocks, and at least 256 (128 bytes)."""
+    return max(256, block_size)
 
 
 def _check_block_size(block_size: int) -> None:
-    if not isinstance(block_size, int) or block_size <= 0 or block_size % 2:
+    if (
+        not isinstance(block_size, int)
+        or block_size < 2
+        or block_size & (block_size - 1)
+    ):
         raise ValueError(
-            f"block_size={block_size!r}: expected a positive even int "
+            f"block_size={block_size!r}: expected a power of two >= 2 "
             "(two 4-bit codes share a byte)"
         )
 
@@ -125,8 +141,9 @@ def _dequantize_absmax(q: QuantizedTensor) -> Array:
 
 
 def block_absmax(q: QuantizedTensor) -> Array:
-    """f32 [num_blocks]: the scale each block is decoded with."""
-    return _dequantize_absmax(q)
+    """f32 [blocks]: the scale each block that holds values is decoded with (the
+    padding of the last row adds all-zero blocks)."""
+    return _dequantize_absmax(q)[: -(-q.size // q.block_size)]
 
 
 def quantize_nf4(
@@ -142,7 +159,8 @@ def quantize_nf4(
             "expected a non-empty float array"
         )
     flat = w.reshape(-1).astype(jnp.float32)
-    flat = jnp.pad(flat, (0, (-flat.size) % block_size))
+    row = row_size(block_size)
+    flat = jnp.pad(flat, (0, (-flat.size) % row))
     x_NB = flat.reshape(-1, block_size)
     absmax_N = jnp.abs(x_NB).max(axis=1)
     absmax_scale = absmax_offset = None
@@ -155,9 +173,8 @@ def quantize_nf4(
         absmax_N = decoded.reshape(-1)[: x_NB.shape[0]]
     safe_absmax_N1 = jnp.where(absmax_N > 0, absmax_N, 1.0)[:, None]
     index_NB = jnp.searchsorted(jnp.asarray(_NF4_MIDPOINTS), x_NB / safe_absmax_N1)
-    index_NB = index_NB.astype(jnp.uint8)
-    half = block_size // 2
-    codes = ((index_NB[:, :half] << 4) | index_NB[:, half:]).reshape(-1)
+    index_RW = index_NB.astype(jnp.uint8).reshape(-1, row)
+    codes = ((index_RW[:, : row // 2] << 4) | index_RW[:, row // 2 :]).reshape(-1)
     return QuantizedTensor(
         codes=codes,
         absmax=stored_absmax,
@@ -188,13 +205,15 @@ def dequantize_nf4(q: QuantizedTensor, dtype: Any = None, levels=None) -> Array:
     `levels`: the 16 NF4 values to decode with (default `NF4_CODES`)."""
     # Rounded to the tensor's own dtype (QLoRA's compute dtype) first.
     dtype = q.dtype if dtype is None else dtype
-    codes_NH = q.codes.reshape(-1, q.block_size // 2)
-    # The 4-bit indices of each block in order: high nibbles, then low ones.
-    index_NB = jnp.concatenate([codes_NH >> 4, codes_NH & 0xF], axis=1)
+    row, block = q.row_size, q.block_size
+    codes_RH = q.codes.reshape(-1, row // 2)
+    # The 4-bit indices of each row in order: high nibbles, then low ones.
+    index_RW = jnp.concatenate([codes_RH >> 4, codes_RH & 0xF], axis=1)
     levels = jnp.asarray(NF4_CODES) if levels is None else levels
-    absmax_N1 = _dequantize_absmax(q)[:, None]
-    values_NB = (_lookup(levels, index_NB) * absmax_N1).astype(q.dtype).astype(dtype)
-    return values_NB.reshape(-1)[: q.size].reshape(q.shape)
+    absmax_RK = _dequantize_absmax(q).reshape(-1, row // block)
+    absmax_RW = jnp.repeat(absmax_RK, block, axis=1)
+    values_RW = (_lookup(levels, index_RW) * absmax_RW).astype(q.dtype).astype(dtype)
+    return values_RW.reshape(-1)[: q.size].reshape(q.shape)
 
 
 def nbytes(q: QuantizedTensor) -> int:
@@ -214,9 +233,8 @@ def is_kernel_matrix(path: str, leaf) -> bool:
 
 
 def is_matrix(path: str, leaf) -> bool:
-    """Kernels and embedding tables: every >= 2-D param."""
-    del path
-    return jnp.ndim(leaf) >= 2
+    """Kernels and embedding tables (not the 2-D [heads, kv] attention biases)."""
+    return path.split("/")[-1] in ("kernel", "embedding") and jnp.ndim(leaf) >= 2
 
 
 def quantize_tree(
