@@ -100,6 +100,14 @@ def build(config, *, with_data: bool = True) -> Run:
     a bad config fail fastest."""
     mesh = shd.mesh_from_config(config.mesh)
     shd.normalize_rules(config.mesh.rules, mesh)
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = config.data.batch_size // config.optimizer.grad_accum_steps
+    if micro % rows:
+        raise ConfigError(
+            f"data.batch_size={config.data.batch_size} (per accumulation step: "
+            f"{micro}) does not split over the mesh's {rows} batch devices "
+            f"(mesh.data x mesh.fsdp = {dict(mesh.shape)})"
+        )
     task = task_for(config, with_data=with_data)
     model = build_model(task.model_config)
     tx, lr_fn = make_optimizer(config.train.steps, **config.optimizer)

@@ -1,1 +1,0 @@
-"""fmjax.inference."""
