@@ -290,16 +290,18 @@ def test_nf4_codes_times_scale_round_trip_exactly():
     w = quant.NF4_CODES[index] * scale_N1
     q = quant.quantize_nf4(jnp.asarray(w), 64, double_quant=False)
     np.testing.assert_array_equal(np.asarray(quant.dequantize_nf4(q)), w)
-    # Rows of 256 values (4 blocks): value i and i + 128 of a row share a byte.
+    # Rows of W values (here the whole 8 x 64 array, the shortest trailing block
+    # of >= 256 values): value i and i + W/2 of a row share a byte.
+    assert q.row_size == 512
     packed = np.asarray(q.codes)
-    rows = index.reshape(-1, 256)
+    rows = index.reshape(-1, 512)
     np.testing.assert_array_equal(
-        packed, ((rows[:, :128] << 4) | rows[:, 128:]).ravel()
+        packed, ((rows[:, :256] << 4) | rows[:, 256:]).ravel()
     )
 
 
 def _numpy_dequantize(q):
-    row = max(256, q.block_size)
+    row = q.row_size
     packed = np.asarray(q.codes).reshape(-1, row // 2)
     index = np.concatenate([packed >> 4, packed & 15], axis=1).ravel()
     absmax_N = np.asarray(q.absmax, np.float32)

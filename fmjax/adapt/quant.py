@@ -83,6 +83,7 @@ class QuantizedTensor:
     shape: tuple[int, ...] = flax.struct.field(pytree_node=False)
     dtype: str = flax.struct.field(pytree_node=False)
     block_size: int = flax.struct.field(pytree_node=False)
+    row: int = flax.struct.field(pytree_node=False, default=256)
 
     @property
     def double_quant(self) -> bool:
@@ -94,7 +95,7 @@ class QuantizedTensor:
 
     @property
     def row_size(self) -> int:
-        return row_size(self.block_size)
+        return self.row
 
     @property
     def num_blocks(self) -> int:
@@ -102,8 +103,16 @@ class QuantizedTensor:
         return rows * self.row_size // self.block_size
 
 
-def row_size(block_size: int) -> int:
-    """Values per row of codes: whole blocks, and at least 256 (128 bytes)."""
+def row_size(shape: tuple[int, ...], block_size: int) -> int:
+    """Values per row of codes: whole blocks and at least 256 (128 bytes). The
+    product of the array's trailing dims when it qualifies, so decoded rows are
+    the array's own rows (a [2048, 8192] kernel decodes as [2048, 8192], with no
+    relayout); else max(256, block_size) over the flattened, padded array."""
+    trailing = 1
+    for size in reversed(shape):
+        trailing *= size
+        if trailing >= 256 and trailing % block_size == 0:
+            return trailing
     return max(256, block_size)
 
 
@@ -159,7 +168,7 @@ def quantize_nf4(
             "expected a non-empty float array"
         )
     flat = w.reshape(-1).astype(jnp.float32)
-    row = row_size(block_size)
+    row = row_size(tuple(w.shape), block_size)
     flat = jnp.pad(flat, (0, (-flat.size) % row))
     x_NB = flat.reshape(-1, block_size)
     absmax_N = jnp.abs(x_NB).max(axis=1)
@@ -183,6 +192,7 @@ def quantize_nf4(
         shape=tuple(w.shape),
         dtype=jnp.dtype(w.dtype if dtype is None else dtype).name,
         block_size=block_size,
+        row=row,
     )
 
 
