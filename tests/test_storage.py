@@ -61,3 +61,22 @@ def test_export_to_a_bucket(fake_gcs, data_dir):
     weights = load(epath.Path(out + "/model.safetensors").read_bytes())
     np.testing.assert_array_equal(weights["layer.kernel"], params["layer"]["kernel"])
     assert not storage.exists("run/export/model.safetensors")  # nothing went local
+
+
+def test_eval_reads_a_bucket_workdirs_config(fake_gcs):
+    """`fmjax eval --workdir gs://...` takes the run's saved config from the
+    bucket, as `train` writes it (local paths only before)."""
+    import argparse
+
+    from fmjax import cli
+    from fmjax.config import ConfigError, load_config, to_json
+
+    config = load_config("configs/gpt_lm.py:tiny", ["train.steps=7"])
+    storage.write_text("gs://bucket/run/config.json", to_json(config))
+    args = argparse.Namespace(config=None, workdir="gs://bucket/run")
+    loaded = cli._load_config(args, ["--config.train.eval_batches=3"])
+    assert loaded.train.steps == 7 and loaded.train.eval_batches == 3
+    with pytest.raises(ConfigError, match="gs://bucket/none/config.json"):
+        cli._load_config(
+            argparse.Namespace(config=None, workdir="gs://bucket/none"), []
+        )

@@ -133,13 +133,12 @@ def model_config_from_hf(hf: Mapping[str, Any], mlm_head: bool) -> dict[str, Any
 
 def hf_config_from_model(model_config: Mapping[str, Any], pad_id: int) -> dict:
     """The HF BertConfig dict of an fmjax encoder config; refuses what BERT lacks."""
-    from fmjax.models.config import TransformerConfig
+    from fmjax.models.registry import model_config as parse_model_config
 
-    fields = dict(model_config)
-    kind = fields.pop("kind", None)
+    kind = dict(model_config).get("kind")
     if kind != "encoder":
         raise FormatError(f"model.kind={kind!r}: HF BERT export needs 'encoder'")
-    cfg = TransformerConfig.from_dict(fields)
+    cfg = parse_model_config(model_config)
     for ok, what in (
         (cfg.position == "learned", f"position={cfg.position!r} (BERT: 'learned')"),
         (cfg.kv_heads == cfg.num_heads, f"num_kv_heads={cfg.num_kv_heads} (no GQA)"),
