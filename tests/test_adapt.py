@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fmjax.adapt import lora, masks, quant
-from fmjax.models import build_model, param_axes
+from fmjax.models import build_model, layers, param_axes
 from fmjax.models.layers import EinsumDense
 from fmjax.train.state import TrainState, make_optimizer
 
@@ -334,6 +334,28 @@ def test_nf4_packed_size():
     assert quant.nbytes(q_single) == n // 2 + 4 * blocks
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_rows_decode_alone(double_quant):
+    """An NF4 embedding lookup decodes only the rows it reads, to the values the
+    whole table decodes to; a table whose rows span code rows is refused."""
+    table = jax.random.normal(jax.random.key(3), (300, 512))
+    q = quant.quantize_nf4(table, 64, double_quant)
+    ids = jnp.asarray([[0, 299, 7], [7, 150, 1]])
+    rows = quant.dequantize_rows(q, ids, jnp.float32)
+    assert rows.shape == (2, 3, 512)
+    np.testing.assert_array_equal(rows, np.asarray(quant.dequantize_nf4(q))[ids])
+    layer = layers.Embed(300, 512, ("vocab", "embed"))
+    looked_up = layer.apply({"params": {"embedding": q}}, ids)
+    np.testing.assert_array_equal(looked_up, rows)
+    narrow = quant.quantize_nf4(table[:, :64], 64, double_quant)  # 256-value rows
+    with pytest.raises(ValueError, match=r"\(300, 64\)"):
+        quant.dequantize_rows(narrow, ids)
+    np.testing.assert_array_equal(  # the lookup falls back to the whole table
+        layer.clone(features=64).apply({"params": {"embedding": narrow}}, ids),
+        np.asarray(quant.dequantize_nf4(narrow))[ids],
+    )
+
+
 def test_quantize_tree_keeps_embeddings_and_round_trips(tiny):
     params, _, _ = tiny
     base_q = quant.quantize_tree(params)
@@ -468,3 +490,30 @@ def test_lora_training_leaves_base_bit_identical(tiny):
         np.testing.assert_array_equal(_bits(now), _bits(base))
     b_now = state.params["layers_0"]["attention"]["query"]["lora_b"]
     assert np.abs(b_now).max() > 0
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_qlora_base_keeps_unquantised_params_in_compute_dtype(tiny, compute_dtype):
+    """QLoRA with a bfloat16 compute dtype stores the frozen params it does not
+    quantise (embeddings, norms, biases) in bfloat16, as loading the base in
+    that dtype does; float32 leaves them untouched. The forward pass still runs."""
+    from fmjax.adapt.methods import Adaptation
+    from fmjax.config import adapt_config
+    from fmjax.models import model_config
+
+    params, tokens_BL, _ = tiny
+    adapt = adapt_config("qlora")
+    adapt.compute_dtype = compute_dtype
+    adaptation = Adaptation.from_config(adapt, model_config(TINY))
+    trained, frozen = adaptation.split(params, jax.random.key(0))
+    leaves = jax.tree.leaves(frozen, is_leaf=quant.is_quantized)
+    floats = [x for x in leaves if not quant.is_quantized(x)]
+    assert {str(x.dtype) for x in floats} == {compute_dtype}
+    embedding = _flat(frozen)["token_embed/embedding"]
+    assert embedding.dtype == compute_dtype
+    assert embedding.nbytes == params["token_embed"]["embedding"].nbytes // (
+        4 // jnp.dtype(compute_dtype).itemsize
+    )
+    model = build_model(TINY)
+    logits = adaptation.apply(model, trained, frozen, None, False, tokens_BL)["logits"]
+    assert np.all(np.isfinite(logits))

@@ -293,7 +293,7 @@ def test_block_matches_numpy(cfg, pre_norm, causal):
     mask = make_attention_mask(seg, causal=causal)
     block = Block(cfg, pre_norm=pre_norm)
     params = _perturb(nn.unbox(block.init(jax.random.key(0), x, mask, pos)["params"]))
-    got = np.asarray(block.apply({"params": params}, x, mask, pos))
+    got = np.asarray(block.apply({"params": params}, x, mask, pos)[0])
     p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     for b in range(2):
         real = np.asarray(seg[b]) != 0
@@ -386,8 +386,8 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
         }
     mha = Attention(num_heads=4, head_dim=8)
     np.testing.assert_allclose(
-        gqa.apply({"params": params}, x, mask),
-        mha.apply({"params": mha_params}, x, mask),
+        gqa.apply({"params": params}, x, mask)[0],
+        mha.apply({"params": mha_params}, x, mask)[0],
         atol=1e-5,
         rtol=1e-5,
     )

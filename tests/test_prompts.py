@@ -149,9 +149,10 @@ def test_prefix_attention_matches_numpy_concatenated_kv():
         jax.random.key(2), x_BLD, mask, positions, prefix_kv=(k_TGK, v_TGK)
     )
     params = _perturb(nn.unbox(variables["params"]))
-    got = attention.apply(
+    got, no_cache = attention.apply(
         {"params": params}, x_BLD, mask, positions, prefix_kv=(k_TGK, v_TGK)
     )
+    assert no_cache is None
 
     p = jax.tree.map(np.asarray, params)
     x = np.asarray(x_BLD, np.float64)

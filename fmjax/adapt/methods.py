@@ -11,8 +11,10 @@ Methods (HF PEFT names):
   qlora   the same over a base whose kernels are NF4 codes (block size
           `quant_block_size`, double-quantised absmax), each dequantised to
           `compute_dtype` inside its own matmul. As bitsandbytes' 4-bit
-          loading, the embedding tables stay as they are unless
-          `quantize_embeddings`.
+          loading, the embedding tables are not quantised unless
+          `quantize_embeddings`; the frozen params that stay unquantised
+          (embeddings, norms, biases) are stored in `compute_dtype`, as
+          loading a base in that dtype does (no change with float32).
   prefix  learned per-layer K/V slots (optionally through a reparam MLP).
   prompt  T soft tokens prepended to the input.
 
@@ -136,6 +138,7 @@ class Adaptation:
                     double_quant=self.double_quant,
                     dtype=self.compute_dtype,
                 )
+                base = _floats_as(base, jnp.dtype(self.compute_dtype))
         elif self.method == "prompt":
             adapter = prompts.init_prompt(base, self.prompt, rng)
         else:
@@ -244,3 +247,16 @@ def _merge_trees(base, overlay):
     flat = flax.traverse_util.flatten_dict(base, sep="/")
     flat.update(flax.traverse_util.flatten_dict(overlay, sep="/"))
     return flax.traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _floats_as(tree, dtype):
+    """`tree` with its floating arrays (not NF4 codes) in `dtype`."""
+    return jax.tree.map(
+        lambda x: (
+            x.astype(dtype)
+            if not is_quantized(x) and jnp.issubdtype(x.dtype, jnp.floating)
+            else x
+        ),
+        tree,
+        is_leaf=is_quantized,
+    )

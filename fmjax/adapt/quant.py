@@ -210,20 +210,49 @@ def _lookup(levels, index):
     return values[0]
 
 
-def dequantize_nf4(q: QuantizedTensor, dtype: Any = None, levels=None) -> Array:
-    """The array `q` encodes, in `dtype` (default: the quantised array's dtype).
-    `levels`: the 16 NF4 values to decode with (default `NF4_CODES`)."""
-    # Rounded to the tensor's own dtype (QLoRA's compute dtype) first.
-    dtype = q.dtype if dtype is None else dtype
-    row, block = q.row_size, q.block_size
-    codes_RH = q.codes.reshape(-1, row // 2)
+def _decode_rows(q: QuantizedTensor, codes_RH, absmax_RK, dtype, levels) -> Array:
+    """[R, W] values from R rows of codes and their blocks' absmax."""
     # The 4-bit indices of each row in order: high nibbles, then low ones.
     index_RW = jnp.concatenate([codes_RH >> 4, codes_RH & 0xF], axis=1)
     levels = jnp.asarray(NF4_CODES) if levels is None else levels
+    absmax_RW = jnp.repeat(absmax_RK, q.block_size, axis=1)
+    # Rounded to the tensor's own dtype (QLoRA's compute dtype) first.
+    return (_lookup(levels, index_RW) * absmax_RW).astype(q.dtype).astype(dtype)
+
+
+def dequantize_nf4(q: QuantizedTensor, dtype: Any = None, levels=None) -> Array:
+    """The array `q` encodes, in `dtype` (default: the quantised array's dtype).
+    `levels`: the 16 NF4 values to decode with (default `NF4_CODES`)."""
+    dtype = q.dtype if dtype is None else dtype
+    row, block = q.row_size, q.block_size
+    codes_RH = q.codes.reshape(-1, row // 2)
     absmax_RK = _dequantize_absmax(q).reshape(-1, row // block)
-    absmax_RW = jnp.repeat(absmax_RK, block, axis=1)
-    values_RW = (_lookup(levels, index_RW) * absmax_RW).astype(q.dtype).astype(dtype)
+    values_RW = _decode_rows(q, codes_RH, absmax_RK, dtype, levels)
     return values_RW.reshape(-1)[: q.size].reshape(q.shape)
+
+
+def rows_are_code_rows(q: QuantizedTensor) -> bool:
+    """Whether each row q.shape[1:] of the array is one row of codes (so rows
+    can be decoded alone, e.g. an embedding table's looked-up rows)."""
+    return q.row_size == math.prod(q.shape[1:])
+
+
+def dequantize_rows(q: QuantizedTensor, ids: Array, dtype: Any = None) -> Array:
+    """`dequantize_nf4(q)[ids]` decoding only the rows `ids` picks: an NF4
+    embedding lookup reads [*ids.shape, D] values, never the whole table."""
+    if not rows_are_code_rows(q):
+        raise ValueError(
+            f"dequantize_rows: rows of {q.shape} span {q.row_size}-value code "
+            "rows; expected one code row per array row"
+        )
+    dtype = q.dtype if dtype is None else dtype
+    row, block = q.row_size, q.block_size
+    flat = ids.reshape(-1)
+    codes_RH = jnp.take(q.codes.reshape(-1, row // 2), flat, axis=0)
+    absmax = _dequantize_absmax(q).reshape(-1, row // block)
+    absmax_RK = jnp.take(absmax, flat, axis=0)
+    values_RW = _decode_rows(q, codes_RH, absmax_RK, dtype, None)
+    return values_RW.reshape(*ids.shape, *q.shape[1:])
 
 
 def nbytes(q: QuantizedTensor) -> int:

@@ -23,7 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax.adapt.quant import NF4_CODES, dequantize_nf4, is_quantized
+from fmjax.adapt.quant import (
+    NF4_CODES,
+    dequantize_nf4,
+    dequantize_rows,
+    is_quantized,
+    rows_are_code_rows,
+)
 from fmjax.models.axes import kernel_num_in
 from fmjax.models.config import ACTIVATIONS, TransformerConfig
 
@@ -221,6 +227,8 @@ class Embed(nn.Module):
 
     def __call__(self, ids: Array) -> Array:
         if is_quantized(self.embedding):  # frozen: no gradient flows to it
+            if rows_are_code_rows(self.embedding):  # decode the rows read only
+                return dequantize_rows(self.embedding, ids, jnp.float32)
             table = _dequantized(self.embedding, ids, jnp.float32)
             return jnp.take(table, ids, axis=0)
         return jnp.take(self.embedding, ids, axis=0).astype(jnp.float32)
@@ -278,6 +286,12 @@ class Attention(nn.Module):
     batch, in front of the projected keys/values (S = T + L), with a [B,1,L,T+L]
     mask (`make_attention_mask(..., num_prefix=T)`). No RoPE on prefix keys: they
     have no position (like cached keys rotated before the text began).
+
+    `cache` (decoding, `init_cache`): {"k", "v": [B,C,G,K], "end_index": int32}.
+    This call's keys/values are written at slots end_index .. end_index+L-1 and
+    the queries read all C slots (S = T + C with a prefix), so the mask, built
+    by the caller, says which slots each query sees. Returns (out, cache); the
+    cache is None when none was given.
     """
 
     num_heads: int
@@ -311,7 +325,8 @@ class Attention(nn.Module):
         *,
         prefix_kv: tuple[Array, Array] | None = None,
         deterministic: bool = True,
-    ) -> Array:
+        cache: dict[str, Array] | None = None,
+    ) -> tuple[Array, dict[str, Array] | None]:
         d_model = x_BLD.shape[-1]
         heads, head_dim = self.num_heads, self.head_dim
         kv_heads = self.num_kv_heads or heads
@@ -326,28 +341,57 @@ class Attention(nn.Module):
             q_BLHK = apply_rope(q_BLHK, positions_BL, self.rope_theta)
             k_BLGK = apply_rope(k_BLGK, positions_BL, self.rope_theta)
         k_BSGK, v_BSGK = k_BLGK, v_BLGK
+        if cache is not None:
+            cache = write_cache(cache, k_BLGK, v_BLGK)
+            k_BSGK, v_BSGK = cache["k"], cache["v"]
         if prefix_kv is not None:  # no RoPE on the prefix: see the docstring
             k_BSGK, v_BSGK = (
-                jnp.concatenate([_batched_prefix(p, kv_BLGK), kv_BLGK], axis=1)
-                for p, kv_BLGK in zip(prefix_kv, (k_BLGK, v_BLGK), strict=True)
+                jnp.concatenate([_batched_prefix(p, kv_BSGK), kv_BSGK], axis=1)
+                for p, kv_BSGK in zip(prefix_kv, (k_BSGK, v_BSGK), strict=True)
             )
         if mask_B1LS.shape[-1] != k_BSGK.shape[1]:
             raise ValueError(
                 f"attention mask {mask_B1LS.shape} has {mask_B1LS.shape[-1]} key "
-                f"columns; expected {k_BSGK.shape[1]} (prefix slots + length)"
+                f"columns; expected {k_BSGK.shape[1]} (prefix slots + length, "
+                "or + cache slots)"
             )
         probs_BHLS = attention_probs(q_BLHK, k_BSGK, mask_B1LS)
         probs_BHLS = nn.Dropout(self.dropout_rate)(
             probs_BHLS, deterministic=deterministic
         )
         context_BLHK = attend_values(probs_BHLS, v_BSGK)
-        return self._dense(
+        out_BLD = self._dense(
             "BLHK,HKD->BLD",
             (heads, head_dim, d_model),
             ("heads", "kv", "embed"),
             "out",
             std=self.out_init_std,
         )(context_BLHK)
+        return out_BLD, cache
+
+
+def init_cache(
+    batch: int, slots: int, kv_heads: int, head_dim: int, dtype: Any
+) -> dict[str, Array]:
+    """One layer's empty KV cache of `slots` positions (see Attention)."""
+    zeros_BCGK = jnp.zeros((batch, slots, kv_heads, head_dim), dtype)
+    return {"k": zeros_BCGK, "v": zeros_BCGK, "end_index": jnp.zeros((), jnp.int32)}
+
+
+def write_cache(cache: dict[str, Array], k_BLGK: Array, v_BLGK: Array) -> dict:
+    """`cache` with k/v written at slots end_index.. (in place under jit when the
+    cache is donated or carried by a loop), end_index moved past them."""
+    end = cache["end_index"]
+    if k_BLGK.shape[1] > cache["k"].shape[1]:
+        raise ValueError(
+            f"{k_BLGK.shape[1]} new keys do not fit a cache of "
+            f"{cache['k'].shape[1]} slots"
+        )
+    k_BCGK, v_BCGK = (
+        jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), end, axis=1)
+        for c, x in ((cache["k"], k_BLGK), (cache["v"], v_BLGK))
+    )
+    return {"k": k_BCGK, "v": v_BCGK, "end_index": end + k_BLGK.shape[1]}
 
 
 def _batched_prefix(prefix_TGK: Array, like_BLGK: Array) -> Array:
@@ -415,9 +459,11 @@ class Block(nn.Module):
         positions_BL: Array | None = None,
         prefix_kv: tuple[Array, Array] | None = None,
         deterministic: bool = True,
-    ) -> Array:
-        """`prefix_kv`: this layer's (k_TGK, v_TGK) prefix slots (see Attention).
-        Arguments may be positional so that `block_class` can remat it."""
+        cache: dict[str, Array] | None = None,
+    ) -> tuple[Array, dict[str, Array] | None]:
+        """`prefix_kv`: this layer's (k_TGK, v_TGK) prefix slots; `cache`: its KV
+        cache (see Attention). Returns (x, cache). Arguments may be positional
+        so that `block_class` can remat it."""
         cfg = self.config
         numerics = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
         attention = Attention(
@@ -444,10 +490,14 @@ class Block(nn.Module):
         attention_norm = LayerNorm(name="attention_norm", **norm)
         mlp_norm = LayerNorm(name="mlp_norm", **norm)
         dropout = nn.Dropout(cfg.dropout_rate)
-        attention_kwargs = dict(prefix_kv=prefix_kv, deterministic=deterministic)
+        attention_kwargs = dict(
+            prefix_kv=prefix_kv, deterministic=deterministic, cache=cache
+        )
+        new_cache = None
 
         def attend(h):
-            out = attention(h, mask_B1LS, positions_BL, **attention_kwargs)
+            nonlocal new_cache
+            out, new_cache = attention(h, mask_B1LS, positions_BL, **attention_kwargs)
             return dropout(out, deterministic=deterministic)
 
         def feed_forward(h):
@@ -460,7 +510,8 @@ class Block(nn.Module):
         else:
             x_BLD = attention_norm(x_BLD + attend(x_BLD))
             x_BLD = mlp_norm(x_BLD + feed_forward(x_BLD))
-        return nn.with_logical_constraint(x_BLD, ("batch", "length", "embed"))
+        x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "length", "embed"))
+        return x_BLD, new_cache
 
 
 def residual_init_std(config: TransformerConfig) -> float:

@@ -230,7 +230,7 @@ class TextEncoder(nn.Module):
             segment_ids_BL, positions_BL, num_prompt, num_prefix, causal=False
         )
         for i in range(cfg.num_layers):
-            x_BSD = block_class(cfg)(cfg, pre_norm=False, name=f"layers_{i}")(
+            x_BSD, _ = block_class(cfg)(cfg, pre_norm=False, name=f"layers_{i}")(
                 x_BSD,
                 mask_B1ST,
                 positions_BS,
@@ -282,6 +282,13 @@ class TextDecoder(nn.Module):
     LM head tied to the token embeddings unless `config.tie_embeddings` is False.
 
     Returns {"hidden": [B,L,D] after the final norm, "logits": [B,L,V]}, float32.
+
+    Decoding (`fmjax.inference.generate`) passes `cache`, one layer cache per
+    layer (`init_cache`), with `positions_BL` and the attention mask
+    `mask_B1LS` [B, 1, T+L, T'+C] that the caller builds over the T' prefix
+    slots and C cache slots (segment ids are not read); the output then holds
+    the updated "cache". `last_only` computes hidden states and logits for the
+    last position only ([B,1,...]), all a sampler needs after a prefill.
     """
 
     config: TransformerConfig
@@ -296,6 +303,9 @@ class TextDecoder(nn.Module):
         prompt_TD: Array | None = None,
         prefix_kv: tuple[Array, Array] | None = None,
         deterministic: bool = True,
+        cache: list[dict[str, Array]] | None = None,
+        mask_B1LS: Array | None = None,
+        last_only: bool = False,
     ) -> dict[str, Array]:
         """`prompt_TD`, `prefix_kv`: prompt / prefix tuning (module docstring)."""
         cfg = self.config
@@ -304,21 +314,28 @@ class TextDecoder(nn.Module):
                 f"TextDecoder has no classifier head (num_classes={cfg.num_classes}); "
                 "classify with an encoder (model.kind='encoder')"
             )
-        segment_ids_BL, positions_BL = _default_inputs(
-            tokens_BL, segment_ids_BL, positions_BL, cfg.max_len
-        )
         num_prompt, num_prefix = _check_adapter_inputs(cfg, prompt_TD, prefix_kv)
-        token_embed, x_BLD = _embed_tokens(cfg, tokens_BL, positions_BL)
+        if cache is None:
+            segment_ids_BL, positions_BL = _default_inputs(
+                tokens_BL, segment_ids_BL, positions_BL, cfg.max_len
+            )
+            mask_B1ST, positions_BS = _adapted_mask_and_positions(
+                segment_ids_BL, positions_BL, num_prompt, num_prefix, causal=True
+            )
+            caches = [None] * cfg.num_layers
+        else:
+            positions_BS, mask_B1ST = _cached_inputs(
+                cfg, tokens_BL, positions_BL, mask_B1LS, cache, num_prompt
+            )
+            caches = list(cache)
+        token_embed, x_BLD = _embed_tokens(cfg, tokens_BL, positions_BS[:, num_prompt:])
         # S = T + L below: the soft tokens, if any, then the text.
         x_BSD = _prepend_prompt(x_BLD, prompt_TD)
         x_BSD = nn.Dropout(cfg.dropout_rate)(x_BSD, deterministic=deterministic)
         x_BSD = nn.with_logical_constraint(x_BSD, ("batch", "length", "embed"))
 
-        mask_B1ST, positions_BS = _adapted_mask_and_positions(
-            segment_ids_BL, positions_BL, num_prompt, num_prefix, causal=True
-        )
         for i in range(cfg.num_layers):
-            x_BSD = block_class(cfg)(
+            x_BSD, caches[i] = block_class(cfg)(
                 cfg,
                 pre_norm=True,
                 residual_init_std=residual_init_std(cfg),
@@ -329,10 +346,14 @@ class TextDecoder(nn.Module):
                 positions_BS,
                 _layer_prefix(prefix_kv, i),
                 deterministic,
+                caches[i],
             )
+        x_BLD = x_BSD[:, num_prompt:]
+        if last_only:
+            x_BLD = x_BLD[:, -1:]
         hidden_BLD = LayerNorm(
             epsilon=cfg.layer_norm_eps, param_dtype=cfg.params_dtype, name="final_norm"
-        )(x_BSD[:, num_prompt:])
+        )(x_BLD)
 
         if cfg.tie_embeddings:
             logits_BLV = token_embed.attend(hidden_BLD, cfg.compute_dtype)
@@ -350,4 +371,30 @@ class TextDecoder(nn.Module):
         logits_BLV = nn.with_logical_constraint(
             logits_BLV, ("batch", "length", "vocab")
         )
-        return {"hidden": hidden_BLD, "logits": logits_BLV}
+        out = {"hidden": hidden_BLD, "logits": logits_BLV}
+        if cache is not None:
+            out["cache"] = caches
+        return out
+
+
+def _cached_inputs(cfg, tokens_BL, positions_BL, mask_B1LS, cache, num_prompt):
+    """Positions [B, T+L] (soft tokens at 0) and the caller's mask, checked."""
+    if positions_BL is None or mask_B1LS is None:
+        raise ValueError("decoding with a cache needs positions_BL and mask_B1LS")
+    if len(cache) != cfg.num_layers:
+        raise ValueError(
+            f"cache has {len(cache)} layers; expected num_layers={cfg.num_layers}"
+        )
+    if positions_BL.shape != tokens_BL.shape:
+        raise ValueError(
+            f"positions_BL has shape {positions_BL.shape}; expected tokens' shape "
+            f"{tokens_BL.shape}"
+        )
+    batch, length = tokens_BL.shape
+    if mask_B1LS.ndim != 4 or mask_B1LS.shape[:3] != (batch, 1, num_prompt + length):
+        raise ValueError(
+            f"mask_B1LS has shape {mask_B1LS.shape}; expected "
+            f"[{batch}, 1, {num_prompt + length}, prefix slots + cache slots]"
+        )
+    soft_BT = jnp.zeros((batch, num_prompt), positions_BL.dtype)
+    return jnp.concatenate([soft_BT, positions_BL], axis=1), mask_B1LS

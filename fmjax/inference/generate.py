@@ -1,0 +1,490 @@
+"""Text generation from any fmjax decoder with a preallocated KV cache.
+
+A prefill runs the prompts through the decoder once (one jit), writing every
+layer's keys and values into a cache of static shape, and samples the first
+new token. The decode loop then runs inside one jit (`lax.while_loop`): each
+step feeds the last token, writes its keys/values in place and samples the
+next one, until `stop_at` steps or until every row has produced EOS.
+Streaming calls the same loop a few steps at a time and decodes text between
+calls; stop strings are matched on the host, as lm-evaluation-harness does.
+
+Batches are left-padded: a row's prompt ends at the last prompt slot, so every
+row writes its new tokens at the same cache slot, and each row's positions
+count its own tokens from 0 (`positions` below), so a padded row computes what
+it would alone. The cache layout, per row:
+
+    [T soft prompt tokens][P prompt slots, left-padded][N new tokens]
+
+with P the prompt length rounded up to a power of two (>= 16) and N
+`max_new_tokens` rounded up to a multiple of 32, so new prompt lengths reuse a
+compiled prefill and decode loop. The attention mask is built here, outside
+the model: a query sees the prefix-tuning slots, and the cache slots up to
+its own that hold a token (not left padding).
+
+Sampling follows HF `generate`: temperature, then top-k, then top-p; a
+temperature of 0 is greedy. Each row draws from its own key (the seed folded
+with the row's index in the request and the step), so a row's sample does not
+depend on the other rows in its batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fmjax.models.layers import init_cache
+
+Array = jax.Array
+
+MIN_PROMPT_BUCKET = 16
+NEW_TOKENS_MULTIPLE = 32
+# Decode steps per jitted call when streaming (text appears this often).
+STREAM_CHUNK = 4
+# Decode steps per jitted call otherwise: stop strings end a batch early only
+# between calls.
+GENERATE_CHUNK = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is drawn from the logits (HF `generate`'s order:
+    temperature, then top-k, then top-p). temperature=0 is greedy."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
+            raise ValueError(
+                f"temperature={self.temperature!r}: expected a float >= 0 (0 is greedy)"
+            )
+        if not (
+            isinstance(self.top_k, int)
+            and not isinstance(self.top_k, bool)
+            and self.top_k >= 0
+        ):
+            raise ValueError(f"top_k={self.top_k!r}: expected an int >= 0 (0: off)")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p={self.top_p!r}: expected a float in (0, 1]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def sample(logits_BV: Array, keys_B: Array, sampling: Sampling) -> Array:
+    """[B] int32 tokens drawn from float32 logits, one key per row."""
+    if sampling.greedy:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits_BV = logits_BV.astype(jnp.float32) / sampling.temperature
+    if sampling.top_k:
+        k = min(sampling.top_k, logits_BV.shape[-1])
+        kth_B1 = jax.lax.top_k(logits_BV, k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+    if sampling.top_p < 1:
+        # HF's TopPLogitsWarper: drop the tokens whose cumulative probability,
+        # in ascending order, stays <= 1 - top_p; the most likely always stays.
+        ascending_BV = jnp.sort(logits_BV, axis=-1)
+        cumulative_BV = jnp.cumsum(jax.nn.softmax(ascending_BV, axis=-1), axis=-1)
+        dropped_BV = cumulative_BV <= 1 - sampling.top_p
+        dropped_BV = dropped_BV.at[:, -1].set(False)
+        num_dropped_B1 = dropped_BV.sum(axis=-1, keepdims=True)
+        smallest_kept_B1 = jnp.take_along_axis(ascending_BV, num_dropped_B1, axis=-1)
+        logits_BV = jnp.where(logits_BV < smallest_kept_B1, -jnp.inf, logits_BV)
+    draw = jax.vmap(jax.random.categorical)
+    return draw(keys_B, logits_BV).astype(jnp.int32)
+
+
+def bucket(length: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
+    """The compiled prompt width for `length` tokens: a power of two."""
+    return max(minimum, 1 << max(0, length - 1).bit_length())
+
+
+class DecodeState(NamedTuple):
+    """What the decode loop carries (all arrays: it passes between jitted calls)."""
+
+    cache: list[dict[str, Array]]
+    valid_BC: Array  # cache slots that hold a token (False: left padding)
+    token_B: Array  # the last sampled token, fed next
+    position_B: Array  # its position
+    tokens_BN: Array  # the new tokens so far (pad after EOS)
+    step: Array  # how many new tokens each row has
+    done_B: Array  # row emitted EOS (or is batch padding)
+    keys_B: Array  # each row's sampling key
+
+
+def _step_keys(keys_B: Array, step: Array) -> Array:
+    return jax.vmap(lambda key: jax.random.fold_in(key, step))(keys_B)
+
+
+def _mask(valid_BC: Array, last_slot_L: Array, num_prefix: int) -> Array:
+    """[B,1,L,T'+C]: query i (at cache slot last_slot_L[i]) sees the prefix slots
+    and the filled cache slots up to its own."""
+    slots_C = jnp.arange(valid_BC.shape[1])
+    causal_LC = slots_C[None, :] <= last_slot_L[:, None]
+    mask_B1LC = valid_BC[:, None, None, :] & causal_LC[None, None]
+    if not num_prefix:
+        return mask_B1LC
+    batch, _, length, _ = mask_B1LC.shape
+    prefix_B1LT = jnp.ones((batch, 1, length, num_prefix), bool)
+    return jnp.concatenate([prefix_B1LT, mask_B1LC], axis=-1)
+
+
+def _num_prefix(kwargs: dict) -> int:
+    prefix_kv = kwargs.get("prefix_kv")
+    return 0 if prefix_kv is None else prefix_kv[0].shape[1]
+
+
+def _num_prompt(kwargs: dict) -> int:
+    prompt_TD = kwargs.get("prompt_TD")
+    return 0 if prompt_TD is None else prompt_TD.shape[0]
+
+
+def prefill(
+    module,
+    params,
+    kwargs: dict,
+    tokens_BP: Array,
+    lengths_B: Array,
+    keys_B: Array,
+    done_B: Array,
+    *,
+    new_slots: int,
+    sampling: Sampling,
+    eos_id: int,
+    pad_id: int,
+) -> tuple[DecodeState, Array]:
+    """Runs left-padded prompts (`lengths_B` real tokens each) through the
+    decoder into a fresh cache with `new_slots` slots for new tokens, and samples
+    the first new token. Returns the state and the prompt's last logits [B,V]."""
+    cfg = module.config
+    batch, width = tokens_BP.shape
+    num_prompt = _num_prompt(kwargs)
+    slots = num_prompt + width + new_slots
+    cache = [
+        init_cache(batch, slots, cfg.kv_heads, cfg.head_dim, cfg.compute_dtype)
+        for _ in range(cfg.num_layers)
+    ]
+    pads_B1 = (width - lengths_B)[:, None]
+    columns_P = jnp.arange(width)[None, :]
+    positions_BP = jnp.maximum(columns_P - pads_B1, 0).astype(jnp.int32)
+    valid_BP = columns_P >= pads_B1
+    valid_BC = jnp.concatenate(
+        [
+            jnp.ones((batch, num_prompt), bool),
+            valid_BP,
+            jnp.ones((batch, new_slots), bool),
+        ],
+        axis=1,
+    )
+    mask = _mask(valid_BC, jnp.arange(num_prompt + width), _num_prefix(kwargs))
+    out = module.apply(
+        {"params": params},
+        tokens_BP,
+        positions_BL=positions_BP,
+        cache=cache,
+        mask_B1LS=mask,
+        last_only=True,
+        **kwargs,
+    )
+    logits_BV = out["logits"][:, -1]
+    step = jnp.zeros((), jnp.int32)
+    token_B = sample(logits_BV, _step_keys(keys_B, step), sampling)
+    state = DecodeState(
+        cache=out["cache"],
+        valid_BC=valid_BC,
+        token_B=token_B,
+        position_B=lengths_B.astype(jnp.int32),
+        tokens_BN=_record(
+            jnp.full((batch, new_slots), pad_id, jnp.int32), token_B, done_B, 0, pad_id
+        ),
+        step=step + 1,
+        done_B=done_B | (token_B == eos_id),
+        keys_B=keys_B,
+    )
+    return state, logits_BV
+
+
+def _record(tokens_BN, token_B, done_B, step, pad_id):
+    column_B1 = jnp.where(done_B, pad_id, token_B)[:, None]
+    return jax.lax.dynamic_update_slice_in_dim(tokens_BN, column_B1, step, axis=1)
+
+
+def decode_step(
+    module, params, kwargs: dict, state: DecodeState
+) -> tuple[Array, list[dict[str, Array]]]:
+    """Feeds each row's last token; returns its logits [B,V] and the cache."""
+    slot = state.cache[0]["end_index"]
+    mask = _mask(state.valid_BC, slot[None], _num_prefix(kwargs))
+    model_kwargs = {k: v for k, v in kwargs.items() if k != "prompt_TD"}
+    out = module.apply(
+        {"params": params},
+        state.token_B[:, None],
+        positions_BL=state.position_B[:, None],
+        cache=state.cache,
+        mask_B1LS=mask,
+        **model_kwargs,
+    )
+    return out["logits"][:, 0], out["cache"]
+
+
+def decode(
+    module,
+    params,
+    kwargs: dict,
+    state: DecodeState,
+    stop_at: Array,
+    *,
+    sampling: Sampling,
+    eos_id: int,
+    pad_id: int,
+) -> DecodeState:
+    """Decodes until `stop_at` new tokens or every row is done, in one loop."""
+
+    def running(state):
+        return (state.step < stop_at) & ~jnp.all(state.done_B)
+
+    def one_token(state):
+        logits_BV, cache = decode_step(module, params, kwargs, state)
+        token_B = sample(logits_BV, _step_keys(state.keys_B, state.step), sampling)
+        return state._replace(
+            cache=cache,
+            token_B=token_B,
+            position_B=state.position_B + 1,
+            tokens_BN=_record(
+                state.tokens_BN, token_B, state.done_B, state.step, pad_id
+            ),
+            step=state.step + 1,
+            done_B=state.done_B | (token_B == eos_id),
+        )
+
+    return jax.lax.while_loop(running, one_token, state)
+
+
+class Generator:
+    """Generation from one decoder's params: prompts in token ids or text.
+
+    `kwargs`: the adapter's model inputs (`prompt_TD` or `prefix_kv`), as
+    `Adaptation.merged` returns them. `max_len` bounds positions for learned
+    position embeddings (None with RoPE, which has no table).
+    """
+
+    def __init__(
+        self,
+        module,
+        params,
+        tokenizer,
+        kwargs: dict | None = None,
+        max_len: int | None = None,
+    ):
+        cfg = module.config
+        if cfg.kind != "decoder":
+            raise ValueError(
+                f"generation needs a decoder; this model is kind={cfg.kind!r}"
+            )
+        self.module, self.params, self.tokenizer = module, params, tokenizer
+        self.kwargs = dict(kwargs or {})
+        self.max_len = max_len
+        self.pad_id, self.eos_id = tokenizer.pad_id, tokenizer.eos_id
+
+    @functools.cached_property
+    def _prefill(self):
+        return jax.jit(
+            functools.partial(prefill, self.module),
+            static_argnames=("new_slots", "sampling", "eos_id", "pad_id"),
+        )
+
+    @functools.cached_property
+    def _decode(self):
+        return jax.jit(
+            functools.partial(decode, self.module),
+            static_argnames=("sampling", "eos_id", "pad_id"),
+            donate_argnames=("state",),
+        )
+
+    # --- token ids ------------------------------------------------------------------
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """[bos] + tokens: how training documents begin."""
+        return [self.tokenizer.bos_id, *self.tokenizer.encode(text)]
+
+    def _check(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+        if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
+            raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an int >= 1")
+        for i, ids in enumerate(prompts):
+            if len(ids) == 0:
+                raise ValueError(f"prompt {i} has no tokens; expected at least one")
+            if self.max_len is not None and len(ids) + max_new_tokens > self.max_len:
+                raise ValueError(
+                    f"prompt {i} has {len(ids)} tokens; with max_new_tokens="
+                    f"{max_new_tokens} that passes the model's max_len="
+                    f"{self.max_len} (learned positions)"
+                )
+
+    def stream_ids(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int = 32,
+        sampling: Sampling = Sampling(),
+        seed: int = 0,
+        chunk: int = STREAM_CHUNK,
+        row_ids: Sequence[int] | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Yields the new tokens [B, n] so far (pad after EOS) every `chunk`
+        steps, growing to `max_new_tokens`; stops early once every row has
+        produced EOS, or when the caller stops iterating. `row_ids`: the key
+        each row samples with (default 0..B-1)."""
+        self._check(prompts, max_new_tokens)
+        batch = len(prompts)
+        rows = bucket(batch, 1)  # batch sizes in powers of two: fewer compiles
+        width = bucket(max(len(p) for p in prompts))
+        tokens = np.full((rows, width), self.pad_id, np.int32)
+        lengths = np.ones(rows, np.int32)
+        for i, ids in enumerate(prompts):
+            tokens[i, width - len(ids) :] = ids
+            lengths[i] = len(ids)
+        tokens[batch:, -1] = self.tokenizer.bos_id
+        done = np.arange(rows) >= batch
+        row_ids = np.arange(batch) if row_ids is None else np.asarray(row_ids)
+        key = jax.random.key(seed)
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(
+            np.concatenate([row_ids, np.arange(batch, rows)]).astype(np.int32)
+        )
+        new_slots = -(-max_new_tokens // NEW_TOKENS_MULTIPLE) * NEW_TOKENS_MULTIPLE
+        statics = dict(sampling=sampling, eos_id=self.eos_id, pad_id=self.pad_id)
+        state, _ = self._prefill(
+            self.params,
+            self.kwargs,
+            tokens,
+            lengths,
+            keys,
+            done,
+            new_slots=new_slots,
+            **statics,
+        )
+        step = 1
+        while True:
+            yield np.asarray(state.tokens_BN[:batch, :step])
+            if step >= max_new_tokens or bool(np.all(state.done_B)):
+                return
+            stop_at = min(step + chunk, max_new_tokens)
+            state = self._decode(
+                self.params, self.kwargs, state, np.int32(stop_at), **statics
+            )
+            step = int(state.step)
+
+    def generate_ids(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int = 32,
+        sampling: Sampling = Sampling(),
+        seed: int = 0,
+        batch_size: int = 8,
+    ) -> list[list[int]]:
+        """The new tokens of each prompt, up to and without EOS."""
+        out: list[list[int]] = []
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            row_ids = range(start, start + len(batch))
+            *_, tokens_BN = self.stream_ids(
+                batch, max_new_tokens, sampling, seed, max_new_tokens, row_ids
+            )
+            out.extend(self._until_eos(row) for row in tokens_BN)
+        return out
+
+    def _until_eos(self, row: np.ndarray) -> list[int]:
+        ids = row.tolist()
+        return ids[: ids.index(self.eos_id)] if self.eos_id in ids else ids
+
+    # --- text -------------------------------------------------------------------
+
+    def stream(
+        self,
+        prompt: str,
+        max_new_tokens: int = 32,
+        sampling: Sampling = Sampling(),
+        seed: int = 0,
+        stop: Sequence[str] = (),
+        chunk: int = STREAM_CHUNK,
+    ) -> Iterator[str]:
+        """Yields the continuation of `prompt` piece by piece as it is decoded,
+        ending before EOS or the first stop string."""
+        if isinstance(prompt, (list, tuple)):
+            raise TypeError("stream takes one prompt string; use generate for many")
+        shown = ""
+        ids = [self.encode_prompt(prompt)]
+        for tokens_BN in self.stream_ids(ids, max_new_tokens, sampling, seed, chunk):
+            text = self.tokenizer.decode(self._until_eos(tokens_BN[0]))
+            cut = truncate(text, stop)
+            final = cut != text
+            if not final and text.endswith("\ufffd"):
+                cut = cut[:-1]  # an incomplete UTF-8 character: wait for the rest
+            if len(cut) > len(shown) and cut.startswith(shown):
+                yield cut[len(shown) :]
+                shown = cut
+            if final:
+                return
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int = 32,
+        sampling: Sampling = Sampling(),
+        seed: int = 0,
+        stop: Sequence[str] = (),
+        batch_size: int = 8,
+        progress: bool = False,
+    ) -> list[str]:
+        """The continuation of each prompt, ending before EOS or the first of the
+        `stop` strings (a batch stops early once each row has one of them)."""
+        if isinstance(prompts, str):
+            raise TypeError("generate takes a list of prompts; got one string")
+        out: list[str] = []
+        starts = range(0, len(prompts), batch_size)
+        if progress:
+            import tqdm
+
+            starts = tqdm.tqdm(starts, desc="generate", unit="batch")
+        for start in starts:
+            texts = list(prompts[start : start + batch_size])
+            ids = [self.encode_prompt(t) for t in texts]
+            row_ids = range(start, start + len(texts))
+            chunk = GENERATE_CHUNK if stop else max_new_tokens
+            for tokens_BN in self.stream_ids(
+                ids, max_new_tokens, sampling, seed, chunk, row_ids
+            ):
+                decoded = [self.tokenizer.decode(self._until_eos(r)) for r in tokens_BN]
+                if stop and all(truncate(t, stop) != t for t in decoded):
+                    break
+            out.extend(truncate(t, stop) for t in decoded)
+        return out
+
+
+def truncate(text: str, stop: Sequence[str]) -> str:
+    """`text` up to (without) the earliest occurrence of any stop string."""
+    cut = len(text)
+    for s in stop:
+        if s:
+            i = text.find(s)
+            if i != -1:
+                cut = min(cut, i)
+    return text[:cut]
+
+
+def decode_flops_per_token(cfg, context: int) -> float:
+    """Forward FLOPs of one decoded token: 2 per weight (embedding lookup aside)
+    plus attention's scores and weighted values over `context` keys."""
+    weights = cfg.num_layers * (
+        cfg.d_model * cfg.head_dim * (cfg.num_heads * 2 + cfg.kv_heads * 2)
+        + 2 * cfg.d_model * cfg.mlp_dim
+    )
+    weights += cfg.d_model * cfg.vocab_size
+    attention = cfg.num_layers * 2 * 2 * cfg.num_heads * cfg.head_dim * context
+    return 2.0 * weights + attention

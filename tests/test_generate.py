@@ -1,0 +1,224 @@
+"""KV-cache generation (fmjax.inference.generate) on tiny random decoders: the
+cached path against full recomputation, batching, padding, sampling, stops."""
+
+import types
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fmjax.inference import generate as gen
+from fmjax.models import build_model, model_config
+
+VOCAB, PAD, BOS, EOS = 200, 0, 2, 3
+IDS = types.SimpleNamespace(pad_id=PAD, bos_id=BOS, eos_id=EOS)
+
+DECODERS = {
+    "learned": dict(position="learned"),
+    "rope_gqa": dict(position="rope", num_heads=4, num_kv_heads=2, head_dim=16),
+    "bf16": dict(position="rope", dtype="bfloat16"),
+}
+
+
+def _decoder(name):
+    fields = dict(
+        kind="decoder",
+        vocab_size=VOCAB,
+        d_model=64,
+        num_layers=2,
+        num_heads=2,
+        head_dim=32,
+        mlp_dim=128,
+        max_len=64,
+        layer_norm_eps=1e-5,
+        init_std=0.3,  # peaked logits: no near-ties decide an argmax
+    )
+    cfg = model_config({**fields, **DECODERS[name]})
+    module = build_model(cfg)
+    tokens = jnp.ones((1, 8), jnp.int32)
+    params = nn.unbox(module.init(jax.random.key(0), tokens)["params"])
+    return module, params
+
+
+@pytest.fixture(scope="module")
+def decoders():
+    return {name: _decoder(name) for name in DECODERS}
+
+
+@pytest.fixture(scope="module")
+def learned():
+    return _decoder("learned")
+
+
+PROMPTS = [[BOS, 5, 17, 9, 44, 102], [BOS, 7], [BOS, 150, 151, 152, 8, 9, 10, 11, 12]]
+
+
+def _adapter_kwargs(kind, cfg):
+    key = jax.random.key(9)
+    if kind == "prompt":
+        return {"prompt_TD": jax.random.normal(key, (3, cfg.d_model))}
+    if kind == "prefix":
+        shape = (cfg.num_layers, 2, cfg.kv_heads, cfg.head_dim)
+        return {"prefix_kv": tuple(jax.random.normal(key, (2, *shape)))}
+    return {}
+
+
+def _full_logits(module, params, kwargs, rows):
+    """[B, L, V] next-token logits of each row (right-padded), recomputed from
+    scratch: position i's logits follow row[: i + 1]."""
+    width = max(map(len, rows))
+    tokens = np.zeros((len(rows), width), np.int32)
+    segments = np.zeros((len(rows), width), np.int32)
+    for i, row in enumerate(rows):
+        tokens[i, : len(row)], segments[i, : len(row)] = row, 1
+    out = module.apply(
+        {"params": params}, jnp.asarray(tokens), segment_ids_BL=segments, **kwargs
+    )
+    return np.asarray(out["logits"])
+
+
+@pytest.mark.parametrize(
+    "name, adapter",
+    [("learned", "none"), ("learned", "prompt"), ("rope_gqa", "none"),
+     ("rope_gqa", "prefix"), ("bf16", "none")],
+)  # fmt: skip
+def test_cached_decoding_equals_full_recomputation(decoders, name, adapter):
+    """At every step, the logits the cache gives equal a full forward pass over
+    prompt + new tokens, for each row of a left-padded batch of different
+    lengths (learned positions, RoPE with GQA, bfloat16; prompt and prefix
+    adapters)."""
+    module, params = decoders[name]
+    kwargs = _adapter_kwargs(adapter, module.config)
+    generator = gen.Generator(module, params, IDS, kwargs, max_len=64)
+    new = generator.generate_ids(PROMPTS, max_new_tokens=10)
+    full = _full_logits(
+        module, params, kwargs, [p + n for p, n in zip(PROMPTS, new, strict=True)]
+    )
+    width = gen.bucket(max(map(len, PROMPTS)))
+    tokens = np.zeros((4, width), np.int32)
+    lengths = np.ones(4, np.int32)
+    for i, ids in enumerate(PROMPTS):
+        tokens[i, width - len(ids) :], lengths[i] = ids, len(ids)
+    keys = jax.random.split(jax.random.key(0), 4)
+    done = np.arange(4) >= 3
+    statics = dict(sampling=gen.Sampling(), eos_id=EOS, pad_id=PAD)
+    prefill = jax.jit(
+        lambda p, k, *a: gen.prefill(module, p, k, *a, new_slots=32, **statics)
+    )
+    step = jax.jit(lambda p, k, s: gen.decode_step(module, p, k, s))
+    state, logits_BV = prefill(params, kwargs, tokens, lengths, keys, done)
+    # bfloat16 matmuls over 16 vs 50 key slots round differently (logits ~ 4).
+    atol = 0.1 if name == "bf16" else 2e-4
+    for t in range(10):
+        for b, ids in enumerate(PROMPTS):
+            if t >= len(new[b]):
+                continue  # this row ended with EOS
+            want = full[b, len(ids) + t - 1]
+            np.testing.assert_allclose(logits_BV[b], want, atol=atol, rtol=0)
+            if name != "bf16":  # greedy picks the argmax of the full logits
+                assert new[b][t] == int(np.argmax(want))
+        fed = [row[t] if t < len(row) else EOS for row in new] + [EOS]
+        state = state._replace(token_B=jnp.asarray(fed, jnp.int32))
+        logits_BV, cache = step(params, kwargs, state)
+        state = state._replace(cache=cache, position_B=state.position_B + 1)
+
+
+def test_batched_equals_one_by_one(learned):
+    """Left padding and batch padding change nothing: greedy and seeded
+    samples of each prompt equal those of the prompt alone."""
+    generator = gen.Generator(*learned, IDS, max_len=64)
+    sampling = gen.Sampling(temperature=1.0, top_k=20)
+    for settings in (dict(), dict(sampling=sampling, seed=3)):
+        batched = generator.generate_ids(PROMPTS, 12, batch_size=8, **settings)
+        alone = []
+        for i, ids in enumerate(PROMPTS):
+            *_, tokens_BN = generator.stream_ids([ids], 12, row_ids=[i], **settings)
+            alone.append(generator._until_eos(tokens_BN[0]))
+        assert batched == alone, settings
+        assert generator.generate_ids(PROMPTS, 12, batch_size=2, **settings) == alone
+
+
+def test_greedy_is_deterministic_and_samples_follow_the_seed(learned):
+    generator = gen.Generator(*learned, IDS, max_len=64)
+    greedy = generator.generate_ids(PROMPTS, 16)
+    assert generator.generate_ids(PROMPTS, 16) == greedy
+    warm = gen.Sampling(temperature=1.5)
+    first = generator.generate_ids(PROMPTS, 16, warm, seed=1)
+    assert generator.generate_ids(PROMPTS, 16, warm, seed=1) == first
+    assert generator.generate_ids(PROMPTS, 16, warm, seed=2) != first
+    assert first != greedy
+    top1 = gen.Sampling(temperature=1.5, top_k=1, top_p=0.5)
+    assert generator.generate_ids(PROMPTS, 16, top1, seed=4) == greedy
+
+
+def test_eos_ends_a_row_and_the_loop_exits_early(learned):
+    module, params = learned
+    unstopped = gen.Generator(module, params, IDS, max_len=64)
+    free = unstopped.generate_ids(PROMPTS[:1], 16)[0]
+    eos = free[4]  # the row's 5th new token becomes its end of sequence
+    ids = types.SimpleNamespace(pad_id=PAD, bos_id=BOS, eos_id=eos)
+    stopped = gen.Generator(module, params, ids, max_len=64)
+    assert stopped.generate_ids(PROMPTS[:1], 16)[0] == free[: free.index(eos)]
+    chunks = list(stopped.stream_ids(PROMPTS[:1], 16, chunk=3))
+    # The loop stops at the step that produced EOS, inside a chunk.
+    assert chunks[-1].shape == (1, free.index(eos) + 1)
+    assert chunks[-1][0, -1] == eos
+
+
+def test_streaming_chunks_grow_to_the_whole_generation(learned):
+    generator = gen.Generator(*learned, IDS, max_len=64)
+    whole = generator.generate_ids(PROMPTS[:1], 11)[0]
+    chunks = list(generator.stream_ids(PROMPTS[:1], 11, chunk=4))
+    assert [c.shape[1] for c in chunks] == [1, 5, 9, 11]
+    assert chunks[-1][0].tolist()[: len(whole)] == whole
+    for a, b in zip(chunks, chunks[1:], strict=False):
+        np.testing.assert_array_equal(b[:, : a.shape[1]], a)
+
+
+def test_top_k_and_top_p_keep_the_tokens_hf_keeps():
+    """probs [0.5, 0.3, 0.15, 0.05]: top_p=0.8 keeps {0, 1} (HF drops the
+    ascending tail whose cumulative mass is <= 0.2), top_p=0.85 keeps {0, 1, 2},
+    top_k=3 keeps {0, 1, 2}; kept tokens keep their relative odds."""
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    keys = jax.random.split(jax.random.key(0), 4000)
+    draw = jax.jit(
+        jax.vmap(lambda key, s: gen.sample(logits, key[None], s)[0], (0, None)),
+        static_argnums=1,
+    )
+    top3 = [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0]
+    cases = {
+        gen.Sampling(temperature=1.0, top_p=0.8): [0.5 / 0.8, 0.3 / 0.8, 0, 0],
+        gen.Sampling(temperature=1.0, top_p=0.85): top3,
+        gen.Sampling(temperature=1.0, top_k=3): top3,
+        gen.Sampling(temperature=1.0): [0.5, 0.3, 0.15, 0.05],
+    }
+    for sampling, want in cases.items():
+        freq = np.bincount(np.asarray(draw(keys, sampling)), minlength=4) / 4000
+        np.testing.assert_allclose(freq, want, atol=0.03, err_msg=str(sampling))
+        assert np.all(freq[np.asarray(want) == 0] == 0), sampling
+
+
+def test_stop_strings_truncate_exactly():
+    assert gen.truncate("one. two. three", [". "]) == "one"
+    assert gen.truncate("one. two\nthree", ["\n", "two"]) == "one. "
+    assert gen.truncate("abc", ["x", ""]) == "abc"
+    assert gen.truncate("abc", []) == "abc"
+
+
+def test_bad_requests_name_the_value(learned):
+    generator = gen.Generator(*learned, IDS, max_len=64)
+    with pytest.raises(ValueError, match="max_len=64"):
+        generator.generate_ids([[BOS] * 60], max_new_tokens=8)
+    with pytest.raises(ValueError, match="max_new_tokens=0"):
+        generator.generate_ids(PROMPTS, max_new_tokens=0)
+    with pytest.raises(ValueError, match="prompt 1 has no tokens"):
+        generator.generate_ids([[BOS], []])
+    for bad in (dict(temperature=-1.0), dict(top_k=-2), dict(top_p=0.0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            gen.Sampling(**bad)
+    encoder = build_model(model_config(dict(kind="encoder", vocab_size=10,
+        d_model=8, num_layers=1, num_heads=1, head_dim=8, mlp_dim=8)))  # fmt: skip
+    with pytest.raises(ValueError, match="kind='encoder'"):
+        gen.Generator(encoder, {}, IDS)
