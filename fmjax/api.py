@@ -9,6 +9,14 @@ A classifier trained with configs/classify.py classifies text:
     m = fmjax.load("runs/rt_lora")        # base from its init.model + the adapter
     m.classify(["a gripping, funny film"])  # [{"label": "fresh", "score": ...}]
 
+A decoder (configs/gpt_lm.py, or an imported GPT-2) generates text with a KV
+cache (`fmjax.inference.generate`):
+
+    m = fmjax.load("runs/quickstart")
+    m.generate(["The government said"], max_new_tokens=32, temperature=0.8)
+    for piece in m.stream("The match ended", max_new_tokens=64):
+        print(piece, end="", flush=True)
+
 Adapter runs export only their trained params, so several adapters can share
 one base in memory (as PEFT's `load_adapter` / `set_adapter`):
 
@@ -174,7 +182,59 @@ class Model:
         self.model_kwargs = kwargs
         self.active_adapter = name
         self.__dict__.pop("_apply", None)
+        self.__dict__.pop("_generator", None)
         return self
+
+    # --- generation -----------------------------------------------------------------
+
+    @functools.cached_property
+    def _generator(self):
+        from fmjax.inference.generate import Generator
+
+        cfg = self.module.config
+        max_len = cfg.max_len if cfg.position == "learned" else None
+        return Generator(
+            self.module, self.params, self.tokenizer, self.model_kwargs, max_len
+        )
+
+    def generate(
+        self,
+        prompts: list[str],
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop: list[str] | tuple[str, ...] = (),
+        batch_size: int = 8,
+        progress: bool = False,
+    ) -> list[str]:
+        """The continuation of each prompt (a decoder only): greedy at
+        temperature 0, else sampled (temperature, then top-k, then top-p, as HF
+        `generate`); each ends before EOS or the first of the `stop` strings."""
+        from fmjax.inference.generate import Sampling
+
+        sampling = Sampling(temperature, top_k, top_p)
+        return self._generator.generate(
+            prompts, max_new_tokens, sampling, seed, stop, batch_size, progress
+        )
+
+    def stream(
+        self,
+        prompt: str,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop: list[str] | tuple[str, ...] = (),
+    ):
+        """Yields `prompt`'s continuation in pieces as they are decoded (a few
+        tokens at a time); the pieces join to what `generate` returns."""
+        from fmjax.inference.generate import Sampling
+
+        sampling = Sampling(temperature, top_k, top_p)
+        return self._generator.stream(prompt, max_new_tokens, sampling, seed, stop)
 
     # --- classification -------------------------------------------------------------
 

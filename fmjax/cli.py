@@ -98,10 +98,70 @@ def cmd_embed(args, overrides):
     return 0
 
 
+def _read_prompts(args) -> list[str]:
+    """--prompt (repeatable) and the lines of --prompt-file (a .jsonl file's
+    "prompt" fields)."""
+    from fmjax.errors import RequestError
+
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        with open(args.prompt_file) as f:
+            lines = [line.rstrip("\n") for line in f if line.strip()]
+        if args.prompt_file.endswith(".jsonl"):
+            for number, line in enumerate(lines, 1):
+                record = json.loads(line)
+                if not isinstance(record, dict) or "prompt" not in record:
+                    raise RequestError(
+                        f"{args.prompt_file} line {number}: expected a JSON object "
+                        'with a "prompt" field'
+                    )
+                prompts.append(record["prompt"])
+        else:
+            prompts.extend(lines)
+    if not prompts:
+        raise RequestError("no prompt: give --prompt TEXT or --prompt-file FILE")
+    return prompts
+
+
+def cmd_generate(args, overrides):
+    import fmjax
+
+    prompts = _read_prompts(args)
+    model = fmjax.load(args.workdir)
+    settings = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=tuple(args.stop or ()),
+    )
+    if len(prompts) == 1 and not args.json:  # text as it is decoded
+        print(prompts[0], end="", flush=True)
+        for piece in model.stream(prompts[0], **settings):
+            print(piece, end="", flush=True)
+        print()
+        return 0
+    texts = model.generate(
+        prompts, batch_size=args.batch_size, progress=len(prompts) > 1, **settings
+    )
+    if args.json:
+        completions = [
+            {"prompt": p, "completion": t} for p, t in zip(prompts, texts, strict=True)
+        ]
+        print(json.dumps({"completions": completions, **settings}))
+    else:
+        for prompt, text in zip(prompts, texts, strict=True):
+            print(f"{prompt}{text}\n")
+    return 0
+
+
 def cmd_bench(args, overrides):
     from fmjax.bench import bench_memory, bench_memory_methods, bench_train
 
     config = _load_config(args, overrides)
+    if args.what == "decode":
+        return _bench_decode(args, config)
     if args.what == "memory" and args.methods:
         methods = [m for m in args.methods.split(",") if m]
         result = bench_memory_methods(
@@ -143,6 +203,38 @@ def cmd_bench(args, overrides):
                 )
         if "speedup_vs_hf" in result:
             print(f"fmjax / hf tokens/s: {result['speedup_vs_hf']:.2f}x")
+    print(json.dumps(result))
+    return 0
+
+
+def _bench_decode(args, config) -> int:
+    from fmjax.bench import bench_decode
+
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
+    result = bench_decode(
+        config, args.against, batch_sizes, args.prompt_len, args.new_tokens,
+        args.repeats,
+    )  # fmt: skip
+    if not args.json:
+        print(f"{result['cpu']}, {result['threads']} threads")
+        for row in result["rows"]:
+            for name in ("fmjax", "hf"):
+                if name in row:
+                    r = row[name]
+                    print(
+                        f"batch {row['batch_size']} {name:5s} prefill "
+                        f"{r['prefill_tokens_per_s']:9.0f} tok/s  decode "
+                        f"{r['decode_tokens_per_s']:8.0f} tok/s  first token "
+                        f"{r['time_to_first_token_s'] * 1e3:7.1f} ms  "
+                        f"{r['fraction_of_peak']:.1%} of peak per step"
+                    )
+            if "decode_speedup_vs_hf" in row:
+                speedup, ttft = row["decode_speedup_vs_hf"], row["ttft_ratio_to_hf"]
+                print(
+                    f"batch {row['batch_size']}: decode {speedup:.2f}x HF; first "
+                    f"token in {ttft:.2f}x HF's time; fmjax compile "
+                    f"{row['fmjax_compile_s']:.1f} s"
+                )
     print(json.dumps(result))
     return 0
 
@@ -200,6 +292,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distributed_args(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
+    generate = sub.add_parser(
+        "generate", help="continue prompts with a decoder (KV-cache decoding)"
+    )
+    generate.add_argument("--workdir", required=True, help="or an HF GPT-2 directory")
+    generate.add_argument(
+        "--prompt", action="append", help="a prompt (repeat for several)"
+    )
+    generate.add_argument(
+        "--prompt-file", default="", help="one prompt a line (.jsonl: a 'prompt' key)"
+    )
+    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument(
+        "--temperature", type=float, default=0.0, help="0: greedy (the default)"
+    )
+    generate.add_argument("--top-k", type=int, default=0, help="0: off")
+    generate.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument(
+        "--stop", action="append", help="end the text before this string (repeatable)"
+    )
+    generate.add_argument("--batch-size", type=int, default=8)
+    generate.add_argument(
+        "--json", action="store_true", help="print one JSON object, not text"
+    )
+    generate.set_defaults(func=cmd_generate)
+
     data = sub.add_parser("data", help="dataset tools")
     data_sub = data.add_subparsers(dest="action", required=True)
     prepare = data_sub.add_parser(
@@ -246,6 +364,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train.add_argument("--steps", type=int, default=10)
     bench_train.add_argument("--json", action="store_true", help="only the JSON line")
     bench_train.set_defaults(func=cmd_bench)
+    bench_decode = bench_sub.add_parser(
+        "decode", help="generation: prefill and decode tokens/s, first-token time"
+    )
+    bench_decode.add_argument("--config", required=True)
+    bench_decode.add_argument("--workdir", default="")
+    bench_decode.add_argument("--against", default="", help="'hf': also HF generate")
+    bench_decode.add_argument("--batch-sizes", default="1,8")
+    bench_decode.add_argument("--prompt-len", type=int, default=128)
+    bench_decode.add_argument("--new-tokens", type=int, default=128)
+    bench_decode.add_argument("--repeats", type=int, default=5)
+    bench_decode.add_argument("--json", action="store_true")
+    bench_decode.set_defaults(func=cmd_bench)
     bench_memory = bench_sub.add_parser(
         "memory",
         help="per-device params + optimizer bytes for fsdp = 1, 2, 4, 8; or with "

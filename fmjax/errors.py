@@ -9,3 +9,8 @@ class FmjaxError(Exception):
 class FormatError(FmjaxError, ValueError):
     """A file or weight layout fmjax cannot read or write (an unsupported HF
     model, a pickle, mismatched tensors); the message names it."""
+
+
+class RequestError(FmjaxError, ValueError):
+    """A bad argument to a command or API call (a sampling setting, a prompt
+    too long for the model); the message names the value and what was expected."""

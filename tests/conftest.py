@@ -172,6 +172,7 @@ def run_readme_commands(sections, tiny_bert_dir, data_dir, tmp_path, monkeypatch
     """Runs the `fmjax` lines of these README sections in order in `tmp_path`."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "sentences.txt").write_text("The market rallied.\nA quiet day.\n")
+    (tmp_path / "prompts.txt").write_text("The market\nShares in the bank\n")
     rows = ["text,label"] + [
         f"{'a fine film' if i % 2 else 'a dull film'} number {i},"
         f"{'good' if i % 2 else 'bad'}"

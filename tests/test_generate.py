@@ -222,3 +222,10 @@ def test_bad_requests_name_the_value(learned):
         d_model=8, num_layers=1, num_heads=1, head_dim=8, mlp_dim=8)))  # fmt: skip
     with pytest.raises(ValueError, match="kind='encoder'"):
         gen.Generator(encoder, {}, IDS)
+
+
+def test_a_stream_holds_back_what_may_begin_a_stop_string():
+    assert gen._stop_prefix_length("the end. Th", [". The", "\n"]) == 4
+    assert gen._stop_prefix_length("the end.", [". The"]) == 1
+    assert gen._stop_prefix_length("the end", [". The"]) == 0
+    assert gen._stop_prefix_length("abc", []) == 0

@@ -53,3 +53,18 @@ def test_lora_finetune_notebook_runs(tiny_bert_dir, data_dir, tmp_path, monkeypa
     )
     assert "trainable parameters: " in text and "adapter.safetensors" in text
     assert "adapter_model.safetensors" in text and "adapter_config.json" in text
+
+
+def test_generate_notebook_runs(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("FMJAX_NOTEBOOK_STEPS", "12")
+    monkeypatch.setenv("FMJAX_NOTEBOOK_WORKDIR", str(tmp_path / "run"))
+    monkeypatch.setenv("FMJAX_NOTEBOOK_OVERRIDES", " ".join(tiny_overrides(data_dir)))
+    path = os.path.join(REPO, "notebooks", "06_generate.ipynb")
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=300, resources={"metadata": {"path": REPO}}).execute()
+    text = "".join(
+        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
+    )
+    assert "The government said|" in text and "seed 1 ->" in text
+    assert any(o.get("output_type") == "display_data" for c in nb.cells
+               if c.cell_type == "code" for o in c.outputs)  # fmt: skip

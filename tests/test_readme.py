@@ -4,10 +4,10 @@ One test file per README part, so the test workers share them out; the runner
 is `conftest.run_readme_commands`.
 
 Placeholders a reader replaces are the only substitutions: `/path/to/hf_bert`
-(a tiny random HF BERT directory), `my.csv`, `sentences.txt` (small files made
-here) and the coordinator port (a free one); `fmjax data prepare` builds the
-tokenizer the session's data dir already has (1,000 tokens, not 8,000). Workdirs
-(`runs/...`) live in a temporary directory.
+(a tiny random HF BERT directory), `my.csv`, `sentences.txt`, `prompts.txt`
+(small files made here) and the coordinator port (a free one); `fmjax data
+prepare` builds the tokenizer the session's data dir already has (1,000 tokens,
+not 8,000). Workdirs (`runs/...`) live in a temporary directory.
 """
 
 import shlex
@@ -15,7 +15,7 @@ import shlex
 from conftest import readme_commands, run_readme_commands
 
 PARTS = {
-    "quick start and training": ("Quick start", "Training"),
+    "quick start and training": ("Quick start", "Training", "Generation"),
     "scale": ("Sharded and multi-host training",),
     "adapters": ("Pretrained models and adapters",),
 }
@@ -24,7 +24,16 @@ PARTS = {
 def test_readme_shows_the_commands_users_run():
     commands = readme_commands()
     subcommands = {shlex.split(c.split("fmjax ", 1)[1])[0] for c in commands}
-    assert {"train", "eval", "data", "embed", "convert", "compile", "bench"} <= (
+    assert {
+        "train",
+        "eval",
+        "data",
+        "embed",
+        "convert",
+        "compile",
+        "bench",
+        "generate",
+    } <= (  # fmt: skip
         subcommands
     )
     # Every command belongs to one of the parts the tests run.
@@ -40,3 +49,4 @@ def test_quick_start_and_training_commands_run(
     adapter = tmp_path / "runs" / "rt_gpt_lora" / "export" / "adapter.safetensors"
     assert adapter.exists()
     assert (tmp_path / "emb.npy").exists()
+    assert (tmp_path / "runs" / "quickstart" / "summary.json").exists()

@@ -56,6 +56,11 @@ def test_train_writes_everything_and_loss_falls(gpt_run):
     for name in ("config.json", "metrics.jsonl", "summary.json", "tokenizer.model"):
         assert os.path.exists(os.path.join(workdir, name)), name
     assert summary["steps"] == 12 and not summary["preempted"]
+    # The run ends with a greedy continuation of held-out text (as generate does).
+    sample = summary["sample"]
+    assert len(sample["prompt"].split()) == 6 and sample["continuation"]
+    again = fmjax.load(workdir).generate([sample["prompt"]], max_new_tokens=24)
+    assert again == [sample["continuation"]]
     records = read_metrics(workdir)
     evals = [r for r in records if r["split"] == "eval"]
     trains = [r for r in records if r["split"] == "train"]
@@ -91,6 +96,40 @@ def test_load_api_gives_logits_and_embeddings(gpt_run):
     np.testing.assert_allclose(alone[0], logits[1, : alone.shape[1]], atol=1e-5)
     emb = model.embed(["a", "b c", "d e f"])
     assert emb.shape == (3, 64) and emb.dtype == np.float32
+
+
+def test_generate_and_stream_from_a_trained_decoder(gpt_run, capsys):
+    """Text generation from a workdir (API and CLI): greedy is deterministic and
+    continues as the model's own argmax does, the streamed pieces join to the
+    generated text, stop strings cut it exactly, and an encoder refuses."""
+    workdir, _, _ = gpt_run
+    model = fmjax.load(workdir)
+    prompts = ["The government said", "Shares in the company"]
+    texts = model.generate(prompts, max_new_tokens=12)
+    assert texts == model.generate(prompts, max_new_tokens=12, batch_size=1)
+    tok = model.tokenizer
+    ids = [tok.bos_id, *tok.encode(prompts[0])]
+    first = int(np.argmax(model.logits(np.asarray([ids]))[0, -1]))
+    assert tok.encode(texts[0])[:1] == tok.encode(tok.decode([first]))[:1]
+    pieces = list(model.stream(prompts[0], max_new_tokens=12))
+    assert len(pieces) > 1 and "".join(pieces) == texts[0]
+    stop = texts[0][4:7]
+    cut = model.generate(prompts[:1], max_new_tokens=12, stop=[stop])[0]
+    assert cut == texts[0][: texts[0].find(stop)]
+    assert "".join(model.stream(prompts[0], max_new_tokens=12, stop=[stop])) == cut
+    sampled = model.generate(prompts, 12, temperature=1.0, top_p=0.9, seed=5)
+    assert sampled == model.generate(prompts, 12, temperature=1.0, top_p=0.9, seed=5)
+
+    argv = ["generate", "--workdir", workdir, "--max-new-tokens", "12"]
+    assert cli.main([*argv, "--prompt", prompts[0]]) == 0
+    assert capsys.readouterr().out == prompts[0] + texts[0] + "\n"
+    assert (
+        cli.main([*argv, "--prompt", prompts[0], "--prompt", prompts[1], "--json"]) == 0
+    )
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [c["completion"] for c in result["completions"]] == texts
+    assert cli.main([*argv, "--prompt", "x", "--top-p", "0"]) == 2
+    assert "top_p=0.0" in capsys.readouterr().err
 
 
 def test_bert_mlm_trains(data_dir, tmp_path):

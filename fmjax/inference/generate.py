@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fmjax.errors import RequestError
 from fmjax.models.layers import init_cache
 
 Array = jax.Array
@@ -62,7 +63,7 @@ class Sampling:
 
     def __post_init__(self):
         if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
-            raise ValueError(
+            raise RequestError(
                 f"temperature={self.temperature!r}: expected a float >= 0 (0 is greedy)"
             )
         if not (
@@ -70,9 +71,9 @@ class Sampling:
             and not isinstance(self.top_k, bool)
             and self.top_k >= 0
         ):
-            raise ValueError(f"top_k={self.top_k!r}: expected an int >= 0 (0: off)")
+            raise RequestError(f"top_k={self.top_k!r}: expected an int >= 0 (0: off)")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p={self.top_p!r}: expected a float in (0, 1]")
+            raise RequestError(f"top_p={self.top_p!r}: expected a float in (0, 1]")
 
     @property
     def greedy(self) -> bool:
@@ -286,7 +287,7 @@ class Generator:
     ):
         cfg = module.config
         if cfg.kind != "decoder":
-            raise ValueError(
+            raise RequestError(
                 f"generation needs a decoder; this model is kind={cfg.kind!r}"
             )
         self.module, self.params, self.tokenizer = module, params, tokenizer
@@ -317,12 +318,14 @@ class Generator:
 
     def _check(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
         if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
-            raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an int >= 1")
+            raise RequestError(
+                f"max_new_tokens={max_new_tokens!r}: expected an int >= 1"
+            )
         for i, ids in enumerate(prompts):
             if len(ids) == 0:
-                raise ValueError(f"prompt {i} has no tokens; expected at least one")
+                raise RequestError(f"prompt {i} has no tokens; expected at least one")
             if self.max_len is not None and len(ids) + max_new_tokens > self.max_len:
-                raise ValueError(
+                raise RequestError(
                     f"prompt {i} has {len(ids)} tokens; with max_new_tokens="
                     f"{max_new_tokens} that passes the model's max_len="
                     f"{self.max_len} (learned positions)"
@@ -399,6 +402,17 @@ class Generator:
             out.extend(self._until_eos(row) for row in tokens_BN)
         return out
 
+    def _text(self, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:
+        """The text of `new_ids` as it continues the prompt: decoded together
+        with the prompt, which is then cut off, so a word-initial space that a
+        tokenizer drops at the start of a text is kept."""
+        decode = self.tokenizer.decode
+        prompt = list(prompt_ids[1:])  # without bos
+        before, together = decode(prompt), decode(prompt + list(new_ids))
+        if together.startswith(before):
+            return together[len(before) :]
+        return decode(list(new_ids))
+
     def _until_eos(self, row: np.ndarray) -> list[int]:
         ids = row.tolist()
         return ids[: ids.index(self.eos_id)] if self.eos_id in ids else ids
@@ -417,15 +431,17 @@ class Generator:
         """Yields the continuation of `prompt` piece by piece as it is decoded,
         ending before EOS or the first stop string."""
         if isinstance(prompt, (list, tuple)):
-            raise TypeError("stream takes one prompt string; use generate for many")
+            raise RequestError("stream takes one prompt string; use generate for many")
         shown = ""
         ids = [self.encode_prompt(prompt)]
         for tokens_BN in self.stream_ids(ids, max_new_tokens, sampling, seed, chunk):
-            text = self.tokenizer.decode(self._until_eos(tokens_BN[0]))
+            text = self._text(ids[0], self._until_eos(tokens_BN[0]))
             cut = truncate(text, stop)
             final = cut != text
-            if not final and text.endswith("\ufffd"):
-                cut = cut[:-1]  # an incomplete UTF-8 character: wait for the rest
+            if not final:
+                if cut.endswith("\ufffd"):
+                    cut = cut[:-1]  # an incomplete UTF-8 character: wait for it
+                cut = cut[: len(cut) - _stop_prefix_length(cut, stop)]
             if len(cut) > len(shown) and cut.startswith(shown):
                 yield cut[len(shown) :]
                 shown = cut
@@ -445,7 +461,7 @@ class Generator:
         """The continuation of each prompt, ending before EOS or the first of the
         `stop` strings (a batch stops early once each row has one of them)."""
         if isinstance(prompts, str):
-            raise TypeError("generate takes a list of prompts; got one string")
+            raise RequestError("generate takes a list of prompts; got one string")
         out: list[str] = []
         starts = range(0, len(prompts), batch_size)
         if progress:
@@ -460,7 +476,10 @@ class Generator:
             for tokens_BN in self.stream_ids(
                 ids, max_new_tokens, sampling, seed, chunk, row_ids
             ):
-                decoded = [self.tokenizer.decode(self._until_eos(r)) for r in tokens_BN]
+                decoded = [
+                    self._text(p, self._until_eos(r))
+                    for p, r in zip(ids, tokens_BN, strict=True)
+                ]
                 if stop and all(truncate(t, stop) != t for t in decoded):
                     break
             out.extend(truncate(t, stop) for t in decoded)
@@ -476,6 +495,18 @@ def truncate(text: str, stop: Sequence[str]) -> str:
             if i != -1:
                 cut = min(cut, i)
     return text[:cut]
+
+
+def _stop_prefix_length(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest end of `text` that begins a stop string: text a
+    stream holds back until it knows whether the stop string follows."""
+    longest = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:n]):
+                longest = n
+                break
+    return longest
 
 
 def decode_flops_per_token(cfg, context: int) -> float:

@@ -142,6 +142,12 @@ class Task:
         """Extra facts about the run for summary.json."""
         return {}
 
+    def sample(self, context: EvalContext) -> dict:
+        """What the trained model makes of one input, for a person to read (a
+        decoder's continuation of held-out text); printed at the end of
+        training and kept in summary.json. Default: nothing."""
+        return {}
+
     # --- output -------------------------------------------------------------------
 
     def save_assets(self, directory: str) -> None:

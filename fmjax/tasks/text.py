@@ -68,6 +68,12 @@ def _on_process_zero_first(fn):
     return result
 
 
+# What the end of a causal run shows: the first words of a held-out document
+# and the model's greedy continuation.
+SAMPLE_PROMPT_WORDS = 6
+SAMPLE_NEW_TOKENS = 24
+
+
 class TextTask(Task):
     objectives = ("mlm", "causal")
     throughput_unit = "tokens"
@@ -221,6 +227,28 @@ class TextTask(Task):
 
     def throughput(self, local_batch) -> int:
         return int(np.count_nonzero(local_batch["segment_ids"]))
+
+    def sample(self, context) -> dict:
+        """A decoder's greedy continuation of the opening words of the first
+        held-out document (one process only: it reads the params on the host)."""
+        if self.objective != "causal" or jax.process_count() > 1:
+            return {}
+        from fmjax.inference.generate import Generator
+
+        source = self._source(self.eval_split)
+        if not len(source):
+            return {}
+        text = source[0][self.config.data.text_key]
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", errors="replace")
+        words = text.split()
+        prompt = " ".join(words[:SAMPLE_PROMPT_WORDS])
+        params, kwargs = self.adaptation.merged(context.params, context.frozen)
+        cfg = self.model_config
+        max_len = cfg.max_len if cfg.position == "learned" else None
+        generator = Generator(context.model, params, self.tokenizer, kwargs, max_len)
+        continuation = generator.generate([prompt], SAMPLE_NEW_TOKENS)[0]
+        return {"prompt": prompt, "continuation": continuation}
 
     # --- loss -----------------------------------------------------------------------
 

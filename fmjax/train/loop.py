@@ -253,6 +253,11 @@ class _Loop:
             results[evaluator.name] = evaluator(context)
             self.writer.write(total, evaluator.name, results[evaluator.name])
         self.task.export(self.workdir, host_params(self.state.params))
+        sample = self.task.sample(context)
+        if sample:
+            results["sample"] = sample
+            if jax.process_index() == 0:
+                print(f"sample: {sample['prompt']!r} -> {sample['continuation']!r}")
         return results
 
     def close(self) -> None:
