@@ -132,6 +132,7 @@ def test_ci_runs_the_readme_quick_start_test_command():
 
     readme = open(f"{REPO}/README.md").read()
     block = readme.split("## Quick start")[1].split("```bash")[1].split("```")[0]
-    main_job, tests = [line for line in block.strip().splitlines() if line]
+    main_job, generate, tests = [line for line in block.strip().splitlines() if line]
     assert "fmjax train" in main_job and "pytest" in tests
+    assert generate.startswith("fmjax generate --workdir runs/quickstart --prompt")
     assert tests in open(f"{REPO}/.ci/run").read().splitlines()

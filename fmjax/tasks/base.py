@@ -29,6 +29,7 @@ import numpy as np
 
 from fmjax.adapt.methods import Adaptation
 from fmjax.config import ConfigError
+from fmjax.data.sharded import ShardedIterator
 
 # loss_fn(params, frozen, batch, rng, train) -> metric sums: "loss_sum" (what is
 # differentiated), "count" (what it is divided by) and any sums the task names.
@@ -114,6 +115,18 @@ class Task:
         `set_state()` go into checkpoints."""
         raise NotImplementedError
 
+    def sharded_iterator(self, shard: Callable[[int, int, int], Any]):
+        """This process's share of global batches drawn from `num_shards(config)`
+        pipelines, whatever the process count: `shard(index, count, rows)` is
+        pipeline `index` of `count`, giving `rows` examples a batch."""
+        return ShardedIterator(
+            shard,
+            num_shards=num_shards(self.config),
+            batch_size=self.batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+
     def eval_iterator(self, split: str | None = None):
         """This process's share of `split` (default the run's eval split), every
         example once."""
@@ -164,6 +177,19 @@ class Task:
         return export(
             workdir, trained_params, self.config, self.tokenizer, weights=weights
         )
+
+
+def on_process_zero_first(fn):
+    """fn() on process 0, then (after it built shared files) on the others."""
+    if jax.process_index() == 0:
+        result = fn()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("fmjax: data prepared")
+        if jax.process_index() != 0:
+            result = fn()
+    return result
 
 
 def validate_sizes(config, *extra_positive: tuple[str, str]) -> None:

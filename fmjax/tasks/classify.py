@@ -28,7 +28,7 @@ from fmjax.tasks import pretrained as pretrained_lib
 from fmjax.tasks.base import (
     SplitEvaluator,
     Task,
-    num_shards,
+    on_process_zero_first,
     validate_data_shards,
     validate_sizes,
 )
@@ -90,12 +90,8 @@ class ClassifyTask(Task):
         names = tuple(data.label_names)
         if with_data:
             validate_data_shards(config)
-            if data.name in sources.SHIPPED and jax.process_index() == 0:
-                sources.prepare(data.name, data_dir)
-            if jax.process_count() > 1:
-                from jax.experimental import multihost_utils
-
-                multihost_utils.sync_global_devices("fmjax: data prepared")
+            if data.name in sources.SHIPPED:
+                on_process_zero_first(lambda: sources.prepare(data.name, data_dir))
             try:
                 names = labeled.label_names(
                     data.name,
@@ -229,13 +225,7 @@ class ClassifyTask(Task):
                 process_count=count,
             )
 
-        return ShardedIterator(
-            shard,
-            num_shards=num_shards(self.config),
-            batch_size=self.batch_size,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
+        return self.sharded_iterator(shard)
 
     def eval_iterator(self, split: str | None = None):
         return cls_data.make_classification_eval_iterator(

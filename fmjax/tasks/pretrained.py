@@ -35,7 +35,7 @@ def init_model_path(config) -> str:
 
 def load_pretrained(path: str) -> tuple[dict, dict, Any]:
     """(model config dict with `kind`, params as numpy, tokenizer) of an HF BERT
-    directory or an fmjax workdir / export."""
+    or GPT-2 directory or an fmjax workdir / export."""
     from fmjax.convert import hf
     from fmjax.data.tokenizer import load_tokenizer
     from fmjax.export import find_export, is_adapter_export, load_export
@@ -44,7 +44,7 @@ def load_pretrained(path: str) -> tuple[dict, dict, Any]:
         raise ConfigError(f"init.model={path!r} does not exist")
     try:
         if hf.is_hf_directory(path):
-            model_config, params, tokenizer = hf.load_hf_bert(path)
+            model_config, params, tokenizer = hf.load_hf_model(path)
             return dict(model_config), params, tokenizer
         if is_adapter_export(path):
             raise ConfigError(

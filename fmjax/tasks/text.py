@@ -25,7 +25,12 @@ from fmjax.data.sharded import ShardedIterator
 from fmjax.data.tokenizer import tokenizer_for
 from fmjax.models.registry import model_config as parse_model_config
 from fmjax.tasks import pretrained as pretrained_lib
-from fmjax.tasks.base import Task, num_shards, validate_data_shards, validate_sizes
+from fmjax.tasks.base import (
+    Task,
+    on_process_zero_first,
+    validate_data_shards,
+    validate_sizes,
+)
 
 MODEL_KIND = {"mlm": "encoder", "causal": "decoder"}
 
@@ -53,19 +58,6 @@ def _prepare(name: str, vocab_size: int, data_dir: str):
         return tokenizer_for(name, vocab_size, data_dir)
     except ValueError as e:
         raise ConfigError(f"data.vocab_size={vocab_size}: {e}") from None
-
-
-def _on_process_zero_first(fn):
-    """fn() on process 0, then (after it built shared files) on the others."""
-    if jax.process_index() == 0:
-        result = fn()
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("fmjax: data prepared")
-        if jax.process_index() != 0:
-            result = fn()
-    return result
 
 
 # What the end of a causal run shows: the first words of a held-out document
@@ -150,12 +142,12 @@ class TextTask(Task):
                         f"vocab_size={config.data.vocab_size} (or larger)"
                     )
                 name, vocab = config.data.name, config.data.vocab_size
-                tokenizer = _on_process_zero_first(
+                tokenizer = on_process_zero_first(
                     lambda: _prepare(name, vocab, data_dir)
                 )
             elif config.data.name in sources.SHIPPED:
                 name = config.data.name
-                _on_process_zero_first(lambda: sources.prepare(name, data_dir))
+                on_process_zero_first(lambda: sources.prepare(name, data_dir))
             if tokenizer.vocab_size > model_config.vocab_size:
                 raise ConfigError(
                     f"vocabulary/model size mismatch: the tokenizer has "
@@ -203,13 +195,7 @@ class TextTask(Task):
                 repeat=True,
             )
 
-        return ShardedIterator(
-            shard,
-            num_shards=num_shards(self.config),
-            batch_size=self.batch_size,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
+        return self.sharded_iterator(shard)
 
     def eval_iterator(self, split: str | None = None):
         """This process's slice of the eval split, every example once. Processes
