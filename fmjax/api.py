@@ -1,8 +1,9 @@
 """`fmjax.load(path)`: a trained model with its tokenizer, for notebooks and scripts.
 
-`path` is an fmjax workdir or export directory, or an HF BERT model directory
-(imported with `fmjax.convert.hf.load_hf_bert`, WordPiece tokenizer and the
-sentence-transformers pooling of its 1_Pooling/config.json).
+`path` is an fmjax workdir or export directory, or an HF model directory
+(`fmjax.convert.hf.load_hf_model`): BERT (WordPiece tokenizer and the
+sentence-transformers pooling of its 1_Pooling/config.json) or GPT-2
+(byte-level BPE from tokenizer.json or vocab.json + merges.txt).
 
 A classifier trained with configs/classify.py classifies text:
 
@@ -83,7 +84,12 @@ class Model:
         encoder = self.config.model.get("kind") == "encoder"
 
         def apply(params, kwargs, tokens_BL, type_ids_BL):
-            segment_ids_BL = (tokens_BL != self.tokenizer.pad_id).astype(jnp.int32)
+            if encoder:
+                segment_ids_BL = (tokens_BL != self.tokenizer.pad_id).astype(jnp.int32)
+            else:
+                # Right padding cannot change a causal model's earlier logits, and
+                # GPT-2's pad id is its bos/eos: a decoder masks nothing.
+                segment_ids_BL = jnp.ones_like(tokens_BL, jnp.int32)
             positions_BL = jnp.maximum(jnp.cumsum(segment_ids_BL, axis=1) - 1, 0)
             if encoder:  # decoders have no token types
                 kwargs = {**kwargs, "type_ids_BL": type_ids_BL}
@@ -356,9 +362,10 @@ class Model:
 
 
 def load(path: str) -> Model:
-    """Loads an fmjax workdir, its export directory, or an HF BERT directory."""
+    """Loads an fmjax workdir, its export directory, or an HF BERT or GPT-2
+    directory."""
     if hf.is_hf_directory(path):
-        model_config, params, tokenizer = hf.load_hf_bert(path)
+        model_config, params, tokenizer = hf.load_hf_model(path)
         config = ConfigDict(
             {"name": "hf_import", "model": model_config, "pooling": hf.hf_pooling(path)}
         )

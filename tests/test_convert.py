@@ -315,19 +315,23 @@ def test_refuses_pickled_weights_without_reading_them(minilm_dir, tmp_path):
 def test_refuses_non_bert_config_naming_it(minilm_dir, tmp_path):
     with open(os.path.join(minilm_dir, "config.json")) as f:
         config = json.load(f)
-    config["model_type"] = "gpt2"
+    config["model_type"] = "llama"
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert hf.is_hf_directory(tmp_path) and not hf.is_hf_directory(minilm_dir + "/x")
-    with pytest.raises(ValueError, match="model_type='gpt2'.*'bert'"):
+    with pytest.raises(ValueError, match="model_type='llama'.*'bert'.*'gpt2'"):
         fmjax.load(str(tmp_path))
+    config["model_type"] = "gpt2"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="model_type='gpt2': expected 'bert'"):
+        hf.load_hf_bert(tmp_path)
 
 
-def test_fmjax_to_hf_refuses_a_decoder(tmp_path):
+def test_fmjax_to_hf_refuses_other_kinds(tmp_path):
     from safetensors.numpy import save_file
 
     save_file({"x": np.zeros(1, np.float32)}, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps({"model": {"kind": "decoder"}}))
-    with pytest.raises(ValueError, match="kind='decoder'.*encoders"):
+    (tmp_path / "config.json").write_text(json.dumps({"model": {"kind": "vit"}}))
+    with pytest.raises(ValueError, match="kind='vit'.*encoders.*decoders"):
         hf.fmjax_to_hf(tmp_path, tmp_path / "out")
 
 

@@ -88,8 +88,8 @@ def model_config_from_hf(hf: Mapping[str, Any], mlm_head: bool) -> dict[str, Any
     """fmjax's `config.model` group (kind "encoder") for an HF BertConfig dict."""
     if hf.get("model_type") != "bert":
         raise FormatError(
-            f"HF model_type={hf.get('model_type')!r}: fmjax converts model_type "
-            f"'bert' only (BertModel / BertForMaskedLM checkpoints)"
+            f"HF model_type={hf.get('model_type')!r}: expected 'bert' (BertModel / "
+            f"BertForMaskedLM checkpoints; GPT-2 loads with load_hf_gpt2)"
         )
     for key, want in (
         ("position_embedding_type", "absolute"),

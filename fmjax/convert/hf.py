@@ -1,4 +1,7 @@
-"""HF BERT directories <-> fmjax TextEncoder: config, safetensors weights, tokenizer.
+"""HF BERT and GPT-2 directories <-> fmjax TextEncoder / TextDecoder: config,
+safetensors weights, tokenizer. `load_hf_model`, `hf_to_fmjax` and `fmjax_to_hf`
+pick the model by config.json's model_type ("bert" or "gpt2") or by the fmjax
+model's kind ("encoder" or "decoder").
 
 An HF BERT directory holds `config.json` (model_type "bert"), `model.safetensors`
 (BertModel names, or BertForMaskedLM / BertForPreTraining names under `bert.`)
@@ -13,7 +16,14 @@ Exporting writes no pooler: `transformers.AutoModel.from_pretrained` then report
 the pooler as newly initialised (random), so use `last_hidden_state`, not
 `pooler_output`.
 
-Name, config and layout mapping live in `fmjax.convert.bert`.
+An HF GPT-2 directory holds `config.json` (model_type "gpt2"), `model.safetensors`
+(GPT2Model names, or GPT2LMHeadModel names under `transformer.`, with or without
+the tied `lm_head.weight`) and a byte-level BPE tokenizer (`tokenizer.json`, or
+`vocab.json` + `merges.txt`; `fmjax.data.bpe`). Exporting a decoder writes a
+GPT2LMHeadModel directory.
+
+Name, config and layout mapping live in `fmjax.convert.bert` and
+`fmjax.convert.gpt2`.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from safetensors.numpy import load_file, save
 
 from fmjax import storage
 from fmjax.config import base_config, to_json
+from fmjax.convert import gpt2
 from fmjax.convert.bert import (
     IGNORED,
     TIED,
@@ -52,6 +63,8 @@ WEIGHTS_FILENAME = "model.safetensors"
 WEIGHTS_INDEX_FILENAME = "model.safetensors.index.json"
 POOLING_CONFIG = os.path.join("1_Pooling", "config.json")
 POOLINGS = ("mean", "cls", "max")
+# config.json model_type -> the fmjax model kind it converts to.
+MODEL_TYPES = {"bert": "encoder", "gpt2": "decoder"}
 __all__ = [
     "fmjax_to_hf",
     "hf_name_for",
@@ -59,8 +72,12 @@ __all__ = [
     "hf_to_fmjax",
     "is_hf_directory",
     "load_hf_bert",
+    "load_hf_gpt2",
+    "load_hf_model",
     "read_hf_weights",
     "save_hf_bert",
+    "save_hf_gpt2",
+    "save_hf_model",
 ]
 
 
@@ -147,6 +164,62 @@ def read_hf_weights(directory: str) -> dict[str, np.ndarray]:
     return weights
 
 
+def _read_hf_config(directory: str) -> dict[str, Any]:
+    if not is_hf_directory(directory):
+        raise FileNotFoundError(
+            f"{directory!r} is not an HF model directory: expected a {CONFIG_FILENAME} "
+            f"with a model_type"
+        )
+    with open(os.path.join(directory, CONFIG_FILENAME), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _load_tokenizer_for(directory: str, model_config: Mapping[str, Any]) -> Tokenizer:
+    """The directory's tokenizer, refused when it has more ids than the model."""
+    tokenizer = load_tokenizer(directory)
+    if tokenizer.vocab_size > model_config["vocab_size"]:
+        raise FormatError(
+            f"{directory}: tokenizer has {tokenizer.vocab_size} tokens, more than "
+            f"the model's vocab_size={model_config['vocab_size']}"
+        )
+    return tokenizer
+
+
+def load_hf_model(directory: str | os.PathLike) -> tuple[dict, dict, Tokenizer]:
+    """(model config dict, params, tokenizer) of an HF BERT or GPT-2 directory,
+    picked by its config.json's model_type (`load_hf_bert`, `load_hf_gpt2`)."""
+    directory = os.fspath(directory)
+    model_type = _read_hf_config(directory).get("model_type")
+    if model_type == "bert":
+        return load_hf_bert(directory)
+    if model_type == "gpt2":
+        return load_hf_gpt2(directory)
+    raise FormatError(
+        f"HF model_type={model_type!r} in {directory}: fmjax converts model_type "
+        f"'bert' (BertModel / BertForMaskedLM) and 'gpt2' (GPT2Model / "
+        f"GPT2LMHeadModel) checkpoints"
+    )
+
+
+def load_hf_gpt2(directory: str | os.PathLike) -> tuple[dict, dict, Tokenizer]:
+    """(model config dict, params, tokenizer) of an HF GPT-2 directory.
+
+    Params are a nested dict of float32 NumPy arrays in TextDecoder's layout
+    (`fmjax.convert.gpt2`); the tokenizer is byte-level BPE. A config key fmjax
+    cannot compute, a missing tensor or one that maps nowhere raises FormatError
+    naming it.
+    """
+    directory = os.fspath(directory)
+    # Refuse an unsupported config before reading any weights.
+    model_config = gpt2.model_config_from_hf(_read_hf_config(directory))
+    weights = gpt2.strip_prefix(read_hf_weights(directory))
+    flat = gpt2.params_from_hf(
+        weights, _param_shapes(model_config), f"{directory}/{WEIGHTS_FILENAME}"
+    )
+    tokenizer = _load_tokenizer_for(directory, model_config)
+    return model_config, traverse_util.unflatten_dict(flat), tokenizer
+
+
 def load_hf_bert(directory: str | os.PathLike) -> tuple[dict, dict, Tokenizer]:
     """(model config dict, params, tokenizer) of an HF BERT directory.
 
@@ -156,13 +229,7 @@ def load_hf_bert(directory: str | os.PathLike) -> tuple[dict, dict, Tokenizer]:
     no pooler); any other unused or missing tensor raises with its name.
     """
     directory = os.fspath(directory)
-    if not is_hf_directory(directory):
-        raise FileNotFoundError(
-            f"{directory!r} is not an HF model directory: expected a {CONFIG_FILENAME} "
-            f"with a model_type"
-        )
-    with open(os.path.join(directory, CONFIG_FILENAME), encoding="utf-8") as f:
-        hf_config = json.load(f)
+    hf_config = _read_hf_config(directory)
     model_config_from_hf(hf_config, mlm_head=False)  # refuse non-BERT before I/O
     weights = read_hf_weights(directory)
     mlm_head = any(name.startswith("cls.predictions.") for name in weights)
@@ -193,13 +260,84 @@ def load_hf_bert(directory: str | os.PathLike) -> tuple[dict, dict, Tokenizer]:
             f"config.json: missing tensors {missing}; tensors with no fmjax param "
             f"{unused}"
         )
-    tokenizer = load_tokenizer(directory)
-    if tokenizer.vocab_size > model_config["vocab_size"]:
-        raise FormatError(
-            f"{directory}: tokenizer has {tokenizer.vocab_size} tokens, more than "
-            f"the model's vocab_size={model_config['vocab_size']}"
-        )
+    tokenizer = _load_tokenizer_for(directory, model_config)
     return model_config, traverse_util.unflatten_dict(flat), tokenizer
+
+
+def _flat_matching_params(
+    model_config: Mapping[str, Any], params
+) -> tuple[dict[tuple[str, ...], tuple], dict[tuple[str, ...], np.ndarray]]:
+    """({path: shape} the config expects, {path: array} of `params`), refused
+    when the paths or shapes differ."""
+    expected = _param_shapes(model_config)
+    flat = {tuple(k.split(".")): v for k, v in flatten_params(nn.unbox(params)).items()}
+    missing = sorted(".".join(p) for p in set(expected) - set(flat))
+    extra = sorted(".".join(p) for p in set(flat) - set(expected))
+    if missing or extra:
+        raise FormatError(
+            f"params do not match the {model_config.get('kind')} config: missing "
+            f"{missing}, unexpected {extra} (merge LoRA or other adapters into the "
+            f"kernels before exporting)"
+        )
+    for path, shape in expected.items():
+        if flat[path].shape != shape:
+            raise FormatError(
+                f"param {'.'.join(path)} has shape {flat[path].shape}; expected {shape}"
+            )
+    return expected, flat
+
+
+def _write_hf_directory(
+    directory: str, hf_config: dict, tensors: dict, tokenizer: Tokenizer
+) -> str:
+    storage.makedirs(directory)
+    storage.write_text(
+        storage.join(directory, CONFIG_FILENAME),
+        json.dumps(hf_config, indent=2, sort_keys=True) + "\n",
+    )
+    storage.write_bytes(
+        storage.join(directory, WEIGHTS_FILENAME),
+        save(tensors, metadata={"format": "pt"}),
+    )
+    tokenizer.save(directory)
+    return directory
+
+
+def save_hf_model(
+    directory: str | os.PathLike,
+    model_config: Mapping[str, Any],
+    params,
+    tokenizer: Tokenizer,
+) -> str:
+    """`save_hf_bert` for an encoder, `save_hf_gpt2` for a decoder."""
+    kind = dict(model_config).get("kind")
+    if kind == "encoder":
+        return save_hf_bert(directory, model_config, params, tokenizer)
+    if kind == "decoder":
+        return save_hf_gpt2(directory, model_config, params, tokenizer)
+    raise FormatError(
+        f"model.kind={kind!r}: fmjax exports encoders (as HF BERT) and decoders "
+        f"(as HF GPT-2) only"
+    )
+
+
+def save_hf_gpt2(
+    directory: str | os.PathLike,
+    model_config: Mapping[str, Any],
+    params,
+    tokenizer: Tokenizer,
+) -> str:
+    """Writes an HF GPT2LMHeadModel directory (config.json, model.safetensors in
+    float32, the tokenizer's files) that `transformers.AutoModelForCausalLM`
+    loads; bos/eos/pad ids in config.json are the tokenizer's. Returns
+    `directory`."""
+    directory = os.fspath(directory)
+    hf_config = gpt2.hf_config_from_model(
+        model_config, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
+    )
+    _, flat = _flat_matching_params(model_config, params)
+    tensors = gpt2.hf_from_params(flat)
+    return _write_hf_directory(directory, hf_config, tensors, tokenizer)
 
 
 def save_hf_bert(
@@ -217,45 +355,22 @@ def save_hf_bert(
     """
     directory = os.fspath(directory)
     hf_config = hf_config_from_model(model_config, tokenizer.pad_id)
-    expected = _param_shapes(model_config)
-    flat = {tuple(k.split(".")): v for k, v in flatten_params(nn.unbox(params)).items()}
-    missing = sorted(".".join(p) for p in set(expected) - set(flat))
-    extra = sorted(".".join(p) for p in set(flat) - set(expected))
-    if missing or extra:
-        raise FormatError(
-            f"params do not match the encoder config: missing {missing}, "
-            f"unexpected {extra} (merge LoRA or other adapters into the kernels "
-            f"before exporting)"
-        )
+    expected, flat = _flat_matching_params(model_config, params)
     prefix = "bert." if hf_config["architectures"] == ["BertForMaskedLM"] else ""
     tensors = {}
-    for path, shape in expected.items():
-        if flat[path].shape != shape:
-            raise FormatError(
-                f"param {'.'.join(path)} has shape {flat[path].shape}; expected {shape}"
-            )
+    for path in expected:
         name = tensor_name(path)
         tensors[name if name.startswith("cls.") else prefix + name] = to_hf(
             flat[path], path, _num_in(model_config, path)
         )
-    storage.makedirs(directory)
-    storage.write_text(
-        storage.join(directory, CONFIG_FILENAME),
-        json.dumps(hf_config, indent=2, sort_keys=True) + "\n",
-    )
-    storage.write_bytes(
-        storage.join(directory, WEIGHTS_FILENAME),
-        save(tensors, metadata={"format": "pt"}),
-    )
-    tokenizer.save(directory)
-    return directory
+    return _write_hf_directory(directory, hf_config, tensors, tokenizer)
 
 
 def hf_to_fmjax(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> str:
-    """Converts an HF BERT directory into an fmjax export directory (readable by
-    `fmjax.load` and `fmjax.export.load_export`); returns `dst_dir`."""
+    """Converts an HF BERT or GPT-2 directory into an fmjax export directory
+    (readable by `fmjax.load` and `fmjax.export.load_export`); returns `dst_dir`."""
     src_dir, dst_dir = os.fspath(src_dir), os.fspath(dst_dir)
-    model_config, params, tokenizer = load_hf_bert(src_dir)
+    model_config, params, tokenizer = load_hf_model(src_dir)
     config = base_config()
     config.name = "hf_import"
     config.model = model_config
@@ -271,15 +386,18 @@ def hf_to_fmjax(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> str:
 
 
 def fmjax_to_hf(src: str | os.PathLike, dst_dir: str | os.PathLike) -> str:
-    """Converts an fmjax encoder (workdir or export directory) into an HF BERT
-    directory; returns `dst_dir`."""
+    """Converts an fmjax encoder or decoder (workdir or export directory) into an
+    HF BERT or GPT-2 (GPT2LMHeadModel) directory; returns `dst_dir`."""
     src = os.fspath(src)
     params, config = load_export(src)
     model_config = dict(config.get("model") or {})
-    if model_config.get("kind") != "encoder":
+    kind = model_config.get("kind")
+    if kind not in MODEL_TYPES.values():
         raise FormatError(
-            f"{src} holds a model of kind={model_config.get('kind')!r}; fmjax-to-hf "
-            f"converts encoders (BERT) only"
+            f"{src} holds a model of kind={kind!r}; fmjax-to-hf converts encoders "
+            f"(to HF BERT) and decoders (to HF GPT-2) only"
         )
+    if kind == "decoder":  # refuse what GPT-2 cannot express before more I/O
+        gpt2.hf_config_from_model(model_config)
     tokenizer = load_tokenizer(find_export(src))
-    return save_hf_bert(dst_dir, model_config, params, tokenizer)
+    return save_hf_model(dst_dir, model_config, params, tokenizer)

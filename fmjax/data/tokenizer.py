@@ -1,5 +1,6 @@
-"""Tokenizers: SentencePiece (train + load) and WordPiece (imported BERT vocabs,
-in `fmjax.data.wordpiece`), behind one `Tokenizer` protocol.
+"""Tokenizers: SentencePiece (train + load), WordPiece (imported BERT vocabs, in
+`fmjax.data.wordpiece`) and byte-level BPE (imported GPT-2 vocabs, in
+`fmjax.data.bpe`), behind one `Tokenizer` protocol.
 
 fmjax-trained SentencePiece models use fixed ids: pad 0, unk 1, bos 2, eos 3
 and the user-defined `<mask>` 4; bos doubles as CLS and eos as SEP for
@@ -82,19 +83,29 @@ def write_file(directory: str | os.PathLike, name: str, data: bytes) -> str:
 
 
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
-    """The tokenizer saved in `directory`: SentencePiece (`tokenizer.model`) or
-    WordPiece (`tokenizer.json` or `vocab.txt`, as imported BERT models have)."""
-    from fmjax.data import wordpiece
+    """The tokenizer saved in `directory`: SentencePiece (`tokenizer.model`),
+    byte-level BPE (a `tokenizer.json` with a BPE model, or `vocab.json` +
+    `merges.txt`, as imported GPT-2 models have) or WordPiece (`tokenizer.json`
+    or `vocab.txt`, as imported BERT models have)."""
+    from fmjax.data import bpe, wordpiece
 
     directory = os.fspath(directory)
     if os.path.isfile(os.path.join(directory, MODEL_FILENAME)):
         return SentencePieceTokenizer.load(directory)
+    json_path = os.path.join(directory, bpe.JSON_FILENAME)
+    gpt2_files = (bpe.VOCAB_FILENAME, bpe.MERGES_FILENAME)
+    if os.path.isfile(json_path):
+        if bpe.is_bpe_json(json_path):
+            return bpe.ByteLevelBPETokenizer.load(directory)
+    elif all(os.path.isfile(os.path.join(directory, name)) for name in gpt2_files):
+        return bpe.ByteLevelBPETokenizer.load(directory)
     names = (wordpiece.JSON_FILENAME, wordpiece.VOCAB_FILENAME)
     if any(os.path.isfile(os.path.join(directory, name)) for name in names):
         return wordpiece.WordPieceTokenizer.load(directory)
     raise FileNotFoundError(
-        f"no tokenizer in {directory!r}: expected {MODEL_FILENAME} (SentencePiece) "
-        f"or one of {list(names)} (WordPiece)"
+        f"no tokenizer in {directory!r}: expected {MODEL_FILENAME} (SentencePiece), "
+        f"{bpe.JSON_FILENAME} or {' + '.join(gpt2_files)} (byte-level BPE), or "
+        f"{wordpiece.VOCAB_FILENAME} (WordPiece)"
     )
 
 
