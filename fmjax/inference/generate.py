@@ -13,13 +13,14 @@ row writes its new tokens at the same cache slot, and each row's positions
 count its own tokens from 0 (`positions` below), so a padded row computes what
 it would alone. The cache layout, per row:
 
-    [T soft prompt tokens][P prompt slots, left-padded][N new tokens]
+    [T' prefix slots][T soft prompt tokens][P prompt slots, left-padded][N new]
 
 with P the prompt length rounded up to a power of two (>= 16) and N
 `max_new_tokens` rounded up to a multiple of 32, so new prompt lengths reuse a
-compiled prefill and decode loop. The attention mask is built here, outside
-the model: a query sees the prefix-tuning slots, and the cache slots up to
-its own that hold a token (not left padding).
+compiled prefill and decode loop. Prefix-tuning slots are written into the
+cache when it is made. The attention mask is built here, outside the model: a
+query sees the cache slots up to its own that hold something (not left
+padding).
 
 Sampling follows HF `generate`: temperature, then top-k, then top-p; a
 temperature of 0 is greedy. Each row draws from its own key (the seed folded
@@ -125,17 +126,18 @@ def _step_keys(keys_B: Array, step: Array) -> Array:
     return jax.vmap(lambda key: jax.random.fold_in(key, step))(keys_B)
 
 
-def _mask(valid_BC: Array, last_slot_L: Array, num_prefix: int) -> Array:
-    """[B,1,L,T'+C]: query i (at cache slot last_slot_L[i]) sees the prefix slots
-    and the filled cache slots up to its own."""
+def _mask(valid_BC: Array, last_slot_L: Array) -> Array:
+    """[B,1,L,C]: query i (at cache slot last_slot_L[i]) sees the filled cache
+    slots up to its own (prefix slots, soft tokens, its prompt, new tokens)."""
     slots_C = jnp.arange(valid_BC.shape[1])
     causal_LC = slots_C[None, :] <= last_slot_L[:, None]
-    mask_B1LC = valid_BC[:, None, None, :] & causal_LC[None, None]
-    if not num_prefix:
-        return mask_B1LC
-    batch, _, length, _ = mask_B1LC.shape
-    prefix_B1LT = jnp.ones((batch, 1, length, num_prefix), bool)
-    return jnp.concatenate([prefix_B1LT, mask_B1LC], axis=-1)
+    return valid_BC[:, None, None, :] & causal_LC[None, None]
+
+
+def _model_inputs(kwargs: dict, prefill: bool) -> dict:
+    """The adapter inputs the model reads: soft tokens at the prefill only; the
+    prefix slots are in the cache (`init_cache`), so never `prefix_kv`."""
+    return {k: v for k, v in kwargs.items() if k == "prompt_TD" and prefill}
 
 
 def _num_prefix(kwargs: dict) -> int:
@@ -167,11 +169,19 @@ def prefill(
     the first new token. Returns the state and the prompt's last logits [B,V]."""
     cfg = module.config
     batch, width = tokens_BP.shape
-    num_prompt = _num_prompt(kwargs)
-    slots = num_prompt + width + new_slots
+    num_prefix, num_prompt = _num_prefix(kwargs), _num_prompt(kwargs)
+    slots = num_prefix + num_prompt + width + new_slots
+    prefix_kv = kwargs.get("prefix_kv")
     cache = [
-        init_cache(batch, slots, cfg.kv_heads, cfg.head_dim, cfg.compute_dtype)
-        for _ in range(cfg.num_layers)
+        init_cache(
+            batch,
+            slots,
+            cfg.kv_heads,
+            cfg.head_dim,
+            cfg.compute_dtype,
+            None if prefix_kv is None else (prefix_kv[0][i], prefix_kv[1][i]),
+        )
+        for i in range(cfg.num_layers)
     ]
     pads_B1 = (width - lengths_B)[:, None]
     columns_P = jnp.arange(width)[None, :]
@@ -179,13 +189,13 @@ def prefill(
     valid_BP = columns_P >= pads_B1
     valid_BC = jnp.concatenate(
         [
-            jnp.ones((batch, num_prompt), bool),
+            jnp.ones((batch, num_prefix + num_prompt), bool),
             valid_BP,
             jnp.ones((batch, new_slots), bool),
         ],
         axis=1,
     )
-    mask = _mask(valid_BC, jnp.arange(num_prompt + width), _num_prefix(kwargs))
+    mask = _mask(valid_BC, num_prefix + jnp.arange(num_prompt + width))
     out = module.apply(
         {"params": params},
         tokens_BP,
@@ -193,7 +203,7 @@ def prefill(
         cache=cache,
         mask_B1LS=mask,
         last_only=True,
-        **kwargs,
+        **_model_inputs(kwargs, prefill=True),
     )
     logits_BV = out["logits"][:, -1]
     step = jnp.zeros((), jnp.int32)
@@ -223,15 +233,14 @@ def decode_step(
 ) -> tuple[Array, list[dict[str, Array]]]:
     """Feeds each row's last token; returns its logits [B,V] and the cache."""
     slot = state.cache[0]["end_index"]
-    mask = _mask(state.valid_BC, slot[None], _num_prefix(kwargs))
-    model_kwargs = {k: v for k, v in kwargs.items() if k != "prompt_TD"}
+    mask = _mask(state.valid_BC, slot[None])
     out = module.apply(
         {"params": params},
         state.token_B[:, None],
         positions_BL=state.position_B[:, None],
         cache=state.cache,
         mask_B1LS=mask,
-        **model_kwargs,
+        **_model_inputs(kwargs, prefill=False),
     )
     return out["logits"][:, 0], out["cache"]
 

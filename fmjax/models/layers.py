@@ -247,14 +247,17 @@ class Embed(nn.Module):
         )
 
 
-def attention_probs(q_BLHK: Array, k_BSGK: Array, mask_B1LS: Array) -> Array:
-    """Softmax(q.k / sqrt(K)) in f32 -> [B, H, L, S]; GQA when k has G < H heads."""
-    num_heads, num_kv_heads = q_BLHK.shape[2], k_BSGK.shape[2]
+def attention_probs(
+    q_BLHK: Array, k: Array, mask_B1LS: Array, k_layout: str = "BSGK"
+) -> Array:
+    """Softmax(q.k / sqrt(K)) in f32 -> [B, H, L, S]; GQA when k has G < H heads.
+    `k_layout`: "BSGK" (projected keys) or "BGSK" (a KV cache's layout)."""
+    num_heads, num_kv_heads = q_BLHK.shape[2], k.shape[k_layout.index("G")]
     q_BLGQK = einops.rearrange(
         q_BLHK, "B L (G Q) K -> B L G Q K", G=num_kv_heads, Q=num_heads // num_kv_heads
     )
     scores_BGQLS = jnp.einsum(
-        "BLGQK,BSGK->BGQLS", q_BLGQK, k_BSGK, preferred_element_type=jnp.float32
+        f"BLGQK,{k_layout}->BGQLS", q_BLGQK, k, preferred_element_type=jnp.float32
     )
     scores_BGQLS = scores_BGQLS * (q_BLHK.shape[-1] ** -0.5)
     scores_BGQLS = jnp.where(mask_B1LS[:, :, None], scores_BGQLS, _MASKED_SCORE)
@@ -262,15 +265,14 @@ def attention_probs(q_BLHK: Array, k_BSGK: Array, mask_B1LS: Array) -> Array:
     return einops.rearrange(probs_BGQLS, "B G Q L S -> B (G Q) L S")
 
 
-def attend_values(probs_BHLS: Array, v_BSGK: Array) -> Array:
-    """Probability-weighted values -> [B, L, H, K] (H query heads)."""
-    num_kv_heads = v_BSGK.shape[2]
+def attend_values(probs_BHLS: Array, v: Array, v_layout: str = "BSGK") -> Array:
+    """Probability-weighted values -> [B, L, H, K] (H query heads). `v_layout`:
+    "BSGK" (projected values) or "BGKS" (a KV cache's layout)."""
+    num_kv_heads = v.shape[v_layout.index("G")]
     probs_BGQLS = einops.rearrange(
         probs_BHLS, "B (G Q) L S -> B G Q L S", G=num_kv_heads
     )
-    out_BLGQK = jnp.einsum(
-        "BGQLS,BSGK->BLGQK", probs_BGQLS.astype(v_BSGK.dtype), v_BSGK
-    )
+    out_BLGQK = jnp.einsum(f"BGQLS,{v_layout}->BLGQK", probs_BGQLS.astype(v.dtype), v)
     return einops.rearrange(out_BLGQK, "B L G Q K -> B L (G Q) K")
 
 
@@ -287,11 +289,13 @@ class Attention(nn.Module):
     mask (`make_attention_mask(..., num_prefix=T)`). No RoPE on prefix keys: they
     have no position (like cached keys rotated before the text began).
 
-    `cache` (decoding, `init_cache`): {"k", "v": [B,C,G,K], "end_index": int32}.
-    This call's keys/values are written at slots end_index .. end_index+L-1 and
-    the queries read all C slots (S = T + C with a prefix), so the mask, built
-    by the caller, says which slots each query sees. Returns (out, cache); the
-    cache is None when none was given.
+    `cache` (decoding, `init_cache`): {"k": [B,G,C,K], "v": [B,G,K,C],
+    "end_index": int32}, laid out as the attention matmuls read them, so a
+    decode step copies nothing. This call's keys/values are written at slots
+    end_index .. end_index+L-1 and the queries read all C slots, so the mask,
+    built by the caller, says which slots each query sees. Prefix-tuning slots
+    live in the cache (`init_cache(prefix_kv=...)`), not in `prefix_kv`.
+    Returns (out, cache); the cache is None when none was given.
     """
 
     num_heads: int
@@ -340,26 +344,33 @@ class Attention(nn.Module):
                 raise ValueError("Attention(use_rope=True) needs positions_BL")
             q_BLHK = apply_rope(q_BLHK, positions_BL, self.rope_theta)
             k_BLGK = apply_rope(k_BLGK, positions_BL, self.rope_theta)
-        k_BSGK, v_BSGK = k_BLGK, v_BLGK
         if cache is not None:
+            if prefix_kv is not None:
+                raise ValueError(
+                    "with a KV cache, prefix slots are written into the cache "
+                    "(init_cache(prefix_kv=...)); pass no prefix_kv"
+                )
             cache = write_cache(cache, k_BLGK, v_BLGK)
-            k_BSGK, v_BSGK = cache["k"], cache["v"]
-        if prefix_kv is not None:  # no RoPE on the prefix: see the docstring
-            k_BSGK, v_BSGK = (
-                jnp.concatenate([_batched_prefix(p, kv_BSGK), kv_BSGK], axis=1)
-                for p, kv_BSGK in zip(prefix_kv, (k_BSGK, v_BSGK), strict=True)
-            )
-        if mask_B1LS.shape[-1] != k_BSGK.shape[1]:
+            k, v, layouts = cache["k"], cache["v"], ("BGSK", "BGKS")
+        else:
+            k, v, layouts = k_BLGK, v_BLGK, ("BSGK", "BSGK")
+            if prefix_kv is not None:  # no RoPE on the prefix: see the docstring
+                k, v = (
+                    jnp.concatenate([_batched_prefix(p, kv_BLGK), kv_BLGK], axis=1)
+                    for p, kv_BLGK in zip(prefix_kv, (k, v), strict=True)
+                )
+        num_keys = k.shape[layouts[0].index("S")]
+        if mask_B1LS.shape[-1] != num_keys:
             raise ValueError(
                 f"attention mask {mask_B1LS.shape} has {mask_B1LS.shape[-1]} key "
-                f"columns; expected {k_BSGK.shape[1]} (prefix slots + length, "
-                "or + cache slots)"
+                f"columns; expected {num_keys} (prefix slots + length, or cache "
+                "slots)"
             )
-        probs_BHLS = attention_probs(q_BLHK, k_BSGK, mask_B1LS)
+        probs_BHLS = attention_probs(q_BLHK, k, mask_B1LS, layouts[0])
         probs_BHLS = nn.Dropout(self.dropout_rate)(
             probs_BHLS, deterministic=deterministic
         )
-        context_BLHK = attend_values(probs_BHLS, v_BSGK)
+        context_BLHK = attend_values(probs_BHLS, v, layouts[1])
         out_BLD = self._dense(
             "BLHK,HKD->BLD",
             (heads, head_dim, d_model),
@@ -371,27 +382,43 @@ class Attention(nn.Module):
 
 
 def init_cache(
-    batch: int, slots: int, kv_heads: int, head_dim: int, dtype: Any
+    batch: int,
+    slots: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: Any,
+    prefix_kv: tuple[Array, Array] | None = None,
 ) -> dict[str, Array]:
-    """One layer's empty KV cache of `slots` positions (see Attention)."""
-    zeros_BCGK = jnp.zeros((batch, slots, kv_heads, head_dim), dtype)
-    return {"k": zeros_BCGK, "v": zeros_BCGK, "end_index": jnp.zeros((), jnp.int32)}
+    """One layer's KV cache of `slots` positions (see Attention), empty or with
+    this layer's prefix-tuning slots (k_TGK, v_TGK) written in front."""
+    cache = {
+        "k": jnp.zeros((batch, kv_heads, slots, head_dim), dtype),
+        "v": jnp.zeros((batch, kv_heads, head_dim, slots), dtype),
+        "end_index": jnp.zeros((), jnp.int32),
+    }
+    if prefix_kv is None:
+        return cache
+    like_BLGK = jnp.zeros((batch, 1, kv_heads, head_dim), dtype)
+    k_BTGK, v_BTGK = (_batched_prefix(p, like_BLGK) for p in prefix_kv)
+    return write_cache(cache, k_BTGK, v_BTGK)
 
 
 def write_cache(cache: dict[str, Array], k_BLGK: Array, v_BLGK: Array) -> dict:
     """`cache` with k/v written at slots end_index.. (in place under jit when the
     cache is donated or carried by a loop), end_index moved past them."""
-    end = cache["end_index"]
-    if k_BLGK.shape[1] > cache["k"].shape[1]:
+    end, slots = cache["end_index"], cache["k"].shape[2]
+    if k_BLGK.shape[1] > slots:
         raise ValueError(
-            f"{k_BLGK.shape[1]} new keys do not fit a cache of "
-            f"{cache['k'].shape[1]} slots"
+            f"{k_BLGK.shape[1]} new keys do not fit a cache of {slots} slots"
         )
-    k_BCGK, v_BCGK = (
-        jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), end, axis=1)
-        for c, x in ((cache["k"], k_BLGK), (cache["v"], v_BLGK))
-    )
-    return {"k": k_BCGK, "v": v_BCGK, "end_index": end + k_BLGK.shape[1]}
+    k_BGLK = einops.rearrange(k_BLGK, "B L G K -> B G L K").astype(cache["k"].dtype)
+    v_BGKL = einops.rearrange(v_BLGK, "B L G K -> B G K L").astype(cache["v"].dtype)
+    update = jax.lax.dynamic_update_slice_in_dim
+    return {
+        "k": update(cache["k"], k_BGLK, end, axis=2),
+        "v": update(cache["v"], v_BGKL, end, axis=3),
+        "end_index": end + k_BLGK.shape[1],
+    }
 
 
 def _batched_prefix(prefix_TGK: Array, like_BLGK: Array) -> Array:
