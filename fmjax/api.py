@@ -362,8 +362,10 @@ class Model:
 
 
 def load(path: str) -> Model:
-    """Loads an fmjax workdir, its export directory, or an HF BERT or GPT-2
-    directory."""
+    """Loads an fmjax workdir, its export directory, an HF BERT or GPT-2
+    directory, or a PEFT LoRA adapter directory over a local HF base."""
+    if _is_peft_directory(path):
+        return _load_peft(path)
     if hf.is_hf_directory(path):
         model_config, params, tokenizer = hf.load_hf_model(path)
         config = ConfigDict(
@@ -382,3 +384,36 @@ def load(path: str) -> Model:
     module = build_model(config.model)
     params = jax.tree.map(jnp.asarray, params)
     return Model(module, params, tokenizer, config)
+
+
+def _is_peft_directory(path: str) -> bool:
+    from fmjax.adapt.peft import ADAPTER_CONFIG
+
+    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
+
+
+def _load_peft(path: str) -> Model:
+    """A PEFT LoRA adapter directory over its HF base (`base_model_name_or_path`,
+    a local directory): the adapter folded into the base's kernels. A BERT base
+    gives its encoder, a GPT-2 base its decoder."""
+    import json
+
+    from fmjax.adapt import lora, peft
+    from fmjax.models.registry import param_axes
+
+    with open(os.path.join(path, peft.ADAPTER_CONFIG), encoding="utf-8") as f:
+        base = json.load(f).get("base_model_name_or_path") or ""
+    if not hf.is_hf_directory(base):
+        raise FileNotFoundError(
+            f"PEFT adapter {path!r} names base_model_name_or_path={base!r}; expected "
+            "a local HF model directory (fmjax reads no hub ids offline)"
+        )
+    model = load(base)
+    cfg = model.config.model
+    if cfg.kind == "decoder":
+        params = peft.merge_peft_gpt2(path, model.params, cfg)
+    else:
+        adapters, lora_config = peft.load_peft(path, model.params, axes=param_axes(cfg))
+        params = lora.merge(model.params, adapters, lora_config)
+    params = jax.tree.map(jnp.asarray, params)
+    return Model(model.module, params, model.tokenizer, model.config)

@@ -417,3 +417,68 @@ def test_export_refuses_what_gpt2_cannot_express():
             gpt2.hf_config_from_model({**base, **change})
     with pytest.raises(FormatError, match="kind='encoder'"):
         gpt2.hf_config_from_model({**base, "kind": "encoder"})
+
+
+# ------------------------------------------------------------------ LoRA -> PEFT
+
+
+@pytest.mark.parametrize("targets", ["query-value", "all-linear"])
+def test_decoder_lora_exports_to_peft_with_the_same_logits(
+    targets, hf_gpt2, batch, data_dir, tmp_path
+):
+    """Continued pre-training of the HF GPT-2 with LoRA (query/value, merged
+    into one c_attn adapter in PEFT; or every projection, with c_attn's rank in
+    rank_pattern), exported with `fmjax convert lora-to-peft`: peft.PeftModel
+    on the HF model gives fmjax's logits, and fmjax.load reads the PEFT
+    directory back to the same model."""
+    peft = pytest.importorskip("peft")
+    from fmjax.config import load_config
+    from fmjax.train.loop import train
+
+    hf_dir, hf_model, _ = hf_gpt2
+    workdir = str(tmp_path / "lora")
+    overrides = {
+        "init.model": hf_dir,
+        "data.data_dir": str(data_dir),
+        "data.seq_len": 32,
+        "data.batch_size": 8,
+        "train.steps": 3,
+        "train.eval_every": 0,
+        "train.eval_batches": 1,
+        "train.progress": False,
+        "adapt.method": "lora",
+        "adapt.lora_dropout": 0.0,
+        "optimizer.learning_rate": 0.05,
+        "optimizer.warmup_steps": 0,
+        "mesh.num_devices": 1,
+    }
+    if targets == "all-linear":
+        overrides["adapt.lora_targets"] = "all-linear"
+    config = load_config(
+        "configs/gpt_lm.py:tiny", [f"--config.{k}={v}" for k, v in overrides.items()]
+    )
+    train(config, workdir)
+    peft_dir = str(tmp_path / "peft")
+    assert cli.main(["convert", "lora-to-peft", workdir, peft_dir]) == 0
+    with open(os.path.join(peft_dir, "adapter_config.json")) as f:
+        peft_config = json.load(f)
+    assert peft_config["fan_in_fan_out"] and peft_config["base_model_name_or_path"]
+    if targets == "query-value":
+        assert peft_config["target_modules"] == ["attn.c_attn"]
+        assert peft_config["r"] == 2 * config.adapt.lora_rank
+
+    ids, mask, base_logits = batch
+    ours = fmjax.load(workdir).logits(ids)
+    assert np.abs(ours - base_logits)[mask].max() > 1e-3  # the adapter did something
+    base = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    theirs_model = peft.PeftModel.from_pretrained(base, peft_dir).eval()
+    with torch.no_grad():
+        theirs = theirs_model(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+        ).logits.numpy()
+    diff = np.abs(ours - theirs)[mask].max()
+    print(f"{targets}: max |logits fmjax LoRA - PEFT|: {diff:.2e}")
+    assert diff <= 1e-4
+    again = fmjax.load(peft_dir).logits(ids)
+    assert np.abs(again - theirs)[mask].max() <= 1e-4

@@ -292,7 +292,8 @@ def export_run_to_peft(workdir: str | os.PathLike, directory: str | os.PathLike)
     """`fmjax convert lora-to-peft`: the LoRA adapters of a `lora`/`qlora` run's
     export as a PEFT adapter directory for its base (`init.model`).
 
-    PEFT puts them on the HF BertModel; the run's classifier head (pooling +
+    PEFT puts them on the HF BertModel, or for a decoder on the HF
+    GPT2LMHeadModel (see "GPT-2" below); the run's classifier head (pooling +
     dense) has no BertModel counterpart and stays in the fmjax export. A QLoRA
     adapter was trained against the NF4-rounded base: on the f32 base its
     outputs differ by the quantisation error.
@@ -313,9 +314,186 @@ def export_run_to_peft(workdir: str | os.PathLike, directory: str | os.PathLike)
     adaptation = Adaptation.from_config(
         ConfigDict(config["adapt"]), model_config(config["model"])
     )
+    base = config.get("init", {}).get("model", "")
+    if config["model"].get("kind") == "decoder":
+        return save_peft_gpt2(
+            directory,
+            trained[method],
+            adaptation.lora,
+            config["model"]["d_model"],
+            base_model_name_or_path=base,
+        )
     return save_peft(
         directory,
         trained[method],
         adaptation.lora,
-        base_model_name_or_path=config.get("init", {}).get("model", ""),
+        base_model_name_or_path=base,
     )
+
+
+# --- GPT-2 --------------------------------------------------------------------------
+#
+# GPT-2 computes query, key and value with one Conv1D (`attn.c_attn`, [D, 3D]),
+# so fmjax's separate query/value adapters become one PEFT adapter on c_attn:
+# lora_A stacks their A matrices ([n*r, D] for n adapted projections) and
+# lora_B places each B in its third of the output columns ([3D, n*r], zeros
+# elsewhere), which adds exactly the same delta. That adapter's rank is n*r, so
+# its alpha is n*alpha (PEFT's rank_pattern / alpha_pattern when other modules
+# keep rank r), keeping the scale alpha / r. Conv1D weights are [in, out]:
+# PEFT's `fan_in_fan_out` is True; lora_A / lora_B keep nn.Linear's layout.
+
+
+def _gpt2_module(path: tuple[str, ...]) -> tuple[str, int | None]:
+    """(GPT-2 module name under `transformer.`, third of c_attn or None)."""
+    from fmjax.convert import gpt2
+
+    name, third = gpt2.tensor_name((*path, "kernel"))
+    return name.removesuffix(".weight"), third
+
+
+def gpt2_peft_tensors(lora_params, lora_config: LoraConfig, d_model: int):
+    """({HF module: (lora_A [r', in], lora_B [out, r'])}, {module: r'/r}) of
+    fmjax decoder adapters, c_attn's three projections merged (see above)."""
+    merged: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for module, (a_IR, b_RO) in adapters_by_module(lora_params).items():
+        name, third = _gpt2_module(tuple(module.split("/")))
+        a_IR, b_RO = np.asarray(a_IR, np.float32), np.asarray(b_RO, np.float32)
+        if third is None:
+            out[name] = (a_IR.T.copy(), b_RO.T.copy())
+        else:
+            merged.setdefault(name, {})[third] = (a_IR, b_RO)
+    multiples = {}
+    for name, parts in merged.items():
+        rank = lora_config.rank
+        a_RI = np.concatenate([parts[t][0].T for t in sorted(parts)])
+        b_OR = np.zeros((3 * d_model, rank * len(parts)), np.float32)
+        for j, third in enumerate(sorted(parts)):
+            rows = slice(third * d_model, (third + 1) * d_model)
+            b_OR[rows, j * rank : (j + 1) * rank] = parts[third][1].T
+        # Contiguous: safetensors writes an array's memory as it lies.
+        out[name] = (np.ascontiguousarray(a_RI), b_OR)
+        multiples[name] = len(parts)
+    return out, multiples
+
+
+def save_peft_gpt2(
+    directory: str | os.PathLike,
+    lora_params,
+    lora_config: LoraConfig,
+    d_model: int,
+    *,
+    base_model_name_or_path: str = "",
+) -> str:
+    """Writes decoder adapters as a PEFT LoRA adapter for HF GPT2LMHeadModel."""
+    directory = os.fspath(directory)
+    modules, multiples = gpt2_peft_tensors(lora_params, lora_config, d_model)
+    if not modules:
+        raise FormatError("save_peft_gpt2: lora_params holds no adapters")
+    tensors = {}
+    for name, (a_RI, b_OR) in modules.items():
+        tensors[f"{PREFIX}transformer.{name}.lora_A.weight"] = a_RI
+        tensors[f"{PREFIX}transformer.{name}.lora_B.weight"] = b_OR
+    # Targets: "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj".
+    targets = {".".join(name.split(".")[-2:]) for name in modules}
+    rank, alpha = lora_config.rank, float(lora_config.alpha)
+    rank_pattern, alpha_pattern = {}, {}
+    if set(modules) == set(multiples) and len(set(multiples.values())) == 1:
+        (n,) = set(multiples.values())  # only c_attn, alike in every layer
+        rank, alpha = n * rank, n * alpha
+    else:
+        for name, n in multiples.items():
+            rank_pattern[re.escape(name)] = n * rank
+            alpha_pattern[re.escape(name)] = n * alpha
+    config = {
+        "alpha_pattern": alpha_pattern,
+        "base_model_name_or_path": base_model_name_or_path,
+        "bias": "none",
+        "fan_in_fan_out": True,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "lora_alpha": int(alpha) if alpha.is_integer() else alpha,
+        "lora_dropout": float(lora_config.dropout),
+        "modules_to_save": None,
+        "peft_type": "LORA",
+        "r": rank,
+        "rank_pattern": rank_pattern,
+        "target_modules": sorted(targets),
+        "task_type": "CAUSAL_LM",
+        "use_dora": False,
+        "use_rslora": False,
+    }
+    os.makedirs(directory, exist_ok=True)
+    save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS))
+    with open(os.path.join(directory, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+    return directory
+
+
+def merge_peft_gpt2(directory: str | os.PathLike, params, model_config) -> dict:
+    """`params` (an fmjax decoder's, from HF GPT-2) with the PEFT LoRA adapter
+    in `directory` folded into its kernels: W += (alpha / r) * (B A)^T per
+    module, c_attn's columns split into query, key and value."""
+    from fmjax.convert import gpt2
+    from fmjax.models.registry import param_axes
+
+    directory = os.fspath(directory)
+    weights_path = os.path.join(directory, ADAPTER_WEIGHTS)
+    if not os.path.isfile(weights_path):
+        refuse_pickles(directory)
+        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {directory!r}")
+    with open(os.path.join(directory, ADAPTER_CONFIG), encoding="utf-8") as f:
+        config = json.load(f)
+    for key, ok in (("peft_type", "LORA"), ("use_dora", False), ("bias", "none")):
+        if config.get(key, ok) != ok:
+            raise FormatError(f"{directory}: {key}={config[key]!r}; fmjax needs {ok!r}")
+    found: dict[str, dict[str, np.ndarray]] = {}
+    for tensor, value in load_file(weights_path).items():
+        match = _TENSOR.fullmatch(tensor.removeprefix(PREFIX))
+        if not tensor.startswith(PREFIX) or match is None:
+            raise FormatError(f"{weights_path}: {tensor!r} is not a LoRA weight")
+        module = match["module"].removeprefix(gpt2.PREFIX)
+        found.setdefault(module, {})[match["ab"]] = np.asarray(value, np.float32)
+    flat = flax.traverse_util.flatten_dict(params)
+    by_name: dict[str, list[tuple[tuple[str, ...], int | None]]] = {}
+    for path in flat:
+        if path[-1] == "kernel":
+            try:
+                name, third = _gpt2_module(path[:-1])
+            except KeyError:
+                continue
+            by_name.setdefault(name, []).append((path, third))
+    axes = param_axes(model_config)
+    out = dict(flat)
+    for module, ab in sorted(found.items()):
+        if module not in by_name or set(ab) != {"A", "B"}:
+            raise FormatError(
+                f"{weights_path}: {module!r} is not a GPT-2 projection of this "
+                "model, or lacks lora_A / lora_B"
+            )
+        rank = _pattern(config.get("rank_pattern", {}), module, config["r"])
+        alpha = _pattern(config.get("alpha_pattern", {}), module, config["lora_alpha"])
+        delta_IO = (ab["B"] @ ab["A"]).T * (float(alpha) / rank)  # [in, out]
+        for path, third in by_name[module]:
+            kernel = np.asarray(out[path], np.float32)
+            n_in, n_out = matrix_shape(axes["/".join(path)], kernel.shape, path)
+            part = delta_IO
+            if third is not None:
+                part = delta_IO[:, third * n_out : (third + 1) * n_out]
+            if part.shape != (n_in, n_out):
+                raise FormatError(
+                    f"{weights_path}: {module} gives a [{part.shape}] update; fmjax "
+                    f"kernel {'/'.join(path)} is [{n_in}, {n_out}]"
+                )
+            out[path] = (kernel.reshape(n_in, n_out) + part).reshape(kernel.shape)
+    return flax.traverse_util.unflatten_dict(out)
+
+
+def _pattern(patterns: Mapping[str, float], module: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module name
+    that equals it or ends with "." + it."""
+    for key, value in patterns.items():
+        if re.fullmatch(rf"(.*\.)?{key}", module):
+            return value
+    return default
