@@ -113,7 +113,7 @@ class DecodeState(NamedTuple):
     """What the decode loop carries (all arrays: it passes between jitted calls)."""
 
     cache: list[dict[str, Array]]
-    valid_BC: Array  # cache slots that hold a token (False: left padding)
+    valid_BS: Array  # cache slots that hold a token (False: left padding)
     token_B: Array  # the last sampled token, fed next
     position_B: Array  # its position
     tokens_BN: Array  # the new tokens so far (pad after EOS)
@@ -126,12 +126,12 @@ def _step_keys(keys_B: Array, step: Array) -> Array:
     return jax.vmap(lambda key: jax.random.fold_in(key, step))(keys_B)
 
 
-def _mask(valid_BC: Array, last_slot_L: Array) -> Array:
-    """[B,1,L,C]: query i (at cache slot last_slot_L[i]) sees the filled cache
+def _mask(valid_BS: Array, last_slot_L: Array) -> Array:
+    """[B,1,L,S]: query i (at cache slot last_slot_L[i]) sees the filled cache
     slots up to its own (prefix slots, soft tokens, its prompt, new tokens)."""
-    slots_C = jnp.arange(valid_BC.shape[1])
-    causal_LC = slots_C[None, :] <= last_slot_L[:, None]
-    return valid_BC[:, None, None, :] & causal_LC[None, None]
+    slots_S = jnp.arange(valid_BS.shape[1])
+    causal_LS = slots_S[None, :] <= last_slot_L[:, None]
+    return valid_BS[:, None, None, :] & causal_LS[None, None]
 
 
 def _model_inputs(kwargs: dict, prefill: bool) -> dict:
@@ -187,7 +187,7 @@ def prefill(
     columns_P = jnp.arange(width)[None, :]
     positions_BP = jnp.maximum(columns_P - pads_B1, 0).astype(jnp.int32)
     valid_BP = columns_P >= pads_B1
-    valid_BC = jnp.concatenate(
+    valid_BS = jnp.concatenate(
         [
             jnp.ones((batch, num_prefix + num_prompt), bool),
             valid_BP,
@@ -195,7 +195,7 @@ def prefill(
         ],
         axis=1,
     )
-    mask = _mask(valid_BC, num_prefix + jnp.arange(num_prompt + width))
+    mask = _mask(valid_BS, num_prefix + jnp.arange(num_prompt + width))
     out = module.apply(
         {"params": params},
         tokens_BP,
@@ -210,7 +210,7 @@ def prefill(
     token_B = sample(logits_BV, _step_keys(keys_B, step), sampling)
     state = DecodeState(
         cache=out["cache"],
-        valid_BC=valid_BC,
+        valid_BS=valid_BS,
         token_B=token_B,
         position_B=lengths_B.astype(jnp.int32),
         tokens_BN=_record(
@@ -233,7 +233,7 @@ def decode_step(
 ) -> tuple[Array, list[dict[str, Array]]]:
     """Feeds each row's last token; returns its logits [B,V] and the cache."""
     slot = state.cache[0]["end_index"]
-    mask = _mask(state.valid_BC, slot[None])
+    mask = _mask(state.valid_BS, slot[None])
     out = module.apply(
         {"params": params},
         state.token_B[:, None],

@@ -289,10 +289,10 @@ class Attention(nn.Module):
     mask (`make_attention_mask(..., num_prefix=T)`). No RoPE on prefix keys: they
     have no position (like cached keys rotated before the text began).
 
-    `cache` (decoding, `init_cache`): {"k": [B,G,C,K], "v": [B,G,K,C],
+    `cache` (decoding, `init_cache`): {"k": [B,G,S,K], "v": [B,G,K,S],
     "end_index": int32}, laid out as the attention matmuls read them, so a
     decode step copies nothing. This call's keys/values are written at slots
-    end_index .. end_index+L-1 and the queries read all C slots, so the mask,
+    end_index .. end_index+L-1 and the queries read all S slots, so the mask,
     built by the caller, says which slots each query sees. Prefix-tuning slots
     live in the cache (`init_cache(prefix_kv=...)`), not in `prefix_kv`.
     Returns (out, cache); the cache is None when none was given.

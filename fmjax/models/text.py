@@ -285,8 +285,8 @@ class TextDecoder(nn.Module):
 
     Decoding (`fmjax.inference.generate`) passes `cache`, one layer cache per
     layer (`init_cache`), with `positions_BL` and the attention mask
-    `mask_B1LS` [B, 1, T+L, T'+C] that the caller builds over the T' prefix
-    slots and C cache slots (segment ids are not read); the output then holds
+    `mask_B1LS` [B, 1, T+L, S] that the caller builds over the S cache slots
+    (prefix slots first; segment ids are not read); the output then holds
     the updated "cache". `last_only` computes hidden states and logits for the
     last position only ([B,1,...]), all a sampler needs after a prefill.
     """
