@@ -174,6 +174,8 @@ DEFAULT_RULES = (
     ("type_vocab", None),
     ("position", None),
     ("classes", None),
+    ("patch", None),
+    ("decoder_embed", None),
 )
 
 

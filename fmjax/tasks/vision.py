@@ -1,0 +1,285 @@
+"""Vision tasks on a ViT (`fmjax.models.vision`): supervised image
+classification (`image_classify`, configs/vit_supervised.py) and masked
+autoencoding (`mae`, configs/vit_mae.py).
+
+Data: any TFDS image dataset with `image` and `label` features, by name
+(`fashion_mnist` ships, built from Debian's dataset-fashion-mnist; `cifar10`
+or `imagenet2012` where prepared). Images are decoded, augmented
+(`data.augment`, ops of `fmjax.data.images`), resized to the model's
+`image_size` and normalised with `data.mean` / `data.std` in the grain
+pipeline.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fmjax import objectives
+from fmjax.config import ConfigError
+from fmjax.data import images as image_data
+from fmjax.data import sources
+from fmjax.models.registry import model_config as parse_model_config
+from fmjax.models.vision import patchify
+from fmjax.tasks.base import (
+    Task,
+    on_process_zero_first,
+    validate_data_shards,
+    validate_sizes,
+)
+
+
+def _image_features(name: str, data_dir: str, need_labels: bool) -> int:
+    """The dataset's number of classes (0 without labels), after checking that
+    it has the features a vision task reads."""
+    info = sources.dataset_info(name, data_dir)
+    features = info.features
+    if "image" not in features:
+        raise ConfigError(
+            f"data.name={name!r} has features {sorted(features)}; a vision task "
+            "reads an 'image' feature"
+        )
+    if "label" not in features:
+        if need_labels:
+            raise ConfigError(
+                f"data.name={name!r} has no 'label' feature (features: "
+                f"{sorted(features)}); image classification needs labels"
+            )
+        return 0
+    return int(features["label"].num_classes)
+
+
+class ImageTask(Task):
+    """What the vision tasks share: a ViT config, image data and pipelines."""
+
+    throughput_unit = "images"
+    model_kind = "vit"
+    needs_labels = False
+
+    def __init__(self, config, model_config, *, with_data: bool):
+        super().__init__(config, model_config)
+        data = config.data
+        self.data_name = data.name
+        self.data_dir = data.data_dir or sources.default_data_dir()
+        self.train_split = data.train_split
+        self.image_size = model_config.image_size
+        self.channels = model_config.channels
+        self._sources = {}
+        if with_data:
+            for split in (data.train_split, data.eval_split):
+                self._source(split)  # a bad split name fails here, before compute
+
+    @classmethod
+    def from_config(cls, config, *, with_data: bool = True) -> ImageTask:
+        config = copy.deepcopy(config)
+        validate_sizes(config)
+        if config.model.get("kind") != cls.model_kind:
+            raise ConfigError(
+                f"model.kind={config.model.get('kind')!r}: {config.objective.name} "
+                f"trains model.kind={cls.model_kind!r}"
+            )
+        cls.validate(config)
+        for spec in config.data.get("augment", ()):
+            try:
+                image_data.parse_op(spec)
+            except (ValueError, SyntaxError) as e:
+                raise ConfigError(f"data.augment: {e}") from None
+        if with_data:
+            validate_data_shards(config)
+            data_dir = config.data.data_dir or sources.default_data_dir()
+            name = config.data.name
+            try:
+                sources.check_dataset(name, data_dir)
+                if name in sources.SHIPPED:
+                    on_process_zero_first(lambda: sources.prepare(name, data_dir))
+                classes = _image_features(name, data_dir, cls.needs_labels)
+            except (sources.DatasetNotFoundError, FileNotFoundError) as e:
+                raise ConfigError(f"data.name={name!r}: {e}") from None
+            if cls.needs_labels:
+                config.model.num_classes = classes
+        try:
+            model_config = parse_model_config(config.model)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"model: {e}") from None
+        return cls(config, model_config, with_data=with_data)
+
+    @classmethod
+    def validate(cls, config) -> None:
+        """Checks of the objective's own settings (before any data is read)."""
+
+    # --- data ---------------------------------------------------------------------
+
+    def _source(self, split: str):
+        if split not in self._sources:
+            try:
+                self._sources[split] = sources.load_source(
+                    self.data_name, split, self.data_dir
+                )
+            except ValueError as e:
+                raise ConfigError(
+                    f"data split {split!r} of {self.data_name!r}: {e}"
+                ) from None
+        return self._sources[split]
+
+    def abstract_batch(self, rows: int) -> dict[str, jax.ShapeDtypeStruct]:
+        shape = (rows, self.image_size, self.image_size, self.channels)
+        return {
+            "images": jax.ShapeDtypeStruct(shape, np.float32),
+            "labels": jax.ShapeDtypeStruct((rows,), np.int32),
+            "weights": jax.ShapeDtypeStruct((rows,), np.float32),
+        }
+
+    def _pipeline(self, **kwargs):
+        data = self.config.data
+        return dict(
+            image_size=self.image_size,
+            channels=self.channels,
+            mean=tuple(data.mean),
+            std=tuple(data.std),
+            **kwargs,
+        )
+
+    def train_iterator(self):
+        source = self._source(self.train_split)
+        data = self.config.data
+
+        def shard(index: int, count: int, rows: int):
+            return image_data.make_image_iterator(
+                source,
+                **self._pipeline(
+                    batch_size=rows,
+                    seed=data.shuffle_seed,
+                    augment=tuple(data.augment),
+                    process_index=index,
+                    process_count=count,
+                ),
+            )
+
+        return self.sharded_iterator(shard)
+
+    def eval_iterator(self, split: str | None = None):
+        """This process's slice of `split`, every image once, not augmented."""
+        return image_data.make_image_iterator(
+            self._source(split or self.eval_split),
+            **self._pipeline(
+                batch_size=self.batch_size // jax.process_count(),
+                seed=0,
+                shuffle=False,
+                repeat=False,
+                drop_remainder=False,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+            ),
+        )
+
+    def throughput(self, local_batch) -> int:
+        return int(np.count_nonzero(local_batch["weights"]))
+
+    def summary(self) -> dict:
+        return {"train_examples": len(self._source(self.train_split))}
+
+    def save_assets(self, directory: str) -> None:
+        """No tokenizer: a ViT's input is pixels (the config holds mean/std)."""
+
+
+class ImageClassifyTask(ImageTask):
+    """Cross-entropy on labels over the ViT's pooled features (the supervised
+    baseline of the self-supervised objectives)."""
+
+    objectives = ("image_classify",)
+    needs_labels = True
+
+    @classmethod
+    def validate(cls, config) -> None:
+        del config  # num_classes comes from the data's label feature
+
+    def loss_fn(self, model, adaptation=None):
+        adaptation = adaptation or self.adaptation
+
+        def loss_fn(params, frozen, batch, rng, train: bool) -> dict:
+            dropout_rng, adapter_rng = jax.random.split(rng)
+            out = adaptation.apply(
+                model,
+                params,
+                frozen,
+                adapter_rng,
+                train,
+                batch["images"],
+                deterministic=not train,
+                rngs={"dropout": dropout_rng},
+            )
+            _, sums = objectives.classification_loss(
+                out["logits"], batch["labels"], batch["weights"]
+            )
+            return sums
+
+        return loss_fn
+
+    def summarize(self, sums) -> dict[str, float]:
+        out = objectives.summarize(sums)
+        return {k: float(out[k]) for k in ("loss", "accuracy", "count")}
+
+
+def mae_loss(pred_BPX, images_BHWC, mask_BP, weights_B, patch: int, norm_pix: bool):
+    """MAE's loss sums: squared error per patch (against the patch's pixels,
+    normalised by their own mean and variance with `norm_pix`), averaged over
+    the patch, summed over masked patches of real rows; `count` = those
+    patches."""
+    target_BPX = patchify(images_BHWC.astype(jnp.float32), patch)
+    if norm_pix:
+        mean_BP1 = target_BPX.mean(axis=-1, keepdims=True)
+        var_BP1 = target_BPX.var(axis=-1, keepdims=True)
+        target_BPX = (target_BPX - mean_BP1) / jnp.sqrt(var_BP1 + 1e-6)
+    error_BP = jnp.mean((pred_BPX - target_BPX) ** 2, axis=-1)
+    weight_BP = mask_BP * weights_B[:, None]
+    return {"loss_sum": jnp.sum(error_BP * weight_BP), "count": jnp.sum(weight_BP)}
+
+
+class MaeTask(ImageTask):
+    """Masked autoencoding (configs/vit_mae.py): `objective.mask_ratio` of the
+    patches hidden per example (75% by default), the loss on those only,
+    normalised-pixel targets by default (`objective.norm_pix_loss`). Eval
+    masks are drawn from a fixed seed, so the eval loss is deterministic."""
+
+    objectives = ("mae",)
+    model_kind = "vit_mae"
+
+    @classmethod
+    def validate(cls, config) -> None:
+        ratio = config.objective.get("mask_ratio", 0.75)
+        if not 0.0 < ratio < 1.0:
+            raise ConfigError(f"objective.mask_ratio={ratio}: expected in (0, 1)")
+
+    def loss_fn(self, model, adaptation=None):
+        adaptation = adaptation or self.adaptation
+        cfg, objective = self.model_config, self.config.objective
+        ratio = objective.get("mask_ratio", 0.75)
+        norm_pix = objective.get("norm_pix_loss", True)
+        eval_key = jax.random.key(objective.get("eval_mask_seed", 0))
+
+        def loss_fn(params, frozen, batch, rng, train: bool) -> dict:
+            mask_rng, dropout_rng, adapter_rng = jax.random.split(rng, 3)
+            images = batch["images"]
+            noise_key = mask_rng if train else eval_key
+            noise_BP = jax.random.uniform(noise_key, (images.shape[0], cfg.num_patches))
+            out = adaptation.apply(
+                model,
+                params,
+                frozen,
+                adapter_rng,
+                train,
+                images,
+                noise_BP=noise_BP,
+                mask_ratio=ratio,
+                deterministic=not train,
+                rngs={"dropout": dropout_rng},
+            )
+            return mae_loss(
+                out["pred"], images, out["mask"], batch["weights"],
+                cfg.patch_size, norm_pix,
+            )  # fmt: skip
+
+        return loss_fn

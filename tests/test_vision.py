@@ -1,0 +1,315 @@
+"""Vision: the ViT (patches, positions, readouts, the shared Block), the
+Fashion-MNIST builder, image pipelines and augmentations, and a supervised
+ViT run end to end."""
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+from conftest import TINY
+
+from fmjax import cli
+from fmjax.data import images as image_data
+from fmjax.data import sources
+from fmjax.models import build_model, model_config, param_axes
+from fmjax.models.registry import abstract_model_params
+from fmjax.models.text import count_params
+from fmjax.models.vision import patchify, sincos2d_positions, unpatchify
+
+VIT = dict(kind="vit", image_size=28, patch_size=7, channels=1, d_model=32,
+           num_layers=2, num_heads=2, head_dim=16, mlp_dim=64)  # fmt: skip
+
+
+def test_patchify_round_trip_and_patch_order():
+    images = np.random.default_rng(0).random((2, 28, 28, 3)).astype(np.float32)
+    patches = patchify(images, 7)
+    assert patches.shape == (2, 16, 7 * 7 * 3)
+    # Patch 5 is row 1, column 1 of the 4 x 4 grid, flattened (row, col, channel).
+    np.testing.assert_array_equal(patches[1, 5], images[1, 7:14, 7:14].reshape(-1))
+    np.testing.assert_array_equal(unpatchify(patches, 7, 3), images)
+
+
+def test_sincos_positions_encode_row_and_column():
+    table = sincos2d_positions(4, 32)
+    assert table.shape == (16, 32) and np.abs(table).max() <= 1.0
+    grid = table.reshape(4, 4, 32)
+    # The first half depends on the column only, the second on the row only.
+    np.testing.assert_allclose(grid[0, :, :16], grid[3, :, :16])
+    np.testing.assert_allclose(grid[:, 0, 16:], grid[:, 2, 16:])
+    assert len({row.tobytes() for row in table}) == 16
+
+
+def test_vit_b16_has_the_reference_parameter_count():
+    """ViT-B/16 with a 1000-class head: 86,567,656 params with learned
+    positions (197 x 768, cls included) in the reference; fmjax's learned table
+    has no cls row (196), and 2-D sin-cos positions are not params."""
+    b16 = dict(kind="vit", image_size=224, patch_size=16, channels=3, d_model=768,
+               num_layers=12, num_heads=12, head_dim=64, mlp_dim=3072,
+               num_classes=1000)  # fmt: skip
+    sincos = count_params(abstract_model_params(b16))
+    learned = count_params(abstract_model_params({**b16, "position": "learned"}))
+    assert sincos == 86_567_656 - 197 * 768
+    assert learned == 86_567_656 - 768
+
+
+def test_vit_reuses_the_text_block_and_its_logical_axes():
+    vit_axes = param_axes(model_config(VIT))
+    text = {k.split(".", 1)[1]: v for k, v in TINY.items() if k.startswith("model")}
+    text_axes = param_axes(
+        model_config({"kind": "decoder", "num_layers": 2, "num_heads": 2, **text})
+    )
+    layer = {k: v for k, v in vit_axes.items() if k.startswith("layers_0/")}
+    assert layer == {k: v for k, v in text_axes.items() if k.startswith("layers_0/")}
+    assert vit_axes["patch_embed/kernel"] == ("patch", "embed")
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean", "map"])
+def test_readouts_and_kept_patches(pool):
+    cfg = model_config({**VIT, "pool": pool, "num_classes": 10})
+    module = build_model(cfg)
+    images = jax.random.normal(jax.random.key(0), (3, 28, 28, 1))
+    params = nn.unbox(jax.jit(module.init)(jax.random.key(1), images)["params"])
+    apply = jax.jit(
+        lambda p, x, keep=None: module.apply({"params": p}, x, keep_BK=keep)
+    )
+    out = apply(params, images)
+    tokens = 16 + (pool == "cls")
+    assert out["hidden"].shape == (3, tokens, 32) and out["logits"].shape == (3, 10)
+    # Keeping every patch in order changes nothing; keeping 4 runs 4 tokens.
+    keep_all = np.broadcast_to(np.arange(16), (3, 16))
+    np.testing.assert_allclose(
+        apply(params, images, keep_all)["logits"],
+        out["logits"],
+        atol=1e-5,
+    )
+    keep = np.stack([np.random.default_rng(i).permutation(16)[:4] for i in range(3)])
+    kept = apply(params, images, keep)["hidden"]
+    assert kept.shape == (3, 4 + (pool == "cls"), 32)
+    # A patch outside the kept set does not matter.
+    other = np.asarray(images).copy()
+    dropped = [p for p in range(16) if p not in keep[0]][0]
+    r, c = divmod(dropped, 4)
+    other[0, 7 * r : 7 * r + 7, 7 * c : 7 * c + 7] += 5.0
+    again = apply(params, other, keep)["hidden"]
+    np.testing.assert_allclose(again, kept, atol=1e-5)
+
+
+def test_vit_refuses_images_of_another_shape():
+    module = build_model(VIT)
+    with pytest.raises(ValueError, match=r"expected \[B, 28, 28, 1\]"):
+        module.init(jax.random.key(0), np.zeros((1, 32, 32, 1), np.float32))
+    with pytest.raises(ValueError, match="patch_size=5"):
+        model_config({**VIT, "patch_size": 5})
+
+
+# --- data -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def fashion_data(fashion_dir, tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("fashion_data")
+    sources.prepare("fashion_mnist", str(data_dir))
+    return data_dir
+
+
+def test_fashion_mnist_builder_has_the_catalog_features(fashion_dir, fashion_data):
+    info = sources.dataset_info("fashion_mnist", str(fashion_data))
+    assert info.features["image"].shape == (28, 28, 1)
+    assert info.features["label"].names[0] == "T-shirt/top"
+    assert info.features["label"].num_classes == 10
+    source = sources.load_source("fashion_mnist", "test", str(fashion_data))
+    assert len(source) == 96
+    raw = sources.read_idx(fashion_dir / "t10k-images-idx3-ubyte.gz")
+    labels = sources.read_idx(fashion_dir / "t10k-labels-idx1-ubyte.gz")
+    by_pixels = {
+        image.tobytes(): label for image, label in zip(raw, labels, strict=True)
+    }
+    for i in range(len(source)):  # TFDS shuffles: match examples by their pixels
+        example = source[i]
+        assert example["image"].dtype == np.uint8
+        assert by_pixels[example["image"][..., 0].tobytes()] == example["label"]
+
+
+def test_fashion_mnist_without_the_package_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("FMJAX_FASHION_MNIST_DIR", str(tmp_path))
+    with pytest.raises(
+        FileNotFoundError, match="apt-get install dataset-fashion-mnist"
+    ):
+        sources.prepare("fashion_mnist", str(tmp_path / "data"))
+
+
+def test_augmentations_are_seeded_and_keep_shapes():
+    image = np.random.default_rng(0).integers(0, 256, (28, 28, 1), np.uint8)
+    ops = ("random_resized_crop(scale=0.3)", "flip", "jitter", "blur(p=1.0)",
+           "solarize(p=1.0)", "gray_to_rgb")  # fmt: skip
+    augment = image_data.Augment(ops, 24, 1, (0.0,), (1.0,))
+    a = augment.view(image, np.random.default_rng(5))
+    b = augment.view(image, np.random.default_rng(5))
+    c = augment.view(image, np.random.default_rng(6))
+    assert a.shape == (24, 24, 3) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert 0.0 <= a.min() and a.max() <= 1.0
+    flipped = image_data.flip(image / 255.0, np.random.default_rng(0), size=28, p=1.0)
+    np.testing.assert_array_equal(flipped, (image / 255.0)[:, ::-1])
+    for bad in ("rotate", "flip(p=)", "flip(0.5)"):
+        with pytest.raises((ValueError, SyntaxError)):
+            image_data.parse_op(bad)
+
+
+def test_image_pipeline_resumes_exactly(fashion_data):
+    source = sources.load_source("fashion_mnist", "train", str(fashion_data))
+    settings = dict(image_size=28, channels=1, batch_size=8, seed=3,
+                    augment=("random_resized_crop", "flip"))  # fmt: skip
+    it = image_data.make_image_iterator(source, **settings)
+    next(it), next(it)
+    state = it.get_state()
+    want = [next(it) for _ in range(2)]
+    again = image_data.make_image_iterator(source, **settings)
+    again.set_state(state)
+    for batch in want:
+        got = next(again)
+        for key in image_data.BATCH_KEYS:
+            np.testing.assert_array_equal(got[key], batch[key])
+    assert want[0]["images"].shape == (8, 28, 28, 1)
+
+
+# --- end to end ---------------------------------------------------------------------
+
+
+def test_supervised_vit_trains_evaluates_and_exports(fashion_data, tmp_path, capsys):
+    workdir = str(tmp_path / "vit")
+    values = {
+        "data.data_dir": fashion_data,
+        "train.progress": False,
+        "train.steps": 30,
+        "train.eval_every": 30,
+        "optimizer.learning_rate": 3e-3,
+        "mesh.num_devices": 1,
+    }
+    overrides = [f"--config.{k}={v}" for k, v in values.items()]
+    argv = ["train", "--config", "configs/vit_supervised.py:tiny", "--workdir", workdir]
+    assert cli.main(argv + overrides) == 0
+    summary = json.load(open(os.path.join(workdir, "summary.json")))
+    records = [
+        json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))
+    ]
+    evals = [r for r in records if r["split"] == "eval"]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 30
+    # 30 steps of 16 images: far from trained, but above chance (0.1) on 32
+    # held-out images (9 or more right by chance: p < 0.01).
+    assert evals[-1]["loss"] < evals[0]["loss"] - 0.1, evals
+    assert summary["eval"]["accuracy"] > 0.25, summary["eval"]
+    assert all("images_per_s" in r for r in records if r["split"] == "train")
+    assert os.path.exists(os.path.join(workdir, "export", "model.safetensors"))
+    capsys.readouterr()
+    assert cli.main(["eval", "--workdir", workdir]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert np.isclose(result["accuracy"], summary["eval"]["accuracy"])
+
+
+# --- MAE --------------------------------------------------------------------------
+
+MAE = {**VIT, "kind": "vit_mae", "decoder_d_model": 16, "decoder_layers": 1,
+       "decoder_heads": 2, "decoder_head_dim": 8, "decoder_mlp_dim": 32}  # fmt: skip
+
+
+def test_random_masking_keeps_exactly_the_ratio_per_example():
+    from fmjax.models.vision import random_masking
+
+    noise = jax.random.uniform(jax.random.key(0), (5, 16))
+    keep_BK, restore_BP, mask_BP = random_masking(noise, 4)
+    assert keep_BK.shape == (5, 4)
+    np.testing.assert_array_equal(np.asarray(mask_BP).sum(axis=1), 12)
+    for b in range(5):
+        kept = set(np.asarray(keep_BK[b]).tolist())
+        assert kept == set(np.argsort(np.asarray(noise[b]))[:4].tolist())
+        assert kept == {p for p in range(16) if mask_BP[b, p] == 0}
+        shuffle = np.argsort(np.asarray(noise[b]))
+        np.testing.assert_array_equal(shuffle[np.asarray(restore_BP[b])], np.arange(16))
+
+
+@pytest.fixture(scope="module")
+def mae():
+    module = build_model(MAE)
+    images = jax.random.normal(jax.random.key(0), (2, 28, 28, 1))
+    noise = jax.random.uniform(jax.random.key(1), (2, 16))
+    params = nn.unbox(
+        jax.jit(module.init)(jax.random.key(2), images, noise_BP=noise)["params"]
+    )
+    params = jax.tree.map(  # off the init: biases and the mask token matter
+        lambda p: p + 0.1 * jax.random.normal(jax.random.key(3), p.shape), params
+    )
+    apply = jax.jit(lambda i, n: module.apply({"params": params}, i, noise_BP=n))
+    return apply, np.asarray(images), np.asarray(noise)
+
+
+def test_mae_encoder_sees_only_visible_patches_and_order_is_restored(mae):
+    apply, images, noise = mae
+    out = apply(images, noise)
+    assert out["pred"].shape == (2, 16, 49) and out["hidden"].shape == (2, 5, 32)
+    mask = np.asarray(out["mask"])
+    # A masked patch's pixels change nothing.
+    hidden = int(np.flatnonzero(mask[0])[0])
+    other = images.copy()
+    r, c = divmod(hidden, 4)
+    other[0, 7 * r : 7 * r + 7, 7 * c : 7 * c + 7] += 3.0
+    np.testing.assert_allclose(apply(other, noise)["pred"], out["pred"], atol=1e-5)
+    # Reordering the kept patches (same kept set) gives the same prediction:
+    # the decoder puts every token back at its patch.
+    reordered = noise.copy()
+    kept = np.flatnonzero(mask[0] == 0)
+    reordered[0, kept] = noise[0, kept][::-1]
+    again = apply(images, reordered)
+    np.testing.assert_array_equal(np.asarray(again["mask"]), mask)
+    np.testing.assert_allclose(again["pred"], out["pred"], atol=1e-5)
+
+
+def test_mae_loss_counts_masked_patches_with_normalised_targets():
+    from fmjax.tasks.vision import mae_loss
+
+    rng = np.random.default_rng(0)
+    images = rng.random((2, 28, 28, 1)).astype(np.float32)
+    pred = rng.random((2, 16, 49)).astype(np.float32)
+    mask = (rng.random((2, 16)) < 0.75).astype(np.float32)
+    weights = np.asarray([1.0, 0.0], np.float32)  # the second row is padding
+    sums = mae_loss(pred, images, mask, weights, 7, norm_pix=True)
+    target = np.asarray(patchify(images, 7), np.float64)
+    target = (target - target.mean(-1, keepdims=True)) / np.sqrt(
+        target.var(-1, keepdims=True) + 1e-6
+    )
+    error = ((pred - target) ** 2).mean(-1)
+    np.testing.assert_allclose(sums["loss_sum"], (error[0] * mask[0]).sum(), rtol=1e-5)
+    assert float(sums["count"]) == mask[0].sum()
+
+
+def test_mae_trains_and_its_eval_loss_is_deterministic(fashion_data, tmp_path, capsys):
+    workdir = str(tmp_path / "mae")
+    values = {
+        "data.data_dir": fashion_data,
+        "train.progress": False,
+        "train.steps": 20,
+        "train.eval_every": 20,
+        "optimizer.learning_rate": 3e-3,
+        "mesh.num_devices": 1,
+    }
+    overrides = [f"--config.{k}={v}" for k, v in values.items()]
+    argv = ["train", "--config", "configs/vit_mae.py:tiny", "--workdir", workdir]
+    assert cli.main(argv + overrides) == 0
+    summary = json.load(open(os.path.join(workdir, "summary.json")))
+    records = [
+        json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))
+    ]
+    evals = [r for r in records if r["split"] == "eval"]
+    # Normalised-pixel targets: predicting 0 (each patch's mean) costs at most
+    # 1 a patch (less for blank background patches); an untrained decoder is
+    # near that, and 20 steps bring it down.
+    assert evals[0]["loss"] < 1.5, evals[0]
+    assert evals[-1]["loss"] < evals[0]["loss"] - 0.05, evals
+    capsys.readouterr()
+    assert cli.main(["eval", "--workdir", workdir]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["loss"] == summary["eval"]["loss"]
