@@ -53,6 +53,8 @@ from fmjax.tasks.classify import MODEL_OVERRIDES
 HEAD_FIELDS = (*MODEL_OVERRIDES, "mlm_head")
 
 POOLINGS = hf.POOLINGS
+# Model kinds whose input is pixels (no tokenizer).
+IMAGE_KINDS = ("vit", "vit_mae")
 
 
 class Model:
@@ -67,7 +69,7 @@ class Model:
         self.params = params
         self.tokenizer = tokenizer
         self.config = config
-        self.max_len = config.model.max_len
+        self.max_len = config.model.get("max_len", 0)  # text models only
         self.pooling = config.get("pooling", "mean")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling={self.pooling!r}: expected one of {POOLINGS}")
@@ -190,6 +192,51 @@ class Model:
         self.__dict__.pop("_apply", None)
         self.__dict__.pop("_generator", None)
         return self
+
+    # --- images ---------------------------------------------------------------------
+
+    @functools.cached_property
+    def _image_encoder(self):
+        """(jitted pooled-features fn, its params): a MAE's encoder alone."""
+        cfg = self.module.config
+        if cfg.kind not in IMAGE_KINDS:
+            raise ValueError(
+                f"embed_images needs an image model; this one is kind={cfg.kind!r}"
+            )
+        module, params = self.module, self.params
+        if cfg.kind == "vit_mae":
+            module, params = build_model(cfg.encoder_config()), params["encoder"]
+        apply = jax.jit(lambda p, x: module.apply({"params": p}, x)["pooled"])
+        return apply, params
+
+    def embed_images(self, images, batch_size: int = 64) -> np.ndarray:
+        """[N, D] float32 pooled features of uint8 images [N, H, W, C] (or
+        [N, H, W] grey), resized to the model's size and normalised with the
+        training config's data.mean / data.std."""
+        from fmjax.data.images import _resize, to_float
+
+        cfg = self.module.config
+        apply, params = self._image_encoder
+        images = np.asarray(images)
+        if images.ndim not in (3, 4) or images.dtype != np.uint8:
+            raise ValueError(
+                f"images of shape {images.shape} and dtype {images.dtype}; expected "
+                "uint8 [N, H, W, C] or [N, H, W]"
+            )
+        data = self.config.get("data", {})
+        channels = cfg.channels
+        mean = np.resize(np.asarray(data.get("mean", (0.5,)), np.float32), channels)
+        std = np.resize(np.asarray(data.get("std", (0.5,)), np.float32), channels)
+        out = []
+        for start in range(0, len(images), batch_size):
+            batch = [
+                (_resize(to_float(image, channels), cfg.image_size) - mean) / std
+                for image in images[start : start + batch_size]
+            ]
+            out.append(np.asarray(apply(params, np.stack(batch).astype(np.float32))))
+        if not out:
+            return np.zeros((0, cfg.d_model), np.float32)
+        return np.concatenate(out)
 
     # --- generation -----------------------------------------------------------------
 
@@ -380,7 +427,8 @@ def load(path: str) -> Model:
     else:
         params, config = load_export(path)
         config = ConfigDict(config)
-        tokenizer = load_tokenizer(find_export(path))
+        images = config.model.get("kind") in IMAGE_KINDS
+        tokenizer = None if images else load_tokenizer(find_export(path))
     module = build_model(config.model)
     params = jax.tree.map(jnp.asarray, params)
     return Model(module, params, tokenizer, config)

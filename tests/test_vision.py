@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import TINY
 
+import fmjax
 from fmjax import cli
 from fmjax.data import images as image_data
 from fmjax.data import sources
@@ -204,6 +205,9 @@ def test_supervised_vit_trains_evaluates_and_exports(fashion_data, tmp_path, cap
     assert evals[-1]["loss"] < evals[0]["loss"] - 0.1, evals
     assert summary["eval"]["accuracy"] > 0.25, summary["eval"]
     assert all("images_per_s" in r for r in records if r["split"] == "train")
+    features = summary["features"]  # the encoder's frozen features, evaluated
+    for key in ("knn_accuracy", "linear_probe_accuracy", "fewshot_10_accuracy"):
+        assert 0.2 < features[key] <= 1.0, features
     assert os.path.exists(os.path.join(workdir, "export", "model.safetensors"))
     capsys.readouterr()
     assert cli.main(["eval", "--workdir", workdir]) == 0
@@ -313,3 +317,65 @@ def test_mae_trains_and_its_eval_loss_is_deterministic(fashion_data, tmp_path, c
     assert cli.main(["eval", "--workdir", workdir]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["loss"] == summary["eval"]["loss"]
+    # fmjax eval reports the same frozen-feature evaluation as training did.
+    assert result["features"] == summary["features"]
+    # The encoder's features from raw uint8 images, through fmjax.load.
+    source = sources.load_source("fashion_mnist", "test", str(fashion_data))
+    raw = np.stack([source[i]["image"] for i in range(5)])
+    model = fmjax.load(workdir)
+    features = model.embed_images(raw)
+    assert features.shape == (5, 32) and np.isfinite(features).all()
+    np.testing.assert_allclose(model.embed_images(raw[:, :, :, 0])[2], features[2])
+    assert not np.allclose(features[0], features[1])
+
+
+# --- frozen-feature evaluations -----------------------------------------------------
+
+
+def test_knn_is_a_temperature_weighted_vote_of_the_nearest_neighbours():
+    from fmjax.eval.features import knn_accuracy
+
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(200, 8)).astype(np.float32)
+    labels = rng.integers(0, 3, 200)
+    test = rng.normal(size=(50, 8)).astype(np.float32)
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    sims = unit(test) @ unit(train).T
+    want = []
+    for row in sims:
+        top = np.argsort(-row)[:20]
+        votes = np.zeros(3)
+        np.add.at(votes, labels[top], np.exp(row[top] / 0.07))
+        want.append(np.argmax(votes))
+    truth = rng.integers(0, 3, 50)
+    got = knn_accuracy(train, labels, test, truth, 3)
+    assert got == pytest.approx(np.mean(np.asarray(want) == truth))
+
+
+def test_fewshot_ridge_and_linear_probe_read_separable_classes():
+    from fmjax.eval.features import (
+        feature_report,
+        fewshot_accuracy,
+        linear_probe_accuracy,
+    )
+
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(4, 16)) * 4
+    labels = rng.integers(0, 4, 400)
+    feats = centres[labels] + rng.normal(size=(400, 16))
+    test_labels = rng.integers(0, 4, 100)
+    test = centres[test_labels] + rng.normal(size=(100, 16))
+    assert fewshot_accuracy(feats, labels, test, test_labels, shots=5) > 0.95
+    assert linear_probe_accuracy(feats, labels, test, test_labels, 4) > 0.95
+    noise = rng.normal(size=(400, 16))  # features that know nothing
+    assert fewshot_accuracy(noise, labels, test, test_labels, shots=5) < 0.5
+    # Different seeds draw different shots: the spread is reported.
+    report = feature_report(feats, labels, test, test_labels, 4, shots=(1,))
+    assert set(report) == {"knn_accuracy", "linear_probe_accuracy",
+                           "fewshot_1_accuracy", "fewshot_1_std"}  # fmt: skip
+    with pytest.raises(ValueError, match="class 3 has"):
+        fewshot_accuracy(feats[labels != 3][:5], labels[labels != 3][:5] * 0 + 3,
+                         test, test_labels, shots=10)  # fmt: skip

@@ -13,6 +13,7 @@ pipeline.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,8 @@ from fmjax import objectives
 from fmjax.config import ConfigError
 from fmjax.data import images as image_data
 from fmjax.data import sources
+from fmjax.eval import features as feature_lib
+from fmjax.models.registry import build_model
 from fmjax.models.registry import model_config as parse_model_config
 from fmjax.models.vision import patchify
 from fmjax.tasks.base import (
@@ -52,8 +55,20 @@ def _image_features(name: str, data_dir: str, need_labels: bool) -> int:
     return int(features["label"].num_classes)
 
 
+@dataclasses.dataclass(frozen=True)
+class FeatureEvaluator:
+    """k-NN, few-shot and linear-probe accuracy of the trained encoder's frozen
+    features (`fmjax.eval.features`), reported as "features"."""
+
+    name: str = "features"
+
+    def __call__(self, context) -> dict:
+        return context.task.evaluate_features(context.params, context.frozen)
+
+
 class ImageTask(Task):
-    """What the vision tasks share: a ViT config, image data and pipelines."""
+    """What the vision tasks share: a ViT config, image data and pipelines,
+    and the evaluation of the encoder's frozen features."""
 
     throughput_unit = "images"
     model_kind = "vit"
@@ -181,6 +196,65 @@ class ImageTask(Task):
     def summary(self) -> dict:
         return {"train_examples": len(self._source(self.train_split))}
 
+    # --- frozen features ------------------------------------------------------------
+
+    @property
+    def evaluators(self) -> tuple:
+        settings = self.config.get("features", {})
+        return (FeatureEvaluator(),) if settings.get("evaluate", True) else ()
+
+    def encoder(self, params, frozen):
+        """(ViT module, its params) whose pooled output is the representation."""
+        merged, _ = self.adaptation.merged(params, frozen)
+        return build_model(self.model_config), merged
+
+    def features(self, params, frozen, split: str, limit: int):
+        """(pooled features [N, D], labels [N]) of up to `limit` (0: all)
+        un-augmented images of `split`, in the split's order."""
+        module, variables = self.encoder(params, frozen)
+        apply = jax.jit(lambda p, x: module.apply({"params": p}, x)["pooled"])
+        source = self._source(split)
+        if limit:
+            source = [source[i] for i in range(min(limit, len(source)))]
+        batches = image_data.make_image_iterator(
+            source,
+            **self._pipeline(
+                batch_size=min(self.batch_size, 256),
+                seed=0,
+                shuffle=False,
+                repeat=False,
+                drop_remainder=False,
+            ),
+        )
+        feats, labels = [], []
+        for batch in batches:
+            real = batch["weights"] > 0
+            feats.append(np.asarray(apply(variables, batch["images"]))[real])
+            labels.append(batch["labels"][real])
+        return np.concatenate(feats), np.concatenate(labels)
+
+    def evaluate_features(self, params, frozen) -> dict:
+        """`fmjax.eval.features.feature_report` of the train split's features
+        (up to `features.train_examples`) against the eval split's; empty
+        without labels or with several processes (features are gathered on
+        one host)."""
+        settings = self.config.get("features", {})
+        if jax.process_count() > 1:
+            return {}
+        classes = _image_features(self.data_name, self.data_dir, need_labels=False)
+        if not classes:
+            return {}
+        train = self.features(
+            params, frozen, self.train_split, settings.get("train_examples", 10_000)
+        )
+        test = self.features(
+            params, frozen, self.eval_split, settings.get("test_examples", 0)
+        )
+        smallest = min(np.bincount(train[1], minlength=classes))
+        shots = [s for s in settings.get("shots", (1, 5, 10, 25)) if s <= smallest]
+        seeds = tuple(settings.get("seeds", (0, 1, 2)))
+        return feature_lib.feature_report(*train, *test, classes, shots, seeds)
+
     def save_assets(self, directory: str) -> None:
         """No tokenizer: a ViT's input is pixels (the config holds mean/std)."""
 
@@ -246,6 +320,10 @@ class MaeTask(ImageTask):
 
     objectives = ("mae",)
     model_kind = "vit_mae"
+
+    def encoder(self, params, frozen):
+        merged, _ = self.adaptation.merged(params, frozen)
+        return build_model(self.model_config.encoder_config()), merged["encoder"]
 
     @classmethod
     def validate(cls, config) -> None:

@@ -324,6 +324,18 @@ def evaluate_workdir(config, workdir: str) -> dict:
         metrics = evaluate(
             run.task, eval_fn, state, run.mesh, config.train.eval_batches
         )
+        context = EvalContext(
+            task=run.task,
+            model=run.model,
+            params=state.params,
+            frozen=state.frozen,
+            evaluate=lambda split: evaluate(
+                run.task, eval_fn, state, run.mesh, 0, split
+            ),
+        )
+        results = {e.name: e(context) for e in run.task.evaluators}
     writer = MetricsWriter(workdir, tensorboard=False)
     writer.write(step, "eval", metrics)
-    return {"step": step, **metrics}
+    for name, values in results.items():
+        writer.write(step, name, values)
+    return {"step": step, **metrics, **results}

@@ -1,0 +1,1 @@
+"""Evaluations after training that read a model without changing it."""
