@@ -56,6 +56,12 @@ def get_config(variant: str = "small"):
         learning_rate=1.5e-3, warmup_steps=100, b2=0.95, weight_decay=0.05
     )
     c.train.update(steps=2000, eval_every=500)
+    # After training and in `fmjax eval`: the encoder's frozen features on the
+    # labels (k-NN, few-shot ridge per shot count over seeds, linear probe).
+    c.features = dict(
+        evaluate=True, train_examples=10_000, test_examples=0,
+        shots=(1, 5, 10, 25), seeds=(0, 1, 2),
+    )  # fmt: skip
     if variant == "tiny":
         c.data.update(batch_size=16)
         c.train.update(steps=20, eval_every=10, eval_batches=2)

@@ -93,8 +93,10 @@ def test_config_from_dict_rejects_unknown_key_and_roundtrips():
     assert TransformerConfig.from_dict(DEC_CFG.to_dict()) == DEC_CFG
     with pytest.raises(ValueError, match="kind='vit'"):
         TransformerConfig(**TINY, kind="vit")
-    with pytest.raises(ValueError, match="model.kind='vit'"):
-        build_model({**TINY, "kind": "vit"})
+    with pytest.raises(ValueError, match="model.kind='clip'"):
+        build_model({**TINY, "kind": "clip"})
+    with pytest.raises(ValueError, match="unknown keys.*vocab_size"):
+        build_model({**TINY, "kind": "vit"})  # a text config is no ViT's
     assert isinstance(build_model({**TINY, "kind": "decoder"}), TextDecoder)
 
 

@@ -3,20 +3,35 @@
 import os
 
 import nbformat
+import pytest
 from conftest import REPO, tiny_overrides
 from nbclient import NotebookClient
 
 
-def test_pretrain_notebook_runs(data_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("FMJAX_NOTEBOOK_STEPS", "12")
-    monkeypatch.setenv("FMJAX_NOTEBOOK_WORKDIR", str(tmp_path / "run"))
-    monkeypatch.setenv("FMJAX_NOTEBOOK_OVERRIDES", " ".join(tiny_overrides(data_dir)))
-    path = os.path.join(REPO, "notebooks", "01_pretrain_text.ipynb")
-    nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=300, resources={"metadata": {"path": REPO}}).execute()
+@pytest.fixture(scope="module")
+def pretrained_notebook(data_dir, tmp_path_factory):
+    """notebooks/01 run once: (its outputs, the workdir it trained)."""
+    workdir = str(tmp_path_factory.mktemp("notebook") / "run")
+    os.environ["FMJAX_NOTEBOOK_STEPS"] = "12"
+    os.environ["FMJAX_NOTEBOOK_WORKDIR"] = workdir
+    os.environ["FMJAX_NOTEBOOK_OVERRIDES"] = " ".join(tiny_overrides(data_dir))
+    try:
+        path = os.path.join(REPO, "notebooks", "01_pretrain_text.ipynb")
+        nb = nbformat.read(path, as_version=4)
+        NotebookClient(
+            nb, timeout=300, resources={"metadata": {"path": REPO}}
+        ).execute()
+    finally:
+        for name in ("STEPS", "WORKDIR", "OVERRIDES"):
+            os.environ.pop(f"FMJAX_NOTEBOOK_{name}")
     outputs = "".join(
         o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
     )
+    return outputs, workdir
+
+
+def test_pretrain_notebook_runs(pretrained_notebook):
+    outputs, _ = pretrained_notebook
     assert "The government said ->" in outputs
 
 
@@ -55,10 +70,9 @@ def test_lora_finetune_notebook_runs(tiny_bert_dir, data_dir, tmp_path, monkeypa
     assert "adapter_model.safetensors" in text and "adapter_config.json" in text
 
 
-def test_generate_notebook_runs(data_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("FMJAX_NOTEBOOK_STEPS", "12")
-    monkeypatch.setenv("FMJAX_NOTEBOOK_WORKDIR", str(tmp_path / "run"))
-    monkeypatch.setenv("FMJAX_NOTEBOOK_OVERRIDES", " ".join(tiny_overrides(data_dir)))
+def test_generate_notebook_runs(pretrained_notebook, monkeypatch):
+    """On the decoder notebooks/01 trained (as 06 reuses the quick start's)."""
+    monkeypatch.setenv("FMJAX_NOTEBOOK_WORKDIR", pretrained_notebook[1])
     path = os.path.join(REPO, "notebooks", "06_generate.ipynb")
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=300, resources={"metadata": {"path": REPO}}).execute()

@@ -188,6 +188,9 @@ def test_supervised_vit_trains_evaluates_and_exports(fashion_data, tmp_path, cap
         "train.progress": False,
         "train.steps": 30,
         "train.eval_every": 30,
+        "features.train_examples": 240,
+        "features.shots": "(1, 10)",
+        "features.seeds": "(0, 1)",
         "optimizer.learning_rate": 3e-3,
         "mesh.num_devices": 1,
     }
@@ -297,6 +300,9 @@ def test_mae_trains_and_its_eval_loss_is_deterministic(fashion_data, tmp_path, c
         "train.progress": False,
         "train.steps": 20,
         "train.eval_every": 20,
+        "features.train_examples": 240,
+        "features.shots": "(1, 10)",
+        "features.seeds": "(0, 1)",
         "optimizer.learning_rate": 3e-3,
         "mesh.num_devices": 1,
     }
