@@ -6,18 +6,6 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One compilation cache for the test run, shared by the pytest workers and the
-# processes tests start (resume after SIGKILL, two-process runs, notebooks):
-# the same tiny train step is compiled once, not once a process.
-os.environ.setdefault(
-    "JAX_COMPILATION_CACHE_DIR",
-    os.path.join(
-        __import__("tempfile").gettempdir(),
-        "fmjax-test-jax-cache-"
-        + os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid())),
-    ),
-)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402
 

@@ -15,7 +15,8 @@ import shlex
 from conftest import readme_commands, run_readme_commands
 
 PARTS = {
-    "quick start and training": ("Quick start", "Training", "Generation", "Vision"),
+    "quick start and training": ("Quick start", "Training", "Generation"),
+    "vision": ("Vision",),
     "scale": ("Sharded and multi-host training",),
     "adapters": ("Pretrained models and adapters",),
 }
@@ -42,7 +43,7 @@ def test_readme_shows_the_commands_users_run():
 
 
 def test_quick_start_and_training_commands_run(
-    tiny_bert_dir, data_dir, fashion_dir, tmp_path, monkeypatch
+    tiny_bert_dir, data_dir, tmp_path, monkeypatch
 ):
     sections = PARTS["quick start and training"]
     run_readme_commands(sections, tiny_bert_dir, data_dir, tmp_path, monkeypatch)

@@ -1,0 +1,16 @@
+"""The README's vision commands run as written (see tests/test_readme.py), on
+a 480-image slice of Fashion-MNIST and a 2-layer ViT."""
+
+import json
+
+from conftest import run_readme_commands
+from test_readme import PARTS
+
+
+def test_vision_commands_run(
+    tiny_bert_dir, data_dir, fashion_dir, tmp_path, monkeypatch
+):
+    run_readme_commands(PARTS["vision"], tiny_bert_dir, data_dir, tmp_path, monkeypatch)
+    for run in ("fmnist_vit", "fmnist_mae"):
+        summary = json.loads((tmp_path / "runs" / run / "summary.json").read_text())
+        assert summary["steps"] == 4 and "knn_accuracy" in summary["features"]
