@@ -181,13 +181,14 @@ def test_image_pipeline_resumes_exactly(fashion_data):
 # --- end to end ---------------------------------------------------------------------
 
 
-def test_supervised_vit_trains_evaluates_and_exports(fashion_data, tmp_path, capsys):
-    workdir = str(tmp_path / "vit")
+def _train_tiny(config: str, workdir: str, data_dir, steps: int):
+    """`fmjax train` of configs/CONFIG.py:tiny on the Fashion-MNIST slice, eval
+    at step 0 and the end; (summary.json, metrics.jsonl records)."""
     values = {
-        "data.data_dir": fashion_data,
+        "data.data_dir": data_dir,
         "train.progress": False,
-        "train.steps": 30,
-        "train.eval_every": 30,
+        "train.steps": steps,
+        "train.eval_every": steps,
         "features.train_examples": 240,
         "features.shots": "(1, 10)",
         "features.seeds": "(0, 1)",
@@ -195,12 +196,18 @@ def test_supervised_vit_trains_evaluates_and_exports(fashion_data, tmp_path, cap
         "mesh.num_devices": 1,
     }
     overrides = [f"--config.{k}={v}" for k, v in values.items()]
-    argv = ["train", "--config", "configs/vit_supervised.py:tiny", "--workdir", workdir]
+    argv = ["train", "--config", f"configs/{config}.py:tiny", "--workdir", workdir]
     assert cli.main(argv + overrides) == 0
     summary = json.load(open(os.path.join(workdir, "summary.json")))
     records = [
         json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))
     ]
+    return summary, records
+
+
+def test_supervised_vit_trains_evaluates_and_exports(fashion_data, tmp_path, capsys):
+    workdir = str(tmp_path / "vit")
+    summary, records = _train_tiny("vit_supervised", workdir, fashion_data, steps=30)
     evals = [r for r in records if r["split"] == "eval"]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 30
     # 30 steps of 16 images: far from trained, but above chance (0.1) on 32
@@ -295,24 +302,7 @@ def test_mae_loss_counts_masked_patches_with_normalised_targets():
 
 def test_mae_trains_and_its_eval_loss_is_deterministic(fashion_data, tmp_path, capsys):
     workdir = str(tmp_path / "mae")
-    values = {
-        "data.data_dir": fashion_data,
-        "train.progress": False,
-        "train.steps": 20,
-        "train.eval_every": 20,
-        "features.train_examples": 240,
-        "features.shots": "(1, 10)",
-        "features.seeds": "(0, 1)",
-        "optimizer.learning_rate": 3e-3,
-        "mesh.num_devices": 1,
-    }
-    overrides = [f"--config.{k}={v}" for k, v in values.items()]
-    argv = ["train", "--config", "configs/vit_mae.py:tiny", "--workdir", workdir]
-    assert cli.main(argv + overrides) == 0
-    summary = json.load(open(os.path.join(workdir, "summary.json")))
-    records = [
-        json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))
-    ]
+    summary, records = _train_tiny("vit_mae", workdir, fashion_data, steps=20)
     evals = [r for r in records if r["split"] == "eval"]
     # Normalised-pixel targets: predicting 0 (each patch's mean) costs at most
     # 1 a patch (less for blank background patches); an untrained decoder is
