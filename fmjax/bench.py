@@ -74,7 +74,12 @@ def bench_fmjax(config, warmup: int, steps: int) -> dict:
     loss_fn = task.loss_fn(model)
     with shd.activate(mesh, config.mesh.rules):
         step_fn = jit_train_step(
-            loss_fn, lr_fn, config.optimizer.grad_accum_steps, shardings, mesh
+            loss_fn,
+            lr_fn,
+            config.optimizer.grad_accum_steps,
+            shardings,
+            mesh,
+            task.update_extra,
         )
         state = init()
         global_batch = shd.global_batch(batch, mesh)
@@ -254,7 +259,12 @@ def compiled_step_memory(config, mesh) -> dict:
     }
     with shd.activate(mesh, config.mesh.rules):
         step_fn = jit_train_step(
-            loss_fn, lr_fn, config.optimizer.grad_accum_steps, shardings, mesh
+            loss_fn,
+            lr_fn,
+            config.optimizer.grad_accum_steps,
+            shardings,
+            mesh,
+            task.update_extra,
         )
         compiled = step_fn.lower(state_in, batch_in).compile()
     analysis = compiled.memory_analysis()

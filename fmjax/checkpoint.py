@@ -21,7 +21,8 @@ from fmjax.train.state import TrainState
 
 # No "frozen": a base model under an adapter is rebuilt from init.model on
 # restore, so adapter checkpoints hold the adapter, head and optimizer state only.
-STATE_FIELDS = ("step", "params", "opt_state", "rng")
+# "extra" (a task's EMA teacher, centre) only where the task keeps some.
+STATE_FIELDS = ("step", "params", "opt_state", "rng", "extra")
 
 
 class DataStateHandler(ocp.CheckpointHandler):
@@ -63,7 +64,10 @@ class DataStateRestore(ocp.args.CheckpointArgs):
 
 
 def _state_tree(state: TrainState) -> dict:
-    return {field: getattr(state, field) for field in STATE_FIELDS}
+    tree = {field: getattr(state, field) for field in STATE_FIELDS}
+    if not jax.tree.leaves(tree["extra"]):
+        del tree["extra"]
+    return tree
 
 
 class Checkpointer:

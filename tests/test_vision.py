@@ -98,22 +98,16 @@ def test_readouts_and_kept_patches(pool):
     np.testing.assert_allclose(again, kept, atol=1e-5)
 
 
-def test_vit_refuses_images_of_another_shape():
+def test_vit_refuses_images_it_cannot_cut_into_patches():
     module = build_model(VIT)
-    with pytest.raises(ValueError, match=r"expected \[B, 28, 28, 1\]"):
-        module.init(jax.random.key(0), np.zeros((1, 32, 32, 1), np.float32))
+    for shape in ((1, 32, 32, 1), (1, 28, 21, 1), (1, 28, 28, 3)):
+        with pytest.raises(ValueError, match=r"expected \[B, S, S, 1\]"):
+            module.init(jax.random.key(0), np.zeros(shape, np.float32))
     with pytest.raises(ValueError, match="patch_size=5"):
         model_config({**VIT, "patch_size": 5})
 
 
 # --- data -------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def fashion_data(fashion_dir, tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("fashion_data")
-    sources.prepare("fashion_mnist", str(data_dir))
-    return data_dir
 
 
 def test_fashion_mnist_builder_has_the_catalog_features(fashion_dir, fashion_data):
@@ -181,9 +175,10 @@ def test_image_pipeline_resumes_exactly(fashion_data):
 # --- end to end ---------------------------------------------------------------------
 
 
-def _train_tiny(config: str, workdir: str, data_dir, steps: int):
+def _train_tiny(config: str, workdir: str, data_dir, steps: int, **extra):
     """`fmjax train` of configs/CONFIG.py:tiny on the Fashion-MNIST slice, eval
-    at step 0 and the end; (summary.json, metrics.jsonl records)."""
+    at step 0 and the end, plus `extra` overrides; (summary.json,
+    metrics.jsonl records)."""
     values = {
         "data.data_dir": data_dir,
         "train.progress": False,
@@ -194,6 +189,7 @@ def _train_tiny(config: str, workdir: str, data_dir, steps: int):
         "features.seeds": "(0, 1)",
         "optimizer.learning_rate": 3e-3,
         "mesh.num_devices": 1,
+        **extra,
     }
     overrides = [f"--config.{k}={v}" for k, v in values.items()]
     argv = ["train", "--config", f"configs/{config}.py:tiny", "--workdir", workdir]

@@ -8,6 +8,10 @@ Batches are dicts of numpy arrays:
   labels   int32 [B]             -1 where the source has no labels
   weights  float32 [B]           1 for real rows, 0 for rows padding an eval batch
 
+Self-supervised tasks ask for several views per image instead (`views`: a
+group per batch key, e.g. SimCLR's `views` [B, 2, H, W, C] or DINO's
+multi-crop, `global_views` [B, 2, H, W, C] and `local_views` [B, N, h, w, C]).
+
 Augmentations are ops in a small registry (`OPS`), named in config as strings:
 "flip", "random_resized_crop(scale=0.35)", "jitter(brightness=0.4,
 contrast=0.4)". Each example draws from its own generator (grain's
@@ -18,8 +22,9 @@ pipeline is deterministic and resumes exactly from `get_state()`.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -204,6 +209,64 @@ def to_float(image, channels: int) -> np.ndarray:
     return (image.astype(np.float32) / 255.0).astype(np.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class ViewGroup:
+    """`count` views of each image at `size` x `size` (0: the model's size),
+    each augmented independently by `augment`."""
+
+    count: int
+    size: int = 0
+    augment: tuple[str, ...] = ()
+
+
+def parse_views(views: Mapping[str, Mapping[str, Any]]) -> dict[str, ViewGroup]:
+    """Config `data.views` ({batch key: {count, size, augment}}) as ViewGroups,
+    checked (a bad op or count names itself)."""
+    groups = {}
+    for key, spec in views.items():
+        unknown = sorted(set(spec) - {"count", "size", "augment"})
+        if unknown:
+            raise ValueError(
+                f"data.views.{key}: unknown keys {unknown}; expected count, size, "
+                "augment"
+            )
+        group = ViewGroup(
+            int(spec.get("count", 1)),
+            int(spec.get("size", 0)),
+            tuple(spec.get("augment", ())),
+        )
+        if group.count < 1 or group.size < 0:
+            raise ValueError(
+                f"data.views.{key}: count={group.count}, size={group.size}; expected "
+                "count >= 1 and size >= 0 (0: the model's image_size)"
+            )
+        for op in group.augment:
+            parse_op(op)
+        groups[key] = group
+    return groups
+
+
+class MultiView(grain.transforms.RandomMap):
+    """Several augmented views of each image, in groups (SimCLR: one group of 2
+    views; DINO's multi-crop: 2 global crops at the model's size and N local
+    ones, smaller): batch key -> [count, size, size, C] per example."""
+
+    def __init__(self, groups: Mapping[str, ViewGroup], size: int, channels, mean, std):
+        self._groups = {
+            key: (g.count, Augment(g.augment, g.size or size, channels, mean, std))
+            for key, g in groups.items()
+        }
+
+    def random_map(self, example: dict[str, Any], rng: np.random.Generator) -> dict:
+        out = {
+            key: np.stack([augment.view(example["image"], rng) for _ in range(count)])
+            for key, (count, augment) in self._groups.items()
+        }
+        out["labels"] = np.int32(example.get("label", -1))
+        out["weights"] = np.float32(1.0)
+        return out
+
+
 class _PadBatch(grain.transforms.Map):
     """A short last eval batch padded with weight-0 rows."""
 
@@ -235,10 +298,12 @@ def make_image_iterator(
     process_index: int = 0,
     process_count: int = 1,
     drop_remainder: bool = True,
+    views: Mapping[str, ViewGroup] | None = None,
 ) -> grain.DatasetIterator:
     """Batches of this process's slice of `source` (examples i, i + n, ...),
     reshuffled every epoch from `seed`, each example augmented by `augment`
-    with its own random draws. With `drop_remainder=False` a short last
+    with its own random draws (or, with `views`, several views per example
+    in groups keyed as in the batch). With `drop_remainder=False` a short last
     batch is padded with weight-0 rows."""
     if len(source) <= process_index:
         raise ValueError(
@@ -247,7 +312,10 @@ def make_image_iterator(
         )
     mean = tuple(mean) * (channels if len(mean) == 1 else 1)
     std = tuple(std) * (channels if len(std) == 1 else 1)
-    transform = Augment(augment, image_size, channels, mean, std)
+    if views:
+        transform = MultiView(views, image_size, channels, mean, std)
+    else:
+        transform = Augment(augment, image_size, channels, mean, std)
     examples = grain.MapDataset.source(source)[process_index::process_count]
     if shuffle:
         examples = examples.shuffle(seed=seed)

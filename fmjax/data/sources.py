@@ -26,6 +26,7 @@ from typing import Any
 import tensorflow_datasets as tfds
 from etils import epath
 
+from fmjax.data import folders
 from fmjax.errors import FmjaxError
 
 FILE_FORMAT = "array_record"
@@ -412,7 +413,11 @@ def prepare(name: str, data_dir: str | os.PathLike | None = None) -> str:
 
 
 def check_dataset(name: str, data_dir: str | os.PathLike | None = None) -> None:
-    """Cheap start-up check: raises DatasetNotFoundError if `name` can't load."""
+    """Cheap start-up check: raises DatasetNotFoundError if `name` can't load
+    (an image folder, `folder:DIR`: FileNotFoundError or ValueError)."""
+    if name.startswith(folders.PREFIX):
+        folders.folder_dataset(name)
+        return
     data_dir = _resolve(data_dir)
     if name not in SHIPPED and not is_prepared(name, data_dir):
         raise _not_found(name, data_dir)
@@ -455,8 +460,11 @@ def load_source(
 ) -> TextSource:
     """Random-access source of `name`/`split`: dicts of numpy/str values.
 
-    Shipped datasets are prepared on first use.
+    Shipped datasets are prepared on first use; `folder:DIR` reads a user's
+    images (`fmjax.data.folders`).
     """
+    if name.startswith(folders.PREFIX):
+        return folders.folder_dataset(name).source(split)
     data_dir = _resolve(data_dir)
     if not is_prepared(name, data_dir):
         if name not in SHIPPED:
@@ -483,6 +491,9 @@ def dataset_info(
     name: str, data_dir: str | os.PathLike | None = None
 ) -> tfds.core.DatasetInfo:
     """`name`'s DatasetInfo (features, splits); shipped datasets are prepared."""
+    if name.startswith(folders.PREFIX):
+        dataset = folders.folder_dataset(name)
+        return folders.FolderInfo(dataset.features(), tuple(dataset.splits))
     data_dir = _resolve(data_dir)
     if not is_prepared(name, data_dir):
         if name not in SHIPPED:

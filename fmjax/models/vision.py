@@ -33,6 +33,7 @@ from fmjax.models.layers import (
     attend_values,
     attention_probs,
 )
+from fmjax.models.projection import ProjectionHead
 
 Array = jax.Array
 
@@ -77,6 +78,15 @@ class ViTConfig:
     decoder_heads: int = 4
     decoder_head_dim: int = 32
     decoder_mlp_dim: int = 512
+    # A projection head on the pooled features (self-supervised objectives;
+    # `fmjax.models.projection`): proj_layers Dense layers (0: none) of width
+    # proj_hidden_dim, the last to proj_dim; with prototypes > 0 (DINO) the
+    # L2-normalised output is scored against that many weight-normalised
+    # prototypes.
+    proj_layers: int = 0
+    proj_hidden_dim: int = 512
+    proj_dim: int = 128
+    prototypes: int = 0
     kind: str = "vit"
 
     def __post_init__(self):
@@ -105,6 +115,11 @@ class ViTConfig:
         check("position", self.position in VIT_POSITIONS, f"one of {VIT_POSITIONS}")
         check("pool", self.pool in VIT_POOLS, f"one of {VIT_POOLS}")
         check("num_classes", self.num_classes >= 0, "0 (no head) or a positive int")
+        check("proj_layers", self.proj_layers >= 0, "0 (no head) or a positive int")
+        check("prototypes", self.prototypes >= 0, "0 (no prototypes) or positive")
+        if self.proj_layers:
+            for name in ("proj_hidden_dim", "proj_dim"):
+                check(name, getattr(self, name) > 0, "a positive int")
         check("activation", self.activation in ACTIVATIONS, f"one of {ACTIVATIONS}")
         for name in ("dtype", "param_dtype"):
             check(name, getattr(self, name) in DTYPES, f"one of {DTYPES}")
@@ -246,11 +261,18 @@ class VisionTransformer(nn.Module):
         deterministic: bool = True,
     ) -> dict[str, Array]:
         cfg = self.config
-        want = (cfg.image_size, cfg.image_size, cfg.channels)
-        if images_BHWC.ndim != 4 or images_BHWC.shape[1:] != want:
+        shape = images_BHWC.shape
+        if (
+            images_BHWC.ndim != 4
+            or shape[1] != shape[2]
+            or shape[1] % cfg.patch_size
+            or shape[3] != cfg.channels
+        ):
             raise ValueError(
-                f"images have shape {images_BHWC.shape}; expected [B, {want[0]}, "
-                f"{want[1]}, {want[2]}]"
+                f"images have shape {shape}; expected [B, S, S, {cfg.channels}] "
+                f"with S a multiple of patch_size={cfg.patch_size} (the model's "
+                f"image_size is {cfg.image_size}; other sizes, such as DINO's "
+                "local crops, get interpolated positions)"
             )
         numerics = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
         patches_BPX = patchify(images_BHWC.astype(jnp.float32), cfg.patch_size)
@@ -262,7 +284,7 @@ class VisionTransformer(nn.Module):
             name="patch_embed",
             **numerics,
         )(patches_BPX).astype(jnp.float32)
-        x_BPD = x_BPD + self._positions()[None]
+        x_BPD = x_BPD + self._positions(shape[1] // cfg.patch_size)[None]
         if keep_BK is not None:
             x_BPD = jnp.take_along_axis(x_BPD, keep_BK[..., None], axis=1)
         if cfg.pool == "cls":
@@ -297,6 +319,8 @@ class VisionTransformer(nn.Module):
         else:
             pooled_BD = MapHead(cfg, name="map_head")(hidden_BPD)
         out["pooled"] = pooled_BD.astype(jnp.float32)
+        if cfg.proj_layers:
+            out["projection"] = ProjectionHead(cfg, name="projection")(out["pooled"])
         if cfg.num_classes:
             logits_BN = EinsumDense(
                 "BD,DN->BN",
@@ -311,10 +335,12 @@ class VisionTransformer(nn.Module):
             )
         return out
 
-    def _positions(self) -> Array:
+    def _positions(self, grid: int) -> Array:
+        """[grid*grid, D]: sin-cos for that grid, or the learned table (made for
+        the config's grid) resized bilinearly to it."""
         cfg = self.config
         if cfg.position == "sincos2d":
-            return jnp.asarray(sincos2d_positions(cfg.grid, cfg.d_model))
+            return jnp.asarray(sincos2d_positions(grid, cfg.d_model))
         table = self.param(
             "position_embed",
             nn.with_logical_partitioning(
@@ -322,8 +348,12 @@ class VisionTransformer(nn.Module):
             ),
             (cfg.num_patches, cfg.d_model),
             cfg.params_dtype,
-        )
-        return table.astype(jnp.float32)
+        ).astype(jnp.float32)
+        if grid == cfg.grid:
+            return table
+        table_GGD = table.reshape(cfg.grid, cfg.grid, cfg.d_model)
+        resized = jax.image.resize(table_GGD, (grid, grid, cfg.d_model), "bilinear")
+        return resized.reshape(grid * grid, cfg.d_model)
 
 
 class MapHead(nn.Module):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from fmjax.config import ConfigError
 from fmjax.tasks.base import EvalContext, SplitEvaluator, Task
 from fmjax.tasks.classify import ClassifyTask
+from fmjax.tasks.ssl import DinoTask, SimclrTask
 from fmjax.tasks.text import TextTask
 from fmjax.tasks.vision import ImageClassifyTask, MaeTask
 
@@ -18,6 +19,8 @@ TASKS: dict[str, type[Task]] = {
     "classify": ClassifyTask,
     "image_classify": ImageClassifyTask,
     "mae": MaeTask,
+    "simclr": SimclrTask,
+    "dino": DinoTask,
 }
 
 

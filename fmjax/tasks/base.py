@@ -5,8 +5,9 @@
     task.model_config                       # -> fmjax.models.build_model
     task.abstract_batch(rows)               # {name: ShapeDtypeStruct}
     task.train_iterator() / task.eval_iterator(split) / task.empty_batch(rows)
-    task.loss_fn(model, adaptation)         # (params, frozen, batch, rng, train)
-                                            #   -> metric sums
+    task.loss_fn(model, adaptation)         # (params, frozen, batch, rng, train,
+                                            #  extra) -> metric sums
+    task.init_extra(params) / task.update_extra  # state beside the params
     task.summarize(sums)                    # -> reported metrics
     task.throughput(local_batch)            # how many `throughput_unit`s it holds
     task.evaluators                         # extra evals at the end of training
@@ -31,8 +32,9 @@ from fmjax.adapt.methods import Adaptation
 from fmjax.config import ConfigError
 from fmjax.data.sharded import ShardedIterator
 
-# loss_fn(params, frozen, batch, rng, train) -> metric sums: "loss_sum" (what is
-# differentiated), "count" (what it is divided by) and any sums the task names.
+# loss_fn(params, frozen, batch, rng, train, extra) -> metric sums: "loss_sum"
+# (what is differentiated), "count" (what it is divided by) and any sums the
+# task names; `extra` is the task's state beside the params (TrainState.extra).
 LossFn = Callable[..., dict]
 
 
@@ -140,6 +142,17 @@ class Task:
 
     def loss_fn(self, model, adaptation: Adaptation | None = None) -> LossFn:
         raise NotImplementedError
+
+    def init_extra(self, params) -> Any:
+        """State the task keeps beside the params (`TrainState.extra`, in
+        checkpoints), made from the initial trained params inside the jitted
+        init; the loss reads it. Default: none."""
+        del params
+        return {}
+
+    # update_extra(extra, new_params, sums, step) -> (extra, sums), jitted into
+    # the train step after the optimizer update; None: `extra` never changes.
+    update_extra: Callable[..., tuple] | None = None
 
     def summarize(self, sums: Mapping[str, Any]) -> dict[str, float]:
         """Reported metrics from summed ones (default: loss and count)."""

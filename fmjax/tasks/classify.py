@@ -246,7 +246,8 @@ class ClassifyTask(Task):
     def loss_fn(self, model, adaptation=None):
         adaptation = adaptation or self.adaptation
 
-        def loss_fn(params, frozen, batch, rng, train: bool) -> dict:
+        def loss_fn(params, frozen, batch, rng, train: bool, extra) -> dict:
+            del extra  # no state beside the params
             dropout_rng, adapter_rng = jax.random.split(rng)
             out = adaptation.apply(
                 model,

@@ -242,7 +242,8 @@ class TextTask(Task):
         adaptation = adaptation or self.adaptation
         ids, objective, mask_rate = self.ids, self.objective, self.mask_rate
 
-        def loss_fn(params, frozen, batch, rng, train: bool) -> dict:
+        def loss_fn(params, frozen, batch, rng, train: bool, extra) -> dict:
+            del extra  # no state beside the params
             tokens, segment_ids = batch["tokens"], batch["segment_ids"]
             mask_rng, dropout_rng, adapter_rng = jax.random.split(rng, 3)
             extra = {}

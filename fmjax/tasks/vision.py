@@ -4,10 +4,12 @@ autoencoding (`mae`, configs/vit_mae.py).
 
 Data: any TFDS image dataset with `image` and `label` features, by name
 (`fashion_mnist` ships, built from Debian's dataset-fashion-mnist; `cifar10`
-or `imagenet2012` where prepared). Images are decoded, augmented
-(`data.augment`, ops of `fmjax.data.images`), resized to the model's
-`image_size` and normalised with `data.mean` / `data.std` in the grain
-pipeline.
+or `imagenet2012` where prepared), or a user's images, `folder:DIR`
+(`fmjax.data.folders`: class sub-folders, or none for unlabelled data).
+Images are decoded, augmented (`data.augment`, ops of `fmjax.data.images`),
+resized to the model's `image_size` and normalised with `data.mean` /
+`data.std` in the grain pipeline. Self-supervised tasks on several views of
+each image are in `fmjax.tasks.ssl`.
 """
 
 from __future__ import annotations
@@ -82,6 +84,8 @@ class ImageTask(Task):
         self.train_split = data.train_split
         self.image_size = model_config.image_size
         self.channels = model_config.channels
+        # Several views per image (self-supervised tasks), else one "images".
+        self.views = image_data.parse_views(data.get("views", {}))
         self._sources = {}
         if with_data:
             for split in (data.train_split, data.eval_split):
@@ -97,11 +101,12 @@ class ImageTask(Task):
                 f"trains model.kind={cls.model_kind!r}"
             )
         cls.validate(config)
-        for spec in config.data.get("augment", ()):
-            try:
+        try:
+            for spec in config.data.get("augment", ()):
                 image_data.parse_op(spec)
-            except (ValueError, SyntaxError) as e:
-                raise ConfigError(f"data.augment: {e}") from None
+            image_data.parse_views(config.data.get("views", {}))
+        except (ValueError, SyntaxError) as e:
+            raise ConfigError(f"data: {e}") from None
         if with_data:
             validate_data_shards(config)
             data_dir = config.data.data_dir or sources.default_data_dir()
@@ -111,7 +116,7 @@ class ImageTask(Task):
                 if name in sources.SHIPPED:
                     on_process_zero_first(lambda: sources.prepare(name, data_dir))
                 classes = _image_features(name, data_dir, cls.needs_labels)
-            except (sources.DatasetNotFoundError, FileNotFoundError) as e:
+            except (FileNotFoundError, ValueError) as e:  # DatasetNotFoundError too
                 raise ConfigError(f"data.name={name!r}: {e}") from None
             if cls.needs_labels:
                 config.model.num_classes = classes
@@ -140,9 +145,16 @@ class ImageTask(Task):
         return self._sources[split]
 
     def abstract_batch(self, rows: int) -> dict[str, jax.ShapeDtypeStruct]:
-        shape = (rows, self.image_size, self.image_size, self.channels)
+        def images(size, *views):
+            shape = (rows, *views, size, size, self.channels)
+            return jax.ShapeDtypeStruct(shape, np.float32)
+
+        batch = {
+            key: images(group.size or self.image_size, group.count)
+            for key, group in self.views.items()
+        } or {"images": images(self.image_size)}
         return {
-            "images": jax.ShapeDtypeStruct(shape, np.float32),
+            **batch,
             "labels": jax.ShapeDtypeStruct((rows,), np.int32),
             "weights": jax.ShapeDtypeStruct((rows,), np.float32),
         }
@@ -167,7 +179,8 @@ class ImageTask(Task):
                 **self._pipeline(
                     batch_size=rows,
                     seed=data.shuffle_seed,
-                    augment=tuple(data.augment),
+                    augment=tuple(data.get("augment", ())),
+                    views=self.views,
                     process_index=index,
                     process_count=count,
                 ),
@@ -176,11 +189,13 @@ class ImageTask(Task):
         return self.sharded_iterator(shard)
 
     def eval_iterator(self, split: str | None = None):
-        """This process's slice of `split`, every image once, not augmented."""
+        """This process's slice of `split`, every image once: not augmented, or
+        (several views per image) augmented from a fixed seed."""
         return image_data.make_image_iterator(
             self._source(split or self.eval_split),
             **self._pipeline(
                 batch_size=self.batch_size // jax.process_count(),
+                views=self.views,
                 seed=0,
                 shuffle=False,
                 repeat=False,
@@ -273,7 +288,8 @@ class ImageClassifyTask(ImageTask):
     def loss_fn(self, model, adaptation=None):
         adaptation = adaptation or self.adaptation
 
-        def loss_fn(params, frozen, batch, rng, train: bool) -> dict:
+        def loss_fn(params, frozen, batch, rng, train: bool, extra) -> dict:
+            del extra  # no state beside the params
             dropout_rng, adapter_rng = jax.random.split(rng)
             out = adaptation.apply(
                 model,
@@ -338,7 +354,8 @@ class MaeTask(ImageTask):
         norm_pix = objective.get("norm_pix_loss", True)
         eval_key = jax.random.key(objective.get("eval_mask_seed", 0))
 
-        def loss_fn(params, frozen, batch, rng, train: bool) -> dict:
+        def loss_fn(params, frozen, batch, rng, train: bool, extra) -> dict:
+            del extra  # no state beside the params
             mask_rng, dropout_rng, adapter_rng = jax.random.split(rng, 3)
             images = batch["images"]
             noise_key = mask_rng if train else eval_key

@@ -123,6 +123,7 @@ class _Loop:
                 self.config.optimizer.grad_accum_steps,
                 run.shardings,
                 self.mesh,
+                self.task.update_extra,
             )
             self.eval_fn = jit_eval_step(loss_fn, run.shardings, self.mesh)
         checkpoint = self.config.checkpoint

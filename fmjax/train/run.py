@@ -55,7 +55,9 @@ def init_state(task: Task, model, tx, mesh, seed: int | None = None, adaptation=
         if pretrained is not None:
             params = overlay_pretrained(params, pretrained, new_params)
         params, frozen = adaptation.split(params, jax.random.fold_in(rng, 3))
-        return TrainState.create(params, tx, jax.random.fold_in(rng, 2), frozen)
+        return TrainState.create(
+            params, tx, jax.random.fold_in(rng, 2), frozen, task.init_extra(params)
+        )
 
     boxed_params = jax.eval_shape(init_params, rng)
     abstract = jax.eval_shape(create, rng, pretrained)
@@ -185,7 +187,11 @@ def evaluate(
             local_batch = empty
         batch = shd.global_batch(local_batch, mesh)
         sums = eval_fn(
-            state.params, state.frozen, batch, jax.random.fold_in(rng, index)
+            state.params,
+            state.frozen,
+            state.extra,
+            batch,
+            jax.random.fold_in(rng, index),
         )
         total = add_sums(total, sums)
     if total is None:

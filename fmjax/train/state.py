@@ -15,6 +15,9 @@ class TrainState:
     """Everything a step reads or changes. `params` are trained; `frozen` params
     (a base model under LoRA, prefix or prompt tuning; empty for full training)
     are read by the loss but never updated and carry no optimizer state.
+    `extra` is state a task keeps beside the params and updates after each step
+    without gradients (DINO's EMA teacher and centre; empty for most tasks):
+    the loss reads it and checkpoints hold it.
 
     The rng of step s is fold_in(rng, s), so a run resumed at step s draws the
     same dropout and masking noise as one that never stopped."""
@@ -24,11 +27,17 @@ class TrainState:
     frozen: Any
     opt_state: Any
     rng: jax.Array
+    extra: Any
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
     @classmethod
     def create(
-        cls, params, tx: optax.GradientTransformation, rng: jax.Array, frozen=None
+        cls,
+        params,
+        tx: optax.GradientTransformation,
+        rng: jax.Array,
+        frozen=None,
+        extra=None,
     ):
         return cls(
             step=jnp.zeros((), jnp.int32),
@@ -36,6 +45,7 @@ class TrainState:
             frozen={} if frozen is None else frozen,
             opt_state=tx.init(params),
             rng=rng,
+            extra={} if extra is None else extra,
             tx=tx,
         )
 

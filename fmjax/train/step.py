@@ -12,27 +12,31 @@ import optax
 from fmjax.sharding import batch_sharding
 from fmjax.train.state import TrainState
 
-# loss_fn(params, frozen, batch, rng, train) -> metric sums (a task's
-# `loss_fn`). Every value is a sum over the batch, so it adds up exactly over
-# micro-batches, devices, steps and eval batches; "loss_sum" is differentiated
-# and "count" is what it is divided by (tokens, examples, pairs).
+# loss_fn(params, frozen, batch, rng, train, extra) -> metric sums (a task's
+# `loss_fn`; `extra` is the task's state beside the params, `TrainState.extra`).
+# Every value is a sum over the batch, so it adds up exactly over micro-batches,
+# devices, steps and eval batches; "loss_sum" is differentiated and "count" is
+# what it is divided by (tokens, examples, pairs).
 LossFn = Callable[..., dict]
+# update_extra(extra, new_params, sums, step) -> (extra, sums): a task's update of
+# its extra state after the optimizer step (it may consume sums it alone reads).
+UpdateExtra = Callable[..., tuple]
 REQUIRED_SUMS = ("loss_sum", "count")
 # Per-step metrics the train step adds beside the sums (averaged over steps).
 STEP_METRICS = ("grad_norm", "param_norm", "learning_rate", "nonfinite")
 
 
-def _sums(loss_fn: LossFn, params, frozen, batch, rng, train: bool) -> dict:
-    sums = loss_fn(params, frozen, batch, rng, train)
+def _sums(loss_fn: LossFn, params, frozen, batch, rng, train: bool, extra) -> dict:
+    sums = loss_fn(params, frozen, batch, rng, train, extra)
     missing = [k for k in REQUIRED_SUMS if k not in sums]
     if missing:
         raise KeyError(f"loss_fn returned {sorted(sums)}; it must return {missing}")
     return sums
 
 
-def _grads_and_metrics(loss_fn: LossFn, params, frozen, batch, rng):
+def _grads_and_metrics(loss_fn: LossFn, params, frozen, batch, rng, extra):
     def objective(p):
-        metrics = _sums(loss_fn, p, frozen, batch, rng, True)
+        metrics = _sums(loss_fn, p, frozen, batch, rng, True, extra)
         return metrics["loss_sum"], metrics
 
     grads, metrics = jax.grad(objective, has_aux=True)(params)
@@ -46,16 +50,19 @@ def train_step(
     loss_fn: LossFn,
     learning_rate_fn: optax.Schedule,
     grad_accum_steps: int = 1,
+    update_extra: UpdateExtra | None = None,
 ) -> tuple[TrainState, dict]:
     """One optimizer step on a global batch, optionally in micro-batches.
 
     Gradients of the summed loss are added over micro-batches and divided by the
     total token count once, so accumulation gives the same update as one big batch.
+    Then `update_extra` (a task's) updates `state.extra` from the new params and
+    the step's sums.
     """
     rng = jax.random.fold_in(state.rng, state.step)
     if grad_accum_steps == 1:
         grads, metrics = _grads_and_metrics(
-            loss_fn, state.params, state.frozen, batch, rng
+            loss_fn, state.params, state.frozen, batch, rng, state.extra
         )
     else:
         micro = jax.tree.map(
@@ -70,6 +77,7 @@ def train_step(
                 state.frozen,
                 micro_batch,
                 jax.random.fold_in(rng, index),
+                state.extra,
             )
             return jax.tree.map(jnp.add, carry, (grads, metrics)), None
 
@@ -79,6 +87,7 @@ def train_step(
             state.frozen,
             jax.tree.map(lambda x: x[0], micro),
             rng,
+            state.extra,
         )
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
         (grads, metrics), _ = jax.lax.scan(
@@ -88,6 +97,11 @@ def train_step(
     grads = jax.tree.map(lambda g: g / count.astype(g.dtype), grads)
     new_state = state.apply_gradients(grads)
     metrics = dict(metrics)
+    if update_extra is not None:
+        extra, metrics = update_extra(
+            new_state.extra, new_state.params, metrics, state.step
+        )
+        new_state = new_state.replace(extra=extra)
     metrics.update(
         grad_norm=optax.tree.norm(grads),
         param_norm=optax.tree.norm(new_state.params),
@@ -97,16 +111,24 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(params, frozen, batch: dict, rng, *, loss_fn: LossFn) -> dict:
-    return _sums(loss_fn, params, frozen, batch, rng, False)
+def eval_step(params, frozen, extra, batch: dict, rng, *, loss_fn: LossFn) -> dict:
+    return _sums(loss_fn, params, frozen, batch, rng, False, extra)
 
 
-def jit_train_step(loss_fn, learning_rate_fn, grad_accum_steps, state_shardings, mesh):
+def jit_train_step(
+    loss_fn,
+    learning_rate_fn,
+    grad_accum_steps,
+    state_shardings,
+    mesh,
+    update_extra: UpdateExtra | None = None,
+):
     step = functools.partial(
         train_step,
         loss_fn=loss_fn,
         learning_rate_fn=learning_rate_fn,
         grad_accum_steps=grad_accum_steps,
+        update_extra=update_extra,
     )
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.jit(
@@ -124,6 +146,7 @@ def jit_eval_step(loss_fn, state_shardings, mesh):
         in_shardings=(
             state_shardings.params,
             state_shardings.frozen,
+            state_shardings.extra,
             batch_sharding(mesh, rank=1),  # any rank: rows split, the rest whole
             replicated,
         ),
