@@ -258,11 +258,12 @@ def vit_config(variant: str) -> ConfigDict:
         std=(0.353,),
     )
     c.train.update(steps=2000, eval_every=500)
-    # k-NN, few-shot ridge per shot count over seeds, and a linear probe of the
-    # encoder's frozen features on the labels.
+    # k-NN (all labels and knn_fractions of them), few-shot ridge per shot count
+    # over seeds, and a linear probe of the encoder's frozen features on the
+    # labels of train_examples training images (0: all).
     c.features = dict(
         evaluate=True, train_examples=10_000, test_examples=0,
-        shots=(1, 5, 10, 25), seeds=(0, 1, 2),
+        shots=(1, 5, 10, 25), seeds=(0, 1, 2), knn_fractions=(0.01,),
     )  # fmt: skip
     if variant == "tiny":
         c.data.update(batch_size=16)

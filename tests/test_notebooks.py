@@ -82,3 +82,29 @@ def test_generate_notebook_runs(pretrained_notebook, monkeypatch):
     assert "The government said|" in text and "seed 1 ->" in text
     assert any(o.get("output_type") == "display_data" for c in nb.cells
                if c.cell_type == "code" for o in c.outputs)  # fmt: skip
+
+
+def test_vision_ssl_notebook_runs(fashion_data, tmp_path, monkeypatch):
+    """notebooks/04 on the Fashion-MNIST slice: MAE pre-training, probes of
+    the frozen encoder against pixels, reconstructions."""
+    overrides = [
+        f"data.data_dir={fashion_data}",
+        "mesh.num_devices=1",
+        "features.train_examples=240",
+        "features.shots=(1,)",
+        "features.seeds=(0,)",
+    ]
+    monkeypatch.setenv("FMJAX_NOTEBOOK_STEPS", "20")
+    monkeypatch.setenv("FMJAX_NOTEBOOK_WORKDIR", str(tmp_path / "run"))
+    monkeypatch.setenv("FMJAX_NOTEBOOK_OVERRIDES", " ".join(overrides))
+    path = os.path.join(REPO, "notebooks", "04_vision_ssl.ipynb")
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=300, resources={"metadata": {"path": REPO}}).execute()
+    text = "".join(
+        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
+    )
+    assert "MAE encoder  10-shot ridge" in text and "raw pixels   10-shot" in text
+    assert "reconstruction mean squared error" in text
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+              if "image/png" in o.get("data", {})]  # fmt: skip
+    assert len(images) == 2  # the loss curve and the reconstructions

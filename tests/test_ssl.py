@@ -341,3 +341,22 @@ def test_a_training_config_reads_an_image_folder(tmp_path):
     )
     with pytest.raises(ConfigError, match="image classification needs labels"):
         task_for(unlabelled)
+
+
+@pytest.mark.parametrize(
+    "config, override, message",
+    [
+        ("vit_simclr", "data.views.views.count=1", "needs at least 2 views"),
+        ("vit_simclr", "objective.temperature=0.0", "temperature=0.0: expected > 0"),
+        ("vit_simclr", "model.proj_layers=0", "projection head"),
+        ("vit_dino", "model.prototypes=0", "DINO scores views on prototypes"),
+        ("vit_dino", "objective.teacher_momentum=1.0", "expected in \\[0, 1\\)"),
+        ("vit_dino", "data.views.local_views.size=13", "multiple of patch_size=7"),
+        ("vit_dino", "data.views.global_views.augment=('spin',)", "'spin'"),
+    ],
+)
+def test_bad_self_supervised_settings_are_refused_before_training(
+    config, override, message
+):
+    with pytest.raises(ConfigError, match=message):
+        task_for(load_config(f"configs/{config}.py:tiny", [override]), with_data=False)

@@ -296,6 +296,17 @@ def test_mae_loss_counts_masked_patches_with_normalised_targets():
     assert float(sums["count"]) == mask[0].sum()
 
 
+def _run_files(workdir):
+    """Bytes of every file of the latest checkpoint and of the export."""
+    files = {}
+    for root, _, names in os.walk(workdir):
+        if "checkpoints" in root or root.endswith("export"):
+            for name in names:
+                path = os.path.join(root, name)
+                files[os.path.relpath(path, workdir)] = open(path, "rb").read()
+    return files
+
+
 def test_mae_trains_and_its_eval_loss_is_deterministic(fashion_data, tmp_path, capsys):
     workdir = str(tmp_path / "mae")
     summary, records = _train_tiny("vit_mae", workdir, fashion_data, steps=20)
@@ -306,11 +317,14 @@ def test_mae_trains_and_its_eval_loss_is_deterministic(fashion_data, tmp_path, c
     assert evals[0]["loss"] < 1.5, evals[0]
     assert evals[-1]["loss"] < evals[0]["loss"] - 0.05, evals
     capsys.readouterr()
+    params_before_eval = _run_files(workdir)
     assert cli.main(["eval", "--workdir", workdir]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["loss"] == summary["eval"]["loss"]
     # fmjax eval reports the same frozen-feature evaluation as training did.
     assert result["features"] == summary["features"]
+    # Evaluating (k-NN, ridge, the linear probe) left the encoder as trained.
+    assert _run_files(workdir) == params_before_eval
     # The encoder's features from raw uint8 images, through fmjax.load.
     source = sources.load_source("fashion_mnist", "test", str(fashion_data))
     raw = np.stack([source[i]["image"] for i in range(5)])
@@ -371,3 +385,24 @@ def test_fewshot_ridge_and_linear_probe_read_separable_classes():
     with pytest.raises(ValueError, match="class 3 has"):
         fewshot_accuracy(feats[labels != 3][:5], labels[labels != 3][:5] * 0 + 3,
                          test, test_labels, shots=10)  # fmt: skip
+    # k-NN with a stratified 5% of the labels: a key of its own.
+    report = feature_report(feats, labels, test, test_labels, 4, (), (),
+                            knn_fractions=(0.05,))  # fmt: skip
+    assert report["knn_5pct_accuracy"] > 0.9
+
+
+def test_label_subsets_are_stratified_and_pca_keeps_the_top_components():
+    from fmjax.eval.features import label_subset, pca_features
+
+    labels = np.repeat(np.arange(3), [100, 200, 7])
+    subset = label_subset(labels, 0.1, seed=0)
+    assert np.bincount(labels[subset]).tolist() == [10, 20, 1]  # >= 1 per class
+    assert not np.array_equal(subset, label_subset(labels, 0.1, seed=1))
+    rng = np.random.default_rng(0)
+    # Variance 100 along one direction, 1 along the others.
+    direction = rng.normal(size=8)
+    direction /= np.linalg.norm(direction)
+    train = rng.normal(size=(500, 8)) + rng.normal(size=(500, 1)) * 10 * direction
+    projected, test = pca_features(train, train[:5], 1)
+    assert projected.shape == (500, 1) and test.shape == (5, 1)
+    assert projected.var() > 80 and np.allclose(test, projected[:5], atol=1e-5)

@@ -131,18 +131,49 @@ def linear_probe_accuracy(
     return float(np.mean(predictions == np.asarray(test_M)))
 
 
+def label_subset(train_N, fraction: float, seed: int = 0) -> np.ndarray:
+    """Indices of a stratified `fraction` of the examples (at least one per
+    class), drawn with `seed`: "1% of the labels"."""
+    train_N = np.asarray(train_N)
+    rng = np.random.default_rng(seed)
+    picked = []
+    for c in np.unique(train_N):
+        members = np.flatnonzero(train_N == c)
+        count = max(1, int(round(fraction * len(members))))
+        picked.extend(rng.choice(members, count, replace=False))
+    return np.sort(np.asarray(picked))
+
+
+def pca_features(train_ND, test_MD, dim: int):
+    """(train, test) projected on the top `dim` principal components of train
+    (a baseline representation: the evaluators on PCA of pixels)."""
+    x_ND = np.asarray(train_ND, np.float64)
+    mean_D = x_ND.mean(axis=0)
+    _, _, vt_KD = np.linalg.svd(x_ND - mean_D, full_matrices=False)
+    basis_DK = vt_KD[:dim].T
+    project = lambda x: (np.asarray(x, np.float64) - mean_D) @ basis_DK  # noqa: E731
+    return project(train_ND).astype(np.float32), project(test_MD).astype(np.float32)
+
+
 def feature_report(
     train_ND, train_N, test_MD, test_M, num_classes: int,
-    shots=(1, 5, 10, 25), seeds=(0, 1, 2),
+    shots=(1, 5, 10, 25), seeds=(0, 1, 2), knn_fractions=(),
 ) -> dict[str, float]:  # fmt: skip
-    """k-NN, few-shot (mean and std over seeds per shot count) and linear
-    probe accuracies, as one flat dict of numbers."""
+    """k-NN (all train labels, and a stratified fraction of them for each of
+    `knn_fractions`: `knn_1pct_accuracy`), few-shot (mean and std over seeds
+    per shot count) and linear-probe accuracies, as one flat dict of numbers."""
     out = {
         "knn_accuracy": knn_accuracy(train_ND, train_N, test_MD, test_M, num_classes),
         "linear_probe_accuracy": linear_probe_accuracy(
             train_ND, train_N, test_MD, test_M, num_classes
         ),
     }
+    for fraction in knn_fractions:
+        subset = label_subset(train_N, fraction)
+        out[f"knn_{fraction * 100:g}pct_accuracy"] = knn_accuracy(
+            np.asarray(train_ND)[subset], np.asarray(train_N)[subset],
+            test_MD, test_M, num_classes,
+        )  # fmt: skip
     for shot in shots:
         accs = [
             fewshot_accuracy(train_ND, train_N, test_MD, test_M, shot, s) for s in seeds

@@ -77,6 +77,14 @@ class _ViewTask(ImageTask):
                     f"data.views.{key}.count={count}: {config.objective.name} "
                     f"needs at least {fewest} views in data.views.{key}"
                 )
+        patch = config.model.patch_size
+        for key, group in views.items():
+            size = group.get("size", 0) or config.model.image_size
+            if size % patch:
+                raise ConfigError(
+                    f"data.views.{key}.size={size}: expected a multiple of "
+                    f"patch_size={patch} (the ViT cuts views into patches)"
+                )
         if not config.model.get("proj_layers", 0):
             raise ConfigError(
                 f"model.proj_layers=0: {config.objective.name} trains a "

@@ -28,7 +28,7 @@ from fmjax.data import sources
 from fmjax.eval import features as feature_lib
 from fmjax.models.registry import build_model
 from fmjax.models.registry import model_config as parse_model_config
-from fmjax.models.vision import patchify
+from fmjax.models.vision import patchify, unpatchify
 from fmjax.tasks.base import (
     Task,
     on_process_zero_first,
@@ -268,7 +268,10 @@ class ImageTask(Task):
         smallest = min(np.bincount(train[1], minlength=classes))
         shots = [s for s in settings.get("shots", (1, 5, 10, 25)) if s <= smallest]
         seeds = tuple(settings.get("seeds", (0, 1, 2)))
-        return feature_lib.feature_report(*train, *test, classes, shots, seeds)
+        fractions = tuple(settings.get("knn_fractions", ()))
+        return feature_lib.feature_report(
+            *train, *test, classes, shots, seeds, fractions
+        )
 
     def save_assets(self, directory: str) -> None:
         """No tokenizer: a ViT's input is pixels (the config holds mean/std)."""
@@ -378,3 +381,27 @@ class MaeTask(ImageTask):
             )  # fmt: skip
 
         return loss_fn
+
+
+def mae_reconstruct(module, params, images_BHWC, noise_BP, mask_ratio: float):
+    """What a trained MAE makes of images (normalised pixels): (the encoder's
+    view, visible patches only and the hidden ones at the image's minimum;
+    the reconstruction, visible patches pasted back and the hidden ones
+    predicted, un-normalised with each patch's own mean and std as the MAE
+    paper shows them)."""
+    cfg = module.config
+    out = module.apply(
+        {"params": params}, images_BHWC, noise_BP=noise_BP, mask_ratio=mask_ratio
+    )
+    target_BPX = patchify(images_BHWC.astype(jnp.float32), cfg.patch_size)
+    mean_BP1 = target_BPX.mean(axis=-1, keepdims=True)
+    std_BP1 = jnp.sqrt(target_BPX.var(axis=-1, keepdims=True) + 1e-6)
+    pred_BPX = out["pred"] * std_BP1 + mean_BP1
+    mask_BP1 = out["mask"][..., None]
+    hidden = jnp.min(target_BPX)
+    seen_BPX = target_BPX * (1 - mask_BP1) + hidden * mask_BP1
+    pasted_BPX = target_BPX * (1 - mask_BP1) + pred_BPX * mask_BP1
+    return (
+        unpatchify(seen_BPX, cfg.patch_size, cfg.channels),
+        unpatchify(pasted_BPX, cfg.patch_size, cfg.channels),
+    )

@@ -1,0 +1,330 @@
+"""Do self-supervised ViTs learn features that need few labels?
+
+Fashion-MNIST (Debian's dataset-fashion-mnist), the `small` ViT (4 layers,
+d=128, 4x4 patches), no labels during pre-training. Each method is one
+`fmjax train` command (printed; run in its own process), whose end-of-training
+evaluation of the frozen encoder is the result:
+
+    mae          configs/vit_mae.py:small
+    simclr       configs/vit_simclr.py:small
+    dino         configs/vit_dino.py:small
+    supervised   configs/vit_supervised.py:small      (labels: the reference)
+    random       the same ViT, learning rate 0, 1 step (random init)
+    pixels, pca  the same evaluators on normalised pixels and on their top 64
+                 principal components (computed here)
+
+Every representation gets the same evaluators (`fmjax.eval.features`) on all
+60,000 training images and the 10,000 test images: few-shot ridge at
+1/5/10/25 shots per class over 3 seeds, k-NN with all labels and with 1% of
+them, and a linear probe with all labels. Plus the mechanism checks: MAE's
+held-out masked loss against predicting each patch's mean, DINO's loss and
+teacher entropy against ln(K), SimCLR's positive-pair top-1 against chance.
+
+    python bench/vision_study.py                  # every run, then the report
+    python bench/vision_study.py --report-only    # report from finished runs
+    python bench/vision_study.py --methods mae dino
+
+Finished runs (summary.json present) are skipped, so an interrupted study
+resumes. Writes docs/vision.md (between the RESULTS markers), docs/vision.json,
+docs/vision_accuracy.png and docs/vision_mae.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNS = {
+    "mae": ("vit_mae", {}),
+    "simclr": ("vit_simclr", {}),
+    "dino": ("vit_dino", {}),
+    "supervised": ("vit_supervised", {}),
+    "random": (
+        "vit_supervised",
+        {"optimizer.learning_rate": 0.0, "train.steps": 1, "train.eval_every": 0},
+    ),
+}
+LABELS = {
+    "mae": "MAE",
+    "simclr": "SimCLR",
+    "dino": "DINO",
+    "supervised": "supervised (all labels)",
+    "random": "random init",
+    "pixels": "raw pixels",
+    "pca": "PCA of pixels (64)",
+}
+SELF_SUPERVISED = ("mae", "simclr", "dino")
+BASELINES = ("random", "pixels", "pca")
+SHOTS = (1, 5, 10, 25)
+SEEDS = (0, 1, 2)
+PCA_DIM = 64
+BEGIN, END = "<!-- RESULTS BEGIN -->", "<!-- RESULTS END -->"
+
+
+def command(method: str, workdir: str) -> list[str]:
+    config, extra = RUNS[method]
+    overrides = {
+        "features.train_examples": 0,  # all 60,000
+        "features.knn_fractions": "(0.01,)",
+        "train.progress": False,
+        **extra,
+    }
+    return [
+        sys.executable, "-m", "fmjax.cli", "train",
+        "--config", f"configs/{config}.py:small", "--workdir", workdir,
+        *[f"--config.{k}={v}" for k, v in overrides.items()],
+    ]  # fmt: skip
+
+
+def run(method: str, runs_dir: str) -> dict:
+    workdir = os.path.join(runs_dir, method)
+    summary_path = os.path.join(workdir, "summary.json")
+    if not os.path.exists(summary_path):
+        cmd = command(method, workdir)
+        print("$", shlex.join(cmd), flush=True)
+        start = time.time()
+        subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ})
+        print(f"  {method}: {time.time() - start:.0f} s", flush=True)
+    return json.load(open(summary_path))
+
+
+def _pixels(split: str, limit: int = 0):
+    from fmjax.data import sources
+
+    source = sources.load_source("fashion_mnist", split)
+    count = len(source) if not limit else min(limit, len(source))
+    images = np.stack([source[i]["image"] for i in range(count)])
+    labels = np.array([source[i]["label"] for i in range(count)])
+    return images.astype(np.float32) / 255.0, labels
+
+
+def pixel_baselines() -> dict[str, dict]:
+    """The evaluators on normalised pixels and on their PCA."""
+    from fmjax.eval import features
+
+    train, train_labels = _pixels("train")
+    test, test_labels = _pixels("test")
+    flat = lambda x: ((x - 0.286) / 0.353).reshape(len(x), -1)  # noqa: E731
+    representations = {"pixels": (flat(train), flat(test))}
+    representations["pca"] = features.pca_features(*representations["pixels"], PCA_DIM)
+    return {
+        name: features.feature_report(
+            tr, train_labels, te, test_labels, 10, SHOTS, SEEDS, (0.01,)
+        )
+        for name, (tr, te) in representations.items()
+    }
+
+
+def mean_patch_loss(patch: int = 4) -> float:
+    """MAE's normalised-pixel loss of predicting every patch's own mean (0
+    after normalisation), averaged over the test set's patches: the loss of a
+    model that learned nothing about shapes (masks are uniform, so the
+    average over all patches is its expectation)."""
+    from fmjax.models.vision import patchify
+
+    test, _ = _pixels("test")
+    patches = np.asarray(patchify(test, patch))
+    var = patches.var(axis=-1)
+    return float(np.mean(var / (var + 1e-6)))
+
+
+def _eval_records(workdir: str) -> list[dict]:
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return [r for r in rows if r["split"] == "eval"]
+
+
+def mechanism_checks(runs_dir: str, summaries: dict) -> dict:
+    checks = {}
+    if "mae" in summaries:
+        checks["mae"] = {
+            "eval_masked_loss": summaries["mae"]["eval"]["loss"],
+            "predict_patch_mean_loss": mean_patch_loss(),
+        }
+    if "dino" in summaries:
+        config = summaries["dino"]["config"]
+        k = config["model"]["prototypes"]
+        final = summaries["dino"]["eval"]
+        checks["dino"] = {
+            "eval_loss": final["loss"],
+            "teacher_entropy": final["teacher_entropy"],
+            "ln_prototypes": math.log(k),
+            "eval_curve": [
+                (r["step"], r["loss"], r["teacher_entropy"])
+                for r in _eval_records(os.path.join(runs_dir, "dino"))
+            ],
+        }
+    if "simclr" in summaries:
+        batch = summaries["simclr"]["config"]["data"]["batch_size"]
+        checks["simclr"] = {
+            "positive_top1": summaries["simclr"]["eval"]["contrastive_accuracy"],
+            "chance": 1 / (2 * batch - 1),
+            "eval_loss": summaries["simclr"]["eval"]["loss"],
+        }
+    return checks
+
+
+def mae_figure(workdir: str, path: str, count: int = 8) -> None:
+    """Test images, what the MAE encoder saw (75% of patches hidden) and its
+    reconstruction (visible patches pasted back, as the MAE paper shows)."""
+    import jax
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fmjax.export import find_export, load_export
+    from fmjax.models import build_model, model_config
+    from fmjax.tasks.vision import mae_reconstruct
+
+    params, config = load_export(find_export(workdir))
+    cfg = model_config(config["model"])
+    images, _ = _pixels("test", count)
+    data = config["data"]
+    x = (images - data["mean"][0]) / data["std"][0]  # [N, 28, 28, 1]
+    noise = jax.random.uniform(jax.random.key(0), (count, cfg.num_patches))
+    ratio = config["objective"]["mask_ratio"]
+    masked, pasted = mae_reconstruct(build_model(cfg), params, x, noise, ratio)
+    rows = {"test image": x, "encoder input (25%)": masked, "reconstruction": pasted}
+    fig, axes = plt.subplots(3, count, figsize=(count * 1.2, 4))
+    for r, (name, batch) in enumerate(rows.items()):
+        for c in range(count):
+            axes[r, c].imshow(np.asarray(batch[c, ..., 0]), cmap="gray")
+            axes[r, c].set_xticks([]), axes[r, c].set_yticks([])
+        axes[r, 0].set_ylabel(name, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def accuracy_figure(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, report in results.items():
+        xs = list(SHOTS) + [6000]
+        ys = [report[f"fewshot_{s}_accuracy"] for s in SHOTS]
+        ys.append(report["linear_probe_accuracy"])
+        style = (
+            "-o" if name in SELF_SUPERVISED else "--s" if name in BASELINES else ":^"
+        )
+        ax.plot(xs, ys, style, label=LABELS[name])
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled examples per class (1-25: ridge; 6,000: linear probe)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Fashion-MNIST: frozen features of a small ViT")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _fmt(report: dict, key: str) -> str:
+    return f"{100 * report[key]:.1f}"
+
+
+def markdown(results: dict, checks: dict, times: dict) -> str:
+    lines = [
+        "| representation | 10-shot ridge (3 seeds) | 1-shot | 25-shot "
+        "| k-NN, 1% labels | k-NN, all | linear probe, all | pre-training |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        ten = f"{_fmt(r, 'fewshot_10_accuracy')} ± {100 * r['fewshot_10_std']:.1f}"
+        lines.append(
+            f"| {LABELS[name]} | {ten} | {_fmt(r, 'fewshot_1_accuracy')} | "
+            f"{_fmt(r, 'fewshot_25_accuracy')} | {_fmt(r, 'knn_1pct_accuracy')} | "
+            f"{_fmt(r, 'knn_accuracy')} | {_fmt(r, 'linear_probe_accuracy')} | "
+            f"{times.get(name, '-')} |"
+        )
+    best = max(BASELINES, key=lambda n: results[n]["fewshot_10_accuracy"])
+    base = results[best]
+    lines += ["", f"Target: 10-shot accuracy >= 5 points above the best baseline "
+              f"({LABELS[best]}, {_fmt(base, 'fewshot_10_accuracy')}) and by more than "
+              "3 seed standard deviations:", ""]  # fmt: skip
+    for name in SELF_SUPERVISED:
+        if name not in results:
+            continue
+        r = results[name]
+        gap = 100 * (r["fewshot_10_accuracy"] - base["fewshot_10_accuracy"])
+        spread = 100 * max(r["fewshot_10_std"], base["fewshot_10_std"])
+        met = gap >= 5 and gap > 3 * spread
+        lines.append(
+            f"- {LABELS[name]}: {gap:+.1f} points (3 std = {3 * spread:.1f}): "
+            f"{'met' if met else 'missed'}"
+        )
+    lines += ["", "Mechanism checks (held-out test split):", ""]
+    if "mae" in checks:
+        c = checks["mae"]
+        lines.append(
+            f"- MAE masked-patch loss {c['eval_masked_loss']:.3f} vs "
+            f"{c['predict_patch_mean_loss']:.3f} for predicting each patch's mean."
+        )
+    if "dino" in checks:
+        c = checks["dino"]
+        lines.append(
+            f"- DINO loss {c['eval_loss']:.3f}, teacher entropy "
+            f"{c['teacher_entropy']:.3f} (per view; ln K = {c['ln_prototypes']:.3f} "
+            "is a uniform teacher, 0 a one-hot one; collapse drives the loss to "
+            "either end)."
+        )
+    if "simclr" in checks:
+        c = checks["simclr"]
+        lines.append(
+            f"- SimCLR positive-pair top-1 {100 * c['positive_top1']:.1f}% vs "
+            f"chance {100 * c['chance']:.2f}% (1 / (2N - 1))."
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument(
+        "--runs-dir", default=os.path.join(REPO, "runs", "vision_study")
+    )
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args(argv)
+    summaries, times = {}, {}
+    for method in args.methods:
+        done = os.path.exists(os.path.join(args.runs_dir, method, "summary.json"))
+        if args.report_only and not done:
+            continue
+        summaries[method] = run(method, args.runs_dir)
+        times[method] = f"{summaries[method]['wall_time_s'] / 60:.0f} min"
+    results = {m: s["features"] for m, s in summaries.items()}
+    results.update(pixel_baselines())
+    order = [m for m in LABELS if m in results]
+    results = {m: results[m] for m in order}
+    checks = mechanism_checks(args.runs_dir, summaries)
+    docs = os.path.join(REPO, "docs")
+    accuracy_figure(results, os.path.join(docs, "vision_accuracy.png"))
+    if "mae" in summaries:
+        mae_figure(
+            os.path.join(args.runs_dir, "mae"), os.path.join(docs, "vision_mae.png")
+        )
+    with open(os.path.join(docs, "vision.json"), "w") as f:
+        json.dump({"results": results, "checks": checks, "times": times}, f, indent=1)
+    table = markdown(results, checks, times)
+    path = os.path.join(docs, "vision.md")
+    text = open(path).read()
+    head, rest = text.split(BEGIN)
+    _, tail = rest.split(END)
+    with open(path, "w") as f:
+        f.write(f"{head}{BEGIN}\n{table}\n{END}{tail}")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
