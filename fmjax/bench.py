@@ -59,17 +59,16 @@ def _time_steps(run_step, warmup: int, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def bench_fmjax(config, warmup: int, steps: int) -> dict:
+def fmjax_train_step(config, batch: dict):
+    """(run, compiled): `run()` does one full fmjax optimizer step of `config`'s
+    task on `batch` (numpy, global) and waits for it; `compiled` is its XLA
+    executable (for its cost analysis)."""
     from fmjax.train.run import init_state
 
     mesh = shd.mesh_from_config(config.mesh)
     task = task_for(config, with_data=False)
     model = build_model(task.model_config)
     tx, lr_fn = make_optimizer(10_000, **config.optimizer)
-    batch_size, seq_len = config.data.batch_size, config.data.seq_len
-    batch = _random_batch(
-        np.random.default_rng(0), batch_size, seq_len, config.model.vocab_size
-    )
     _, shardings, init = init_state(task, model, tx, mesh, seed=0)
     loss_fn = task.loss_fn(model)
     with shd.activate(mesh, config.mesh.rules):
@@ -81,15 +80,24 @@ def bench_fmjax(config, warmup: int, steps: int) -> dict:
             mesh,
             task.update_extra,
         )
-        state = init()
+        holder = {"state": init()}
         global_batch = shd.global_batch(batch, mesh)
-        holder = {"state": state}
+        compiled = step_fn.lower(holder["state"], global_batch).compile()
 
-        def run():
-            holder["state"], metrics = step_fn(holder["state"], global_batch)
-            jax.block_until_ready(metrics)
+    def run():
+        holder["state"], metrics = compiled(holder["state"], global_batch)
+        jax.block_until_ready(metrics)
 
-        seconds = _time_steps(run, warmup, steps)
+    return run, compiled
+
+
+def bench_fmjax(config, warmup: int, steps: int) -> dict:
+    batch_size, seq_len = config.data.batch_size, config.data.seq_len
+    batch = _random_batch(
+        np.random.default_rng(0), batch_size, seq_len, config.model.vocab_size
+    )
+    run, _ = fmjax_train_step(config, batch)
+    seconds = _time_steps(run, warmup, steps)
     return {"step_s": seconds, "tokens_per_s": batch_size * seq_len / seconds}
 
 
@@ -198,6 +206,23 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> dict:
 
 def bench_train(config, against: str = "", warmup: int = 3, steps: int = 10) -> dict:
     threads = int(os.environ.get("FMJAX_BENCH_THREADS", os.cpu_count() or 1))
+    if task_for(config, with_data=False).throughput_unit == "images":
+        from fmjax.bench_vision import bench_train_images
+
+        peaks = matmul_peak_flops()
+        return {
+            "benchmark": "train",
+            "config": config.get("config_spec", config.name),
+            "batch_size": config.data.batch_size,
+            "dtype": config.model.dtype,
+            "threads": threads,
+            "devices": [str(d) for d in jax.devices()],
+            "peak_flops": max(peaks.values()),
+            "peak_flops_by_library": peaks,
+            **bench_train_images(
+                config, against, warmup, steps, threads, max(peaks.values())
+            ),
+        }
     seq_len = config.data.seq_len
     flops_per_token = train_flops_per_token(config.model, seq_len)
     fmjax_flops_per_token = flops_per_token

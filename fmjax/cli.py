@@ -197,12 +197,13 @@ def cmd_bench(args, overrides):
         for name in ("fmjax", "hf"):
             if name in result:
                 r = result[name]
+                unit = "tokens" if "tokens_per_s" in r else "images"
                 print(
-                    f"{name:6s} {r['tokens_per_s']:10.0f} tokens/s  "
+                    f"{name:6s} {r[f'{unit}_per_s']:10.0f} {unit}/s  "
                     f"{r['step_s'] * 1e3:8.1f} ms/step  MFU {r['mfu']:.1%}"
                 )
         if "speedup_vs_hf" in result:
-            print(f"fmjax / hf tokens/s: {result['speedup_vs_hf']:.2f}x")
+            print(f"fmjax / hf {unit}/s: {result['speedup_vs_hf']:.2f}x")
     print(json.dumps(result))
     return 0
 

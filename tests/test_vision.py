@@ -406,3 +406,23 @@ def test_label_subsets_are_stratified_and_pca_keeps_the_top_components():
     projected, test = pca_features(train, train[:5], 1)
     assert projected.shape == (500, 1) and test.shape == (5, 1)
     assert projected.var() > 80 and np.allclose(test, projected[:5], atol=1e-5)
+
+
+@pytest.mark.parametrize("config", ["vit_mae", "vit_supervised"])
+def test_bench_against_hf_trains_the_same_shapes(config):
+    """`fmjax bench train --against hf` builds HF's model of the config: the
+    same number of trained parameters (HF's fixed sin-cos tables, which do not
+    train, aside)."""
+    from fmjax.bench_vision import _hf_model
+    from fmjax.config import load_config
+
+    cfg = load_config(f"configs/{config}.py:tiny", [])
+    hf = _hf_model(cfg)
+    trained = sum(p.numel() for p in hf.parameters() if p.requires_grad)
+    if config == "vit_supervised":
+        trained -= hf.vit.embeddings.position_embeddings.numel()  # fmjax: sin-cos
+    module = build_model(model_config(cfg.model.to_dict()))
+    images = np.zeros((1, 28, 28, 1), np.float32)
+    kwargs = {"noise_BP": np.zeros((1, 16), np.float32)} if config == "vit_mae" else {}
+    params = module.init(jax.random.key(0), images, **kwargs)["params"]
+    assert count_params(nn.unbox(params)) == trained
