@@ -104,6 +104,7 @@ def compile_for_topology(config, topology: str) -> dict:
     """Compiles the train step of `config` for `topology`; returns the report."""
     from fmjax import sharding as shd
     from fmjax.bench import compiled_step_memory, train_flops_per_token
+    from fmjax.tasks import task_for
 
     kind, shape = parse_topology(topology)
     chip = CHIPS[kind]
@@ -132,9 +133,14 @@ def compile_for_topology(config, topology: str) -> dict:
         + memory["output_bytes"]
         - memory["alias_bytes"]
     )
-    tokens = config.data.batch_size * config.data.seq_len
-    model_flops = train_flops_per_token(config.model, config.data.seq_len) * tokens
     chips = len(devices)
+    unit = task_for(config, with_data=False).throughput_unit
+    if unit == "tokens":
+        units = config.data.batch_size * config.data.seq_len
+        model_flops = train_flops_per_token(config.model, config.data.seq_len) * units
+    else:  # images: XLA's count of the whole step (attention and heads included)
+        units = config.data.batch_size
+        model_flops = memory["flops"] * chips
     # Roofline: compute time of the per-chip model FLOPs at peak (XLA's own count
     # covers every op, so it bounds from above), or HBM traffic of the state.
     compute_s = model_flops / (chips * chip.peak_bf16_flops)
@@ -155,7 +161,8 @@ def compile_for_topology(config, topology: str) -> dict:
         "hbm_fraction": hbm / chip.hbm_bytes,
         "xla_flops_per_chip": memory["flops"],
         "model_flops_per_step": model_flops,
-        "tokens_per_step": tokens,
+        "unit": unit,
+        f"{unit}_per_step": units,
         "roofline_step_s": step_s,
         "roofline_mfu": model_flops / (chips * chip.peak_bf16_flops * step_s),
         "fits": hbm <= chip.hbm_bytes,
@@ -165,6 +172,7 @@ def compile_for_topology(config, topology: str) -> dict:
 
 def format_report(r: dict) -> str:
     gib = lambda b: f"{b / GiB:.2f} GiB"
+    unit = r.get("unit", "tokens")
     return "\n".join(
         [
             f"{r['config']} on {r['topology']} ({r['chips']} chips, mesh {r['mesh']})",
@@ -176,7 +184,7 @@ def format_report(r: dict) -> str:
             f"XLA per chip {r['xla_flops_per_chip']:.3e}",
             f"  roofline: {r['roofline_step_s'] * 1e3:.1f} ms/step, "
             f"MFU <= {r['roofline_mfu']:.0%}, "
-            f"{r['tokens_per_step'] / r['roofline_step_s']:.3e} tokens/s",
+            f"{r[unit + '_per_step'] / r['roofline_step_s']:.3e} {unit}/s",
         ]
     )
 

@@ -42,6 +42,18 @@ def test_compile_reports_hbm_flops_and_roofline(capsys):
 
 
 @needs_libtpu
+def test_compile_plans_a_vit_in_images(capsys):
+    """ViT configs plan like the text ones; throughput counts images and the
+    FLOPs are XLA's count of the whole step (MAE: encoder on 25% of patches)."""
+    args = ["compile", "--config", "configs/vit_mae.py:tiny", "--topology", "v5e:2x2"]
+    assert cli.main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["unit"] == "images" and report["images_per_step"] == 16
+    assert report["model_flops_per_step"] == 4 * report["xla_flops_per_chip"] > 0
+    assert report["fits"] and 0 < report["roofline_mfu"] <= 1
+
+
+@needs_libtpu
 def test_compile_refuses_a_config_that_does_not_fit(capsys):
     args = ["compile", "--config", "configs/gpt_lm.py:tiny", "--topology", "v5e:2x2"]
     args += ["--config.data.batch_size=8192", "--config.data.seq_len=512"]
