@@ -40,8 +40,9 @@ def row(name: str, r: dict) -> str:
     gib = r["hbm_total_bytes"] / 2**30
     cap = r["hbm_capacity_bytes"] / 2**30
     mesh = "x".join(str(v) for v in r["mesh"].values())
+    units = r[r.get("unit", "tokens") + "_per_step"]
     return (
-        f"| `{r['config']}` | {name} | {mesh} | {r[r.get('unit', 'tokens') + '_per_step']:,} | "
+        f"| `{r['config']}` | {name} | {mesh} | {units:,} | "
         f"{gib:.1f} / {cap:.0f} GiB (args {r['hbm_argument_bytes'] / 2**30:.1f}, "
         f"temp {r['hbm_temp_bytes'] / 2**30:.1f}) | "
         f"{r['roofline_step_s'] * 1e3:.0f} ms | {r['roofline_mfu']:.0%} |"
