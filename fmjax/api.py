@@ -2,8 +2,9 @@
 
 `path` is an fmjax workdir or export directory, or an HF model directory
 (`fmjax.convert.hf.load_hf_model`): BERT (WordPiece tokenizer and the
-sentence-transformers pooling of its 1_Pooling/config.json) or GPT-2
-(byte-level BPE from tokenizer.json or vocab.json + merges.txt).
+sentence-transformers pooling of its 1_Pooling/config.json), GPT-2
+(byte-level BPE from tokenizer.json or vocab.json + merges.txt), or ViT /
+ViTMAE (`embed_images` preprocesses as its preprocessor_config.json says).
 
 A classifier trained with configs/classify.py classifies text:
 
@@ -212,7 +213,11 @@ class Model:
     def embed_images(self, images, batch_size: int = 64) -> np.ndarray:
         """[N, D] float32 pooled features of uint8 images [N, H, W, C] (or
         [N, H, W] grey), resized to the model's size and normalised with the
-        training config's data.mean / data.std."""
+        training config's data.mean / data.std; an HF ViT's (and its
+        conversion's) as its preprocessor_config.json says
+        (`fmjax.convert.vit.preprocess_images`). A ViT's feature is the
+        final-LayerNorm cls state: HF's `last_hidden_state[:, 0]`."""
+        from fmjax.convert.vit import preprocess_images
         from fmjax.data.images import _resize, to_float
 
         cfg = self.module.config
@@ -227,13 +232,20 @@ class Model:
         channels = cfg.channels
         mean = np.resize(np.asarray(data.get("mean", (0.5,)), np.float32), channels)
         std = np.resize(np.asarray(data.get("std", (0.5,)), np.float32), channels)
+        processor = self.config.get("image_processor")
+
+        def inputs(chunk) -> np.ndarray:
+            if processor:
+                return preprocess_images(chunk, processor, channels)
+            size = cfg.image_size
+            return np.stack(
+                [(_resize(to_float(x, channels), size) - mean) / std for x in chunk]
+            )
+
         out = []
         for start in range(0, len(images), batch_size):
-            batch = [
-                (_resize(to_float(image, channels), cfg.image_size) - mean) / std
-                for image in images[start : start + batch_size]
-            ]
-            out.append(np.asarray(apply(params, np.stack(batch).astype(np.float32))))
+            batch = inputs(images[start : start + batch_size]).astype(np.float32)
+            out.append(np.asarray(apply(params, batch)))
         if not out:
             return np.zeros((0, cfg.d_model), np.float32)
         return np.concatenate(out)
@@ -409,15 +421,14 @@ class Model:
 
 
 def load(path: str) -> Model:
-    """Loads an fmjax workdir, its export directory, an HF BERT or GPT-2
-    directory, or a PEFT LoRA adapter directory over a local HF base."""
+    """Loads an fmjax workdir, its export directory, an HF BERT, GPT-2, ViT or
+    ViTMAE directory, or a PEFT LoRA adapter directory over a local HF base."""
     if _is_peft_directory(path):
         return _load_peft(path)
     if hf.is_hf_directory(path):
         model_config, params, tokenizer = hf.load_hf_model(path)
-        config = ConfigDict(
-            {"name": "hf_import", "model": model_config, "pooling": hf.hf_pooling(path)}
-        )
+        fields = hf.import_fields(path, model_config)
+        config = ConfigDict({"name": "hf_import", "model": model_config, **fields})
     elif is_adapter_export(path):
         config = load_export_config(path)
         base = config.get("init", {}).get("model", "")

@@ -136,6 +136,23 @@ def tiny_bert_dir(minilm_dir, data_dir, tmp_path_factory):
     return save_hf_bert(path, model_config, params, load_tokenizer(minilm_dir))
 
 
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tmp_path_factory):
+    """A random 2-layer d=32 ViT (28x28 grey images, 7x7 patches) saved as an
+    HF ViTModel directory with a preprocessor_config.json."""
+    import flax.linen as nn
+
+    from fmjax.config import vit_config
+    from fmjax.convert.hf import save_hf_vit
+    from fmjax.models.registry import build_model, example_inputs
+
+    config = vit_config("tiny")
+    args, kwargs = example_inputs(config.model)
+    module = build_model(config.model)
+    params = nn.unbox(module.init(jax.random.PRNGKey(0), *args, **kwargs)["params"])
+    return save_hf_vit(tmp_path_factory.mktemp("tiny_vit"), config, params)
+
+
 # --- the README's commands (tests/test_readme*.py) ------------------------------
 
 # Appended to each subcommand: small models, few steps, the session's data dir.
@@ -223,8 +240,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_readme_commands(sections, tiny_bert_dir, data_dir, tmp_path, monkeypatch):
-    """Runs the `fmjax` lines of these README sections in order in `tmp_path`."""
+def run_readme_commands(
+    sections, tiny_bert_dir, data_dir, tmp_path, monkeypatch, tiny_vit_dir=None
+):
+    """Runs the `fmjax` lines of these README sections in order in `tmp_path`
+    (/path/to/hf_bert is `tiny_bert_dir`, /path/to/hf_vit `tiny_vit_dir`)."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "sentences.txt").write_text("The market rallied.\nA quiet day.\n")
     (tmp_path / "prompts.txt").write_text("The market\nShares in the bank\n")
@@ -238,6 +258,9 @@ def run_readme_commands(sections, tiny_bert_dir, data_dir, tmp_path, monkeypatch
     background = []
     for line in readme_commands(sections):
         line = line.replace("/path/to/hf_bert", str(tiny_bert_dir))
+        if "/path/to/hf_vit" in line:
+            assert tiny_vit_dir is not None, f"{line}: pass run_readme_commands a ViT"
+            line = line.replace("/path/to/hf_vit", str(tiny_vit_dir))
         line = line.replace("127.0.0.1:1234", f"127.0.0.1:{port}")
         line = line.replace("--vocab-size 8000", "--vocab-size 1000")  # cached
         words = shlex.split(line)

@@ -330,8 +330,8 @@ def test_fmjax_to_hf_refuses_other_kinds(tmp_path):
     from safetensors.numpy import save_file
 
     save_file({"x": np.zeros(1, np.float32)}, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps({"model": {"kind": "vit"}}))
-    with pytest.raises(ValueError, match="kind='vit'.*encoders.*decoders"):
+    (tmp_path / "config.json").write_text(json.dumps({"model": {"kind": "resnet"}}))
+    with pytest.raises(ValueError, match="kind='resnet'.*encoders.*decoders.*ViTs"):
         hf.fmjax_to_hf(tmp_path, tmp_path / "out")
 
 

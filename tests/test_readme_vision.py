@@ -8,9 +8,16 @@ from test_readme import PARTS
 
 
 def test_vision_commands_run(
-    tiny_bert_dir, data_dir, fashion_dir, tmp_path, monkeypatch
+    tiny_bert_dir, tiny_vit_dir, data_dir, fashion_dir, tmp_path, monkeypatch
 ):
-    run_readme_commands(PARTS["vision"], tiny_bert_dir, data_dir, tmp_path, monkeypatch)
+    sections = PARTS["vision"]
+    run_readme_commands(
+        sections, tiny_bert_dir, data_dir, tmp_path, monkeypatch, tiny_vit_dir
+    )
     for run in ("fmnist_vit", "fmnist_mae"):
         summary = json.loads((tmp_path / "runs" / run / "summary.json").read_text())
         assert summary["steps"] == 4 and "knn_accuracy" in summary["features"]
+    # The HF conversions: a ViT in, the MAE run out as ViTMAEForPreTraining.
+    assert (tmp_path / "runs" / "vit_from_hf" / "model.safetensors").exists()
+    hf_config = json.loads((tmp_path / "runs/fmnist_mae_hf/config.json").read_text())
+    assert hf_config["architectures"] == ["ViTMAEForPreTraining"]

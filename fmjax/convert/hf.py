@@ -22,8 +22,17 @@ the tied `lm_head.weight`) and a byte-level BPE tokenizer (`tokenizer.json`, or
 `vocab.json` + `merges.txt`; `fmjax.data.bpe`). Exporting a decoder writes a
 GPT2LMHeadModel directory.
 
-Name, config and layout mapping live in `fmjax.convert.bert` and
-`fmjax.convert.gpt2`.
+An HF ViT directory holds `config.json` (model_type "vit": ViTModel or
+ViTForImageClassification; "vit_mae": ViTMAEForPreTraining),
+`model.safetensors` and optionally `preprocessor_config.json`, whose resize,
+rescale and normalisation `fmjax.load(dir).embed_images` repeats (without it,
+ViTImageProcessor's defaults). Importing gives a ViT (kind "vit", learned
+positions, cls readout, the classifier as its head) or a MaskedAutoencoder
+(kind "vit_mae"; mask_ratio and norm_pix_loss go to `config.objective`);
+exporting writes those HF classes and a preprocessor_config.json.
+
+Name, config and layout mapping live in `fmjax.convert.bert`,
+`fmjax.convert.gpt2` and `fmjax.convert.vit`.
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ from safetensors.numpy import load_file, save
 
 from fmjax import storage
 from fmjax.config import base_config, to_json
-from fmjax.convert import gpt2
+from fmjax.convert import gpt2, vit
 from fmjax.convert.bert import (
     IGNORED,
     TIED,
@@ -61,23 +70,27 @@ from fmjax.models.registry import param_axes
 CONFIG_FILENAME = "config.json"
 WEIGHTS_FILENAME = "model.safetensors"
 WEIGHTS_INDEX_FILENAME = "model.safetensors.index.json"
+PREPROCESSOR_FILENAME = "preprocessor_config.json"
 POOLING_CONFIG = os.path.join("1_Pooling", "config.json")
 POOLINGS = ("mean", "cls", "max")
 # config.json model_type -> the fmjax model kind it converts to.
-MODEL_TYPES = {"bert": "encoder", "gpt2": "decoder"}
+MODEL_TYPES = {"bert": "encoder", "gpt2": "decoder", **vit.MODEL_TYPES}
 __all__ = [
     "fmjax_to_hf",
     "hf_name_for",
     "hf_pooling",
     "hf_to_fmjax",
+    "import_fields",
     "is_hf_directory",
     "load_hf_bert",
     "load_hf_gpt2",
     "load_hf_model",
+    "load_hf_vit",
     "read_hf_weights",
     "save_hf_bert",
     "save_hf_gpt2",
     "save_hf_model",
+    "save_hf_vit",
 ]
 
 
@@ -185,20 +198,62 @@ def _load_tokenizer_for(directory: str, model_config: Mapping[str, Any]) -> Toke
     return tokenizer
 
 
-def load_hf_model(directory: str | os.PathLike) -> tuple[dict, dict, Tokenizer]:
-    """(model config dict, params, tokenizer) of an HF BERT or GPT-2 directory,
-    picked by its config.json's model_type (`load_hf_bert`, `load_hf_gpt2`)."""
+def load_hf_model(
+    directory: str | os.PathLike,
+) -> tuple[dict, dict, Tokenizer | None]:
+    """(model config dict, params, tokenizer) of an HF BERT, GPT-2, ViT or
+    ViTMAE directory, picked by its config.json's model_type (`load_hf_bert`,
+    `load_hf_gpt2`, `load_hf_vit`: no tokenizer, None)."""
     directory = os.fspath(directory)
     model_type = _read_hf_config(directory).get("model_type")
     if model_type == "bert":
         return load_hf_bert(directory)
     if model_type == "gpt2":
         return load_hf_gpt2(directory)
+    if model_type in vit.MODEL_TYPES:
+        return (*load_hf_vit(directory), None)
     raise FormatError(
         f"HF model_type={model_type!r} in {directory}: fmjax converts model_type "
-        f"'bert' (BertModel / BertForMaskedLM) and 'gpt2' (GPT2Model / "
-        f"GPT2LMHeadModel) checkpoints"
+        f"'bert' (BertModel / BertForMaskedLM), 'gpt2' (GPT2Model / "
+        f"GPT2LMHeadModel), 'vit' (ViTModel / ViTForImageClassification) and "
+        f"'vit_mae' (ViTMAEForPreTraining) checkpoints"
     )
+
+
+def load_hf_vit(directory: str | os.PathLike) -> tuple[dict, dict]:
+    """(model config dict, params) of an HF ViT or ViTMAE directory: a ViT
+    (kind "vit", with a classifier when the checkpoint has `classifier.*`) or
+    a MaskedAutoencoder (kind "vit_mae"), float32 NumPy params in fmjax's
+    layout (`fmjax.convert.vit`). The pooler is ignored; any other tensor that
+    maps nowhere, a missing one, or a MAE position table other than MAE's
+    sin-cos raises FormatError naming it."""
+    directory = os.fspath(directory)
+    hf_config = _read_hf_config(directory)
+    kind = vit.model_config_from_hf(hf_config)["kind"]  # refuse before I/O
+    weights = vit.normalise_names(read_hf_weights(directory), kind)
+    classes = weights.get("classifier.weight", np.zeros((0,))).shape[0]
+    model_config = vit.model_config_from_hf(hf_config, num_classes=classes)
+    shapes = _param_shapes(model_config)
+    num_in = {path: _num_in(model_config, path) for path in shapes}
+    source = f"{directory}/{WEIGHTS_FILENAME}"
+    qkv_bias = bool(hf_config.get("qkv_bias", True))
+    flat = vit.params_from_hf(weights, shapes, model_config, num_in, source, qkv_bias)
+    return model_config, traverse_util.unflatten_dict(flat)
+
+
+def import_fields(directory: str, model_config: Mapping[str, Any]) -> dict:
+    """The fmjax config groups an HF import sets beside `model`: a text
+    model's `pooling` (`hf_pooling`); an image model's preprocessing, labels
+    and objective from its config.json and preprocessor_config.json
+    (`vit.config_fields`)."""
+    if model_config["kind"] not in vit.MODEL_TYPES.values():
+        return {"pooling": hf_pooling(directory)}
+    path = os.path.join(directory, PREPROCESSOR_FILENAME)
+    processor = None
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            processor = json.load(f)
+    return vit.config_fields(model_config, _read_hf_config(directory), processor)
 
 
 def load_hf_gpt2(directory: str | os.PathLike) -> tuple[dict, dict, Tokenizer]:
@@ -288,7 +343,7 @@ def _flat_matching_params(
 
 
 def _write_hf_directory(
-    directory: str, hf_config: dict, tensors: dict, tokenizer: Tokenizer
+    directory: str, hf_config: dict, tensors: dict, tokenizer: Tokenizer | None
 ) -> str:
     storage.makedirs(directory)
     storage.write_text(
@@ -299,7 +354,8 @@ def _write_hf_directory(
         storage.join(directory, WEIGHTS_FILENAME),
         save(tensors, metadata={"format": "pt"}),
     )
-    tokenizer.save(directory)
+    if tokenizer is not None:
+        tokenizer.save(directory)
     return directory
 
 
@@ -366,28 +422,67 @@ def save_hf_bert(
     return _write_hf_directory(directory, hf_config, tensors, tokenizer)
 
 
+def save_hf_vit(directory: str | os.PathLike, config: Mapping[str, Any], params) -> str:
+    """Writes an HF ViTModel (ViTForImageClassification with a classifier) or
+    ViTMAEForPreTraining directory (config.json, model.safetensors in float32,
+    preprocessor_config.json) of a fmjax ViT or MAE run: its `config` gives
+    the model, data.label_names, objective (mask_ratio, norm_pix_loss) and the
+    preprocessing (an import's image_processor, else data.mean / data.std of
+    [0, 1] pixels at the model's size). A projection head is left out; no
+    pooler is written (`fmjax.convert.vit`). Returns `directory`."""
+    directory = os.fspath(directory)
+    model_config = dict(config["model"])
+    data = dict(config.get("data") or {})
+    hf_config = vit.hf_config_from_model(
+        model_config, data.get("label_names") or (), config.get("objective")
+    )
+    backbone = {**model_config, "proj_layers": 0, "prototypes": 0}
+    params = {k: v for k, v in nn.unbox(params).items() if k not in vit.NOT_EXPORTED}
+    expected, flat = _flat_matching_params(backbone, params)
+    num_in = {path: _num_in(backbone, path) for path in expected}
+    tensors = vit.hf_from_params(flat, backbone, num_in)
+    processor = config.get("image_processor") or vit.image_processor_from_hf(
+        {"image_mean": data.get("mean", (0.5,)), "image_std": data.get("std", (0.5,))},
+        model_config["image_size"],
+    )
+    _write_hf_directory(directory, hf_config, tensors, None)
+    storage.write_text(
+        storage.join(directory, PREPROCESSOR_FILENAME),
+        json.dumps(vit.hf_image_processor(processor), indent=2, sort_keys=True) + "\n",
+    )
+    return directory
+
+
 def hf_to_fmjax(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> str:
-    """Converts an HF BERT or GPT-2 directory into an fmjax export directory
-    (readable by `fmjax.load` and `fmjax.export.load_export`); returns `dst_dir`."""
+    """Converts an HF BERT, GPT-2, ViT or ViTMAE directory into an fmjax export
+    directory (readable by `fmjax.load` and `fmjax.export.load_export`);
+    returns `dst_dir`."""
     src_dir, dst_dir = os.fspath(src_dir), os.fspath(dst_dir)
     model_config, params, tokenizer = load_hf_model(src_dir)
     config = base_config()
     config.name = "hf_import"
     config.model = model_config
-    config.pooling = hf_pooling(src_dir)
-    config.data.vocab_size = tokenizer.vocab_size
+    for key, value in import_fields(src_dir, model_config).items():
+        if isinstance(value, dict) and key in config:
+            config[key].update(value)
+        else:
+            config[key] = value
+    if tokenizer is not None:
+        config.data.vocab_size = tokenizer.vocab_size
     storage.makedirs(dst_dir)
     storage.write_bytes(
         storage.join(dst_dir, WEIGHTS_FILENAME), save(flatten_params(params))
     )
     storage.write_text(storage.join(dst_dir, CONFIG_FILENAME), to_json(config))
-    tokenizer.save(dst_dir)
+    if tokenizer is not None:
+        tokenizer.save(dst_dir)
     return dst_dir
 
 
 def fmjax_to_hf(src: str | os.PathLike, dst_dir: str | os.PathLike) -> str:
-    """Converts an fmjax encoder or decoder (workdir or export directory) into an
-    HF BERT or GPT-2 (GPT2LMHeadModel) directory; returns `dst_dir`."""
+    """Converts an fmjax encoder, decoder, ViT or MAE (workdir or export
+    directory) into an HF BERT, GPT-2 (GPT2LMHeadModel), ViT or ViTMAE
+    directory; returns `dst_dir`."""
     src = os.fspath(src)
     params, config = load_export(src)
     model_config = dict(config.get("model") or {})
@@ -395,8 +490,11 @@ def fmjax_to_hf(src: str | os.PathLike, dst_dir: str | os.PathLike) -> str:
     if kind not in MODEL_TYPES.values():
         raise FormatError(
             f"{src} holds a model of kind={kind!r}; fmjax-to-hf converts encoders "
-            f"(to HF BERT) and decoders (to HF GPT-2) only"
+            f"(to HF BERT), decoders (to HF GPT-2), ViTs and MAEs (to HF ViT and "
+            f"ViTMAE) only"
         )
+    if kind in vit.MODEL_TYPES.values():
+        return save_hf_vit(dst_dir, config, params)
     if kind == "decoder":  # refuse what GPT-2 cannot express before more I/O
         gpt2.hf_config_from_model(model_config)
     tokenizer = load_tokenizer(find_export(src))

@@ -316,15 +316,25 @@ class ImageClassifyTask(ImageTask):
         return {k: float(out[k]) for k in ("loss", "accuracy", "count")}
 
 
-def mae_loss(pred_BPX, images_BHWC, mask_BP, weights_B, patch: int, norm_pix: bool):
+def mae_loss(
+    pred_BPX,
+    images_BHWC,
+    mask_BP,
+    weights_B,
+    patch: int,
+    norm_pix: bool,
+    *,
+    ddof: int = 0,
+):
     """MAE's loss sums: squared error per patch (against the patch's pixels,
     normalised by their own mean and variance with `norm_pix`), averaged over
     the patch, summed over masked patches of real rows; `count` = those
-    patches."""
+    patches. `ddof`: the variance's delta degrees of freedom; training uses 0,
+    the MAE reference and HF ViTMAE use torch's unbiased `var` (ddof=1)."""
     target_BPX = patchify(images_BHWC.astype(jnp.float32), patch)
     if norm_pix:
         mean_BP1 = target_BPX.mean(axis=-1, keepdims=True)
-        var_BP1 = target_BPX.var(axis=-1, keepdims=True)
+        var_BP1 = target_BPX.var(axis=-1, keepdims=True, ddof=ddof)
         target_BPX = (target_BPX - mean_BP1) / jnp.sqrt(var_BP1 + 1e-6)
     error_BP = jnp.mean((pred_BPX - target_BPX) ** 2, axis=-1)
     weight_BP = mask_BP * weights_B[:, None]
