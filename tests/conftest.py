@@ -18,6 +18,7 @@ import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -214,6 +215,8 @@ def _overrides(argv: list[str], tiny_bert_dir, data_dir) -> list[str]:
     config = argv[argv.index("--config") + 1] if "--config" in argv else ""
     if command == "train" and "configs/vit_" in config:
         values = {"data.data_dir": data_dir, **VIT, **TRAIN}
+        if "vit_dino" in config:  # local crops: a multiple of the 7-pixel patches
+            values["data.views.local_views.size"] = 14
     elif command == "train" and "classify.py" in config:
         values = {"init.model": tiny_bert_dir, "data.data_dir": data_dir, **CLASSIFY}
     elif command == "train":
@@ -232,6 +235,18 @@ def _overrides(argv: list[str], tiny_bert_dir, data_dir) -> list[str]:
     else:
         return []
     return [f"--config.{k}={v}" for k, v in values.items()]
+
+
+def _image_folder(root) -> None:
+    """my_images/{shirt,shoe}/*.png: 12 small images of two classes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(("shirt", "shoe")):
+        os.makedirs(root / name, exist_ok=True)
+        for i in range(12):
+            pixels = rng.integers(0, 128, (36, 30), np.uint8) + 100 * label
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
 
 
 def _free_port() -> int:
@@ -254,6 +269,7 @@ def run_readme_commands(
         for i in range(80)
     ]
     (tmp_path / "my.csv").write_text("\n".join(rows) + "\n")
+    _image_folder(tmp_path / "my_images")
     port = str(_free_port())
     background = []
     for line in readme_commands(sections):

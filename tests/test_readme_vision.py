@@ -14,9 +14,12 @@ def test_vision_commands_run(
     run_readme_commands(
         sections, tiny_bert_dir, data_dir, tmp_path, monkeypatch, tiny_vit_dir
     )
-    for run in ("fmnist_vit", "fmnist_mae"):
+    for run in ("fmnist_vit", "fmnist_mae", "fmnist_simclr", "fmnist_dino", "my_vit"):
         summary = json.loads((tmp_path / "runs" / run / "summary.json").read_text())
         assert summary["steps"] == 4 and "knn_accuracy" in summary["features"]
+    # The image folder's two class folders became the classifier's classes.
+    config = json.loads((tmp_path / "runs/my_vit/summary.json").read_text())["config"]
+    assert config["model"]["num_classes"] == 2
     # The HF conversions: a ViT in, the MAE run out as ViTMAEForPreTraining.
     assert (tmp_path / "runs" / "vit_from_hf" / "model.safetensors").exists()
     hf_config = json.loads((tmp_path / "runs/fmnist_mae_hf/config.json").read_text())

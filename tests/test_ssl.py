@@ -199,6 +199,7 @@ def test_frozen_prototypes_get_no_gradient_until_released():
     # Move the student away from its teacher, so the loss has a gradient.
     student = jax.tree.map(lambda p: p * 1.5, params)
 
+    @jax.jit
     def grads(extra):
         return jax.grad(
             lambda p: loss_fn(p, {}, batch, jax.random.key(2), True, extra)["loss_sum"]
@@ -212,56 +213,68 @@ def test_frozen_prototypes_get_no_gradient_until_released():
     assert np.abs(np.asarray(grads(extra)["patch_embed"]["kernel"])).max() > 0
 
 
-def test_simclr_trains_end_to_end(fashion_data, tmp_path):
-    """Two mildly augmented views of 16 images a step: in 20 steps the held-out
-    NT-Xent falls (log 31 = 3.43 is a uniform guess among the 31 candidates)."""
-    workdir = str(tmp_path / "simclr")
-    mild = "('random_resized_crop(scale=(0.6, 1.0))', 'flip')"
-    summary, records = _train_tiny(
-        "vit_simclr", workdir, fashion_data, steps=20,
-        **{"data.views.views.augment": mild, "optimizer.learning_rate": 1e-3},
-    )  # fmt: skip
-    evals = [r for r in records if r["split"] == "eval"]
-    assert evals[-1]["loss"] < evals[0]["loss"] - 0.2, evals
-    assert 0 <= evals[-1]["contrastive_accuracy"] <= 1
-    for key in ("knn_accuracy", "linear_probe_accuracy"):
-        assert 0.1 < summary["features"][key] <= 1.0, summary["features"]
-
-
 def _state(workdir, step):
     path = os.path.join(workdir, "checkpoints", str(step), "state")
     return ocp.PyTreeCheckpointer().restore(path)
 
 
-def test_dino_trains_and_resumes_bit_identically(fashion_data, tmp_path):
-    """The teacher and centre are checkpointed: a run resumed at step 3 ends
-    with the uninterrupted run's student, teacher and centre, bit for bit."""
-    workdir = str(tmp_path / "dino")
-    extra = {"checkpoint.every": 3, "checkpoint.async_save": False}
-    summary, _ = _train_tiny("vit_dino", workdir, fashion_data, steps=6, **extra)
-    final = _state(workdir, 6)
-    teacher, student = final["extra"]["teacher"], final["params"]
-    start = _state(workdir, 3)["extra"]["teacher"]
-    # The teacher follows the student by EMA: it moved, but is not the student.
-    kernel = teacher["patch_embed"]["kernel"]
-    assert not np.array_equal(kernel, start["patch_embed"]["kernel"])
-    assert not np.allclose(kernel, student["patch_embed"]["kernel"])
-    assert np.abs(final["extra"]["center"]).max() > 0
-    assert summary["features"]["knn_accuracy"] > 0.1
-
+def _train_then_resume(config, data, tmp_path, steps=6, **extra):
+    """A tiny run of `steps` steps with a checkpoint half way, and the same run
+    resumed from that checkpoint; (summary, final state, resumed final state)."""
+    extra = {"checkpoint.every": steps // 2, "checkpoint.async_save": False, **extra}
+    workdir = str(tmp_path / "run")
+    summary, _ = _train_tiny(config, workdir, data, steps=steps, **extra)
     resumed = str(tmp_path / "resumed")
     shutil.copytree(workdir, resumed)
-    shutil.rmtree(os.path.join(resumed, "checkpoints", "6"))
+    shutil.rmtree(os.path.join(resumed, "checkpoints", str(steps)))
     os.remove(os.path.join(resumed, "summary.json"))
-    _train_tiny("vit_dino", resumed, fashion_data, steps=6, **extra)
-    again = _state(resumed, 6)
+    _train_tiny(config, resumed, data, steps=steps, **extra)
+    assert json.load(open(os.path.join(resumed, "summary.json")))["steps"] == steps
+    return summary, _state(workdir, steps), _state(resumed, steps)
+
+
+def _assert_same_state(final, again):
     for (path, a), b in zip(
         jax.tree_util.tree_flatten_with_path(final)[0],
         jax.tree.leaves(again),
         strict=True,
     ):
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
-    assert json.load(open(os.path.join(resumed, "summary.json")))["steps"] == 6
+
+
+def test_dino_trains_and_resumes_bit_identically(fashion_data, tmp_path):
+    """The teacher and centre are checkpointed: a run resumed at step 3 ends
+    with the uninterrupted run's student, teacher and centre, bit for bit."""
+    summary, final, again = _train_then_resume("vit_dino", fashion_data, tmp_path)
+    teacher, student = final["extra"]["teacher"], final["params"]
+    start = _state(str(tmp_path / "run"), 3)["extra"]["teacher"]
+    # The teacher follows the student by EMA: it moved, but is not the student.
+    kernel = teacher["patch_embed"]["kernel"]
+    assert not np.array_equal(kernel, start["patch_embed"]["kernel"])
+    assert not np.allclose(kernel, student["patch_embed"]["kernel"])
+    assert np.abs(final["extra"]["center"]).max() > 0
+    assert summary["features"]["knn_accuracy"] > 0.1
+    _assert_same_state(final, again)
+
+
+def test_simclr_trains_and_resumes_bit_identically(fashion_data, tmp_path):
+    """Two mildly augmented views of 16 images a step: in 20 steps the held-out
+    NT-Xent falls (log 31 = 3.43 is a uniform guess among the 31 candidates).
+    Resumed at step 10, the run ends with the same params and optimizer state
+    (the views' iterator state came back too)."""
+    mild = "('random_resized_crop(scale=(0.6, 1.0))', 'flip')"
+    settings = {"data.views.views.augment": mild, "optimizer.learning_rate": 1e-3}
+    summary, final, again = _train_then_resume(
+        "vit_simclr", fashion_data, tmp_path, steps=20, **settings
+    )
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    evals = [r for r in records if r["split"] == "eval"]
+    assert evals[-1]["loss"] < evals[0]["loss"] - 0.2, evals
+    assert 0 <= evals[-1]["contrastive_accuracy"] <= 1
+    for key in ("knn_accuracy", "linear_probe_accuracy"):
+        assert 0.1 < summary["features"][key] <= 1.0, summary["features"]
+    assert "extra" not in final  # no state beside the params
+    _assert_same_state(final, again)
 
 
 # --- a user's own images ------------------------------------------------------------

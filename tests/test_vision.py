@@ -307,9 +307,17 @@ def _run_files(workdir):
     return files
 
 
-def test_mae_trains_and_its_eval_loss_is_deterministic(fashion_data, tmp_path, capsys):
-    workdir = str(tmp_path / "mae")
-    summary, records = _train_tiny("vit_mae", workdir, fashion_data, steps=20)
+def test_mae_trains_resumes_and_its_eval_loss_is_deterministic(
+    fashion_data, tmp_path, capsys
+):
+    from test_ssl import _assert_same_state, _train_then_resume
+
+    summary, final, again = _train_then_resume("vit_mae", fashion_data, tmp_path, 20)
+    _assert_same_state(final, again)  # resumed at step 10: the same end
+    workdir = str(tmp_path / "run")
+    records = [
+        json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))
+    ]
     evals = [r for r in records if r["split"] == "eval"]
     # Normalised-pixel targets: predicting 0 (each patch's mean) costs at most
     # 1 a patch (less for blank background patches); an untrained decoder is
