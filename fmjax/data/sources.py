@@ -27,6 +27,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from fmjax.data import folders
+from fmjax.data.emoji import EmojiCaptions
 from fmjax.errors import FmjaxError
 
 FILE_FORMAT = "array_record"
@@ -334,6 +335,7 @@ SHIPPED: dict[str, type[tfds.core.DatasetBuilder]] = {
     "bbc_news": BbcNews,
     "rotten_tomatoes": RottenTomatoes,
     "fashion_mnist": FashionMnist,
+    "emoji_captions": EmojiCaptions,
 }
 
 
@@ -423,8 +425,16 @@ def check_dataset(name: str, data_dir: str | os.PathLike | None = None) -> None:
         raise _not_found(name, data_dir)
 
 
+def _is_text(feature: tfds.features.FeatureConnector) -> bool:
+    """A Text feature, or a Sequence of them (decoded as a list of `str`)."""
+    if isinstance(feature, tfds.features.Sequence):
+        feature = feature.feature
+    return isinstance(feature, tfds.features.Text)
+
+
 class TextSource(Sequence):
-    """Random-access view of a TFDS data source with Text features as `str`."""
+    """Random-access view of a TFDS data source with Text features as `str`
+    (a Sequence of Text as a list of `str`)."""
 
     def __init__(self, source: Sequence[dict[str, Any]], text_keys: Sequence[str]):
         self._source = source
@@ -439,6 +449,8 @@ class TextSource(Sequence):
             value = record.get(key)
             if isinstance(value, bytes):
                 record[key] = value.decode("utf-8", errors="replace")
+            elif value is not None and not isinstance(value, str):
+                record[key] = [v.decode("utf-8", errors="replace") for v in value]
         return record
 
     def __getitem__(self, index):
@@ -480,9 +492,7 @@ def load_source(
                 f"available splits: {available}"
             )
     text_keys = [
-        key
-        for key, feature in builder.info.features.items()
-        if isinstance(feature, tfds.features.Text)
+        key for key, feature in builder.info.features.items() if _is_text(feature)
     ]
     return TextSource(builder.as_data_source(split=split), text_keys)
 
