@@ -6,6 +6,8 @@ import json
 from conftest import run_readme_commands
 from test_readme import PARTS
 
+from fmjax.export import load_export_config
+
 
 def test_vision_commands_run(
     tiny_bert_dir, tiny_vit_dir, data_dir, fashion_dir, tmp_path, monkeypatch
@@ -18,7 +20,7 @@ def test_vision_commands_run(
         summary = json.loads((tmp_path / "runs" / run / "summary.json").read_text())
         assert summary["steps"] == 4 and "knn_accuracy" in summary["features"]
     # The image folder's two class folders became the classifier's classes.
-    config = json.loads((tmp_path / "runs/my_vit/summary.json").read_text())["config"]
+    config = load_export_config(str(tmp_path / "runs" / "my_vit"))
     assert config["model"]["num_classes"] == 2
     # The HF conversions: a ViT in, the MAE run out as ViTMAEForPreTraining.
     assert (tmp_path / "runs" / "vit_from_hf" / "model.safetensors").exists()
