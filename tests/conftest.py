@@ -217,6 +217,9 @@ def _overrides(argv: list[str], tiny_bert_dir, data_dir) -> list[str]:
         values = {"data.data_dir": data_dir, **VIT, **TRAIN}
         if "vit_dino" in config:  # local crops: a multiple of the 7-pixel patches
             values["data.views.local_views.size"] = 14
+        if "vit_simclr" in config or "vit_dino" in config:
+            # tests/test_ssl.py evaluates their features; here they only train.
+            values["features.evaluate"] = False
     elif command == "train" and "classify.py" in config:
         values = {"init.model": tiny_bert_dir, "data.data_dir": data_dir, **CLASSIFY}
     elif command == "train":

@@ -62,8 +62,9 @@ def runs(tiny_bert_dir, data_dir, tmp_path_factory):
     """One short run per method (trained once for the module)."""
     out = {}
     extra = {
-        # full and lora shard the batch over the 8 test devices; the others run on
-        # one device, which compiles faster.
+        # full shards the batch over the 8 test devices; the others run on one
+        # device, which compiles faster (tests/test_scale.py covers the meshes).
+        "lora": ONE_DEVICE,
         "qlora": {**ONE_DEVICE, **QLORA},
         "prefix": ONE_DEVICE,
         "prompt": ONE_DEVICE,

@@ -18,7 +18,9 @@ def test_vision_commands_run(
     )
     for run in ("fmnist_vit", "fmnist_mae", "fmnist_simclr", "fmnist_dino", "my_vit"):
         summary = json.loads((tmp_path / "runs" / run / "summary.json").read_text())
-        assert summary["steps"] == 4 and "knn_accuracy" in summary["features"]
+        assert summary["steps"] == 4, run
+        if run not in ("fmnist_simclr", "fmnist_dino"):  # evaluated in test_ssl
+            assert "knn_accuracy" in summary["features"], run
     # The image folder's two class folders became the classifier's classes.
     config = load_export_config(str(tmp_path / "runs" / "my_vit"))
     assert config["model"]["num_classes"] == 2
