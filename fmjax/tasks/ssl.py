@@ -17,7 +17,7 @@ import numpy as np
 
 from fmjax.config import ConfigError
 from fmjax.models.projection import PROTOTYPES
-from fmjax.tasks.vision import ImageTask
+from fmjax.tasks.vision import ImageTask, apply_to_images
 
 
 def _normalise(x, axis=-1):
@@ -93,16 +93,8 @@ class _ViewTask(ImageTask):
 
     def _project(self, adaptation, model, params, frozen, rng, train, images_BVHWC):
         """The head's outputs [B, V, F] for every view of a group."""
-        dropout_rng, adapter_rng = jax.random.split(rng)
-        out = adaptation.apply(
-            model,
-            params,
-            frozen,
-            adapter_rng,
-            train,
-            _flat_views(images_BVHWC),
-            deterministic=not train,
-            rngs={"dropout": dropout_rng},
+        out = apply_to_images(
+            adaptation, model, params, frozen, rng, train, _flat_views(images_BVHWC)
         )
         return _unflat_views(out["projection"], images_BVHWC.shape[0])
 

@@ -277,6 +277,22 @@ class ImageTask(Task):
         """No tokenizer: a ViT's input is pixels (the config holds mean/std)."""
 
 
+def apply_to_images(adaptation, model, params, frozen, rng, train: bool, images):
+    """`adaptation.apply` of a ViT on images: dropout and the adapter draw from
+    the two halves of `rng`; eval (train=False) is deterministic."""
+    dropout_rng, adapter_rng = jax.random.split(rng)
+    return adaptation.apply(
+        model,
+        params,
+        frozen,
+        adapter_rng,
+        train,
+        images,
+        deterministic=not train,
+        rngs={"dropout": dropout_rng},
+    )
+
+
 class ImageClassifyTask(ImageTask):
     """Cross-entropy on labels over the ViT's pooled features (the supervised
     baseline of the self-supervised objectives)."""
@@ -293,16 +309,8 @@ class ImageClassifyTask(ImageTask):
 
         def loss_fn(params, frozen, batch, rng, train: bool, extra) -> dict:
             del extra  # no state beside the params
-            dropout_rng, adapter_rng = jax.random.split(rng)
-            out = adaptation.apply(
-                model,
-                params,
-                frozen,
-                adapter_rng,
-                train,
-                batch["images"],
-                deterministic=not train,
-                rngs={"dropout": dropout_rng},
+            out = apply_to_images(
+                adaptation, model, params, frozen, rng, train, batch["images"]
             )
             _, sums = objectives.classification_loss(
                 out["logits"], batch["labels"], batch["weights"]
