@@ -17,8 +17,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -27,6 +27,7 @@ from PIL import Image
 PREFIX = "folder:"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 SPLIT_NAMES = ("train", "validation", "test")
+T = TypeVar("T")
 
 
 def _images(directory: str) -> list[str]:
@@ -43,6 +44,37 @@ def _subdirs(directory: str) -> list[str]:
         for d in os.listdir(directory)
         if os.path.isdir(os.path.join(directory, d)) and not d.startswith(".")
     )
+
+
+def select_split(
+    splits: Mapping[str, Sequence[T]], split: str, dataset: str
+) -> Sequence[T]:
+    """The rows of `split`, a split name that may take a slice as TFDS's:
+    "train[:90%]", "train[90%:]". `dataset` names the dataset in errors."""
+    match = re.fullmatch(r"\s*(\w+)\s*(?:\[(-?\d*)%?:(-?\d*)%?\])?\s*", split)
+    if not match or match[1] not in splits:
+        raise ValueError(
+            f"Unknown split {split!r} for {dataset}; available splits: "
+            f"{sorted(splits)} (optionally sliced: 'train[:90%]')"
+        )
+    rows = splits[match[1]]
+    if match[2] or match[3]:
+        start, stop = (
+            None if not value else len(rows) * int(value) // 100
+            for value in (match[2], match[3])
+        )
+        rows = rows[start:stop]
+    return rows
+
+
+def read_image(path: str) -> np.ndarray:
+    """The image file decoded, uint8 [H, W, C]: grey (L) keeps one channel,
+    RGB three; other modes (RGBA, P, CMYK, ...) become RGB."""
+    with Image.open(path) as image:
+        if image.mode not in ("L", "RGB"):
+            image = image.convert("RGB")
+        array = np.asarray(image, np.uint8)
+    return array if array.ndim == 3 else array[..., None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,19 +133,7 @@ class FolderDataset:
         return features
 
     def source(self, split: str) -> FolderSource:
-        match = re.fullmatch(r"\s*(\w+)\s*(?:\[(-?\d*)%?:(-?\d*)%?\])?\s*", split)
-        if not match or match[1] not in self.splits:
-            raise ValueError(
-                f"Unknown split {split!r} for folder:{self.root}; available "
-                f"splits: {sorted(self.splits)} (optionally sliced: 'train[:90%]')"
-            )
-        rows = self.splits[match[1]]
-        if match[2] or match[3]:
-            start, stop = (
-                None if not value else len(rows) * int(value) // 100
-                for value in (match[2], match[3])
-            )
-            rows = rows[start:stop]
+        rows = select_split(self.splits, split, f"{PREFIX}{self.root}")
         return FolderSource(rows, labelled=bool(self.classes))
 
 
@@ -128,11 +148,7 @@ class FolderSource(Sequence):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path, label = self._rows[index]
-        with Image.open(path) as image:
-            if image.mode not in ("L", "RGB"):
-                image = image.convert("RGB")
-            array = np.asarray(image, np.uint8)
-        record = {"image": array if array.ndim == 3 else array[..., None]}
+        record = {"image": read_image(path)}
         if self._labelled:
             record["label"] = np.int64(label)
         return record

@@ -26,7 +26,7 @@ from typing import Any
 import tensorflow_datasets as tfds
 from etils import epath
 
-from fmjax.data import folders
+from fmjax.data import folders, pairs
 from fmjax.data.emoji import EmojiCaptions
 from fmjax.errors import FmjaxError
 
@@ -414,11 +414,16 @@ def prepare(name: str, data_dir: str | os.PathLike | None = None) -> str:
     return os.fspath(builder.data_dir)
 
 
-def check_dataset(name: str, data_dir: str | os.PathLike | None = None) -> None:
+def check_dataset(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    columns: tuple[str, str] = pairs.COLUMNS,
+) -> None:
     """Cheap start-up check: raises DatasetNotFoundError if `name` can't load
-    (an image folder, `folder:DIR`: FileNotFoundError or ValueError)."""
-    if name.startswith(folders.PREFIX):
-        folders.folder_dataset(name)
+    (a user's `folder:DIR`, `csv:FILE` or `jsonl:FILE`: FileNotFoundError or
+    ValueError). `columns`: a file's image and caption columns."""
+    if pairs.user_dataset(name, columns) is not None:
         return
     data_dir = _resolve(data_dir)
     if name not in SHIPPED and not is_prepared(name, data_dir):
@@ -468,15 +473,21 @@ class TextSource(Sequence):
 
 
 def load_source(
-    name: str, split: str, data_dir: str | os.PathLike | None = None
+    name: str,
+    split: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    columns: tuple[str, str] = pairs.COLUMNS,
 ) -> TextSource:
     """Random-access source of `name`/`split`: dicts of numpy/str values.
 
     Shipped datasets are prepared on first use; `folder:DIR` reads a user's
-    images (`fmjax.data.folders`).
+    images (`fmjax.data.folders`), `csv:FILE` / `jsonl:FILE` their image-caption
+    pairs (`fmjax.data.pairs`; `columns`: the image and caption columns).
     """
-    if name.startswith(folders.PREFIX):
-        return folders.folder_dataset(name).source(split)
+    user = pairs.user_dataset(name, columns)
+    if user is not None:
+        return user.source(split)
     data_dir = _resolve(data_dir)
     if not is_prepared(name, data_dir):
         if name not in SHIPPED:
@@ -498,12 +509,15 @@ def load_source(
 
 
 def dataset_info(
-    name: str, data_dir: str | os.PathLike | None = None
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    columns: tuple[str, str] = pairs.COLUMNS,
 ) -> tfds.core.DatasetInfo:
     """`name`'s DatasetInfo (features, splits); shipped datasets are prepared."""
-    if name.startswith(folders.PREFIX):
-        dataset = folders.folder_dataset(name)
-        return folders.FolderInfo(dataset.features(), tuple(dataset.splits))
+    user = pairs.user_dataset(name, columns)
+    if user is not None:
+        return folders.FolderInfo(user.features(), tuple(user.splits))
     data_dir = _resolve(data_dir)
     if not is_prepared(name, data_dir):
         if name not in SHIPPED:
