@@ -79,6 +79,7 @@ def fmjax_train_step(config, batch: dict):
             shardings,
             mesh,
             task.update_extra,
+            task.constrain_params,
         )
         holder = {"state": init()}
         global_batch = shd.global_batch(batch, mesh)
@@ -290,6 +291,7 @@ def compiled_step_memory(config, mesh) -> dict:
             shardings,
             mesh,
             task.update_extra,
+            task.constrain_params,
         )
         compiled = step_fn.lower(state_in, batch_in).compile()
     analysis = compiled.memory_analysis()

@@ -314,5 +314,7 @@ def adapt_config(method: str = "full") -> ConfigDict:
             prefix_hidden=512,
             # params trained besides the adapter (PEFT's modules_to_save)
             train_patterns=(),
+            # method=full: params kept frozen (LiT: a locked tower, "text/.*")
+            freeze=(),
         )
     )

@@ -175,3 +175,181 @@ def summarize(metrics: Mapping[str, Array]) -> dict[str, Array]:
         "perplexity": xp.exp(loss),
         "count": count,
     }
+
+
+# --- image-text (CLIP, SigLIP) ----------------------------------------------------
+#
+# image_BE, text_BE: unit-norm embeddings of B pairs (row i of each is a pair);
+# weights_B: 1 for real pairs, 0 for padding (neither a row nor a column).
+# Every function returns sums: "loss_sum" over real pairs, "count" real
+# pairs (CLIP's mean over the batch; SigLIP's sum over all B x B pairs divided
+# by B), and "correct_i2t" / "correct_t2i", pairs whose own caption (image)
+# scores highest in the batch.
+
+
+def _pair_logits(image_BE, text_BE, logit_scale, logit_bias=None):
+    logits_BB = jnp.exp(logit_scale) * jnp.einsum(
+        "BE,CE->BC", image_BE.astype(jnp.float32), text_BE.astype(jnp.float32)
+    )
+    return logits_BB if logit_bias is None else logits_BB + logit_bias
+
+
+def _masked(logits, real_columns):
+    # A large finite negative rather than -inf: no inf * 0 in padding rows.
+    return jnp.where(real_columns, logits, -1e9)
+
+
+def _infonce_rows(logits_bC, labels_b, real_C):
+    """(-log softmax at the label, label is the argmax) per row."""
+    log_probs = jax.nn.log_softmax(_masked(logits_bC, real_C[None, :]), axis=-1)
+    loss_b = -jnp.take_along_axis(log_probs, labels_b[:, None], axis=1)[:, 0]
+    return loss_b, jnp.argmax(logits_bC - 2e9 * ~real_C[None, :], -1) == labels_b
+
+
+def infonce_sums(image_BE, text_BE, logit_scale, weights_B) -> dict:
+    """CLIP's symmetric InfoNCE: the mean of image->text and text->image
+    cross-entropy, each pair's own partner the target among the batch's."""
+    logits_BB = _pair_logits(image_BE, text_BE, logit_scale)
+    real_B = weights_B > 0
+    labels_B = jnp.arange(logits_BB.shape[0])
+    i2t_B, i2t_ok = _infonce_rows(logits_BB, labels_B, real_B)
+    t2i_B, t2i_ok = _infonce_rows(logits_BB.T, labels_B, real_B)
+    return {
+        "loss_sum": jnp.sum(weights_B * (i2t_B + t2i_B) / 2),
+        "count": jnp.sum(weights_B),
+        "correct_i2t": jnp.sum(weights_B * i2t_ok),
+        "correct_t2i": jnp.sum(weights_B * t2i_ok),
+    }
+
+
+def sigmoid_sums(image_BE, text_BE, logit_scale, logit_bias, weights_B) -> dict:
+    """SigLIP's loss: every (image, text) pair of real rows is a binary
+    problem, positive on the diagonal: -log sigmoid(label * logit), summed."""
+    logits_BB = _pair_logits(image_BE, text_BE, logit_scale, logit_bias)
+    batch = logits_BB.shape[0]
+    labels_BB = 2.0 * jnp.eye(batch) - 1.0
+    pair_BB = weights_B[:, None] * weights_B[None, :]
+    real_B = weights_B > 0
+    ok = lambda x: jnp.argmax(x - 2e9 * ~real_B[None, :], -1) == jnp.arange(batch)  # noqa: E731
+    return {
+        "loss_sum": -jnp.sum(pair_BB * jax.nn.log_sigmoid(labels_BB * logits_BB)),
+        "count": jnp.sum(weights_B),
+        "correct_i2t": jnp.sum(weights_B * ok(logits_BB)),
+        "correct_t2i": jnp.sum(weights_B * ok(logits_BB.T)),
+    }
+
+
+def _batch_axes(batch: int):
+    """The mesh's batch axes in the current `jax.set_mesh` context (None when
+    there is none, or one device holds the batch: the dense loss is then the
+    same computation)."""
+    from fmjax.sharding import BATCH_AXES
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return None
+    devices = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    if devices == 1 or batch % devices:
+        return None
+    return BATCH_AXES
+
+
+def infonce_sums_gathered(image_BE, text_BE, logit_scale, weights_B) -> dict:
+    """`infonce_sums` written per device (shard_map over the mesh's batch
+    axes): each device's rows against all devices' columns (all-gathered, as
+    open_clip's `gather_with_grad` + `local_loss`), its [b, B] logits only; the
+    sums psum'd. Dense when no mesh splits the batch."""
+    axes = _batch_axes(image_BE.shape[0])
+    if axes is None:
+        return infonce_sums(image_BE, text_BE, logit_scale, weights_B)
+    P = jax.sharding.PartitionSpec
+
+    def local(image_bE, text_bE, scale, weights_b):
+        gather = lambda x: jax.lax.all_gather(x, axes, tiled=True)  # noqa: E731
+        images_BE, texts_BE, real_B = (
+            gather(image_bE),
+            gather(text_bE),
+            gather(weights_b) > 0,
+        )
+        rows = image_bE.shape[0]
+        labels_b = jax.lax.axis_index(axes) * rows + jnp.arange(rows)
+        i2t_b, i2t_ok = _infonce_rows(
+            _pair_logits(image_bE, texts_BE, scale), labels_b, real_B
+        )
+        t2i_b, t2i_ok = _infonce_rows(
+            _pair_logits(text_bE, images_BE, scale), labels_b, real_B
+        )
+        sums = {
+            "loss_sum": jnp.sum(weights_b * (i2t_b + t2i_b) / 2),
+            "count": jnp.sum(weights_b),
+            "correct_i2t": jnp.sum(weights_b * i2t_ok),
+            "correct_t2i": jnp.sum(weights_b * t2i_ok),
+        }
+        return jax.lax.psum(sums, axes)
+
+    return jax.shard_map(
+        local,
+        in_specs=(P(axes), P(axes), P(), P(axes)),
+        out_specs=P(),
+    )(image_BE, text_BE, logit_scale, weights_B)
+
+
+def sigmoid_sums_chunked(image_BE, text_BE, logit_scale, logit_bias, weights_B) -> dict:
+    """`sigmoid_sums` without the global [B, B] logits (SigLIP's chunked
+    loss): each device scores its images against one device's texts at a
+    time, [b, b], and passes the texts on around a ring (ppermute), n steps
+    for n devices. The texts' best score so far travels with them, so both
+    accuracies come out too. Dense when no mesh splits the batch."""
+    axes = _batch_axes(image_BE.shape[0])
+    if axes is None:
+        return sigmoid_sums(image_BE, text_BE, logit_scale, logit_bias, weights_B)
+    P = jax.sharding.PartitionSpec
+
+    def local(image_bE, text_bE, scale, bias, weights_b):
+        n = jax.lax.psum(1, axes)
+        me = jax.lax.axis_index(axes)
+        ring = [(i, (i + 1) % n) for i in range(n)]
+        rows = image_bE.shape[0]
+        # Texts travel with (weights, owner, best image score, best is own image).
+        text = (
+            text_bE,
+            weights_b,
+            me,
+            jnp.full((rows,), -jnp.inf),
+            jnp.zeros(rows, bool),
+        )
+        img_best = jnp.full((rows,), -jnp.inf)
+        img_ok = jnp.zeros(rows, bool)
+        loss = 0.0
+        for _ in range(n):  # n is static: the mesh's size
+            t_bE, t_w, owner, t_best, t_ok = text
+            logits_bc = _pair_logits(image_bE, t_bE, scale, bias)
+            own = owner == me
+            labels_bc = jnp.where(own, 2.0 * jnp.eye(rows) - 1.0, -1.0)
+            pair_bc = weights_b[:, None] * t_w[None, :]
+            loss = loss - jnp.sum(pair_bc * jax.nn.log_sigmoid(labels_bc * logits_bc))
+            masked = jnp.where(t_w[None, :] > 0, logits_bc, -jnp.inf)
+            row_max = masked.max(axis=1)
+            row_pos = own & (jnp.argmax(masked, axis=1) == jnp.arange(rows))
+            img_ok = jnp.where(row_max > img_best, row_pos, img_ok)
+            img_best = jnp.maximum(img_best, row_max)
+            col = jnp.where(weights_b[:, None] > 0, logits_bc, -jnp.inf)
+            col_max = col.max(axis=0)
+            col_pos = own & (jnp.argmax(col, axis=0) == jnp.arange(rows))
+            t_ok = jnp.where(col_max > t_best, col_pos, t_ok)
+            t_best = jnp.maximum(t_best, col_max)
+            text = jax.lax.ppermute((t_bE, t_w, owner, t_best, t_ok), axes, ring)
+        _, _, _, _, t_ok = text  # home again after n steps
+        sums = {
+            "loss_sum": loss,
+            "count": jnp.sum(weights_b),
+            "correct_i2t": jnp.sum(weights_b * img_ok),
+            "correct_t2i": jnp.sum(weights_b * t_ok),
+        }
+        return jax.lax.psum(sums, axes)
+
+    return jax.shard_map(
+        local,
+        in_specs=(P(axes), P(axes), P(), P(), P(axes)),
+        out_specs=P(),
+    )(image_BE, text_BE, logit_scale, logit_bias, weights_B)

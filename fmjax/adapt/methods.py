@@ -18,6 +18,10 @@ Methods (HF PEFT names):
   prefix  learned per-layer K/V slots (optionally through a reparam MLP).
   prompt  T soft tokens prepended to the input.
 
+`full` with `freeze_patterns` (config `adapt.freeze`) keeps the params they
+match frozen and trains the rest (LiT: a locked pretrained text tower, e.g.
+`adapt.freeze=("text/.*",)`).
+
 In every method but `full`, the params matching `train_patterns` (a task head
 such as `classifier/...`, as PEFT's `modules_to_save`) train too. The trained
 tree is `{"model": <those params, at their model paths>, <method>: <adapter
@@ -65,6 +69,7 @@ class Adaptation:
     quantize_embeddings: bool = False
     compute_dtype: str = "float32"
     train_patterns: tuple[str, ...] = ()
+    freeze_patterns: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -85,6 +90,14 @@ class Adaptation:
             )
         if self.train_patterns:
             compile_patterns(self.train_patterns, "adapt.train_patterns")
+        if self.freeze_patterns:
+            if self.method != "full":
+                raise ValueError(
+                    f"adapt.freeze={self.freeze_patterns!r} applies to method "
+                    f"'full'; with {self.method!r} every param outside "
+                    "adapt.train_patterns is frozen already"
+                )
+            compile_patterns(self.freeze_patterns, "adapt.freeze")
 
     @classmethod
     def from_config(cls, adapt, model_config: TransformerConfig) -> Adaptation:
@@ -117,6 +130,7 @@ class Adaptation:
             quantize_embeddings=adapt.get("quantize_embeddings", False),
             compute_dtype=adapt.compute_dtype,
             train_patterns=tuple(adapt.train_patterns),
+            freeze_patterns=tuple(adapt.get("freeze", ())),
             **kwargs,
         )
 
@@ -125,8 +139,11 @@ class Adaptation:
     def split(self, params, rng) -> tuple[dict, dict]:
         """(trained, frozen) from the model's params. Traceable (jit/eval_shape)."""
         if self.method == "full":
-            return params, {}
-        head, base = self._partition(params)
+            if not self.freeze_patterns:
+                return params, {}
+            locked, trained = self._partition(params, self.freeze_patterns)
+            return trained, locked
+        head, base = self._partition(params, self.train_patterns)
         if self.method in ("lora", "qlora"):
             axes = param_axes(self.model_config)
             adapter = lora_lib.init_lora(base, self.lora, rng, axes)
@@ -145,11 +162,12 @@ class Adaptation:
             adapter = prompts.init_prefix(self.model_config, self.prefix, rng)
         return {"model": head, self.method: adapter}, base
 
-    def _partition(self, params) -> tuple[dict, dict]:
+    def _partition(self, params, patterns) -> tuple[dict, dict]:
+        """(params matching `patterns`, the rest)."""
         flat = flax.traverse_util.flatten_dict(params, sep="/")
         head = {}
-        if self.train_patterns:
-            regex = compile_patterns(self.train_patterns, "adapt.train_patterns")
+        if patterns:
+            regex = compile_patterns(patterns)
             head = {p: v for p, v in flat.items() if regex.fullmatch(p)}
         base = {p: v for p, v in flat.items() if p not in head}
         unflatten = lambda d: flax.traverse_util.unflatten_dict(d, sep="/")  # noqa: E731
@@ -162,7 +180,8 @@ class Adaptation:
         the adapter's model inputs (prompt, prefix), and LoRA beside each adapted
         matmul. `rng` draws the LoRA dropout; model rngs go in `rngs=`."""
         if self.method == "full":
-            return model.apply({"params": trained}, *args, **kwargs)
+            params = _merge_trees(frozen, trained) if frozen else trained
+            return model.apply({"params": params}, *args, **kwargs)
         params = _merge_trees(frozen, trained.get("model", {}))
         if self.method in ("prompt", "prefix"):
             extra = prompts.model_kwargs(
@@ -178,7 +197,7 @@ class Adaptation:
         """For serving: (params, model kwargs) with LoRA folded into the kernels
         and every NF4 kernel dequantised; prefix/prompt keep their kwargs."""
         if self.method == "full":
-            return trained, {}
+            return (_merge_trees(frozen, trained) if frozen else trained), {}
         params = _merge_trees(frozen, trained.get("model", {}))
         kwargs: dict[str, Any] = {}
         if self.method in ("lora", "qlora"):

@@ -267,6 +267,19 @@ class MultiView(grain.transforms.RandomMap):
         return out
 
 
+class WithText(grain.transforms.RandomMap):
+    """An augmented image and, from `text_fn(example, rng)`, text fields
+    (image-text pairs: a caption drawn and tokenized)."""
+
+    def __init__(self, augment: Augment, text_fn):
+        self._augment, self._text_fn = augment, text_fn
+
+    def random_map(self, example: dict[str, Any], rng: np.random.Generator) -> dict:
+        out = self._augment.random_map(example, rng)
+        out.update(self._text_fn(example, rng))
+        return out
+
+
 class _PadBatch(grain.transforms.Map):
     """A short last eval batch padded with weight-0 rows."""
 
@@ -299,12 +312,14 @@ def make_image_iterator(
     process_count: int = 1,
     drop_remainder: bool = True,
     views: Mapping[str, ViewGroup] | None = None,
+    text_fn=None,
 ) -> grain.DatasetIterator:
     """Batches of this process's slice of `source` (examples i, i + n, ...),
     reshuffled every epoch from `seed`, each example augmented by `augment`
     with its own random draws (or, with `views`, several views per example
-    in groups keyed as in the batch). With `drop_remainder=False` a short last
-    batch is padded with weight-0 rows."""
+    in groups keyed as in the batch; with `text_fn`, text fields beside one
+    view). With `drop_remainder=False` a short last batch is padded with
+    weight-0 rows."""
     if len(source) <= process_index:
         raise ValueError(
             f"the source has {len(source)} examples, too few for process "
@@ -316,6 +331,8 @@ def make_image_iterator(
         transform = MultiView(views, image_size, channels, mean, std)
     else:
         transform = Augment(augment, image_size, channels, mean, std)
+        if text_fn is not None:
+            transform = WithText(transform, text_fn)
     examples = grain.MapDataset.source(source)[process_index::process_count]
     if shuffle:
         examples = examples.shuffle(seed=seed)

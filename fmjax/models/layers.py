@@ -76,9 +76,12 @@ def apply_rope(x_BLHK: Array, positions_BL: Array, theta: float) -> Array:
 
 
 def activation_fn(name: str):
-    """ "gelu": exact erf form (BERT); "gelu_tanh": tanh approximation (GPT-2)."""
+    """ "gelu": exact erf form (BERT); "gelu_tanh": tanh approximation (GPT-2);
+    "quick_gelu": x * sigmoid(1.702 x) (OpenAI CLIP)."""
     if name not in ACTIVATIONS:
         raise ValueError(f"activation={name!r}: expected one of {ACTIVATIONS}")
+    if name == "quick_gelu":
+        return lambda x: x * jax.nn.sigmoid(1.702 * x)
     return lambda x: jax.nn.gelu(x, approximate=name == "gelu_tanh")
 
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from fmjax.models.axes import abstract_params, axes_of
 from fmjax.models.config import TransformerConfig
+from fmjax.models.multimodal import DualEncoderConfig
 from fmjax.models.vision import ViTConfig
 
 
@@ -38,6 +39,12 @@ def _image_inputs(cfg, rows: int) -> tuple[tuple, dict]:
 def _masked_image_inputs(cfg, rows: int) -> tuple[tuple, dict]:
     (images,), _ = _image_inputs(cfg, rows)
     return (images,), {"noise_BP": jnp.zeros((rows, cfg.num_patches), jnp.float32)}
+
+
+def _image_text_inputs(cfg, rows: int) -> tuple[tuple, dict]:
+    (images,), _ = _image_inputs(cfg.image, rows)
+    (tokens,), _ = _token_inputs(cfg.text, rows)
+    return (images, tokens), {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +68,9 @@ MODEL_KINDS: dict[str, ModelKind] = {
     "vit": ModelKind(ViTConfig, "fmjax.models.vision:VisionTransformer", _image_inputs),
     "vit_mae": ModelKind(
         ViTConfig, "fmjax.models.vision:MaskedAutoencoder", _masked_image_inputs
+    ),
+    "dual_encoder": ModelKind(
+        DualEncoderConfig, "fmjax.models.multimodal:DualEncoder", _image_text_inputs
     ),
 }
 

@@ -72,6 +72,9 @@ class ViTConfig:
     param_dtype: str = "float32"
     init_std: float = 0.02
     remat: str = "none"
+    # A LayerNorm over the tokens before the first block (CLIP's
+    # `pre_layrnorm`; timm's `norm_pre`).
+    pre_norm: bool = False
     # kind "vit_mae" (MaskedAutoencoder): the light decoder's shape.
     decoder_d_model: int = 0
     decoder_layers: int = 1
@@ -300,6 +303,9 @@ class VisionTransformer(nn.Module):
                 cls_11D.astype(jnp.float32), (x_BPD.shape[0], 1, cfg.d_model)
             )
             x_BPD = jnp.concatenate([cls_B1D, x_BPD], axis=1)
+        norm = dict(epsilon=cfg.layer_norm_eps, param_dtype=cfg.params_dtype)
+        if cfg.pre_norm:
+            x_BPD = LayerNorm(name="pre_norm", **norm)(x_BPD)
         x_BPD = nn.Dropout(cfg.dropout_rate)(x_BPD, deterministic=deterministic)
         x_BPD = nn.with_logical_constraint(x_BPD, ("batch", "length", "embed"))
         batch, length, _ = x_BPD.shape
@@ -309,7 +315,6 @@ class VisionTransformer(nn.Module):
             x_BPD, _ = block_class(block_cfg)(
                 block_cfg, pre_norm=True, name=f"layers_{i}"
             )(x_BPD, mask_B1PP, None, None, deterministic)
-        norm = dict(epsilon=cfg.layer_norm_eps, param_dtype=cfg.params_dtype)
         hidden_BPD = LayerNorm(name="encoder_norm", **norm)(x_BPD)
         out = {"hidden": hidden_BPD}
         if cfg.pool == "cls":

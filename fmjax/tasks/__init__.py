@@ -9,6 +9,7 @@ from __future__ import annotations
 from fmjax.config import ConfigError
 from fmjax.tasks.base import EvalContext, SplitEvaluator, Task
 from fmjax.tasks.classify import ClassifyTask
+from fmjax.tasks.image_text import ImageTextTask
 from fmjax.tasks.ssl import DinoTask, SimclrTask
 from fmjax.tasks.text import TextTask
 from fmjax.tasks.vision import ImageClassifyTask, MaeTask
@@ -21,6 +22,7 @@ TASKS: dict[str, type[Task]] = {
     "mae": MaeTask,
     "simclr": SimclrTask,
     "dino": DinoTask,
+    "clip": ImageTextTask,
 }
 
 

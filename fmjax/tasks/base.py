@@ -8,11 +8,12 @@
     task.loss_fn(model, adaptation)         # (params, frozen, batch, rng, train,
                                             #  extra) -> metric sums
     task.init_extra(params) / task.update_extra  # state beside the params
+    task.constrain_params                   # params projected after each update
     task.summarize(sums)                    # -> reported metrics
     task.throughput(local_batch)            # how many `throughput_unit`s it holds
     task.evaluators                         # extra evals at the end of training
     task.adaptation                         # full, lora, qlora, prefix or prompt
-    task.export(workdir, trained_params)    # what a finished run writes
+    task.export(workdir, trained, frozen)   # what a finished run writes
 
 The loop, `fmjax bench`, `fmjax compile`, `fmjax.load` and the CLI use only
 this. A new objective is one module in `fmjax/tasks/` with a subclass of
@@ -154,6 +155,10 @@ class Task:
     # the train step after the optimizer update; None: `extra` never changes.
     update_extra: Callable[..., tuple] | None = None
 
+    # constrain_params(params) -> params, jitted into the train step right after
+    # the optimizer update (a clamp on a temperature); None: no constraint.
+    constrain_params: Callable[..., Any] | None = None
+
     def summarize(self, sums: Mapping[str, Any]) -> dict[str, float]:
         """Reported metrics from summed ones (default: loss and count)."""
         count = max(float(sums["count"]), 1e-8)
@@ -181,14 +186,23 @@ class Task:
         if self.tokenizer is not None:
             self.tokenizer.save(directory)
 
-    def export(self, workdir: str, trained_params) -> str:
-        """WORKDIR/export/: the whole model, or for adapter methods only the
-        trained params (adapter + head), whose base stays where init.model points."""
+    def export(self, workdir: str, trained_params, frozen_params=None) -> str:
+        """WORKDIR/export/: the whole model (full training, frozen params
+        included), or for adapter methods only the trained params (adapter +
+        head), whose base stays where init.model points."""
         from fmjax.export import ADAPTER_WEIGHTS, MODEL_WEIGHTS, export
 
-        weights = MODEL_WEIGHTS if self.adaptation.method == "full" else ADAPTER_WEIGHTS
+        if self.adaptation.method == "full":
+            params, _ = self.adaptation.merged(trained_params, frozen_params or {})
+            return export(
+                workdir, params, self.config, self.tokenizer, weights=MODEL_WEIGHTS
+            )
         return export(
-            workdir, trained_params, self.config, self.tokenizer, weights=weights
+            workdir,
+            trained_params,
+            self.config,
+            self.tokenizer,
+            weights=ADAPTER_WEIGHTS,
         )
 
 

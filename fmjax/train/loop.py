@@ -124,6 +124,7 @@ class _Loop:
                 run.shardings,
                 self.mesh,
                 self.task.update_extra,
+                self.task.constrain_params,
             )
             self.eval_fn = jit_eval_step(loss_fn, run.shardings, self.mesh)
         checkpoint = self.config.checkpoint
@@ -253,7 +254,9 @@ class _Loop:
         for evaluator in self.task.evaluators:
             results[evaluator.name] = evaluator(context)
             self.writer.write(total, evaluator.name, results[evaluator.name])
-        self.task.export(self.workdir, host_params(self.state.params))
+        self.task.export(
+            self.workdir, host_params(self.state.params), host_params(self.state.frozen)
+        )
         sample = self.task.sample(context)
         if sample:
             results["sample"] = sample

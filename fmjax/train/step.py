@@ -21,6 +21,9 @@ LossFn = Callable[..., dict]
 # update_extra(extra, new_params, sums, step) -> (extra, sums): a task's update of
 # its extra state after the optimizer step (it may consume sums it alone reads).
 UpdateExtra = Callable[..., tuple]
+# constrain_params(params) -> params: a task's projection of the updated params
+# onto their allowed set (CLIP's temperature clamp), applied after each update.
+ConstrainParams = Callable[..., dict]
 REQUIRED_SUMS = ("loss_sum", "count")
 # Per-step metrics the train step adds beside the sums (averaged over steps).
 STEP_METRICS = ("grad_norm", "param_norm", "learning_rate", "nonfinite")
@@ -51,13 +54,14 @@ def train_step(
     learning_rate_fn: optax.Schedule,
     grad_accum_steps: int = 1,
     update_extra: UpdateExtra | None = None,
+    constrain_params: ConstrainParams | None = None,
 ) -> tuple[TrainState, dict]:
     """One optimizer step on a global batch, optionally in micro-batches.
 
     Gradients of the summed loss are added over micro-batches and divided by the
     total token count once, so accumulation gives the same update as one big batch.
-    Then `update_extra` (a task's) updates `state.extra` from the new params and
-    the step's sums.
+    `constrain_params` (a task's) then projects the new params (a clamp), and
+    `update_extra` updates `state.extra` from them and the step's sums.
     """
     rng = jax.random.fold_in(state.rng, state.step)
     if grad_accum_steps == 1:
@@ -96,6 +100,8 @@ def train_step(
     count = jnp.maximum(metrics["count"], 1.0)
     grads = jax.tree.map(lambda g: g / count.astype(g.dtype), grads)
     new_state = state.apply_gradients(grads)
+    if constrain_params is not None:
+        new_state = new_state.replace(params=constrain_params(new_state.params))
     metrics = dict(metrics)
     if update_extra is not None:
         extra, metrics = update_extra(
@@ -122,6 +128,7 @@ def jit_train_step(
     state_shardings,
     mesh,
     update_extra: UpdateExtra | None = None,
+    constrain_params: ConstrainParams | None = None,
 ):
     step = functools.partial(
         train_step,
@@ -129,6 +136,7 @@ def jit_train_step(
         learning_rate_fn=learning_rate_fn,
         grad_accum_steps=grad_accum_steps,
         update_extra=update_extra,
+        constrain_params=constrain_params,
     )
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.jit(
