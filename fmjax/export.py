@@ -28,7 +28,9 @@ ADAPTER_WEIGHTS = "adapter.safetensors"
 
 def flatten_params(params) -> dict[str, np.ndarray]:
     flat = traverse_util.flatten_dict(jax.device_get(params), sep=".")
-    return {key: np.ascontiguousarray(np.asarray(value)) for key, value in flat.items()}
+    # order="C" rather than np.ascontiguousarray, which makes a 0-d param
+    # (a DualEncoder's logit_scale) 1-d.
+    return {key: np.asarray(value, order="C") for key, value in flat.items()}
 
 
 def unflatten_params(flat: dict[str, np.ndarray]) -> dict:

@@ -32,7 +32,8 @@ positions, cls readout, the classifier as its head) or a MaskedAutoencoder
 exporting writes those HF classes and a preprocessor_config.json.
 
 Name, config and layout mapping live in `fmjax.convert.bert`,
-`fmjax.convert.gpt2` and `fmjax.convert.vit`.
+`fmjax.convert.gpt2`, `fmjax.convert.vit` and `fmjax.convert.clip` (HF CLIP
+directories <-> DualEncoder, whose I/O lives there too).
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ PREPROCESSOR_FILENAME = "preprocessor_config.json"
 POOLING_CONFIG = os.path.join("1_Pooling", "config.json")
 POOLINGS = ("mean", "cls", "max")
 # config.json model_type -> the fmjax model kind it converts to.
-MODEL_TYPES = {"bert": "encoder", "gpt2": "decoder", **vit.MODEL_TYPES}
+MODEL_TYPES = {"bert": "encoder", "gpt2": "decoder", "clip": "dual_encoder"}
+MODEL_TYPES.update(vit.MODEL_TYPES)
 __all__ = [
     "fmjax_to_hf",
     "hf_name_for",
@@ -201,9 +203,10 @@ def _load_tokenizer_for(directory: str, model_config: Mapping[str, Any]) -> Toke
 def load_hf_model(
     directory: str | os.PathLike,
 ) -> tuple[dict, dict, Tokenizer | None]:
-    """(model config dict, params, tokenizer) of an HF BERT, GPT-2, ViT or
-    ViTMAE directory, picked by its config.json's model_type (`load_hf_bert`,
-    `load_hf_gpt2`, `load_hf_vit`: no tokenizer, None)."""
+    """(model config dict, params, tokenizer) of an HF BERT, GPT-2, ViT,
+    ViTMAE or CLIP directory, picked by its config.json's model_type
+    (`load_hf_bert`, `load_hf_gpt2`, `load_hf_vit`: no tokenizer, None;
+    `fmjax.convert.clip.load_hf_clip`)."""
     directory = os.fspath(directory)
     model_type = _read_hf_config(directory).get("model_type")
     if model_type == "bert":
@@ -212,11 +215,15 @@ def load_hf_model(
         return load_hf_gpt2(directory)
     if model_type in vit.MODEL_TYPES:
         return (*load_hf_vit(directory), None)
+    if model_type == "clip":
+        from fmjax.convert import clip
+
+        return clip.load_hf_clip(directory)[:3]
     raise FormatError(
         f"HF model_type={model_type!r} in {directory}: fmjax converts model_type "
         f"'bert' (BertModel / BertForMaskedLM), 'gpt2' (GPT2Model / "
-        f"GPT2LMHeadModel), 'vit' (ViTModel / ViTForImageClassification) and "
-        f"'vit_mae' (ViTMAEForPreTraining) checkpoints"
+        f"GPT2LMHeadModel), 'vit' (ViTModel / ViTForImageClassification), "
+        f"'vit_mae' (ViTMAEForPreTraining) and 'clip' (CLIPModel) checkpoints"
     )
 
 
@@ -245,7 +252,11 @@ def import_fields(directory: str, model_config: Mapping[str, Any]) -> dict:
     """The fmjax config groups an HF import sets beside `model`: a text
     model's `pooling` (`hf_pooling`); an image model's preprocessing, labels
     and objective from its config.json and preprocessor_config.json
-    (`vit.config_fields`)."""
+    (`vit.config_fields`); a CLIP's image_processor (`clip.config_fields`)."""
+    if model_config["kind"] == "dual_encoder":
+        from fmjax.convert import clip
+
+        return clip.config_fields(directory, model_config)
     if model_config["kind"] not in vit.MODEL_TYPES.values():
         return {"pooling": hf_pooling(directory)}
     path = os.path.join(directory, PREPROCESSOR_FILENAME)
@@ -454,7 +465,7 @@ def save_hf_vit(directory: str | os.PathLike, config: Mapping[str, Any], params)
 
 
 def hf_to_fmjax(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> str:
-    """Converts an HF BERT, GPT-2, ViT or ViTMAE directory into an fmjax export
+    """Converts an HF BERT, GPT-2, ViT, ViTMAE or CLIP directory into an fmjax export
     directory (readable by `fmjax.load` and `fmjax.export.load_export`);
     returns `dst_dir`."""
     src_dir, dst_dir = os.fspath(src_dir), os.fspath(dst_dir)
@@ -480,9 +491,9 @@ def hf_to_fmjax(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> str:
 
 
 def fmjax_to_hf(src: str | os.PathLike, dst_dir: str | os.PathLike) -> str:
-    """Converts an fmjax encoder, decoder, ViT or MAE (workdir or export
-    directory) into an HF BERT, GPT-2 (GPT2LMHeadModel), ViT or ViTMAE
-    directory; returns `dst_dir`."""
+    """Converts an fmjax encoder, decoder, ViT, MAE or dual encoder (workdir
+    or export directory) into an HF BERT, GPT-2 (GPT2LMHeadModel), ViT, ViTMAE
+    or CLIP directory; returns `dst_dir`."""
     src = os.fspath(src)
     params, config = load_export(src)
     model_config = dict(config.get("model") or {})
@@ -491,8 +502,12 @@ def fmjax_to_hf(src: str | os.PathLike, dst_dir: str | os.PathLike) -> str:
         raise FormatError(
             f"{src} holds a model of kind={kind!r}; fmjax-to-hf converts encoders "
             f"(to HF BERT), decoders (to HF GPT-2), ViTs and MAEs (to HF ViT and "
-            f"ViTMAE) only"
+            f"ViTMAE) and dual encoders (to HF CLIP) only"
         )
+    if kind == "dual_encoder":
+        from fmjax.convert.clip import save_hf_clip
+
+        return save_hf_clip(dst_dir, config, params, load_tokenizer(find_export(src)))
     if kind in vit.MODEL_TYPES.values():
         return save_hf_vit(dst_dir, config, params)
     if kind == "decoder":  # refuse what GPT-2 cannot express before more I/O

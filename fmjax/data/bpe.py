@@ -13,6 +13,13 @@ eos id as well: byte-level text never needs unk, and a decoder is not trained
 with masking. A `tokenizer_config.json` beside the vocabulary may name other
 tokens for these roles (`bos_token`, `eos_token`, `pad_token`, `unk_token`,
 `mask_token`), as RoBERTa-style byte-level BPE vocabularies do.
+
+CLIP's tokenizer (`CLIPBPETokenizer`) is byte-level BPE too, over lower-cased
+NFC text, with `</w>` ending each word's last token; it has its own bos
+`<|startoftext|>` and eos `<|endoftext|>` (also pad and unk). Like every fmjax
+tokenizer its `encode` adds nothing: bos + `encode(text)` + eos, as
+`fmjax.data.captions.encode_captions` builds a caption, is what
+`transformers.CLIPTokenizer` gives (CLIP's text tower reads the eos state).
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ MERGES_FILENAME = "merges.txt"
 CONFIG_FILENAME = "tokenizer_config.json"
 SPECIAL_MAP_FILENAME = "special_tokens_map.json"
 END_OF_TEXT = "<|endoftext|>"
+START_OF_TEXT = "<|startoftext|>"
+# CLIP's BPE marks a word's last token with this suffix.
+END_OF_WORD = "</w>"
 # Role -> GPT-2's token; tokenizer_config.json / special_tokens_map.json override.
 DEFAULT_SPECIAL_TOKENS = {
     "bos_token": END_OF_TEXT,
@@ -57,14 +67,25 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def is_bpe_json(path: str | os.PathLike) -> bool:
-    """Whether the HF `tokenizer.json` at `path` holds a BPE model."""
+def _json_model(path: str | os.PathLike) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             model = json.load(f).get("model") or {}
     except (OSError, ValueError, AttributeError):
-        return False
-    return model.get("type") == "BPE"
+        return {}
+    return model if isinstance(model, dict) else {}
+
+
+def is_bpe_json(path: str | os.PathLike) -> bool:
+    """Whether the HF `tokenizer.json` at `path` holds a BPE model."""
+    return _json_model(path).get("type") == "BPE"
+
+
+def is_clip_json(path: str | os.PathLike) -> bool:
+    """Whether the HF `tokenizer.json` at `path` holds CLIP's BPE (words end
+    in `</w>`)."""
+    model = _json_model(path)
+    return model.get("type") == "BPE" and model.get("end_of_word_suffix") == END_OF_WORD
 
 
 def gpt2_backend(vocab_path: str, merges_path: str) -> tokenizers.Tokenizer:
@@ -81,6 +102,8 @@ def gpt2_backend(vocab_path: str, merges_path: str) -> tokenizers.Tokenizer:
 class ByteLevelBPETokenizer:
     """A byte-level BPE vocabulary (GPT-2's) behind fmjax's `Tokenizer` protocol."""
 
+    default_special_tokens = DEFAULT_SPECIAL_TOKENS
+
     def __init__(
         self,
         backend: tokenizers.Tokenizer,
@@ -92,7 +115,10 @@ class ByteLevelBPETokenizer:
         backend.no_truncation()
         self._backend = backend
         self.path = path
-        self._special_tokens = {**DEFAULT_SPECIAL_TOKENS, **(special_tokens or {})}
+        self._special_tokens = {
+            **self.default_special_tokens,
+            **(special_tokens or {}),
+        }
         self._ids = {}
         missing = []
         for role, token in self._special_tokens.items():
@@ -109,7 +135,7 @@ class ByteLevelBPETokenizer:
         backend.add_special_tokens(sorted(set(self._special_tokens.values())))
 
     def __repr__(self) -> str:
-        return f"ByteLevelBPETokenizer({self.path!r}, vocab_size={self.vocab_size})"
+        return f"{type(self).__name__}({self.path!r}, vocab_size={self.vocab_size})"
 
     @classmethod
     def load(cls, path_or_dir: str | os.PathLike) -> ByteLevelBPETokenizer:
@@ -123,7 +149,7 @@ class ByteLevelBPETokenizer:
         }
         special_tokens = {
             role: _token_text(config.get(role)) or default
-            for role, default in DEFAULT_SPECIAL_TOKENS.items()
+            for role, default in cls.default_special_tokens.items()
         }
         if os.path.isdir(path) and os.path.isfile(os.path.join(path, JSON_FILENAME)):
             path = os.path.join(path, JSON_FILENAME)
@@ -208,6 +234,59 @@ class ByteLevelBPETokenizer:
             "add_prefix_space": False,
             **tokens,
         }
+        text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+        write_file(directory, CONFIG_FILENAME, text.encode("utf-8"))
+        return path
+
+
+class CLIPBPETokenizer(ByteLevelBPETokenizer):
+    """CLIP's BPE from an HF `tokenizer.json` (its normaliser, pre-tokenizer and
+    `</w>` word ends as stored there). `[bos_id, *encode(text), eos_id]` is
+    what `transformers.CLIPTokenizer` gives by default."""
+
+    default_special_tokens = {
+        "bos_token": START_OF_TEXT,
+        "eos_token": END_OF_TEXT,
+        "pad_token": END_OF_TEXT,
+        "unk_token": END_OF_TEXT,
+        "mask_token": END_OF_TEXT,
+    }
+    # tokenizer_config.json's, kept for `save` (CLIP's is 77).
+    model_max_length: int | None = None
+
+    @classmethod
+    def load(cls, path_or_dir: str | os.PathLike) -> CLIPBPETokenizer:
+        """From a directory with a CLIP tokenizer.json (special tokens from its
+        tokenizer_config.json), or that file."""
+        path = os.fspath(path_or_dir)
+        json_path = os.path.join(path, JSON_FILENAME) if os.path.isdir(path) else path
+        if not is_clip_json(json_path):
+            raise FileNotFoundError(
+                f"no CLIP tokenizer at {path!r}: expected an HF {JSON_FILENAME} "
+                f'with a BPE model whose end_of_word_suffix is "{END_OF_WORD}"'
+            )
+        tokenizer = super().load(json_path)
+        config = _read_json(os.path.join(os.path.dirname(json_path), CONFIG_FILENAME))
+        tokenizer.model_max_length = config.get("model_max_length")
+        return tokenizer
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids` without the special tokens: words joined by spaces,
+        lower-cased as CLIP's normaliser left them."""
+        return super().decode(ids).replace(END_OF_WORD, " ").strip()
+
+    def save(self, directory: str | os.PathLike) -> str:
+        """Writes tokenizer.json and a tokenizer_config.json that
+        `transformers.AutoTokenizer` reads as a CLIPTokenizer."""
+        path = write_file(
+            directory, JSON_FILENAME, self._backend.to_str(pretty=True).encode("utf-8")
+        )
+        config = {
+            "tokenizer_class": "CLIPTokenizer",
+            **{k: v for k, v in self._special_tokens.items() if k != "mask_token"},
+        }
+        if self.model_max_length:
+            config["model_max_length"] = int(self.model_max_length)
         text = json.dumps(config, indent=2, sort_keys=True) + "\n"
         write_file(directory, CONFIG_FILENAME, text.encode("utf-8"))
         return path

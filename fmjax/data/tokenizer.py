@@ -85,8 +85,8 @@ def write_file(directory: str | os.PathLike, name: str, data: bytes) -> str:
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     """The tokenizer saved in `directory`: SentencePiece (`tokenizer.model`),
     byte-level BPE (a `tokenizer.json` with a BPE model, or `vocab.json` +
-    `merges.txt`, as imported GPT-2 models have) or WordPiece (`tokenizer.json`
-    or `vocab.txt`, as imported BERT models have)."""
+    `merges.txt`, as imported GPT-2 models have; CLIP's `</w>` BPE) or
+    WordPiece (`tokenizer.json` or `vocab.txt`, as imported BERT models have)."""
     from fmjax.data import bpe, wordpiece
 
     directory = os.fspath(directory)
@@ -95,6 +95,8 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     json_path = os.path.join(directory, bpe.JSON_FILENAME)
     gpt2_files = (bpe.VOCAB_FILENAME, bpe.MERGES_FILENAME)
     if os.path.isfile(json_path):
+        if bpe.is_clip_json(json_path):
+            return bpe.CLIPBPETokenizer.load(directory)
         if bpe.is_bpe_json(json_path):
             return bpe.ByteLevelBPETokenizer.load(directory)
     elif all(os.path.isfile(os.path.join(directory, name)) for name in gpt2_files):
