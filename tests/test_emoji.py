@@ -15,13 +15,6 @@ GRINNING_FACE = "\U0001f600"
 
 
 @pytest.fixture(scope="module")
-def emoji_dir(tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("emoji_data")
-    sources.prepare("emoji_captions", str(data_dir))
-    return data_dir
-
-
-@pytest.fixture(scope="module")
 def records(emoji_dir):
     """Every example of each split, as `load_source` returns them."""
     return {
