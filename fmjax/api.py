@@ -421,8 +421,11 @@ class Model:
 
 
 def load(path: str) -> Model:
-    """Loads an fmjax workdir, its export directory, an HF BERT, GPT-2, ViT or
-    ViTMAE directory, or a PEFT LoRA adapter directory over a local HF base."""
+    """Loads an fmjax workdir, its export directory, an HF BERT, GPT-2, ViT,
+    ViTMAE or CLIP directory, or a PEFT LoRA adapter directory over a local HF
+    base. A dual encoder (CLIP, SigLIP) loads as an
+    `fmjax.inference.zeroshot.ImageTextEncoder` (embed_images, embed,
+    zero_shot, retrieve)."""
     if _is_peft_directory(path):
         return _load_peft(path)
     if hf.is_hf_directory(path):
@@ -442,6 +445,10 @@ def load(path: str) -> Model:
         tokenizer = None if images else load_tokenizer(find_export(path))
     module = build_model(config.model)
     params = jax.tree.map(jnp.asarray, params)
+    if config.model.get("kind") == "dual_encoder":
+        from fmjax.inference.zeroshot import ImageTextEncoder
+
+        return ImageTextEncoder.from_config(module, params, tokenizer, config)
     return Model(module, params, tokenizer, config)
 
 

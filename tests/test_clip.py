@@ -252,6 +252,32 @@ def test_clip_trains_resumes_and_evaluates(emoji_dir, tmp_path, capsys):
     assert cli.main(argv) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["retrieval"]["i2t_r@1"] == retrieval_metrics["i2t_r@1"]
+    # The Python face: uint8 pictures and captions in, unit embeddings out,
+    # preprocessed as training did (the eval pipeline gives the same vectors).
+    import fmjax
+    from fmjax.data import sources
+    from fmjax.tasks import task_for
+    from fmjax.tasks.image_text_eval import _split_images, encoder_for
+
+    m = fmjax.load(str(tmp_path / "run"))
+    test = sources.load_source("emoji_captions", "test", str(emoji_dir))
+    images = np.stack([test[i]["image"] for i in range(5)])
+    embedded = m.embed_images(images)
+    assert embedded.shape == (5, 32)
+    np.testing.assert_allclose(np.linalg.norm(embedded, axis=1), 1.0, rtol=1e-5)
+    config = json.load(open(tmp_path / "run" / "config.json"))
+    from fmjax.config import from_json
+
+    task = task_for(from_json(json.dumps(config)))
+    encoder = encoder_for(task, m.params, {})
+    pipeline, _, captions = _split_images(task, encoder, "test", limit=5)
+    np.testing.assert_allclose(embedded, pipeline, atol=1e-5)
+    names = [c[0] for c in captions]
+    assert [p["label"] for p in m.zero_shot(images, names, templates="name")] == [
+        names[i] for i in np.argmax(embedded @ m.embed(names).T, axis=1)
+    ]
+    index, score = m.retrieve(names[0], images, k=1)[0]
+    assert index == int(np.argmax(embedded @ m.embed(names[:1])[0]))
 
 
 def _pairs_csv(directory, emoji_dir):

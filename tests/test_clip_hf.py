@@ -318,6 +318,30 @@ def test_embeddings_and_logits_match_hf(hf_clip, imported, inputs):
     assert _max_diff(got["text_features"], legacy) <= 1e-4
 
 
+def test_python_api_on_an_hf_clip_directory(hf_clip):
+    """`fmjax.load(HF CLIP dir)`: uint8 images of any size through the
+    directory's processor and captions through its tokenizer give HF's
+    normalised embeddings; zero_shot and retrieve rank by them."""
+    import fmjax
+    from fmjax.convert.clip import preprocess_images
+
+    path, model = hf_clip
+    m = fmjax.load(path)
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (3, 40, 50, 3), dtype=np.uint8)
+    with open(os.path.join(path, "preprocessor_config.json")) as f:
+        pixels = preprocess_images(list(images), json.load(f))
+    ids, segments = encode_captions(m.tokenizer, CAPTIONS, m.text_len)
+    want = _hf_outputs(model, pixels, ids, segments)
+    assert _max_diff(m.embed_images(images), want["image_embeds"]) <= 1e-4
+    assert _max_diff(m.embed(CAPTIONS), want["text_embeds"]) <= 1e-4
+    best_text = np.argmax(want["logits_per_image"], axis=1)
+    picks = m.zero_shot(images, CAPTIONS, templates="name")
+    assert [p["label"] for p in picks] == [CAPTIONS[i] for i in best_text]
+    best_image = int(np.argmax(want["logits_per_image"][:, 0]))
+    assert m.retrieve(CAPTIONS[0], images, k=1)[0][0] == best_image
+
+
 def test_import_exports_back_to_hf(hf_clip, imported, inputs, tmp_path):
     path, _ = hf_clip
     model_config, params, tokenizer, processor, module = imported

@@ -117,6 +117,42 @@ class ImageTextEncoder:
             lambda p, t, s: module.apply({"params": p}, t, s, method="encode_texts")
         )
 
+    @classmethod
+    def from_config(cls, module, params, tokenizer, config) -> ImageTextEncoder:
+        """For `fmjax.load`: images preprocessed as the run's config says (an
+        HF CLIP's `image_processor`, else data.mean / data.std at the image
+        tower's size), captions cut to its data.text_len."""
+        from fmjax.data.images import _resize, to_float
+
+        image = module.config.image
+        data = config.get("data", {})
+        processor = config.get("image_processor")
+        if hasattr(processor, "to_dict"):  # a ConfigDict
+            processor = processor.to_dict()
+        mean = np.resize(
+            np.asarray(data.get("mean", (0.5,)), np.float32), image.channels
+        )
+        std = np.resize(np.asarray(data.get("std", (0.5,)), np.float32), image.channels)
+
+        def preprocess(images) -> np.ndarray:
+            if processor:
+                from fmjax.convert.clip import preprocess_images
+
+                return preprocess_images(list(images), processor)
+            return np.stack(
+                [(_resize(to_float(x, image.channels), image.image_size) - mean) / std
+                 for x in images]
+            ).astype(np.float32)  # fmt: skip
+
+        text_len = data.get("text_len", 0) or module.config.text.max_len
+        encoder = cls(module, params, tokenizer, text_len, preprocess)
+        encoder.config = config
+        return encoder
+
+    def embed(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """[M, E] unit text embeddings (`embed_texts`; `Model.embed`'s name)."""
+        return self.embed_texts(texts, batch_size)
+
     @property
     def logit_scale(self) -> float:
         return float(np.exp(np.asarray(self.params["logit_scale"])))
