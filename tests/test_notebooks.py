@@ -1,6 +1,7 @@
 """The notebooks run top to bottom (on a small budget)."""
 
 import os
+import re
 
 import nbformat
 import pytest
@@ -108,3 +109,37 @@ def test_vision_ssl_notebook_runs(fashion_data, tmp_path, monkeypatch):
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
               if "image/png" in o.get("data", {})]  # fmt: skip
     assert len(images) == 2  # the loss curve and the reconstructions
+
+
+def test_clip_zero_shot_notebook_runs(emoji_dir, tmp_path, monkeypatch):
+    """notebooks/05 on emoji_captions: a tiny CLIP for a few steps, zero-shot
+    picks among held-out names, names -> pictures retrieval."""
+    overrides = [
+        f"data.data_dir={emoji_dir}",
+        "mesh.num_devices=1",
+        "retrieval.limit=32",
+        "checkpoint.async_save=False",
+    ]
+    monkeypatch.setenv("FMJAX_NOTEBOOK_STEPS", "4")
+    monkeypatch.setenv("FMJAX_NOTEBOOK_WORKDIR", str(tmp_path / "run"))
+    monkeypatch.setenv("FMJAX_NOTEBOOK_OVERRIDES", " ".join(overrides))
+    path = os.path.join(REPO, "notebooks", "05_clip_zero_shot.ipynb")
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=300, resources={"metadata": {"path": REPO}}).execute()
+    text = "".join(
+        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
+    )
+    assert "1603 train emoji, 196 test emoji" in text
+    assert "t2i_r@5: " in text and "(chance 0.15" in text  # 32 images: 5/32
+    # Six pictures, each with its three best names of six, scores descending.
+    picks = [line for line in text.splitlines() if " -> " in line]
+    assert len(picks) == 6, picks
+    for line in picks:
+        scores = [float(s) for s in re.findall(r"\((0\.\d\d|1\.00)\)", line)]
+        assert len(scores) == 3 and scores == sorted(scores, reverse=True), line
+    assert "among all 196 test names: top-1" in text
+    ranks = [int(r) for r in re.findall(r"the right emoji ranks (\d+) of 196", text)]
+    assert len(ranks) == 5 and all(1 <= r <= 196 for r in ranks), ranks
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+              if "image/png" in o.get("data", {})]  # fmt: skip
+    assert len(images) == 4  # pairs, loss curve, zero-shot picks, retrieval grid
