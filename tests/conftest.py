@@ -223,7 +223,13 @@ VIT = {
 def _overrides(argv: list[str], tiny_bert_dir, data_dir) -> list[str]:
     command = argv[0]
     config = argv[argv.index("--config") + 1] if "--config" in argv else ""
-    if command == "train" and "configs/vit_" in config:
+    if command == "train" and "configs/clip.py" in config:
+        # The same command at the tiny variant's shapes, on the session's emoji.
+        argv[argv.index("--config") + 1] = config.replace(":small", ":tiny")
+        values = {"data.data_dir": data_dir, "retrieval.limit": 16, **TRAIN}
+        if any("csv:" in a for a in argv):
+            values["data.batch_size"] = 8
+    elif command == "train" and "configs/vit_" in config:
         values = {"data.data_dir": data_dir, **VIT, **TRAIN}
         if "vit_dino" in config:  # local crops: a multiple of the 7-pixel patches
             values["data.views.local_views.size"] = 14
@@ -283,6 +289,12 @@ def run_readme_commands(
     ]
     (tmp_path / "my.csv").write_text("\n".join(rows) + "\n")
     _image_folder(tmp_path / "my_images")
+    pairs = ["image,caption"] + [
+        f"my_images/{name}/{i}.png,{'a dark' if name == 'shirt' else 'a light'} {name}"
+        for name in ("shirt", "shoe")
+        for i in range(12)
+    ]
+    (tmp_path / "my_pairs.csv").write_text("\n".join(pairs) + "\n")
     port = str(_free_port())
     background = []
     for line in readme_commands(sections):

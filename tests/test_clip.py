@@ -2,7 +2,8 @@
 per-device losses against the dense ones on 8 devices, the temperature clamp,
 zero-shot and retrieval on constructed cases, and tiny runs end to end (resume,
 SigLIP on label captions with held-out classes, LiT on a user's CSV pairs,
-LoRA on the text tower)."""
+LoRA on the text tower); LiT and a user's CSV run in
+tests/test_readme_image_text.py."""
 
 import json
 import math
@@ -18,11 +19,9 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
-from PIL import Image
 
 from fmjax import cli, objectives
 from fmjax.eval import retrieval
-from fmjax.export import load_export
 from fmjax.inference.zeroshot import ImageTextEncoder, resolve_templates
 from fmjax.train.state import make_optimizer
 
@@ -278,52 +277,6 @@ def test_clip_trains_resumes_and_evaluates(emoji_dir, tmp_path, capsys):
     ]
     index, score = m.retrieve(names[0], images, k=1)[0]
     assert index == int(np.argmax(embedded @ m.embed(names[:1])[0]))
-
-
-def _pairs_csv(directory, emoji_dir):
-    """A user's CSV of 12 emoji pictures, 2 captions each, custom columns."""
-    from fmjax.data import sources
-
-    source = sources.load_source("emoji_captions", "train", str(emoji_dir))
-    rows = ["picture,text"]
-    for i in range(12):
-        record = source[i]
-        Image.fromarray(record["image"]).save(directory / f"e{i}.png")
-        for caption in (record["captions"] + record["captions"])[:2]:
-            rows.append(f"e{i}.png,{caption}")
-    (directory / "pairs.csv").write_text("\n".join(rows) + "\n")
-    return directory / "pairs.csv"
-
-
-def test_lit_locks_a_pretrained_text_tower_on_csv_pairs(
-    tiny_bert_dir, emoji_dir, tmp_path
-):
-    """LiT: the text tower from a pretrained BERT (its WordPiece tokenizer too)
-    stays bit-identical; the image tower trains. Data: a user's CSV."""
-    csv = _pairs_csv(tmp_path, emoji_dir)
-    _train(
-        tmp_path / "run", emoji_dir,
-        **{
-            "data.name": f"csv:{csv}", "data.image_key": "picture",
-            "data.caption_key": "text", "data.eval_split": "train",
-            "data.batch_size": 8, "retrieval.split": "train",
-            "init.text": tiny_bert_dir, "adapt.freeze": '("text/.*",)',
-        },
-    )  # fmt: skip
-    params, config = load_export(str(tmp_path / "run"))
-    assert config["model"]["text"]["kind"] == "encoder"
-    assert config["model"]["text_pool"] == "mean"
-    from fmjax.convert.hf import load_hf_model
-
-    _, bert, _ = load_hf_model(str(tiny_bert_dir))
-    for path, value in jax.tree_util.tree_flatten_with_path(params["text"])[0]:
-        keys = [k.key for k in path]
-        want = bert
-        for k in keys:
-            want = want[k]
-        np.testing.assert_array_equal(value, want, err_msg="/".join(keys))
-    state = _state(tmp_path / "run", 4)
-    assert "text" not in state["params"]  # frozen: no optimizer state, not saved
 
 
 def test_siglip_with_lora_on_the_text_tower_zero_shot_to_held_out_classes(

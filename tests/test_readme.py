@@ -17,6 +17,7 @@ from conftest import readme_commands, run_readme_commands
 PARTS = {
     "quick start and training": ("Quick start", "Training", "Generation"),
     "vision": ("Vision",),
+    "image-text": ("Image-text",),
     "scale": ("Sharded and multi-host training",),
     "adapters": ("Pretrained models and adapters",),
 }

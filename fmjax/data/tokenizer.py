@@ -229,8 +229,11 @@ def train_sentencepiece(
     vocab_size: int,
     output_path: str | os.PathLike,
     model_type: str = "unigram",
+    hard_vocab_limit: bool = True,
 ) -> SentencePieceTokenizer:
     """Trains a SentencePiece model on `texts` and writes it to `output_path`.
+    `hard_vocab_limit=False`: `vocab_size` is an upper bound (a small corpus,
+    such as a few thousand captions, may support fewer pieces).
 
     Deterministic: every line is used (no sampling) and training runs on one
     thread, so the same texts give the same model file on any machine.
@@ -259,6 +262,7 @@ def train_sentencepiece(
             shuffle_input_sentence=False,
             max_sentence_length=_MAX_LINE_BYTES,
             num_threads=1,  # multi-threaded training depends on the thread count
+            hard_vocab_limit=hard_vocab_limit,
             minloglevel=2,
         )
     except RuntimeError as e:

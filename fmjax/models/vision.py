@@ -291,11 +291,17 @@ class VisionTransformer(nn.Module):
         if keep_BK is not None:
             x_BPD = jnp.take_along_axis(x_BPD, keep_BK[..., None], axis=1)
         if cfg.pool == "cls":
+            # Zeros (MAE, big_vision) unless a LayerNorm follows at once
+            # (pre_norm, CLIP's): it would divide a constant token by
+            # sqrt(eps) and blow up its gradient; CLIP's random init then.
+            cls_init = (
+                nn.initializers.normal(cfg.d_model**-0.5)
+                if cfg.pre_norm
+                else nn.initializers.zeros
+            )
             cls_11D = self.param(
                 "cls",
-                nn.with_logical_partitioning(
-                    nn.initializers.zeros, (None, None, "embed")
-                ),
+                nn.with_logical_partitioning(cls_init, (None, None, "embed")),
                 (1, 1, cfg.d_model),
                 cfg.params_dtype,
             )

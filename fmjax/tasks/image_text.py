@@ -410,7 +410,10 @@ def _caption_tokenizer(config):
                 for t in caption_lib.captions_of(source[i], data.caption_key)
             ]  # fmt: skip
         try:
-            return train_sentencepiece(texts, data.vocab_size, path)
+            # A caption corpus is small: vocab_size is an upper bound.
+            return train_sentencepiece(
+                texts, data.vocab_size, path, hard_vocab_limit=False
+            )
         except ValueError as e:
             raise ConfigError(f"data.vocab_size={data.vocab_size}: {e}") from None
 
