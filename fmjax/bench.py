@@ -4,6 +4,8 @@ same shapes, batch, dtype and thread count, measured in one run.
 Both sides run a full optimizer step (AdamW, global-norm clipping) on batches of
 random token ids of the configured shape. MFU is achieved FLOP/s divided by this
 machine's measured peak (the best of a large f32 matmul in XLA and in PyTorch).
+Image models: `fmjax.bench_vision`; dual encoders: `fmjax.bench_clip`; `fmjax
+bench memory` is here, `fmjax bench decode` in `fmjax.bench_decode`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 from fmjax import sharding as shd
 from fmjax.config import ConfigError
 from fmjax.models import build_model
+from fmjax.models.text import count_params
 from fmjax.objectives import max_predictions
 from fmjax.tasks import task_for
 from fmjax.tasks.text import TokenIds
@@ -60,16 +63,16 @@ def _time_steps(run_step, warmup: int, steps: int) -> float:
 
 
 def fmjax_train_step(config, batch: dict):
-    """(run, compiled): `run()` does one full fmjax optimizer step of `config`'s
-    task on `batch` (numpy, global) and waits for it; `compiled` is its XLA
-    executable (for its cost analysis)."""
+    """(run, compiled, trained params): `run()` does one full fmjax optimizer
+    step of `config`'s task on `batch` (numpy, global) and waits for it;
+    `compiled` is its XLA executable (for its cost analysis)."""
     from fmjax.train.run import init_state
 
     mesh = shd.mesh_from_config(config.mesh)
     task = task_for(config, with_data=False)
     model = build_model(task.model_config)
     tx, lr_fn = make_optimizer(10_000, **config.optimizer)
-    _, shardings, init = init_state(task, model, tx, mesh, seed=0)
+    abstract, shardings, init = init_state(task, model, tx, mesh, seed=0)
     loss_fn = task.loss_fn(model)
     with shd.activate(mesh, config.mesh.rules):
         step_fn = jit_train_step(
@@ -89,7 +92,40 @@ def fmjax_train_step(config, batch: dict):
         holder["state"], metrics = compiled(holder["state"], global_batch)
         jax.block_until_ready(metrics)
 
-    return run, compiled
+    return run, compiled, count_params(abstract.params)
+
+
+def hf_train_step(model, opt, inputs: dict, after_step=None):
+    """`run()` does one full optimizer step of the HF (PyTorch) `model` on
+    `inputs` (its forward's keyword arguments; the output's `.loss` trains),
+    with fmjax's optimizer config `opt`: AdamW decaying matrices only (fmjax's
+    mask), global-norm clipping when `opt.grad_clip_norm` > 0, then
+    `after_step()` (fmjax's `constrain_params`)."""
+    import torch
+
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    decayed = [p for p in params if p.ndim >= 2]
+    kept = [p for p in params if p.ndim < 2]
+    groups = [
+        {"params": decayed, "weight_decay": opt.weight_decay},
+        {"params": kept, "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=opt.learning_rate,
+        betas=(opt.b1, opt.b2), eps=opt.eps,
+    )  # fmt: skip
+
+    def run():
+        optimizer.zero_grad(set_to_none=True)
+        model(**inputs).loss.backward()
+        if opt.grad_clip_norm and opt.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, opt.grad_clip_norm)
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+
+    return run
 
 
 def bench_fmjax(config, warmup: int, steps: int) -> dict:
@@ -97,7 +133,7 @@ def bench_fmjax(config, warmup: int, steps: int) -> dict:
     batch = _random_batch(
         np.random.default_rng(0), batch_size, seq_len, config.model.vocab_size
     )
-    run, _ = fmjax_train_step(config, batch)
+    run, _, _ = fmjax_train_step(config, batch)
     seconds = _time_steps(run, warmup, steps)
     return {"step_s": seconds, "tokens_per_s": batch_size * seq_len / seconds}
 
@@ -142,15 +178,6 @@ def bench_hf(config, warmup: int, steps: int, threads: int) -> dict:
             layer_norm_eps=m.layer_norm_eps,
         )
         model = transformers.BertForMaskedLM(hf_config)
-    model.train()
-    opt = config.optimizer
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=opt.learning_rate,
-        betas=(opt.b1, opt.b2),
-        eps=opt.eps,
-        weight_decay=opt.weight_decay,
-    )
     batch_size, seq_len = config.data.batch_size, config.data.seq_len
     rng = np.random.default_rng(0)
     tokens = torch.from_numpy(
@@ -162,14 +189,9 @@ def bench_hf(config, warmup: int, steps: int, threads: int) -> dict:
         selected = torch.from_numpy(rng.random(tokens.shape) < 0.15)
         labels = torch.where(selected, tokens, torch.full_like(tokens, -100))
         inputs = torch.where(selected, torch.full_like(tokens, MASK_ID), tokens)
-
-    def run():
-        optimizer.zero_grad(set_to_none=True)
-        loss = model(input_ids=inputs, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip_norm)
-        optimizer.step()
-
+    run = hf_train_step(
+        model, config.optimizer, {"input_ids": inputs, "labels": labels}
+    )
     seconds = _time_steps(run, warmup, steps)
     return {
         "step_s": seconds,
@@ -205,23 +227,34 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> dict:
     return best
 
 
-def bench_train(config, against: str = "", warmup: int = 3, steps: int = 10) -> dict:
+def bench_train(
+    config, against: str = "", warmup: int = 3, steps: int = 10, rounds: int = 5
+) -> dict:
+    """Text models: `steps` timed steps per side, one side after the other.
+    Image and image-text models: `rounds` alternating rounds of `steps` steps
+    per side (`fmjax.bench_vision`, `fmjax.bench_clip`)."""
     threads = int(os.environ.get("FMJAX_BENCH_THREADS", os.cpu_count() or 1))
-    if task_for(config, with_data=False).throughput_unit == "images":
-        from fmjax.bench_vision import bench_train_images
-
+    unit = task_for(config, with_data=False).throughput_unit
+    if unit in ("images", "pairs"):
+        if unit == "images":
+            from fmjax.bench_vision import bench_train_images as bench_fn
+        else:
+            from fmjax.bench_clip import bench_train_pairs as bench_fn
         peaks = matmul_peak_flops()
         return {
             "benchmark": "train",
             "config": config.get("config_spec", config.name),
             "batch_size": config.data.batch_size,
-            "dtype": config.model.dtype,
+            "dtype": config.model.get("dtype"),  # a dual encoder: per tower
             "threads": threads,
+            "rounds": rounds,
+            "cpu": cpu_model(),
             "devices": [str(d) for d in jax.devices()],
+            "versions": library_versions(),
             "peak_flops": max(peaks.values()),
             "peak_flops_by_library": peaks,
-            **bench_train_images(
-                config, against, warmup, steps, threads, max(peaks.values())
+            **bench_fn(
+                config, against, warmup, steps, rounds, threads, max(peaks.values())
             ),
         }
     seq_len = config.data.seq_len
@@ -241,7 +274,9 @@ def bench_train(config, against: str = "", warmup: int = 3, steps: int = 10) -> 
         "seq_len": config.data.seq_len,
         "dtype": config.model.dtype,
         "threads": threads,
+        "cpu": cpu_model(),
         "devices": [str(d) for d in jax.devices()],
+        "versions": library_versions(),
         "peak_flops": peak,
         "peak_flops_by_library": peaks,
         "train_flops_per_token": flops_per_token,
@@ -394,191 +429,7 @@ def bench_memory_methods(
     }
 
 
-# --- decode ---------------------------------------------------------------------
-
-
-def _median(values) -> float:
-    return float(np.median(np.asarray(values, np.float64)))
-
-
-def bench_decode(
-    config,
-    against: str = "",
-    batch_sizes=(1, 8),
-    prompt_len: int = 128,
-    new_tokens: int = 128,
-    repeats: int = 5,
-) -> dict:
-    """`fmjax bench decode`: greedy generation from a random decoder of the
-    config's shape, prompt `prompt_len` tokens, `new_tokens` new ones (no EOS
-    ends a row early on either side), float32. Reports prefill tokens/s, decode
-    tokens/s, time to first token and compile time separately, per batch size,
-    as medians of `repeats` runs; with against="hf" also HF `generate` (KV
-    cache) on the same weights, its runs interleaved with fmjax's so both see
-    the same machine state. Each decode step's time is set against the time
-    its FLOPs take at this machine's measured matmul peak."""
-    import types
-
-    import flax.linen as nn
-
-    from fmjax.inference import generate as gen
-
-    m = config.model
-    if m.kind != "decoder" or m.dtype != "float32":
-        raise ConfigError(
-            f"bench decode needs a float32 decoder; got model.kind={m.kind!r}, "
-            f"model.dtype={m.dtype!r}"
-        )
-    if against not in ("", "hf"):
-        raise ConfigError(f"--against {against!r}; expected 'hf'")
-    threads = int(os.environ.get("FMJAX_BENCH_THREADS", os.cpu_count() or 1))
-    task = task_for(config, with_data=False)
-    cfg = task.model_config
-    if prompt_len + new_tokens > cfg.max_len:
-        raise ConfigError(
-            f"prompt {prompt_len} + {new_tokens} new tokens > model.max_len="
-            f"{cfg.max_len}"
-        )
-    module = build_model(cfg)
-    params = nn.unbox(
-        jax.jit(module.init)(jax.random.key(0), np.zeros((1, 8), np.int32))["params"]
-    )
-    ids = types.SimpleNamespace(pad_id=0, bos_id=2, eos_id=-1)  # no EOS: full length
-    generator = gen.Generator(module, params, ids, max_len=cfg.max_len)
-    hf_model = _hf_decoder(cfg, params, threads) if against == "hf" else None
-    peaks = matmul_peak_flops(repeats=30)
-    peak = max(peaks.values())
-    rows = []
-    rng = np.random.default_rng(0)
-    for batch in batch_sizes:
-        prompts = rng.integers(5, cfg.vocab_size, size=(batch, prompt_len))
-        row = {"batch_size": batch, "prompt_len": prompt_len, "new_tokens": new_tokens}
-        ours, theirs = [], []
-        first = _time_fmjax_generate(generator, prompts, new_tokens)  # compiles
-        for _ in range(repeats):
-            ours.append(_time_fmjax_generate(generator, prompts, new_tokens))
-            if hf_model is not None:
-                theirs.append(_time_hf_generate(hf_model, prompts, new_tokens))
-        row["fmjax"] = _decode_stats(ours, batch, prompt_len, new_tokens)
-        # The first call's extra time over a compiled call: prefill + decode loop.
-        row["fmjax_compile_s"] = first["total_s"] - _median(
-            [r["total_s"] for r in ours]
-        )
-        step_s = row["fmjax"]["decode_step_s"]
-        flops = batch * gen.decode_flops_per_token(cfg, prompt_len + new_tokens // 2)
-        row["decode_step_flops"] = flops
-        row["decode_step_at_peak_s"] = flops / peak
-        row["fmjax"]["fraction_of_peak"] = flops / peak / step_s
-        if hf_model is not None:
-            row["hf"] = _decode_stats(theirs, batch, prompt_len, new_tokens)
-            row["hf"]["fraction_of_peak"] = flops / peak / row["hf"]["decode_step_s"]
-            row["decode_speedup_vs_hf"] = (
-                row["fmjax"]["decode_tokens_per_s"] / row["hf"]["decode_tokens_per_s"]
-            )
-            row["ttft_ratio_to_hf"] = (
-                row["fmjax"]["time_to_first_token_s"]
-                / row["hf"]["time_to_first_token_s"]
-            )
-            outputs_equal = _same_greedy_tokens(generator, hf_model, prompts[:1], 16)
-            row["first_16_greedy_tokens_equal_hf"] = outputs_equal
-        rows.append(row)
-    result = {
-        "benchmark": "decode",
-        "config": config.get("config_spec", config.name),
-        "dtype": "float32",
-        "threads": threads,
-        "repeats": repeats,
-        "cpu": _cpu_model(),
-        "devices": [str(d) for d in jax.devices()],
-        "versions": _versions(),
-        "peak_flops": peak,
-        "peak_flops_by_library": peaks,
-        "rows": rows,
-    }
-    return result
-
-
-def _time_fmjax_generate(generator, prompts, new_tokens: int) -> dict:
-    """Prefill (to the first token on the host) and the decode loop, timed apart."""
-    from fmjax.inference.generate import Sampling
-
-    stream = generator.stream_ids(
-        prompts.tolist(), new_tokens, Sampling(), chunk=new_tokens
-    )
-    started = time.perf_counter()
-    next(stream)  # the prefill and the first token, fetched to the host
-    first = time.perf_counter()
-    *_, tokens_BN = stream
-    done = time.perf_counter()
-    assert tokens_BN.shape == (len(prompts), new_tokens), tokens_BN.shape
-    return {"prefill_s": first - started, "total_s": done - started}
-
-
-def _time_hf_generate(model, prompts, new_tokens: int) -> dict:
-    import torch
-
-    inputs = torch.from_numpy(np.asarray(prompts)).long()
-    with torch.inference_mode():
-        started = time.perf_counter()
-        logits = model(input_ids=inputs, use_cache=True).logits[:, -1]
-        logits.argmax(-1).tolist()  # the first token, on the host
-        first = time.perf_counter()
-        out = model.generate(
-            inputs,
-            attention_mask=torch.ones_like(inputs),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=0,
-        )
-        done = time.perf_counter()
-    assert out.shape == (len(prompts), prompts.shape[1] + new_tokens), out.shape
-    # generate re-runs the prefill: its decode time is what follows one prefill.
-    return {"prefill_s": first - started, "total_s": done - first}
-
-
-def _decode_stats(runs, batch: int, prompt_len: int, new_tokens: int) -> dict:
-    prefill = [r["prefill_s"] for r in runs]
-    decode = [r["total_s"] - r["prefill_s"] for r in runs]
-    prefill_s, decode_s = _median(prefill), _median(decode)
-    return {
-        "time_to_first_token_s": prefill_s,
-        "prefill_tokens_per_s": batch * prompt_len / prefill_s,
-        "decode_tokens_per_s": batch * (new_tokens - 1) / decode_s,
-        "decode_step_s": decode_s / (new_tokens - 1),
-        "prefill_s_runs": prefill,
-        "decode_s_runs": decode,
-    }
-
-
-def _same_greedy_tokens(generator, model, prompts, new_tokens: int) -> bool:
-    import torch
-
-    ours = generator.generate_ids(prompts.tolist(), new_tokens)[0]
-    inputs = torch.from_numpy(np.asarray(prompts)).long()
-    with torch.inference_mode():
-        out = model.generate(
-            inputs,
-            attention_mask=torch.ones_like(inputs),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=0,
-        )
-    return out[0, prompts.shape[1] :].tolist() == ours
-
-
-def _hf_decoder(cfg, params, threads: int):
-    """HF GPT2LMHeadModel holding `params` (fmjax's GPT-2 conversion)."""
-    import torch
-
-    from fmjax.convert import gpt2
-
-    torch.set_num_threads(threads)
-    return gpt2.to_torch_model(cfg.to_dict(), params).eval()
-
-
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -591,7 +442,7 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _versions() -> dict:
+def library_versions() -> dict:
     import importlib.metadata as md
 
     out = {}

@@ -5,9 +5,12 @@ mask ratio, optimizer and thread count in float32 in the same run: MAE configs
 (`vit_mae`) against `ViTMAEForPreTraining` (norm_pix_loss as configured),
 supervised ones (`vit`) against `ViTForImageClassification`. The two sides
 alternate in rounds of `steps` steps, so both see the same machine state; each
-side reports the median of its rounds. FLOPs per step come from XLA's cost
-analysis of fmjax's compiled step (the same math on both sides), and MFU is
-against this machine's measured matmul peak.
+side reports the median of its rounds (`compare_train_steps`, which
+`fmjax.bench_clip` shares). FLOPs per step come from XLA's cost analysis of
+fmjax's compiled step (the same math on both sides), and MFU is against this
+machine's measured matmul peak. `params` gives both sides' trained parameter
+counts: equal for MAE; HF's ViTForImageClassification also learns the
+position table that a sin-cos fmjax ViT keeps fixed.
 """
 
 from __future__ import annotations
@@ -73,80 +76,78 @@ def _hf_model(config):
 
 
 def _hf_step(config, batch: dict, threads: int):
+    """(run, trained params) of HF's model of the config on `batch`."""
     import torch
+
+    from fmjax.bench import hf_train_step
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = _hf_model(config)
-    model.train()
-    opt = config.optimizer
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=opt.learning_rate, betas=(opt.b1, opt.b2),
-        eps=opt.eps, weight_decay=opt.weight_decay,
-    )  # fmt: skip
     pixels = torch.from_numpy(
         np.ascontiguousarray(batch["images"].transpose(0, 3, 1, 2))
     )
     kwargs = {"pixel_values": pixels}
     if config.objective.name == "image_classify":
         kwargs["labels"] = torch.from_numpy(batch["labels"]).long()
-
-    def run():
-        optimizer.zero_grad(set_to_none=True)
-        loss = model(**kwargs).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip_norm)
-        optimizer.step()
-
-    return run
+    run = hf_train_step(model, config.optimizer, kwargs)
+    return run, sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def bench_train_images(
-    config, against: str, warmup: int, steps: int, threads: int, peak: float
-) -> dict:
-    """fmjax (and HF) images/s and MFU for a ViT config; see the module doc."""
+def check_hf_float32(dtypes: dict[str, str]) -> None:
+    """Refuses --against hf when a part of the model computes in other than
+    float32 (`dtypes`: {config key: dtype})."""
+    for key, dtype in dtypes.items():
+        if dtype != "float32":
+            raise ConfigError(f"--against hf compares float32 only, got {key}={dtype}")
+
+
+def compare_train_steps(
+    config, batch: dict, hf_step, unit: str, warmup: int, steps: int, rounds: int,
+    peak: float, same_params: bool = False,
+) -> dict:  # fmt: skip
+    """fmjax's full optimizer step of `config` on `batch` and, unless
+    `hf_step` is None, HF's ((run, trained params), built on the same batch):
+    `warmup` steps each, then `rounds` rounds of `steps` steps alternating
+    between the sides, so both see the same machine state. Each side reports
+    the median round, every round, `{unit}_per_s` (rows of `batch` per
+    second) and MFU of fmjax's XLA FLOPs against `peak`. `same_params`:
+    refuse, before timing, sides whose trained parameter counts differ."""
     from fmjax.bench import fmjax_train_step
 
-    if against not in ("", "hf"):
-        raise ConfigError(f"--against {against!r}; expected 'hf'")
-    if against and config.objective.name not in HF_OBJECTIVES:
-        raise ConfigError(
-            f"--against hf: HF transformers has no {config.objective.name!r} "
-            f"trainer to compare with (objectives compared: {HF_OBJECTIVES})"
-        )
-    if against and config.model.dtype != "float32":
-        raise ConfigError(
-            f"--against hf compares float32 only, got model.dtype={config.model.dtype}"
-        )
-    batch = _random_images(config)
-    runs = {"fmjax": fmjax_train_step(config, batch)}
-    cost = runs["fmjax"][1].cost_analysis()
+    run, compiled, fmjax_params = fmjax_train_step(config, batch)
+    cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     flops = float(cost.get("flops", 0.0))
-    steppers = {"fmjax": runs["fmjax"][0]}
-    if against:
-        steppers["hf"] = _hf_step(config, batch, threads)
+    steppers, params = {"fmjax": run}, {"fmjax": fmjax_params}
+    if hf_step is not None:
+        steppers["hf"], params["hf"] = hf_step
+        if same_params and params["hf"] != fmjax_params:
+            raise ConfigError(
+                f"--against hf: fmjax trains {fmjax_params} parameters, HF "
+                f"{params['hf']}: HF's model does not have the config's shapes"
+            )
     for run in steppers.values():
         for _ in range(warmup):
             run()
-    rounds = {name: [] for name in steppers}
-    for _ in range(5):  # alternate, so both sides see the same machine state
+    times = {name: [] for name in steppers}
+    for _ in range(rounds):
         for name, run in steppers.items():
             start = time.perf_counter()
             for _ in range(steps):
                 run()
-            rounds[name].append((time.perf_counter() - start) / steps)
-    images = config.data.batch_size
-    result = {"train_flops_per_step": flops}
-    for name, times in rounds.items():
-        step_s = statistics.median(times)
+            times[name].append((time.perf_counter() - start) / steps)
+    rows = len(batch["images"])
+    result = {"train_flops_per_step": flops, "params": params}
+    for name, rounds_s in times.items():
+        step_s = statistics.median(rounds_s)
         result[name] = {
             "step_s": step_s,
-            "step_s_rounds": times,
-            "images_per_s": images / step_s,
+            "step_s_rounds": rounds_s,
+            f"{unit}_per_s": rows / step_s,
             "mfu": flops / step_s / peak,
         }
-    if against:
+    if hf_step is not None:
         import torch
         import transformers
 
@@ -154,6 +155,27 @@ def bench_train_images(
             torch=torch.__version__, transformers=transformers.__version__
         )
         result["speedup_vs_hf"] = (
-            result["fmjax"]["images_per_s"] / result["hf"]["images_per_s"]
+            result["fmjax"][f"{unit}_per_s"] / result["hf"][f"{unit}_per_s"]
         )
     return result
+
+
+def bench_train_images(
+    config, against: str, warmup: int, steps: int, rounds: int, threads: int,
+    peak: float,
+) -> dict:  # fmt: skip
+    """fmjax (and HF) images/s and MFU for a ViT config; see the module doc."""
+    if against not in ("", "hf"):
+        raise ConfigError(f"--against {against!r}; expected 'hf'")
+    if against and config.objective.name not in HF_OBJECTIVES:
+        raise ConfigError(
+            f"--against hf: HF transformers has no {config.objective.name!r} "
+            f"trainer to compare with (objectives compared: {HF_OBJECTIVES})"
+        )
+    if against:
+        check_hf_float32({"model.dtype": config.model.dtype})
+    batch = _random_images(config)
+    hf_step = _hf_step(config, batch, threads) if against else None
+    return compare_train_steps(
+        config, batch, hf_step, "images", warmup, steps, rounds, peak
+    )

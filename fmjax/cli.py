@@ -192,12 +192,16 @@ def cmd_bench(args, overrides):
                 )
         print(json.dumps(result))
         return 0
-    result = bench_train(config, args.against, warmup=args.warmup, steps=args.steps)
+    result = bench_train(
+        config, args.against, args.warmup, args.steps, rounds=args.rounds
+    )
     if not args.json:
         for name in ("fmjax", "hf"):
             if name in result:
                 r = result[name]
-                unit = "tokens" if "tokens_per_s" in r else "images"
+                unit = next(
+                    u for u in ("tokens", "images", "pairs") if f"{u}_per_s" in r
+                )
                 print(
                     f"{name:6s} {r[f'{unit}_per_s']:10.0f} {unit}/s  "
                     f"{r['step_s'] * 1e3:8.1f} ms/step  MFU {r['mfu']:.1%}"
@@ -209,7 +213,7 @@ def cmd_bench(args, overrides):
 
 
 def _bench_decode(args, config) -> int:
-    from fmjax.bench import bench_decode
+    from fmjax.bench_decode import bench_decode
 
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
     result = bench_decode(
@@ -363,6 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train.add_argument("--against", default="", help="'hf': also time HF")
     bench_train.add_argument("--warmup", type=int, default=3)
     bench_train.add_argument("--steps", type=int, default=10)
+    bench_train.add_argument(
+        "--rounds", type=int, default=5,
+        help="image and image-text models: alternating rounds of --steps per side",
+    )  # fmt: skip
     bench_train.add_argument("--json", action="store_true", help="only the JSON line")
     bench_train.set_defaults(func=cmd_bench)
     bench_decode = bench_sub.add_parser(

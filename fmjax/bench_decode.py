@@ -1,0 +1,197 @@
+"""`fmjax bench decode`: greedy generation speed of fmjax (prefill, decode,
+time to first token, compile), and of HF `generate` on the same weights,
+measured in one run."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import numpy as np
+
+from fmjax.bench import cpu_model, library_versions, matmul_peak_flops
+from fmjax.config import ConfigError
+from fmjax.models import build_model
+from fmjax.tasks import task_for
+
+
+def _median(values) -> float:
+    return float(np.median(np.asarray(values, np.float64)))
+
+
+def bench_decode(
+    config,
+    against: str = "",
+    batch_sizes=(1, 8),
+    prompt_len: int = 128,
+    new_tokens: int = 128,
+    repeats: int = 5,
+) -> dict:
+    """`fmjax bench decode`: greedy generation from a random decoder of the
+    config's shape, prompt `prompt_len` tokens, `new_tokens` new ones (no EOS
+    ends a row early on either side), float32. Reports prefill tokens/s, decode
+    tokens/s, time to first token and compile time separately, per batch size,
+    as medians of `repeats` runs; with against="hf" also HF `generate` (KV
+    cache) on the same weights, its runs interleaved with fmjax's so both see
+    the same machine state. Each decode step's time is set against the time
+    its FLOPs take at this machine's measured matmul peak."""
+    import types
+
+    import flax.linen as nn
+
+    from fmjax.inference import generate as gen
+
+    m = config.model
+    if m.kind != "decoder" or m.dtype != "float32":
+        raise ConfigError(
+            f"bench decode needs a float32 decoder; got model.kind={m.kind!r}, "
+            f"model.dtype={m.dtype!r}"
+        )
+    if against not in ("", "hf"):
+        raise ConfigError(f"--against {against!r}; expected 'hf'")
+    threads = int(os.environ.get("FMJAX_BENCH_THREADS", os.cpu_count() or 1))
+    task = task_for(config, with_data=False)
+    cfg = task.model_config
+    if prompt_len + new_tokens > cfg.max_len:
+        raise ConfigError(
+            f"prompt {prompt_len} + {new_tokens} new tokens > model.max_len="
+            f"{cfg.max_len}"
+        )
+    module = build_model(cfg)
+    params = nn.unbox(
+        jax.jit(module.init)(jax.random.key(0), np.zeros((1, 8), np.int32))["params"]
+    )
+    ids = types.SimpleNamespace(pad_id=0, bos_id=2, eos_id=-1)  # no EOS: full length
+    generator = gen.Generator(module, params, ids, max_len=cfg.max_len)
+    hf_model = _hf_decoder(cfg, params, threads) if against == "hf" else None
+    peaks = matmul_peak_flops(repeats=30)
+    peak = max(peaks.values())
+    rows = []
+    rng = np.random.default_rng(0)
+    for batch in batch_sizes:
+        prompts = rng.integers(5, cfg.vocab_size, size=(batch, prompt_len))
+        row = {"batch_size": batch, "prompt_len": prompt_len, "new_tokens": new_tokens}
+        ours, theirs = [], []
+        first = _time_fmjax_generate(generator, prompts, new_tokens)  # compiles
+        for _ in range(repeats):
+            ours.append(_time_fmjax_generate(generator, prompts, new_tokens))
+            if hf_model is not None:
+                theirs.append(_time_hf_generate(hf_model, prompts, new_tokens))
+        row["fmjax"] = _decode_stats(ours, batch, prompt_len, new_tokens)
+        # The first call's extra time over a compiled call: prefill + decode loop.
+        row["fmjax_compile_s"] = first["total_s"] - _median(
+            [r["total_s"] for r in ours]
+        )
+        step_s = row["fmjax"]["decode_step_s"]
+        flops = batch * gen.decode_flops_per_token(cfg, prompt_len + new_tokens // 2)
+        row["decode_step_flops"] = flops
+        row["decode_step_at_peak_s"] = flops / peak
+        row["fmjax"]["fraction_of_peak"] = flops / peak / step_s
+        if hf_model is not None:
+            row["hf"] = _decode_stats(theirs, batch, prompt_len, new_tokens)
+            row["hf"]["fraction_of_peak"] = flops / peak / row["hf"]["decode_step_s"]
+            row["decode_speedup_vs_hf"] = (
+                row["fmjax"]["decode_tokens_per_s"] / row["hf"]["decode_tokens_per_s"]
+            )
+            row["ttft_ratio_to_hf"] = (
+                row["fmjax"]["time_to_first_token_s"]
+                / row["hf"]["time_to_first_token_s"]
+            )
+            outputs_equal = _same_greedy_tokens(generator, hf_model, prompts[:1], 16)
+            row["first_16_greedy_tokens_equal_hf"] = outputs_equal
+        rows.append(row)
+    result = {
+        "benchmark": "decode",
+        "config": config.get("config_spec", config.name),
+        "dtype": "float32",
+        "threads": threads,
+        "repeats": repeats,
+        "cpu": cpu_model(),
+        "devices": [str(d) for d in jax.devices()],
+        "versions": library_versions(),
+        "peak_flops": peak,
+        "peak_flops_by_library": peaks,
+        "rows": rows,
+    }
+    return result
+
+
+def _time_fmjax_generate(generator, prompts, new_tokens: int) -> dict:
+    """Prefill (to the first token on the host) and the decode loop, timed apart."""
+    from fmjax.inference.generate import Sampling
+
+    stream = generator.stream_ids(
+        prompts.tolist(), new_tokens, Sampling(), chunk=new_tokens
+    )
+    started = time.perf_counter()
+    next(stream)  # the prefill and the first token, fetched to the host
+    first = time.perf_counter()
+    *_, tokens_BN = stream
+    done = time.perf_counter()
+    assert tokens_BN.shape == (len(prompts), new_tokens), tokens_BN.shape
+    return {"prefill_s": first - started, "total_s": done - started}
+
+
+def _time_hf_generate(model, prompts, new_tokens: int) -> dict:
+    import torch
+
+    inputs = torch.from_numpy(np.asarray(prompts)).long()
+    with torch.inference_mode():
+        started = time.perf_counter()
+        logits = model(input_ids=inputs, use_cache=True).logits[:, -1]
+        logits.argmax(-1).tolist()  # the first token, on the host
+        first = time.perf_counter()
+        out = model.generate(
+            inputs,
+            attention_mask=torch.ones_like(inputs),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        done = time.perf_counter()
+    assert out.shape == (len(prompts), prompts.shape[1] + new_tokens), out.shape
+    # generate re-runs the prefill: its decode time is what follows one prefill.
+    return {"prefill_s": first - started, "total_s": done - first}
+
+
+def _decode_stats(runs, batch: int, prompt_len: int, new_tokens: int) -> dict:
+    prefill = [r["prefill_s"] for r in runs]
+    decode = [r["total_s"] - r["prefill_s"] for r in runs]
+    prefill_s, decode_s = _median(prefill), _median(decode)
+    return {
+        "time_to_first_token_s": prefill_s,
+        "prefill_tokens_per_s": batch * prompt_len / prefill_s,
+        "decode_tokens_per_s": batch * (new_tokens - 1) / decode_s,
+        "decode_step_s": decode_s / (new_tokens - 1),
+        "prefill_s_runs": prefill,
+        "decode_s_runs": decode,
+    }
+
+
+def _same_greedy_tokens(generator, model, prompts, new_tokens: int) -> bool:
+    import torch
+
+    ours = generator.generate_ids(prompts.tolist(), new_tokens)[0]
+    inputs = torch.from_numpy(np.asarray(prompts)).long()
+    with torch.inference_mode():
+        out = model.generate(
+            inputs,
+            attention_mask=torch.ones_like(inputs),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[0, prompts.shape[1] :].tolist() == ours
+
+
+def _hf_decoder(cfg, params, threads: int):
+    """HF GPT2LMHeadModel holding `params` (fmjax's GPT-2 conversion)."""
+    import torch
+
+    from fmjax.convert import gpt2
+
+    torch.set_num_threads(threads)
+    return gpt2.to_torch_model(cfg.to_dict(), params).eval()
