@@ -301,6 +301,17 @@ class ImageTextTask(Task):
 
         return loss_fn
 
+    def export(self, workdir: str, trained_params, frozen_params=None) -> str:
+        """The whole dual encoder, adapters folded in: its towers come from
+        up to three places (init.text, init.image, init.model), so an
+        adapter-only export would have no one base to load over."""
+        from fmjax.export import MODEL_WEIGHTS, export
+
+        params, _ = self.adaptation.merged(trained_params, frozen_params or {})
+        config = copy.deepcopy(self.config)
+        config.adapt.method = "full"  # what the export holds
+        return export(workdir, params, config, self.tokenizer, weights=MODEL_WEIGHTS)
+
     def constrain_params(self, params):
         """`logit_scale` clamped to [0, objective.max_logit_scale] (CLIP's
         clamp of the learned temperature to at most 100)."""
