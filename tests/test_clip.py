@@ -22,6 +22,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from fmjax import cli, objectives
 from fmjax.eval import retrieval
+from fmjax.export import load_export
 from fmjax.inference.zeroshot import ImageTextEncoder, resolve_templates
 from fmjax.train.state import make_optimizer
 
@@ -317,3 +318,22 @@ def test_siglip_with_lora_on_the_text_tower_zero_shot_to_held_out_classes(
     assert (
         float(np.asarray(state["model"]["logit_bias"])) != -10.0
     )  # SigLIP's bias trains
+
+
+def test_image_tower_from_a_pretrained_vit(tiny_vit_dir, emoji_dir, tmp_path, capsys):
+    """init.image: the image tower starts from an HF ViT directory (its shape
+    and weights; grey 28x28 here, so the emoji are read as grey)."""
+    from fmjax.convert.hf import load_hf_model
+
+    settings = {"init.image": tiny_vit_dir, "optimizer.learning_rate": 0.0}
+    with pytest.raises(AssertionError):  # CLIP's 3-channel mean: a clear refusal
+        _train(tmp_path / "bad", emoji_dir, steps=1, **settings)
+    assert "data.mean=(0.48145466" in capsys.readouterr().err
+    grey = {"data.mean": "(0.5,)", "data.std": "(0.5,)", "retrieval.limit": 8}
+    _train(tmp_path / "run", emoji_dir, steps=1, **settings, **grey)
+    params, config = load_export(str(tmp_path / "run"))
+    assert config["model"]["image"]["channels"] == 1
+    _, vit, _ = load_hf_model(str(tiny_vit_dir))
+    np.testing.assert_array_equal(
+        params["image"]["patch_embed"]["kernel"], vit["patch_embed"]["kernel"]
+    )

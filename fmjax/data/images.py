@@ -325,6 +325,12 @@ def make_image_iterator(
             f"the source has {len(source)} examples, too few for process "
             f"{process_index} of {process_count}"
         )
+    for name, values in (("mean", mean), ("std", std)):
+        if len(values) not in (1, channels):
+            raise ValueError(
+                f"data.{name}={tuple(values)}: expected 1 or {channels} values (one "
+                f"per channel of the model's {channels}-channel images)"
+            )
     mean = tuple(mean) * (channels if len(mean) == 1 else 1)
     std = tuple(std) * (channels if len(std) == 1 else 1)
     if views:

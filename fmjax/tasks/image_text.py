@@ -169,6 +169,13 @@ class ImageTextTask(Task):
             model_config = parse_model_config(model_dict)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model: {e}") from None
+        channels = model_config.image.channels
+        for key in ("mean", "std"):
+            if len(config.data[key]) not in (1, channels):
+                raise ConfigError(
+                    f"data.{key}={tuple(config.data[key])}: expected 1 or {channels} "
+                    f"values for the image tower's {channels} channels"
+                )
         if config.data.text_len > model_config.text.max_len:
             raise ConfigError(
                 f"data.text_len={config.data.text_len} exceeds the text tower's "
@@ -486,19 +493,15 @@ def _resolve_model(config, with_data: bool):
 
 
 def _load_image_tower(path: str):
-    """(ViT config dict, params, None) of an fmjax ViT or MAE export/workdir."""
-    from fmjax.export import load_export
-
-    try:
-        params, saved = load_export(path)
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"init.image={path!r}: {e}") from None
-    arch = dict(saved["model"])
+    """(ViT config dict, params, None) of an fmjax ViT or MAE run / export or
+    an HF ViT / ViTMAE directory; heads dropped."""
+    arch, params, _ = pretrained_lib.load_pretrained(path)
     if arch.get("kind") == "vit_mae":
         params = params["encoder"]
         arch = parse_model_config(arch).encoder_config().to_dict()
     if arch.get("kind") != "vit":
         raise ConfigError(f"init.image is a {arch.get('kind')!r} model; expected a ViT")
+    arch = parse_model_config(arch).to_dict()  # every field: the tower is its shape
     heads = ("classifier", "projection")
     params = {k: v for k, v in params.items() if k not in heads}
     arch.update(num_classes=0, proj_layers=0)

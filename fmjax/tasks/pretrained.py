@@ -34,8 +34,9 @@ def init_model_path(config) -> str:
 
 
 def load_pretrained(path: str) -> tuple[dict, dict, Any]:
-    """(model config dict with `kind`, params as numpy, tokenizer) of an HF BERT
-    or GPT-2 directory or an fmjax workdir / export."""
+    """(model config dict with `kind`, params as numpy, tokenizer) of an HF BERT,
+    GPT-2, ViT or CLIP directory or an fmjax workdir / export (a ViT has no
+    tokenizer: None)."""
     from fmjax.convert import hf
     from fmjax.data.tokenizer import load_tokenizer
     from fmjax.export import find_export, is_adapter_export, load_export
@@ -52,7 +53,8 @@ def load_pretrained(path: str) -> tuple[dict, dict, Any]:
                 "first (fmjax.load(path).save_merged(dir)) or start from its base"
             )
         params, config = load_export(path)
-        tokenizer = load_tokenizer(find_export(path))
+        images = config["model"].get("kind") in ("vit", "vit_mae")  # no tokenizer
+        tokenizer = None if images else load_tokenizer(find_export(path))
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"init.model={path!r}: {e}") from None
     return dict(config["model"]), params, tokenizer
