@@ -60,10 +60,15 @@ def captions_of(record: Mapping[str, Any], caption_key: str = "caption") -> list
     )
 
 
+def readable_label(name: str) -> str:
+    """A class name as captions say it: "T-shirt/top" -> "t-shirt or top"
+    (zero-shot prompts must spell names as training captions did)."""
+    return name.replace("_", " ").replace("/", " or ").lower()
+
+
 def label_captions(name: str, templates: Sequence[str]) -> list[str]:
-    """Sentences about class `name` ("T-shirt/top" reads "t-shirt or top")."""
-    readable = name.replace("_", " ").replace("/", " or ").lower()
-    return [t.format(readable) for t in templates]
+    """Sentences about class `name`, one per template."""
+    return [t.format(readable_label(name)) for t in templates]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from fmjax.data import images as image_data
+from fmjax.data.captions import readable_label
 from fmjax.eval import retrieval
 from fmjax.inference.zeroshot import ImageTextEncoder
 from fmjax.models.registry import build_model
@@ -124,7 +125,10 @@ class ZeroShotEvaluator:
         names = tuple(settings.class_names) or task.label_names
         templates = tuple(settings.templates) or settings.template_set
         image_NE, labels, _ = _split_images(task, encoder, split, settings.limit)
-        class_CE = encoder.class_embeddings([_readable(n) for n in names], templates)
+        # Names as the training captions spell them (the data's label names).
+        if not settings.class_names:
+            names = tuple(readable_label(n) for n in names)
+        class_CE = encoder.class_embeddings(list(names), templates)
         scores_NC = retrieval.zero_shot_scores(image_NE, class_CE)
         out = retrieval.topk_accuracy(scores_NC, labels, (1, 5))
         predicted = np.argmax(scores_NC, axis=1)
@@ -140,7 +144,3 @@ class ZeroShotEvaluator:
             out["unseen_only_chance"] = 1.0 / len(unseen)
         out.update(images=int(len(labels)), classes=len(names), chance=1.0 / len(names))
         return out
-
-
-def _readable(name: str) -> str:
-    return name.replace("_", " ").replace("/", " or ")
