@@ -311,6 +311,8 @@ def run_readme_commands(
     background = []
     for line in readme_commands(sections):
         line = line.replace("/path/to/hf_bert", str(tiny_bert_dir))
+        # LiT's pretrained text tower: the tiny BERT stands in for MiniLM.
+        line = line.replace("all-MiniLM-L6-v2", str(tiny_bert_dir))
         if "/path/to/hf_vit" in line:
             assert tiny_vit_dir is not None, f"{line}: pass run_readme_commands a ViT"
             line = line.replace("/path/to/hf_vit", str(tiny_vit_dir))

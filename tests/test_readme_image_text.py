@@ -1,6 +1,7 @@
 """The README's image-text commands run as written (see tests/test_readme.py),
-at configs/clip.py's tiny shapes: CLIP on emoji, `fmjax eval`, LiT with the
-real all-MiniLM-L6-v2 locked, and a user's CSV of image-caption pairs."""
+at configs/clip.py's tiny shapes: CLIP on emoji, `fmjax eval`, LiT with a
+locked pretrained BERT (the tiny one standing in for all-MiniLM-L6-v2), and a
+user's CSV of image-caption pairs."""
 
 import json
 
@@ -31,10 +32,10 @@ def test_image_text_commands_run(
         ]
         == 16
     )  # retrieval.limit in the test
-    # LiT: MiniLM's weights came through training bit-identical.
+    # LiT: the pretrained tower's weights came through training bit-identical.
     params, config = load_export(str(runs / "emoji_lit"))
-    assert config["model"]["text"]["d_model"] == 384
-    _, minilm, _ = load_hf_model(minilm_dir)
+    assert config["model"]["text"]["d_model"] == 32
+    _, minilm, _ = load_hf_model(str(tiny_bert_dir))
     for path, value in jax.tree_util.tree_flatten_with_path(params["text"])[0]:
         keys = [k.key for k in path]
         want = minilm
