@@ -56,8 +56,9 @@ def _split_images(task, encoder, split: str, limit: int = 0):
     image) of a split, un-augmented, in order."""
     source = task._source(split)
     count = min(limit, len(source)) if limit else len(source)
+    records = [source[i] for i in range(count)]  # read (and decoded) once
     batches = image_data.make_image_iterator(
-        [source[i] for i in range(count)],
+        records,
         **task.pipeline(
             batch_size=min(task.batch_size, 256),
             seed=0,
@@ -72,7 +73,7 @@ def _split_images(task, encoder, split: str, limit: int = 0):
         embeds.append(encoder.embed_pixels(batch["images"])[real])
         labels.append(batch["labels"][real])
     captions = [] if task.from_labels else [
-        task.caption_tokens(draw=False).captions(source[i]) for i in range(count)
+        task.caption_tokens(draw=False).captions(record) for record in records
     ]  # fmt: skip
     return np.concatenate(embeds), np.concatenate(labels), captions
 
