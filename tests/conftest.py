@@ -48,7 +48,9 @@ def data_dir(tmp_path_factory):
     return path
 
 
-# A config small enough for a CPU test: a 2-layer d=64 model on 64-token rows.
+# A config small enough for a CPU test: a 2-layer d=64 model on 64-token rows,
+# on one of the 8 simulated devices (an 8-way program compiles and steps ~1.5x
+# slower on 2 cores; the mesh tests ask for their meshes).
 TINY = {
     "data.vocab_size": 1000,
     "model.vocab_size": 1000,
@@ -59,12 +61,17 @@ TINY = {
     "model.mlp_dim": 128,
     "train.progress": False,
     "optimizer.warmup_steps": 2,
+    "mesh.num_devices": 1,
 }
 
 
 def tiny_overrides(data_dir, **extra) -> list[str]:
-    """`--config.k=v` overrides for TINY on the session's data dir, plus `extra`."""
-    values = {"data.data_dir": str(data_dir), **TINY, **extra}
+    """`--config.k=v` overrides for TINY on the session's data dir, plus `extra`
+    (a mesh in `extra` takes all the devices unless it says how many)."""
+    tiny = dict(TINY)
+    if any(k.startswith("mesh.") for k in extra):
+        tiny.pop("mesh.num_devices")
+    values = {"data.data_dir": str(data_dir), **tiny, **extra}
     return [f"--config.{k}={v}" for k, v in values.items()]
 
 
@@ -265,7 +272,17 @@ def _overrides(argv: list[str], tiny_bert_dir, data_dir) -> list[str]:
             values["data.batch_size"] = 8
     else:
         return []
+    if command == "train":
+        values = _one_device(argv, values)
     return [f"--config.{k}={v}" for k, v in values.items()]
+
+
+def _one_device(argv: list[str], values: dict) -> dict:
+    """A README run on one of the test's 8 simulated devices (as on a user's
+    CPU), unless it is about meshes or processes."""
+    if any(a.startswith("--config.mesh.") or a == "--coordinator" for a in argv):
+        return {k: v for k, v in values.items() if k != "mesh.num_devices"}
+    return {"mesh.num_devices": 1, **values}
 
 
 def _image_folder(root) -> None:
