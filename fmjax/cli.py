@@ -65,10 +65,66 @@ def cmd_train(args, overrides):
 
 
 def cmd_eval(args, overrides):
+    if args.tasks:
+        return cmd_lm_eval(args, overrides)
     from fmjax.train.loop import evaluate_workdir
 
     init_distributed(args)
     print(json.dumps(evaluate_workdir(_load_config(args, overrides), args.workdir)))
+    return 0
+
+
+def _shots(text: str) -> list[int | None]:
+    from fmjax.config import ConfigError
+
+    if not text:
+        return [None]
+    try:
+        shots = [int(k) for k in text.split(",")]
+    except ValueError:
+        shots = [-1]
+    if any(k < 0 for k in shots):
+        raise ConfigError(
+            f"--num-fewshot {text!r}: expected a count >= 0 or counts like 0,1,2,4,8"
+        )
+    return shots
+
+
+def cmd_lm_eval(args, overrides):
+    """`fmjax eval --tasks`: lm-evaluation-harness on the workdir's decoder."""
+    from fmjax import storage
+    from fmjax.config import ConfigError
+
+    try:
+        from fmjax.inference.lm_eval import FmjaxLM, evaluate_shots, format_table
+    except ModuleNotFoundError as e:
+        raise ConfigError(
+            f"fmjax eval --tasks needs lm-evaluation-harness ({e}): "
+            "pip install 'fmjax[eval]'"
+        ) from None
+    import fmjax
+
+    if overrides:
+        raise ConfigError(
+            f"fmjax eval --tasks takes no --config overrides: {overrides}"
+        )
+    tasks = [t for t in args.tasks.split(",") if t]
+    shots = _shots(args.num_fewshot)
+    if args.plot and len(shots) < 2:
+        raise ConfigError(
+            "--plot draws accuracy against k: give --num-fewshot 0,1,2,4,8"
+        )
+    lm = FmjaxLM(fmjax.load(args.workdir), batch_size=args.batch_size)
+    out_dir = args.output or storage.join(args.workdir, "lm_eval")
+    limit = args.limit
+    if limit is not None and limit >= 1:
+        limit = int(limit)  # lm-eval: a count of docs; below 1, a fraction
+    result = evaluate_shots(lm, tasks, shots, limit, out_dir, args.plot)
+    if args.json:
+        print(json.dumps({"table": result["table"], "output": out_dir}))
+    else:
+        print(format_table(result["table"]))
+        print(f"results: {out_dir}/results.json")
     return 0
 
 
@@ -294,6 +350,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="evaluate a workdir's latest checkpoint")
     evaluate.add_argument("--config", help="default: WORKDIR/config.json")
     evaluate.add_argument("--workdir", required=True)
+    evaluate.add_argument(
+        "--tasks",
+        default="",
+        help="lm-evaluation-harness tasks (a shipped name such as rt_sentiment, a "
+        "YAML file, or an lm-eval task), comma-separated: scores the decoder "
+        "instead of the training eval",
+    )
+    evaluate.add_argument(
+        "--num-fewshot", default="", help="K, or K1,K2,... for a table over k"
+    )
+    evaluate.add_argument("--limit", type=float, default=None, help="docs per task")
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--output", default="", help="default: WORKDIR/lm_eval")
+    evaluate.add_argument("--plot", action="store_true", help="accuracy vs k plot")
+    evaluate.add_argument("--json", action="store_true")
     _add_distributed_args(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 

@@ -15,7 +15,12 @@ import shlex
 from conftest import readme_commands, run_readme_commands
 
 PARTS = {
-    "quick start and training": ("Quick start", "Training", "Generation"),
+    "quick start and training": (
+        "Quick start",
+        "Training",
+        "Generation",
+        "Prompting and evaluation",
+    ),
     "vision": ("Vision",),
     "image-text": ("Image-text",),
     "scale": ("Sharded and multi-host training",),
@@ -52,3 +57,6 @@ def test_quick_start_and_training_commands_run(
     assert adapter.exists()
     assert (tmp_path / "emb.npy").exists()
     assert (tmp_path / "runs" / "quickstart" / "summary.json").exists()
+    lm_eval = tmp_path / "runs" / "quickstart" / "lm_eval"
+    assert (lm_eval / "results.json").exists()
+    assert (lm_eval / "accuracy_vs_shots.png").exists()

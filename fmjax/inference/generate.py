@@ -471,6 +471,23 @@ class Generator:
         `stop` strings (a batch stops early once each row has one of them)."""
         if isinstance(prompts, str):
             raise RequestError("generate takes a list of prompts; got one string")
+        ids = [self.encode_prompt(t) for t in prompts]
+        return self.complete(
+            ids, max_new_tokens, sampling, seed, stop, batch_size, progress
+        )
+
+    def complete(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int = 32,
+        sampling: Sampling = Sampling(),
+        seed: int = 0,
+        stop: Sequence[str] = (),
+        batch_size: int = 8,
+        progress: bool = False,
+    ) -> list[str]:
+        """`generate` for prompts given as token ids (as `encode_prompt` makes
+        them, or lm-evaluation-harness's own encoding)."""
         out: list[str] = []
         starts = range(0, len(prompts), batch_size)
         if progress:
@@ -478,9 +495,8 @@ class Generator:
 
             starts = tqdm.tqdm(starts, desc="generate", unit="batch")
         for start in starts:
-            texts = list(prompts[start : start + batch_size])
-            ids = [self.encode_prompt(t) for t in texts]
-            row_ids = range(start, start + len(texts))
+            ids = [list(p) for p in prompts[start : start + batch_size]]
+            row_ids = range(start, start + len(ids))
             chunk = GENERATE_CHUNK if stop else max_new_tokens
             for tokens_BN in self.stream_ids(
                 ids, max_new_tokens, sampling, seed, chunk, row_ids

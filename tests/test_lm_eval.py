@@ -1,0 +1,235 @@
+"""fmjax decoders in lm-evaluation-harness (fmjax.inference.lm_eval), against
+lm-eval's own `hf` model on the same weights: the seeded random GPT-2 of
+tests/test_gpt2.py, converted with `fmjax convert hf-to-fmjax`."""
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+
+pytest.importorskip("lm_eval")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+from test_gpt2 import exported, fm, hf_gpt2  # noqa: E402, F401
+
+from fmjax import cli  # noqa: E402
+from fmjax.data.bpe import END_OF_TEXT  # noqa: E402
+from fmjax.errors import RequestError  # noqa: E402
+from fmjax.inference.lm_eval import (  # noqa: E402
+    FmjaxLM,
+    evaluate,
+    task_config,
+)
+
+MAX_LENGTH = 48  # short, so long requests are cut and rolling windows roll
+
+PAIRS = [
+    ("The model reads", " packed batches of tokens"),
+    ("Hello, world! ", "Hello again."),  # a trailing space moves to the continuation
+    ("", "An empty context is the prefix token."),
+    ("Café naïve Zürich:", " Ångström's résumé."),
+    ("It costs $1,234.56", " (about 12%)"),
+    # Longer than MAX_LENGTH with its continuation: cut from the left, as hf.
+    (" ".join(["the checkpoint"] * 30), " writes a checkpoint"),
+    ("Question: What is 2 + 2?\nAnswer:", " 4"),
+    ("Sentiment:", " positive"),
+]
+
+
+def _requests(kind, args_list):
+    return [
+        Instance(request_type=kind, doc={}, arguments=args, idx=i)
+        for i, args in enumerate(args_list)
+    ]
+
+
+def _hflm(hf_gpt2, bos: bool):  # noqa: F811
+    """lm-eval's `hf` model on the HF GPT-2; `bos`: its tokenizer puts
+    <|endoftext|> first, as fmjax's contexts have it."""
+    from tokenizers import processors
+
+    path, model, backend = hf_gpt2
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=os.path.join(path, "tokenizer.json"),
+        bos_token=END_OF_TEXT,
+        eos_token=END_OF_TEXT,
+    )
+    if bos:  # GPT-2's tokenizer adds no BOS; this one does, as Llama's adds <s>
+        tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{END_OF_TEXT} $A",
+            special_tokens=[(END_OF_TEXT, backend.token_to_id(END_OF_TEXT))],
+        )
+    return HFLM(
+        pretrained=model,
+        tokenizer=tokenizer,
+        batch_size=4,
+        max_length=MAX_LENGTH,
+        add_bos_token=bos,
+        device="cpu",
+    )
+
+
+@pytest.fixture(scope="module")
+def hf_lm(hf_gpt2):  # noqa: F811
+    return _hflm(hf_gpt2, bos=True)
+
+
+@pytest.fixture(scope="module")
+def lm(fm):  # noqa: F811
+    return FmjaxLM(fm, batch_size=8, max_length=MAX_LENGTH, progress=False)
+
+
+def test_loglikelihood_equals_hf_per_request(lm, hf_lm):
+    ours = lm.loglikelihood(_requests("loglikelihood", PAIRS))
+    theirs = hf_lm.loglikelihood(_requests("loglikelihood", PAIRS))
+    for pair, (a, greedy_a), (b, greedy_b) in zip(PAIRS, ours, theirs, strict=True):
+        assert abs(a - b) <= 1e-4, (pair, a, b)
+        assert greedy_a == greedy_b, pair
+    # Some continuation is the greedy one: is_greedy is not always False.
+    greedy = lm.loglikelihood(
+        _requests("loglikelihood", [("The model", lm.tok_decode([_argmax(lm)]))])
+    )
+    assert greedy[0][1]
+
+
+def _argmax(lm):
+    """The greedy next token after "The model" (with BOS)."""
+    ids = np.asarray([lm.tok_encode("The model")], np.int32)
+    logits = lm.model.logits(ids)
+    return int(logits[0, -1].argmax())
+
+
+def test_scores_do_not_depend_on_batch_size_or_order(fm):  # noqa: F811
+    pairs = PAIRS * 2
+    one = FmjaxLM(fm, batch_size=1, max_length=MAX_LENGTH, progress=False)
+    eight = FmjaxLM(fm, batch_size=8, max_length=MAX_LENGTH, progress=False)
+    order = list(range(len(pairs)))
+    random.Random(0).shuffle(order)
+    by_one = one.loglikelihood(_requests("loglikelihood", pairs))
+    shuffled = eight.loglikelihood(
+        _requests("loglikelihood", [pairs[i] for i in order])
+    )
+    by_eight = [None] * len(pairs)
+    for position, i in enumerate(order):
+        by_eight[i] = shuffled[position]
+    for pair, (a, greedy_a), (b, greedy_b) in zip(pairs, by_one, by_eight, strict=True):
+        # Other widths, other float rounding; nothing else.
+        assert abs(a - b) <= 1e-5, (pair, a, b)
+        assert greedy_a == greedy_b, pair
+
+
+def test_rolling_loglikelihood_equals_hf(lm, hf_gpt2):  # noqa: F811
+    """A text's tokens after the prefix token, in lm-eval's windows (hf scores
+    a BOS its tokenizer adds as part of the text: compared without one)."""
+    hf_lm = _hflm(hf_gpt2, bos=False)
+    texts = [
+        "Short text.",
+        " ".join(["The model reads packed batches of tokens."] * 12),  # 3+ windows
+    ]
+    ours = lm.loglikelihood_rolling(
+        _requests("loglikelihood_rolling", [(t,) for t in texts])
+    )
+    theirs = hf_lm.loglikelihood_rolling(
+        _requests("loglikelihood_rolling", [(t,) for t in texts])
+    )
+    np.testing.assert_allclose(ours, theirs, atol=1e-3, rtol=1e-5)
+    # The long text is longer than one window: its windows all counted.
+    assert len(lm.tok_encode(texts[1], add_special_tokens=False)) > 2 * MAX_LENGTH
+
+
+def test_generate_until_equals_hf_greedy(lm, hf_lm):
+    args = [
+        ("The model reads", {"until": ["."], "max_gen_toks": 12, "do_sample": False}),
+        ("Hello, world!", {"until": ["\n", ","], "max_gen_toks": 12}),
+        ("It costs", {"until": "s", "max_gen_toks": 8}),
+    ]
+    ours = lm.generate_until(_requests("generate_until", args))
+    theirs = hf_lm.generate_until(_requests("generate_until", args))
+    assert ours == theirs
+    for (_, kwargs), text in zip(args, ours, strict=True):
+        until = (
+            kwargs["until"] if isinstance(kwargs["until"], list) else [kwargs["until"]]
+        )
+        assert not any(u in text for u in until), text
+
+
+def test_shipped_task_scores_equal_lm_evals_hf_model(lm, hf_lm):
+    """acc and acc_norm of rt_sentiment (2-shot, 24 reviews), and exact match on
+    arithmetic, as lm-eval computes them with its own `hf` model."""
+    import lm_eval
+
+    tasks = ["rt_sentiment", "arithmetic"]
+    ours = evaluate(lm, tasks, num_fewshot=2, limit=24)["results"]
+    theirs = lm_eval.simple_evaluate(
+        model=hf_lm,
+        tasks=[task_config(t) for t in tasks],
+        num_fewshot=2,
+        limit=24,
+        log_samples=False,
+        random_seed=0,
+        numpy_random_seed=0,
+        torch_random_seed=0,
+        fewshot_random_seed=0,
+        bootstrap_iters=1000,
+    )["results"]
+    for task, metrics in (
+        ("rt_sentiment", ("acc,none", "acc_norm,none")),
+        ("arithmetic", ("exact_match,strict-match", "exact_match,flexible-extract")),
+    ):
+        for metric in metrics:
+            assert ours[task][metric] == theirs[task][metric], (task, metric)
+        assert ours[task]["sample_len"] == 24
+
+
+def test_eval_command_writes_a_table_over_k(exported, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "lm_eval"
+    argv = ["eval", "--workdir", exported, "--tasks", "rt_sentiment,bbc_topic"]
+    argv += ["--num-fewshot", "0,1", "--limit", "4", "--output", str(out)]
+    assert cli.main(argv + ["--plot", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    table = printed["table"]
+    assert [row["task"] for row in table] == ["rt_sentiment", "bbc_topic"]
+    for row in table:
+        assert row["metric"] == "acc,none"
+        assert 0 <= row["0"] <= 1 and 0 <= row["1"] <= 1
+    saved = json.loads((out / "results.json").read_text())
+    assert sorted(saved) == ["0", "1"]
+    assert saved["1"]["n-shot"]["rt_sentiment"] == 1
+    assert "| rt_sentiment | acc,none |" in (out / "results.md").read_text()
+    assert (out / "accuracy_vs_shots.png").stat().st_size > 0
+
+
+def test_a_task_yaml_of_ones_own_reads_data_beside_it(fm, tmp_path):  # noqa: F811
+    rows = [{"q": f"{a} plus {a}", "a": str(2 * a)} for a in range(6)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "double.yaml").write_text(
+        "task: double\ndataset_path: json\n"
+        "dataset_kwargs:\n  data_files:\n    test: data.jsonl\n"
+        "test_split: test\noutput_type: loglikelihood\n"
+        'doc_to_text: "{{q}} is"\ndoc_to_target: " {{a}}"\n'
+        "metric_list:\n  - metric: perplexity\n  - metric: acc\n"
+    )
+    lm = FmjaxLM(fm, batch_size=4, progress=False)
+    os.chdir(tmp_path.parent)  # data_files are read beside the YAML, not here
+    results = evaluate(lm, [str(tmp_path / "double.yaml")])["results"]["double"]
+    assert results["sample_len"] == 6 and results["perplexity,none"] > 1
+
+
+def test_bad_requests_name_the_value(fm, tmp_path, capsys):  # noqa: F811
+    with pytest.raises(RequestError, match="batch_size=0"):
+        FmjaxLM(fm, batch_size=0)
+    with pytest.raises(RequestError, match="does not exist"):
+        task_config(str(tmp_path / "missing.yaml"))
+    lm = FmjaxLM(fm, batch_size=2, max_length=16, progress=False)
+    with pytest.raises(RequestError, match="max_gen_toks=32"):
+        lm.generate_until(_requests("generate_until", [("Hi", {"max_gen_toks": 32})]))
+    code = cli.main(
+        ["eval", "--workdir", "x", "--tasks", "rt_sentiment", "--num-fewshot", "a"]
+    )
+    assert code != 0
+    assert "--num-fewshot 'a'" in capsys.readouterr().err
