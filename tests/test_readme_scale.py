@@ -56,9 +56,7 @@ def test_processes_start_from_flags_or_jax_variables(monkeypatch):
     """What jax.distributed.initialize is called with (the README run above
     starts two real processes from the flags)."""
     calls = []
-    monkeypatch.setattr(
-        "jax.distributed.initialize", lambda *args: calls.append(args)
-    )
+    monkeypatch.setattr("jax.distributed.initialize", lambda *args: calls.append(args))
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("TPU_WORKER_HOSTNAMES", raising=False)
