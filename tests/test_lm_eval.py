@@ -161,22 +161,9 @@ def test_generate_until_equals_hf_greedy(lm, hf_lm):
 def test_shipped_task_scores_equal_lm_evals_hf_model(lm, hf_lm):
     """acc and acc_norm of rt_sentiment (2-shot, 24 reviews), and exact match on
     arithmetic, as lm-eval computes them with its own `hf` model."""
-    import lm_eval
-
     tasks = ["rt_sentiment", "arithmetic"]
     ours = evaluate(lm, tasks, num_fewshot=2, limit=24)["results"]
-    theirs = lm_eval.simple_evaluate(
-        model=hf_lm,
-        tasks=[task_config(t) for t in tasks],
-        num_fewshot=2,
-        limit=24,
-        log_samples=False,
-        random_seed=0,
-        numpy_random_seed=0,
-        torch_random_seed=0,
-        fewshot_random_seed=0,
-        bootstrap_iters=1000,
-    )["results"]
+    theirs = evaluate(hf_lm, tasks, num_fewshot=2, limit=24)["results"]
     for task, metrics in (
         ("rt_sentiment", ("acc,none", "acc_norm,none")),
         ("arithmetic", ("exact_match,strict-match", "exact_match,flexible-extract")),

@@ -219,10 +219,6 @@ class FmjaxLM(TemplateLM):
 
     # --- generation -------------------------------------------------------------------
 
-    @functools.cached_property
-    def _generator(self):
-        return self.model._generator
-
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         out: list[str | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
@@ -246,7 +242,7 @@ class FmjaxLM(TemplateLM):
             order = sorted(indices, key=lambda i: -len(requests[i].args[0]))
             prompts = [self.tok_encode(requests[i].args[0])[-room:] for i in order]
             for start in range(0, len(order), self.batch_size):
-                texts = self._generator.complete(
+                texts = self.model._generator.complete(
                     prompts[start : start + self.batch_size],
                     max_new,
                     sampling,
@@ -333,13 +329,14 @@ def _resolve(files, folder):
 
 
 def evaluate(
-    lm: FmjaxLM,
+    lm,
     tasks: Sequence[str],
     num_fewshot: int | None = None,
     limit: int | float | None = None,
     seed: int = 0,
 ) -> dict:
-    """`lm_eval.simple_evaluate` on `lm` (every seed fixed): its results dict,
+    """`lm_eval.simple_evaluate` on `lm` (an FmjaxLM, or any lm-eval model, so
+    others run with the same settings; every seed fixed): its results dict,
     without the logged samples."""
     import lm_eval
 
