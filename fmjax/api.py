@@ -37,7 +37,7 @@ import numpy as np
 
 from fmjax.adapt.methods import Adaptation
 from fmjax.config import ConfigDict
-from fmjax.convert import hf
+from fmjax.convert import hf, sentence_transformers
 from fmjax.data.classification import encode_example
 from fmjax.data.tokenizer import load_tokenizer
 from fmjax.export import (
@@ -46,6 +46,7 @@ from fmjax.export import (
     load_export,
     load_export_config,
 )
+from fmjax.inference.search import unit_rows
 from fmjax.models import build_model, model_config
 from fmjax.models.heads import pool
 from fmjax.tasks.classify import MODEL_OVERRIDES
@@ -53,7 +54,7 @@ from fmjax.tasks.classify import MODEL_OVERRIDES
 # Model fields an adapter's classifier may differ in from its base.
 HEAD_FIELDS = (*MODEL_OVERRIDES, "mlm_head")
 
-POOLINGS = hf.POOLINGS
+POOLINGS = sentence_transformers.POOLINGS
 # Model kinds whose input is pixels (no tokenizer).
 IMAGE_KINDS = ("vit", "vit_mae")
 
@@ -62,7 +63,10 @@ class Model:
     """A module + params + tokenizer. Inputs are padded with `tokenizer.pad_id`.
 
     `config.pooling` (default "mean") picks how `embed` pools hidden states:
-    "mean" over non-padding tokens, "cls" the first token, "max" per feature.
+    "mean" over non-padding tokens, "cls" the first token, "max" per feature;
+    `config.normalize` makes embeddings unit vectors and `config.max_seq_length`
+    caps the tokens a text is cut to (both read from a sentence-transformers
+    directory's modules, so it embeds as `SentenceTransformer(dir).encode`).
     """
 
     def __init__(self, module, params, tokenizer, config: ConfigDict):
@@ -72,6 +76,9 @@ class Model:
         self.config = config
         self.max_len = config.model.get("max_len", 0)  # text models only
         self.pooling = config.get("pooling", "mean")
+        self.normalize = bool(config.get("normalize", False))
+        if config.get("max_seq_length", 0):
+            self.max_len = min(self.max_len, config.max_seq_length)
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling={self.pooling!r}: expected one of {POOLINGS}")
         # Prompt / prefix tuning read their adapter as model inputs.
@@ -387,8 +394,9 @@ class Model:
         return np.asarray(out["hidden"], np.float32)
 
     def encode_batch(self, texts: list[str]) -> np.ndarray:
-        """[bos] text [eos] ([CLS] text [SEP] for WordPiece), truncated to max_len,
-        right-padded to the longest."""
+        """[bos] text [eos] ([CLS] text [SEP] for WordPiece), truncated to
+        `max_len` tokens in all (the model's positions, or a sentence-transformers
+        `max_seq_length`), right-padded to the longest."""
         tok = self.tokenizer
         rows = [
             [tok.bos_id, *tok.encode(t)[: self.max_len - 2], tok.eos_id] for t in texts
@@ -401,7 +409,8 @@ class Model:
 
     def embed(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """N x D float32 sentence embeddings: hidden states pooled over the
-        non-padding tokens as `self.pooling` says (mean by default)."""
+        non-padding tokens as `self.pooling` says (mean by default), unit
+        vectors when `self.normalize`."""
         if isinstance(texts, str):
             raise TypeError("embed expects a list of strings, got one string")
         out = []
@@ -410,7 +419,20 @@ class Model:
             out.append(self._pool(self.hidden(ids), ids != self.tokenizer.pad_id))
         if not out:
             return np.zeros((0, self.module.config.d_model), np.float32)
-        return np.concatenate(out).astype(np.float32)
+        embeddings_ND = np.concatenate(out).astype(np.float32)
+        if self.normalize:
+            embeddings_ND = unit_rows(embeddings_ND)
+        return embeddings_ND
+
+    def search(self, queries, index, k: int = 5):
+        """The `k` passages of `index` (an `fmjax.inference.search.Index` or its
+        directory) nearest each query by cosine: one list of `Hit`s (id, text,
+        score) per query, best first; one query string gives one list."""
+        from fmjax.inference.search import Index
+
+        if not isinstance(index, Index):
+            index = Index.load(index)
+        return index.search_texts(queries, k, encoder=self)
 
     def _pool(self, hidden_BLD: np.ndarray, real_BL: np.ndarray) -> np.ndarray:
         if self.pooling == "max":

@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+from fmjax.inference import commands
+
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     overrides = [a for a in argv if a.startswith("--config.")]
@@ -66,65 +68,11 @@ def cmd_train(args, overrides):
 
 def cmd_eval(args, overrides):
     if args.tasks:
-        return cmd_lm_eval(args, overrides)
+        return commands.cmd_lm_eval(args, overrides)
     from fmjax.train.loop import evaluate_workdir
 
     init_distributed(args)
     print(json.dumps(evaluate_workdir(_load_config(args, overrides), args.workdir)))
-    return 0
-
-
-def _shots(text: str) -> list[int | None]:
-    from fmjax.config import ConfigError
-
-    if not text:
-        return [None]
-    try:
-        shots = [int(k) for k in text.split(",")]
-    except ValueError:
-        shots = [-1]
-    if any(k < 0 for k in shots):
-        raise ConfigError(
-            f"--num-fewshot {text!r}: expected a count >= 0 or counts like 0,1,2,4,8"
-        )
-    return shots
-
-
-def cmd_lm_eval(args, overrides):
-    """`fmjax eval --tasks`: lm-evaluation-harness on the workdir's decoder."""
-    from fmjax import storage
-    from fmjax.config import ConfigError
-
-    try:
-        from fmjax.inference.lm_eval import FmjaxLM, evaluate_shots, format_table
-    except ModuleNotFoundError as e:
-        raise ConfigError(
-            f"fmjax eval --tasks needs lm-evaluation-harness ({e}): "
-            "pip install 'fmjax[eval]'"
-        ) from None
-    import fmjax
-
-    if overrides:
-        raise ConfigError(
-            f"fmjax eval --tasks takes no --config overrides: {overrides}"
-        )
-    tasks = [t for t in args.tasks.split(",") if t]
-    shots = _shots(args.num_fewshot)
-    if args.plot and len(shots) < 2:
-        raise ConfigError(
-            "--plot draws accuracy against k: give --num-fewshot 0,1,2,4,8"
-        )
-    lm = FmjaxLM(fmjax.load(args.workdir), batch_size=args.batch_size)
-    out_dir = args.output or storage.join(args.workdir, "lm_eval")
-    limit = args.limit
-    if limit is not None and limit >= 1:
-        limit = int(limit)  # lm-eval: a count of docs; below 1, a fraction
-    result = evaluate_shots(lm, tasks, shots, limit, out_dir, args.plot)
-    if args.json:
-        print(json.dumps({"table": result["table"], "output": out_dir}))
-    else:
-        print(format_table(result["table"]))
-        print(f"results: {out_dir}/results.json")
     return 0
 
 
@@ -138,77 +86,6 @@ def cmd_data(args, overrides):
     if args.vocab_size:
         tok = tokenizer_for(args.name, args.vocab_size, data_dir)
         print(f"tokenizer: {tok.path} ({tok.vocab_size} tokens)")
-    return 0
-
-
-def cmd_embed(args, overrides):
-    import numpy as np
-
-    import fmjax
-
-    with open(args.input) as f:
-        texts = [line.rstrip("\n") for line in f if line.strip()]
-    embeddings = fmjax.load(args.workdir).embed(texts)
-    np.save(args.output, embeddings)
-    print(f"wrote {embeddings.shape[0]} x {embeddings.shape[1]} to {args.output}")
-    return 0
-
-
-def _read_prompts(args) -> list[str]:
-    """--prompt (repeatable) and the lines of --prompt-file (a .jsonl file's
-    "prompt" fields)."""
-    from fmjax.errors import RequestError
-
-    prompts = list(args.prompt or [])
-    if args.prompt_file:
-        with open(args.prompt_file) as f:
-            lines = [line.rstrip("\n") for line in f if line.strip()]
-        if args.prompt_file.endswith(".jsonl"):
-            for number, line in enumerate(lines, 1):
-                record = json.loads(line)
-                if not isinstance(record, dict) or "prompt" not in record:
-                    raise RequestError(
-                        f"{args.prompt_file} line {number}: expected a JSON object "
-                        'with a "prompt" field'
-                    )
-                prompts.append(record["prompt"])
-        else:
-            prompts.extend(lines)
-    if not prompts:
-        raise RequestError("no prompt: give --prompt TEXT or --prompt-file FILE")
-    return prompts
-
-
-def cmd_generate(args, overrides):
-    import fmjax
-
-    prompts = _read_prompts(args)
-    model = fmjax.load(args.workdir)
-    settings = dict(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop=tuple(args.stop or ()),
-    )
-    if len(prompts) == 1 and not args.json:  # text as it is decoded
-        print(prompts[0], end="", flush=True)
-        for piece in model.stream(prompts[0], **settings):
-            print(piece, end="", flush=True)
-        print()
-        return 0
-    texts = model.generate(
-        prompts, batch_size=args.batch_size, progress=len(prompts) > 1, **settings
-    )
-    if args.json:
-        completions = [
-            {"prompt": p, "completion": t} for p, t in zip(prompts, texts, strict=True)
-        ]
-        print(json.dumps({"completions": completions, **settings}))
-    else:
-        for prompt, text in zip(prompts, texts, strict=True):
-            print(f"{prompt}{text}\n")
     return 0
 
 
@@ -368,31 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distributed_args(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
-    generate = sub.add_parser(
-        "generate", help="continue prompts with a decoder (KV-cache decoding)"
-    )
-    generate.add_argument("--workdir", required=True, help="or an HF GPT-2 directory")
-    generate.add_argument(
-        "--prompt", action="append", help="a prompt (repeat for several)"
-    )
-    generate.add_argument(
-        "--prompt-file", default="", help="one prompt a line (.jsonl: a 'prompt' key)"
-    )
-    generate.add_argument("--max-new-tokens", type=int, default=32)
-    generate.add_argument(
-        "--temperature", type=float, default=0.0, help="0: greedy (the default)"
-    )
-    generate.add_argument("--top-k", type=int, default=0, help="0: off")
-    generate.add_argument("--top-p", type=float, default=1.0, help="1: off")
-    generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument(
-        "--stop", action="append", help="end the text before this string (repeatable)"
-    )
-    generate.add_argument("--batch-size", type=int, default=8)
-    generate.add_argument(
-        "--json", action="store_true", help="print one JSON object, not text"
-    )
-    generate.set_defaults(func=cmd_generate)
+    commands.add_generate_parser(sub)
 
     data = sub.add_parser("data", help="dataset tools")
     data_sub = data.add_subparsers(dest="action", required=True)
@@ -406,11 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prepare.set_defaults(func=cmd_data)
 
-    embed = sub.add_parser("embed", help="sentence embeddings of a text file's lines")
-    embed.add_argument("--workdir", required=True)
-    embed.add_argument("--input", required=True)
-    embed.add_argument("--output", required=True)
-    embed.set_defaults(func=cmd_embed)
+    commands.add_embed_parsers(sub)
     convert = sub.add_parser("convert", help="convert weights between formats")
     convert.add_argument(
         "direction",

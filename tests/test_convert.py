@@ -142,13 +142,53 @@ def test_hidden_states_and_mean_pooling_match_torch(fm, batch):
     assert pooled <= 1e-4
 
 
-def test_embed_equals_sentence_transformers_mean_pooling(fm, batch):
-    ids, mask, want_hidden = batch
-    assert fm.pooling == "mean"  # from the directory's 1_Pooling/config.json
-    got = fm.embed(SENTENCES, batch_size=4)  # two batches, padded differently
-    diff = np.abs(got - _mean_pool(want_hidden, mask)).max()
-    print(f"max |embed - torch mean pooling|: {diff:.2e}")
-    assert got.shape == (len(SENTENCES), 384) and diff <= 1e-4
+def test_embed_equals_sentence_transformers_encode(fm, minilm_dir):
+    """modules.json (Transformer, mean Pooling, Normalize) and
+    sentence_bert_config.json's max_seq_length=256 honoured: a 300-token text
+    is cut as SentenceTransformer cuts it, and every embedding is a unit vector."""
+    st = pytest.importorskip("sentence_transformers")
+    assert (fm.pooling, fm.normalize, fm.max_len) == ("mean", True, 256)
+    long_text = " ".join(f"word{i} and more" for i in range(100))
+    assert len(fm.tokenizer.encode(long_text)) > 300
+    texts = [*SENTENCES, long_text]
+    want = st.SentenceTransformer(str(minilm_dir), device="cpu").encode(
+        texts, batch_size=4
+    )
+    got = fm.embed(texts, batch_size=4)  # batches padded differently
+    diff = np.abs(got - want).max()
+    print(f"max |embed - SentenceTransformer.encode|: {diff:.2e}")
+    assert got.shape == (len(texts), 384) and diff <= 1e-5
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
+
+
+def test_sentence_transformers_modules_fmjax_cannot_run_are_refused(tmp_path):
+    from fmjax.convert.sentence_transformers import embedding_fields
+    from fmjax.errors import FormatError
+
+    assert embedding_fields(tmp_path) == {
+        "pooling": "mean",
+        "max_seq_length": 0,
+        "normalize": False,
+    }
+    modules = [
+        {
+            "idx": 0,
+            "name": "0",
+            "path": "",
+            "type": "sentence_transformers.models.Transformer",
+        },
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "2_Dense",
+            "type": "sentence_transformers.models.Dense",
+        },
+    ]
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(
+        FormatError, match=r"Dense.*'2_Dense'.*Transformer, Pooling, Normalize"
+    ):
+        embedding_fields(tmp_path)
 
 
 def test_logits_refused_without_mlm_head(fm, batch):

@@ -62,6 +62,7 @@ from fmjax.convert.bert import (
     to_fmjax,
     to_hf,
 )
+from fmjax.convert.sentence_transformers import embedding_fields
 from fmjax.data.tokenizer import Tokenizer, load_tokenizer
 from fmjax.errors import FormatError
 from fmjax.export import find_export, flatten_params, load_export, refuse_pickles
@@ -72,15 +73,12 @@ CONFIG_FILENAME = "config.json"
 WEIGHTS_FILENAME = "model.safetensors"
 WEIGHTS_INDEX_FILENAME = "model.safetensors.index.json"
 PREPROCESSOR_FILENAME = "preprocessor_config.json"
-POOLING_CONFIG = os.path.join("1_Pooling", "config.json")
-POOLINGS = ("mean", "cls", "max")
 # config.json model_type -> the fmjax model kind it converts to.
 MODEL_TYPES = {"bert": "encoder", "gpt2": "decoder", "clip": "dual_encoder"}
 MODEL_TYPES.update(vit.MODEL_TYPES)
 __all__ = [
     "fmjax_to_hf",
     "hf_name_for",
-    "hf_pooling",
     "hf_to_fmjax",
     "import_fields",
     "is_hf_directory",
@@ -107,25 +105,6 @@ def is_hf_directory(path: str | os.PathLike) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and "model_type" in config
-
-
-def hf_pooling(directory: str | os.PathLike) -> str:
-    """The sentence-transformers pooling of `directory` (1_Pooling/config.json):
-    one of POOLINGS; "mean" when the directory has no pooling config."""
-    path = os.path.join(os.fspath(directory), POOLING_CONFIG)
-    if not os.path.isfile(path):
-        return "mean"
-    with open(path, encoding="utf-8") as f:
-        flags = json.load(f)
-    modes = sorted(k for k, on in flags.items() if k.startswith("pooling_mode") and on)
-    names = {f"pooling_mode_{p}_tokens": p for p in ("mean", "max")}
-    names["pooling_mode_cls_token"] = "cls"
-    if len(modes) != 1 or modes[0] not in names:
-        raise FormatError(
-            f"{path} enables pooling modes {modes}; fmjax supports exactly one of "
-            f"{sorted(names)}"
-        )
-    return names[modes[0]]
 
 
 def _param_shapes(model_config: Mapping[str, Any]) -> dict[tuple[str, ...], tuple]:
@@ -250,7 +229,8 @@ def load_hf_vit(directory: str | os.PathLike) -> tuple[dict, dict]:
 
 def import_fields(directory: str, model_config: Mapping[str, Any]) -> dict:
     """The fmjax config groups an HF import sets beside `model`: a text
-    model's `pooling` (`hf_pooling`); an image model's preprocessing, labels
+    model's `pooling`, `max_seq_length` and `normalize` (sentence-transformers'
+    modules, `embedding_fields`); an image model's preprocessing, labels
     and objective from its config.json and preprocessor_config.json
     (`vit.config_fields`); a CLIP's image_processor (`clip.config_fields`)."""
     if model_config["kind"] == "dual_encoder":
@@ -258,7 +238,7 @@ def import_fields(directory: str, model_config: Mapping[str, Any]) -> dict:
 
         return clip.config_fields(directory, model_config)
     if model_config["kind"] not in vit.MODEL_TYPES.values():
-        return {"pooling": hf_pooling(directory)}
+        return embedding_fields(directory)
     path = os.path.join(directory, PREPROCESSOR_FILENAME)
     processor = None
     if os.path.isfile(path):

@@ -1,0 +1,268 @@
+"""The inference commands of the `fmjax` CLI, their parsers and handlers: `eval
+--tasks` (lm-evaluation-harness), `generate` (optionally retrieval-augmented),
+`embed` and `search`. Handlers call the library; `fmjax.cli` dispatches."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def _shots(text: str) -> list[int | None]:
+    from fmjax.config import ConfigError
+
+    if not text:
+        return [None]
+    try:
+        shots = [int(k) for k in text.split(",")]
+    except ValueError:
+        shots = [-1]
+    if any(k < 0 for k in shots):
+        raise ConfigError(
+            f"--num-fewshot {text!r}: expected a count >= 0 or counts like 0,1,2,4,8"
+        )
+    return shots
+
+
+def cmd_lm_eval(args, overrides):
+    """`fmjax eval --tasks`: lm-evaluation-harness on the workdir's decoder."""
+    from fmjax import storage
+    from fmjax.config import ConfigError
+
+    try:
+        from fmjax.inference.lm_eval import FmjaxLM, evaluate_shots, format_table
+    except ModuleNotFoundError as e:
+        raise ConfigError(
+            f"fmjax eval --tasks needs lm-evaluation-harness ({e}): "
+            "pip install 'fmjax[eval]'"
+        ) from None
+    import fmjax
+
+    if overrides:
+        raise ConfigError(
+            f"fmjax eval --tasks takes no --config overrides: {overrides}"
+        )
+    tasks = [t for t in args.tasks.split(",") if t]
+    shots = _shots(args.num_fewshot)
+    if args.plot and len(shots) < 2:
+        raise ConfigError(
+            "--plot draws accuracy against k: give --num-fewshot 0,1,2,4,8"
+        )
+    lm = FmjaxLM(fmjax.load(args.workdir), batch_size=args.batch_size)
+    out_dir = args.output or storage.join(args.workdir, "lm_eval")
+    limit = args.limit
+    if limit is not None and limit >= 1:
+        limit = int(limit)  # lm-eval: a count of docs; below 1, a fraction
+    result = evaluate_shots(lm, tasks, shots, limit, out_dir, args.plot)
+    if args.json:
+        print(json.dumps({"table": result["table"], "output": out_dir}))
+    else:
+        print(format_table(result["table"]))
+        print(f"results: {out_dir}/results.json")
+    return 0
+
+
+def _read_prompts(args) -> list[str]:
+    """--prompt (repeatable) and the lines of --prompt-file (a .jsonl file's
+    "prompt" fields)."""
+    from fmjax.errors import RequestError
+
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        with open(args.prompt_file) as f:
+            lines = [line.rstrip("\n") for line in f if line.strip()]
+        if args.prompt_file.endswith(".jsonl"):
+            for number, line in enumerate(lines, 1):
+                record = json.loads(line)
+                if not isinstance(record, dict) or "prompt" not in record:
+                    raise RequestError(
+                        f"{args.prompt_file} line {number}: expected a JSON object "
+                        'with a "prompt" field'
+                    )
+                prompts.append(record["prompt"])
+        else:
+            prompts.extend(lines)
+    if not prompts:
+        raise RequestError("no prompt: give --prompt TEXT or --prompt-file FILE")
+    return prompts
+
+
+def cmd_generate(args, overrides):
+    import fmjax
+
+    prompts = _read_prompts(args)
+    model = fmjax.load(args.workdir)
+    passages = None
+    if args.retrieve:
+        from fmjax.inference.search import Index, augment
+
+        passages = Index.load(args.retrieve).search_texts(prompts, args.k)
+        sent = [
+            augment(p, h, args.rag_template)
+            for p, h in zip(prompts, passages, strict=True)
+        ]
+    else:
+        sent = prompts
+    if args.show_prompt:
+        for prompt in sent:
+            print(f"--- prompt sent to the model ---\n{prompt}\n---", flush=True)
+    settings = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=tuple(args.stop or ()),
+    )
+    if len(prompts) == 1 and not args.json:  # text as it is decoded
+        print(prompts[0], end="", flush=True)
+        for piece in model.stream(sent[0], **settings):
+            print(piece, end="", flush=True)
+        print()
+        return 0
+    texts = model.generate(
+        sent, batch_size=args.batch_size, progress=len(prompts) > 1, **settings
+    )
+    if args.json:
+        completions = [
+            {"prompt": p, "completion": t} for p, t in zip(prompts, texts, strict=True)
+        ]
+        if passages is not None:
+            for record, hits, prompt in zip(completions, passages, sent, strict=True):
+                record["passages"] = [hit._asdict() for hit in hits]
+                record["prompt_sent"] = prompt
+        print(json.dumps({"completions": completions, **settings}))
+    else:
+        for prompt, text in zip(prompts, texts, strict=True):
+            print(f"{prompt}{text}\n")
+    return 0
+
+
+def cmd_embed(args, overrides):
+    """An index directory of the input's passages, or (--output FILE.npy) just
+    the embedding matrix as `Model.embed` gives it."""
+    import numpy as np
+
+    import fmjax
+    from fmjax.inference.search import Index, read_passages
+
+    passages = read_passages(args.input)
+    encoder = fmjax.load(args.workdir)
+    if args.output.endswith(".npy"):
+        embeddings = encoder.embed([p["text"] for p in passages], args.batch_size)
+        np.save(args.output, embeddings)
+        print(f"wrote {embeddings.shape[0]} x {embeddings.shape[1]} to {args.output}")
+        return 0
+    index = Index.build(
+        encoder,
+        passages,
+        batch_size=args.batch_size,
+        progress=True,
+        encoder_path=os.path.abspath(args.workdir),
+    )
+    index.save(args.output)
+    count, dim = index.embeddings_ND.shape
+    print(f"wrote an index of {count} passages x {dim} to {args.output}")
+    return 0
+
+
+def cmd_search(args, overrides):
+    import fmjax
+    from fmjax.inference.search import Index
+
+    index = Index.load(args.index)
+    encoder = fmjax.load(args.workdir) if args.workdir else None
+    results = index.search_texts(args.query, args.k, encoder=encoder)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "results": [
+                        {"query": q, "hits": [hit._asdict() for hit in hits]}
+                        for q, hits in zip(args.query, results, strict=True)
+                    ]
+                },
+                ensure_ascii=False,
+            )
+        )
+        return 0
+    for query, hits in zip(args.query, results, strict=True):
+        print(f"query: {query}")
+        for rank, hit in enumerate(hits, 1):
+            text = hit.text if len(hit.text) <= 100 else hit.text[:97] + "..."
+            print(f"{rank:3d}. {hit.score:.4f}  [{hit.id}] {text}")
+    return 0
+
+
+def add_generate_parser(sub) -> None:
+    generate = sub.add_parser(
+        "generate", help="continue prompts with a decoder (KV-cache decoding)"
+    )
+    generate.add_argument("--workdir", required=True, help="or an HF GPT-2 directory")
+    generate.add_argument(
+        "--prompt", action="append", help="a prompt (repeat for several)"
+    )
+    generate.add_argument(
+        "--prompt-file", default="", help="one prompt a line (.jsonl: a 'prompt' key)"
+    )
+    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument(
+        "--temperature", type=float, default=0.0, help="0: greedy (the default)"
+    )
+    generate.add_argument("--top-k", type=int, default=0, help="0: off")
+    generate.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument(
+        "--stop", action="append", help="end the text before this string (repeatable)"
+    )
+    generate.add_argument("--batch-size", type=int, default=8)
+    generate.add_argument(
+        "--json", action="store_true", help="print one JSON object, not text"
+    )
+    rag = generate.add_argument_group("retrieval-augmented prompts")
+    rag.add_argument(
+        "--retrieve",
+        default="",
+        help="an index directory (fmjax embed): put the "
+        "top-k passages in front of each prompt",
+    )
+    rag.add_argument("-k", type=int, default=3, help="passages to retrieve")
+    rag.add_argument(
+        "--rag-template",
+        default="",
+        help="how passages and prompt combine (default: passages, a blank line, "
+        "the prompt); fields {passages} and {prompt}",
+    )
+    generate.add_argument(
+        "--show-prompt", action="store_true", help="print the prompt actually sent"
+    )
+    generate.set_defaults(func=cmd_generate)
+
+
+def add_embed_parsers(sub) -> None:
+    embed = sub.add_parser(
+        "embed", help="embed passages into a search index (or a .npy matrix)"
+    )
+    embed.add_argument("--workdir", required=True, help="the encoder (or HF directory)")
+    embed.add_argument(
+        "--input",
+        required=True,
+        help="a .txt file (one passage a line) or .jsonl ({'id', 'text'} objects)",
+    )
+    embed.add_argument(
+        "--output", required=True, help="an index directory, or FILE.npy for the matrix"
+    )
+    embed.add_argument("--batch-size", type=int, default=64)
+    embed.set_defaults(func=cmd_embed)
+
+    search = sub.add_parser("search", help="nearest passages of an index to a query")
+    search.add_argument("--index", required=True, help="a directory from fmjax embed")
+    search.add_argument(
+        "--query", action="append", required=True, help="repeat for several"
+    )
+    search.add_argument("-k", type=int, default=5)
+    search.add_argument(
+        "--workdir", default="", help="the query encoder (default: the index's own)"
+    )
+    search.add_argument("--json", action="store_true")
+    search.set_defaults(func=cmd_search)

@@ -1,0 +1,187 @@
+"""Semantic search (fmjax.inference.search): exact top-k over a corpus sharded on
+the 8 simulated devices against NumPy, the index files and commands
+(`fmjax embed`, `fmjax search`, `m.search`), and retrieval-augmented generation
+(`fmjax generate --retrieve`)."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import fmjax
+from fmjax import cli
+from fmjax.errors import RequestError
+from fmjax.inference.search import (
+    Hit,
+    Index,
+    ShardedCorpus,
+    augment,
+    read_passages,
+    unit_rows,
+)
+
+PASSAGES = [
+    "The striker scored twice in the cup final.",
+    "Shares fell sharply on Monday after the bank's results.",
+    "Parliament passed the budget bill late at night.",
+    "A new phone was released with a bigger screen.",
+    "The cat sat on the mat in the sun.",
+    "Rain is expected across the north tomorrow.",
+    "The film won three awards at the festival.",
+    "Engineers repaired the bridge over the river.",
+    "The orchestra played Beethoven's fifth symphony.",
+    "Farmers harvested wheat early this year.",
+]
+
+
+def _numpy_top_k(queries_QD, corpus_ND, k):
+    scores_QN = queries_QD @ corpus_ND.T
+    order_QK = np.argsort(-scores_QN, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores_QN, order_QK, axis=1), order_QK
+
+
+@pytest.mark.parametrize(
+    "count, devices, chunk",
+    [(1003, 8, 16), (1003, 8, 32768), (37, 3, 4), (5, 8, 32768), (300, 1, 64)],
+)
+def test_sharded_top_k_equals_numpy(count, devices, chunk):
+    """Rows split over `devices`, scanned `chunk` rows at a time (the last
+    device's rows partly padding): the same passages, in the same order, as a
+    brute-force NumPy search."""
+    assert len(jax.devices()) == 8
+    rng = np.random.default_rng(count)
+    corpus_ND = unit_rows(rng.standard_normal((count, 24)))
+    queries_QD = unit_rows(rng.standard_normal((11, 24)))
+    corpus = ShardedCorpus.place(corpus_ND, jax.devices()[:devices], chunk)
+    assert len(corpus.rows_ND.sharding.device_set) == devices
+    k = min(10, count)
+    scores_QK, indices_QK = corpus.top_k(queries_QD, k)
+    want_scores, want_indices = _numpy_top_k(queries_QD, corpus_ND, k)
+    np.testing.assert_array_equal(indices_QK, want_indices)
+    np.testing.assert_allclose(scores_QK, want_scores, atol=1e-6)
+
+
+def test_equal_scores_go_to_the_lower_index_across_devices():
+    rng = np.random.default_rng(0)
+    corpus_ND = unit_rows(rng.standard_normal((64, 8)))
+    corpus_ND[[9, 41, 60]] = corpus_ND[50]  # copies on devices 1, 5, 7 and 6
+    corpus = ShardedCorpus.place(corpus_ND, jax.devices(), chunk=4)
+    _, indices_QK = corpus.top_k(corpus_ND[[50]], 4)
+    assert indices_QK[0].tolist() == [9, 41, 50, 60]
+
+
+def test_many_queries_run_in_blocks(monkeypatch):
+    from fmjax.inference import search
+
+    monkeypatch.setattr(search, "QUERY_BLOCK", 8)  # 21 queries: 8 + 8 + 5
+    rng = np.random.default_rng(1)
+    corpus_ND = unit_rows(rng.standard_normal((50, 8)))
+    queries_QD = unit_rows(rng.standard_normal((21, 8)))
+    _, indices_QK = ShardedCorpus.place(corpus_ND).top_k(queries_QD, 3)
+    np.testing.assert_array_equal(indices_QK, _numpy_top_k(queries_QD, corpus_ND, 3)[1])
+
+
+def test_bad_requests_name_the_value():
+    corpus = ShardedCorpus.place(np.eye(4, dtype=np.float32), jax.devices()[:2])
+    with pytest.raises(RequestError, match=r"k=5: expected 1 <= k <= 4"):
+        corpus.top_k(np.eye(4, dtype=np.float32), 5)
+    with pytest.raises(RequestError, match=r"shape \(2, 3\): expected \[Q, 4\]"):
+        corpus.top_k(np.zeros((2, 3)), 1)
+    with pytest.raises(RequestError, match=r"shape \(0, 4\)"):
+        ShardedCorpus.place(np.zeros((0, 4)))
+
+
+# --- index files and commands -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_bert_dir):
+    return fmjax.load(str(tiny_bert_dir))
+
+
+def test_read_passages_txt_and_jsonl(tmp_path):
+    txt = tmp_path / "c.txt"
+    txt.write_text("first\n\nthird line\n")
+    assert read_passages(str(txt)) == [
+        {"id": "1", "text": "first"},
+        {"id": "3", "text": "third line"},
+    ]
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text('{"id": "a", "text": "x"}\n{"text": "y", "title": "t"}\n')
+    assert read_passages(str(jsonl)) == [
+        {"id": "a", "text": "x"},
+        {"id": "2", "text": "y"},
+    ]
+    jsonl.write_text('{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n')
+    with pytest.raises(RequestError, match="id 'a' appears twice"):
+        read_passages(str(jsonl))
+    jsonl.write_text('{"id": "a", "body": "x"}\n')
+    with pytest.raises(
+        RequestError, match='line 1: expected a JSON object with a "text"'
+    ):
+        read_passages(str(jsonl))
+
+
+def test_embed_and_search_commands(encoder, tiny_bert_dir, tmp_path, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(
+        "".join(
+            json.dumps({"id": f"p{i}", "text": t}) + "\n"
+            for i, t in enumerate(PASSAGES)
+        )
+    )
+    index_dir = tmp_path / "index"
+    args = ["embed", "--workdir", str(tiny_bert_dir), "--input", str(corpus)]
+    assert cli.main([*args, "--output", str(index_dir), "--batch-size", "4"]) == 0
+    assert "wrote an index of 10 passages x 32" in capsys.readouterr().out
+    index = Index.load(str(index_dir))
+    want_ND = unit_rows(encoder.embed(PASSAGES))
+    np.testing.assert_allclose(index.embeddings_ND, want_ND, atol=1e-6)
+    assert index.ids == [f"p{i}" for i in range(10)] and index.texts == PASSAGES
+
+    queries = ["a football match", "stock market news"]
+    argv = ["search", "--index", str(index_dir), "-k", "3", "--json"]
+    assert cli.main([*argv, "--query", queries[0], "--query", queries[1]]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    _, want = _numpy_top_k(unit_rows(encoder.embed(queries)), want_ND, 3)
+    for result, query, rows in zip(results, queries, want, strict=True):
+        assert result["query"] == query
+        assert [h["id"] for h in result["hits"]] == [f"p{i}" for i in rows]
+        assert [h["text"] for h in result["hits"]] == [PASSAGES[i] for i in rows]
+    # m.search: the same hits from the Python API, one list for one query.
+    hits = encoder.search(queries[0], str(index_dir), k=3)
+    assert [h.id for h in hits] == [h["id"] for h in results[0]["hits"]]
+    assert isinstance(hits[0], Hit) and hits[0].score >= hits[1].score >= hits[2].score
+
+    assert (
+        cli.main(["search", "--index", str(index_dir), "--query", "rain", "-k", "2"])
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert text.startswith("query: rain\n  1. ") and text.count("\n") == 3
+
+
+def test_embed_npy_and_missing_index(encoder, tiny_bert_dir, tmp_path, capsys):
+    lines = tmp_path / "in.txt"
+    lines.write_text("\n".join(PASSAGES[:3]) + "\n")
+    out = tmp_path / "emb.npy"
+    args = ["embed", "--workdir", str(tiny_bert_dir), "--input", str(lines)]
+    assert cli.main([*args, "--output", str(out)]) == 0
+    np.testing.assert_allclose(np.load(out), encoder.embed(PASSAGES[:3]), atol=1e-6)
+    assert cli.main(["search", "--index", str(tmp_path), "--query", "x"]) == 2
+    assert "is not an index (no index.json)" in capsys.readouterr().err
+
+
+def test_augment_puts_passages_first():
+    hits = [Hit("a", "Ada lives in Oslo.", 0.9), Hit("b", "Bo lives in Rome.", 0.5)]
+    assert augment("Q: Where does Ada live?\nA:", hits) == (
+        "Ada lives in Oslo.\nBo lives in Rome.\n\nQ: Where does Ada live?\nA:"
+    )
+    assert augment("Q?", hits[:1], "Context: {passages}\n{prompt}") == (
+        "Context: Ada lives in Oslo.\nQ?"
+    )
+    with pytest.raises(
+        RequestError, match=r"expected both \{passages\} and \{prompt\}"
+    ):
+        augment("Q?", hits, "{passages} only")
