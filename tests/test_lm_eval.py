@@ -220,3 +220,36 @@ def test_bad_requests_name_the_value(fm, tmp_path, capsys):  # noqa: F811
     )
     assert code != 0
     assert "--num-fewshot 'a'" in capsys.readouterr().err
+
+
+def test_generate_retrieve_sends_the_top_passages_first(
+    fm,  # noqa: F811
+    exported,  # noqa: F811
+    tiny_bert_dir,
+    tmp_path,
+    capsys,
+):
+    """`fmjax generate --retrieve INDEX -k 2`: the prompt sent is the two passages
+    `fmjax search` ranks first, a blank line, then the prompt; --show-prompt
+    prints it and the completion is the decoder's own on that prompt."""
+    from fmjax.inference.search import Index
+
+    facts = ["Ada lives in Oslo.", "Bo plays the violin.", "Cy was born in 1970."]
+    lines = tmp_path / "facts.txt"
+    lines.write_text("\n".join(facts) + "\n")
+    index_dir = str(tmp_path / "index")
+    embed = ["embed", "--workdir", str(tiny_bert_dir), "--input", str(lines)]
+    assert cli.main([*embed, "--output", index_dir]) == 0
+    prompt = "Question: where does Ada live?\nAnswer:"
+    hits = Index.load(index_dir).search_texts(prompt, 2)
+    sent = f"{hits[0].text}\n{hits[1].text}\n\n{prompt}"
+    capsys.readouterr()
+    argv = ["generate", "--workdir", exported, "--prompt", prompt, "--max-new-tokens"]
+    argv += ["4", "--retrieve", index_dir, "-k", "2", "--show-prompt", "--json"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"--- prompt sent to the model ---\n{sent}\n---\n")
+    record = json.loads(out.splitlines()[-1])["completions"][0]
+    assert record["prompt"] == prompt and record["prompt_sent"] == sent
+    assert [p["id"] for p in record["passages"]] == [h.id for h in hits]
+    assert record["completion"] == fm.generate([sent], max_new_tokens=4)[0]
