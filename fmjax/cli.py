@@ -329,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_memory.add_argument("--json", action="store_true")
     bench_memory.set_defaults(func=cmd_bench)
+    commands.add_bench_parsers(bench_sub)
     return parser
 
 

@@ -185,3 +185,15 @@ def test_augment_puts_passages_first():
         RequestError, match=r"expected both \{passages\} and \{prompt\}"
     ):
         augment("Q?", hits, "{passages} only")
+
+
+def test_bench_search_finds_what_faiss_finds(capsys):
+    pytest.importorskip("faiss")
+    argv = ["bench", "search", "--count", "3000", "--dim", "16", "--queries", "40"]
+    assert cli.main([*argv, "-k", "5", "--repeats", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["corpus"] == [3000, 16] and result["queries"] == 40
+    assert result["identical_queries"] == 1.0 and result["differing_ranks"] == 0
+    assert result["max_score_difference"] <= 1e-6
+    want = result["fmjax"]["queries_per_s"] / result["faiss"]["queries_per_s"]
+    assert result["speedup_vs_faiss"] == pytest.approx(want)

@@ -266,3 +266,47 @@ def add_embed_parsers(sub) -> None:
     )
     search.add_argument("--json", action="store_true")
     search.set_defaults(func=cmd_search)
+
+
+def cmd_bench_search(args, overrides):
+    from fmjax.bench_search import bench_search
+
+    result = bench_search(
+        args.count, args.dim, args.queries, args.k, args.repeats, args.seed,
+        args.against,
+    )  # fmt: skip
+    if not args.json:
+        print(
+            f"{result['cpu']}, {result['cores']} cores, {result['devices']} device(s)"
+        )
+        for name in ("fmjax", "faiss"):
+            if name in result:
+                r = result[name]
+                print(
+                    f"{name:6s} {r['queries_per_s']:9.1f} queries/s "
+                    f"(median of {len(r['seconds'])}: {r['median_s']:.3f} s)"
+                )
+        if "speedup_vs_faiss" in result:
+            print(
+                f"fmjax / faiss: {result['speedup_vs_faiss']:.2f}x (target >= "
+                f"{result['target']}); identical top-{args.k}: "
+                f"{result['identical_queries']:.1%} of queries, other ranks ties: "
+                f"{result['differences_are_ties']}"
+            )
+    print(json.dumps(result))
+    return 0
+
+
+def add_bench_parsers(bench_sub) -> None:
+    search = bench_sub.add_parser(
+        "search", help="exact search queries/s against faiss IndexFlatIP"
+    )
+    search.add_argument("--count", type=int, default=1_000_000, help="corpus rows")
+    search.add_argument("--dim", type=int, default=384)
+    search.add_argument("--queries", type=int, default=1000)
+    search.add_argument("-k", type=int, default=10)
+    search.add_argument("--repeats", type=int, default=3)
+    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--against", default="faiss", help="'faiss', or '' for none")
+    search.add_argument("--json", action="store_true", help="only the JSON line")
+    search.set_defaults(func=cmd_bench_search)
