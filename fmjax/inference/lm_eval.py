@@ -52,6 +52,9 @@ from tqdm import tqdm
 from fmjax.errors import RequestError
 from fmjax.inference.generate import Sampling, bucket
 
+# Registers lm-eval's few-shot sampler "similar" (fewshot_config: {sampler: similar}).
+from fmjax.inference.prompting import SimilarSampler, bind_similar_sampler
+
 # lm-eval's default for generate_until without max_gen_toks.
 MAX_GEN_TOKS = 256
 
@@ -334,29 +337,53 @@ def evaluate(
     num_fewshot: int | None = None,
     limit: int | float | None = None,
     seed: int = 0,
+    fewshot_encoder=None,
+    log_samples: bool = False,
 ) -> dict:
     """`lm_eval.simple_evaluate` on `lm` (an FmjaxLM, or any lm-eval model, so
     others run with the same settings; every seed fixed): its results dict,
-    without the logged samples."""
-    import lm_eval
+    with the logged samples (each document's requests and responses) only when
+    `log_samples`.
 
+    Tasks whose few-shot sampler is "similar" are bound to `fewshot_encoder`
+    (a directory `fmjax.load` reads, a loaded encoder, or None for
+    all-MiniLM-L6-v2; see fmjax.inference.prompting) before they run: lm-eval
+    does not show a sampler the document it picks examples for."""
+    import lm_eval
+    from lm_eval.evaluator_utils import get_sample_size
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(metadata={})
+    built = []
+    for spec in (task_config(t) for t in tasks):
+        loaded = manager.load(spec)
+        for task in loaded["tasks"].values():
+            if isinstance(getattr(task, "sampler", None), SimilarSampler):
+                queries = task.doc_iterator(limit=get_sample_size(task, limit))
+                bind_similar_sampler(task, fewshot_encoder, [d for _, d in queries])
+        # The outermost groups and tasks: a group holds its members.
+        members = {id(item) for group in loaded["groups"].values() for item in group}
+        built += [
+            item
+            for item in (*loaded["groups"].values(), *loaded["tasks"].values())
+            if id(item) not in members
+        ]
     out = lm_eval.simple_evaluate(
         model=lm,
-        tasks=[task_config(t) for t in tasks],
+        tasks=built,
+        task_manager=manager,
         num_fewshot=num_fewshot,
         limit=limit,
-        log_samples=False,
+        log_samples=log_samples,
         random_seed=seed,
         numpy_random_seed=seed,
         torch_random_seed=seed,
         fewshot_random_seed=seed,
         bootstrap_iters=1000,  # closed-form stderr for acc and exact_match
     )
+    keep = ("results", "configs", "n-shot", "versions", "higher_is_better", "n-samples")
     return {
-        k: v
-        for k, v in out.items()
-        if k
-        in ("results", "configs", "n-shot", "versions", "higher_is_better", "n-samples")
+        k: v for k, v in out.items() if k in keep or (log_samples and k == "samples")
     }
 
 
