@@ -52,6 +52,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from fmjax.errors import RequestError
+from fmjax.inference.search import unit_rows
 
 try:
     from lm_eval.api.samplers import SAMPLER_REGISTRY, ContextSampler
@@ -237,18 +238,13 @@ def nearest_last(pool_ND: np.ndarray, query_D: np.ndarray, k: int, keep=None):
         raise ValueError(
             f"pool {pool_ND.shape} and query {query_D.shape}: expected [N, D] and [D]"
         )
-    similarity_N = _unit(pool_ND) @ _unit(query_D)
+    similarity_N = unit_rows(pool_ND) @ unit_rows(query_D)
     order = np.argsort(-similarity_N, kind="stable")
     if keep is not None:
         order = order[np.asarray(keep, bool)[order]]
     if k > len(order):
         raise RequestError(f"k={k}: only {len(order)} examples to choose from")
     return order[:k][::-1].tolist()
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 class TextEmbedder:
@@ -274,7 +270,7 @@ class TextEmbedder:
                     f"embed gave shape {vectors_ND.shape} for {len(missing)} texts; "
                     "expected [N, D]"
                 )
-            self._vectors.update(zip(missing, _unit(vectors_ND), strict=True))
+            self._vectors.update(zip(missing, unit_rows(vectors_ND), strict=True))
         return np.stack([self._vectors[t] for t in texts])
 
 
