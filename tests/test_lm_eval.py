@@ -21,6 +21,7 @@ from fmjax import cli  # noqa: E402
 from fmjax.data.bpe import END_OF_TEXT  # noqa: E402
 from fmjax.errors import RequestError  # noqa: E402
 from fmjax.inference.lm_eval import (  # noqa: E402
+    TASKS_DIR,
     FmjaxLM,
     evaluate,
     task_config,
@@ -205,6 +206,24 @@ def test_a_task_yaml_of_ones_own_reads_data_beside_it(fm, tmp_path):  # noqa: F8
     os.chdir(tmp_path.parent)  # data_files are read beside the YAML, not here
     results = evaluate(lm, [str(tmp_path / "double.yaml")])["results"]["double"]
     assert results["sample_len"] == 6 and results["perplexity,none"] > 1
+
+
+def test_an_included_task_reads_its_data_beside_the_included_yaml(tmp_path):
+    """A variant YAML in another folder `include`s a shipped task: the data
+    files stay relative to the shipped YAML, which declares them."""
+    shipped = task_config("rt_sentiment")
+    sub = tmp_path / "variants"
+    sub.mkdir()
+    (sub / "rt_first_n.yaml").write_text(
+        f"include: {os.path.relpath(TASKS_DIR, sub)}/rt_sentiment.yaml\n"
+        "task: rt_first_n\nfewshot_config:\n  sampler: first_n\n"
+    )
+    variant = task_config(str(sub / "rt_first_n.yaml"))
+    assert variant["task"] == "rt_first_n"
+    assert variant["fewshot_config"]["sampler"] == "first_n"
+    files = variant["dataset_kwargs"]["data_files"]
+    assert files == shipped["dataset_kwargs"]["data_files"]
+    assert files["test"] == os.path.join(TASKS_DIR, "data/rotten_tomatoes_test.jsonl")
 
 
 def test_bad_requests_name_the_value(fm, tmp_path, capsys):  # noqa: F811

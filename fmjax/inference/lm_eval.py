@@ -41,39 +41,20 @@ import json
 import os
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from lm_eval import utils
 from lm_eval.api.model import TemplateLM
-from lm_eval.models.utils import Collator
 from tqdm import tqdm
 
 from fmjax.errors import RequestError
-from fmjax.inference.generate import Sampling, bucket
+from fmjax.inference.generate import Sampling
+from fmjax.inference.prompting import SimilarSampler, bind_similar_sampler
 
 # Registers lm-eval's few-shot sampler "similar" (fewshot_config: {sampler: similar}).
-from fmjax.inference.prompting import SimilarSampler, bind_similar_sampler
+from fmjax.inference.scoring import Scorer
 
 # lm-eval's default for generate_until without max_gen_toks.
 MAX_GEN_TOKS = 256
-
-
-def score_tokens(module, params, kwargs, inputs_BL, targets_BL):
-    """[B, L] log p(target | inputs up to it) and whether it was the argmax."""
-    positions_BL = jnp.broadcast_to(jnp.arange(inputs_BL.shape[1]), inputs_BL.shape)
-    out = module.apply(
-        {"params": params},
-        inputs_BL,
-        segment_ids_BL=jnp.ones_like(inputs_BL),
-        positions_BL=positions_BL,
-        **kwargs,
-    )
-    logp_BLV = jax.nn.log_softmax(out["logits"].astype(jnp.float32), axis=-1)
-    target_BL1 = targets_BL[..., None]
-    logp_BL = jnp.take_along_axis(logp_BLV, target_BL1, axis=-1)[..., 0]
-    greedy_BL = jnp.argmax(logp_BLV, axis=-1) == targets_BL
-    return logp_BL, greedy_BL
 
 
 class FmjaxLM(TemplateLM):
@@ -134,14 +115,16 @@ class FmjaxLM(TemplateLM):
     # --- scoring ----------------------------------------------------------------------
 
     @functools.cached_property
-    def _score(self):
-        return jax.jit(functools.partial(score_tokens, self.model.module))
+    def _scorer(self) -> Scorer:
+        return Scorer(
+            self.model.module, self.batch_size, self.max_length, self.tokenizer_.pad_id
+        )
 
-    def _rows(self, chunk):
-        """Inputs, targets and continuation lengths of a batch, as `hf` builds
+    def _rows(self, requests):
+        """Inputs, targets and continuation lengths of requests, as `hf` builds
         them: the last max_length + 1 tokens, inputs without the last."""
         rows = []
-        for _, context_enc, continuation_enc in chunk:
+        for _, context_enc, continuation_enc in requests:
             if not context_enc or not continuation_enc:
                 raise RequestError(
                     "a loglikelihood request needs context and continuation tokens; "
@@ -156,46 +139,23 @@ class FmjaxLM(TemplateLM):
             rows.append((whole[:-1], whole[1:], len(continuation_enc)))
         return rows
 
-    def _score_rows(self, rows) -> list[tuple[float, bool]]:
-        width = min(bucket(max(len(x) for x, _, _ in rows)), self.max_length)
-        batch = self.batch_size if len(rows) <= self.batch_size else len(rows)
-        pad = self.tokenizer_.pad_id
-        inputs = np.full((batch, width), pad, np.int32)
-        targets = np.zeros((batch, width), np.int32)
-        for i, (x, y, _) in enumerate(rows):
-            inputs[i, : len(x)], targets[i, : len(y)] = x, y
-        logp, greedy = self._score(
-            self.model.params, self.model.model_kwargs, inputs, targets
-        )
-        logp, greedy = np.asarray(logp), np.asarray(greedy)
-        out = []
-        for i, (x, _, n) in enumerate(rows):
-            span = slice(len(x) - n, len(x))
-            out.append((float(logp[i, span].sum()), bool(greedy[i, span].all())))
-        return out
-
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kw):
-        def longest_first(req):
-            tokens = req[1] + req[2]
-            return -len(tokens), tuple(tokens)
-
-        ordered = Collator(requests, sort_fn=longest_first)
-        results = []
+        """Requests packed as prefix trees (`fmjax.inference.scoring`): shared
+        context tokens are computed once, and the LM head reads only the
+        continuations' positions."""
         bar = tqdm(
             total=len(requests),
             disable=disable_tqdm or not self.progress,
             desc="loglikelihood",
         )
-        for chunk in ordered.get_batched(n=self.batch_size):
-            for req, result in zip(
-                chunk, self._score_rows(self._rows(chunk)), strict=True
-            ):
-                results.append(result)
-                if req[0] is not None:
-                    self.cache_hook.add_partial("loglikelihood", req[0], result)
-                bar.update(1)
+        results = self._scorer.score(
+            self.model.params, self.model.model_kwargs, self._rows(requests), bar.update
+        )
         bar.close()
-        return ordered.get_original(results)
+        for request, result in zip(requests, results, strict=True):
+            if request[0] is not None:
+                self.cache_hook.add_partial("loglikelihood", request[0], result)
+        return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         windows, counts = [], []
@@ -315,12 +275,23 @@ def task_config(spec: str):
     from lm_eval.tasks._yaml_loader import load_yaml
 
     config = load_yaml(os.path.abspath(path))
-    folder = os.path.dirname(os.path.abspath(path))
     files = config.get("dataset_kwargs", {}).get("data_files")
     if files is not None:
+        folder = _declaring_folder(os.path.abspath(path), load_yaml)
         config["dataset_kwargs"] = dict(config["dataset_kwargs"])
         config["dataset_kwargs"]["data_files"] = _resolve(files, folder)
     return config
+
+
+def _declaring_folder(path: str, load_yaml) -> str:
+    """The folder of the YAML that sets `dataset_kwargs`: `path`'s own, or that
+    of the file it includes (followed as lm-eval does, relative to `path`)."""
+    raw = load_yaml(path, resolve_func=False, recursive=False)
+    include = raw.get("include")
+    if "dataset_kwargs" in raw or not isinstance(include, str):
+        return os.path.dirname(path)
+    included = os.path.abspath(os.path.join(os.path.dirname(path), include))
+    return _declaring_folder(included, load_yaml)
 
 
 def _resolve(files, folder):

@@ -288,7 +288,9 @@ class TextDecoder(nn.Module):
     `mask_B1LS` [B, 1, T+L, S] that the caller builds over the S cache slots
     (prefix slots first; segment ids are not read); the output then holds
     the updated "cache". `last_only` computes hidden states and logits for the
-    last position only ([B,1,...]), all a sampler needs after a prefill.
+    last position only ([B,1,...]), all a sampler needs after a prefill;
+    `select_BK` for the K positions of each row it lists ([B,K,...]), all a
+    scorer needs (the LM head never sees the other positions).
     """
 
     config: TransformerConfig
@@ -306,6 +308,7 @@ class TextDecoder(nn.Module):
         cache: list[dict[str, Array]] | None = None,
         mask_B1LS: Array | None = None,
         last_only: bool = False,
+        select_BK: Array | None = None,
     ) -> dict[str, Array]:
         """`prompt_TD`, `prefix_kv`: prompt / prefix tuning (module docstring)."""
         cfg = self.config
@@ -351,6 +354,8 @@ class TextDecoder(nn.Module):
         x_BLD = x_BSD[:, num_prompt:]
         if last_only:
             x_BLD = x_BLD[:, -1:]
+        elif select_BK is not None:
+            x_BLD = jnp.take_along_axis(x_BLD, select_BK[..., None], axis=1)
         hidden_BLD = LayerNorm(
             epsilon=cfg.layer_norm_eps, param_dtype=cfg.params_dtype, name="final_norm"
         )(x_BLD)
