@@ -14,11 +14,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from lm_eval.api.instance import Instance  # noqa: E402
-from lm_eval.models.huggingface import HFLM  # noqa: E402
 from test_gpt2 import exported, fm, hf_gpt2  # noqa: E402, F401
 
-from fmjax import cli  # noqa: E402
-from fmjax.data.bpe import END_OF_TEXT  # noqa: E402
+from fmjax import bench_eval, cli  # noqa: E402
 from fmjax.errors import RequestError  # noqa: E402
 from fmjax.inference.lm_eval import (  # noqa: E402
     TASKS_DIR,
@@ -50,29 +48,9 @@ def _requests(kind, args_list):
 
 
 def _hflm(hf_gpt2, bos: bool):  # noqa: F811
-    """lm-eval's `hf` model on the HF GPT-2; `bos`: its tokenizer puts
-    <|endoftext|> first, as fmjax's contexts have it."""
-    from tokenizers import processors
-
-    path, model, backend = hf_gpt2
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_file=os.path.join(path, "tokenizer.json"),
-        bos_token=END_OF_TEXT,
-        eos_token=END_OF_TEXT,
-    )
-    if bos:  # GPT-2's tokenizer adds no BOS; this one does, as Llama's adds <s>
-        tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{END_OF_TEXT} $A",
-            special_tokens=[(END_OF_TEXT, backend.token_to_id(END_OF_TEXT))],
-        )
-    return HFLM(
-        pretrained=model,
-        tokenizer=tokenizer,
-        batch_size=4,
-        max_length=MAX_LENGTH,
-        add_bos_token=bos,
-        device="cpu",
-    )
+    """lm-eval's `hf` model on the HF GPT-2 (as `fmjax bench eval` builds it);
+    `bos`: its tokenizer puts <|endoftext|> first, as fmjax's contexts have it."""
+    return bench_eval.hf_lm(hf_gpt2[0], batch_size=4, max_length=MAX_LENGTH, bos=bos)
 
 
 @pytest.fixture(scope="module")

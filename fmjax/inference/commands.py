@@ -297,6 +297,41 @@ def cmd_bench_search(args, overrides):
     return 0
 
 
+def _settings(text: str) -> list[tuple[str, int]]:
+    from fmjax.config import ConfigError
+
+    settings = []
+    for item in filter(None, text.split(",")):
+        task, _, shots = item.rpartition(":")
+        if not task or not shots.isdigit():
+            raise ConfigError(
+                f"--settings item {item!r}: expected TASK:SHOTS, e.g. rt_sentiment:0"
+            )
+        settings.append((task, int(shots)))
+    return settings
+
+
+def cmd_bench_eval(args, overrides):
+    from fmjax.bench_eval import bench_eval
+
+    result = bench_eval(
+        args.hf, _settings(args.settings), args.limit, args.batch_size,
+        args.layers, args.width, args.heads, args.vocab_size, args.repeats,
+    )  # fmt: skip
+    if not args.json:
+        print(f"{result['cpu']}, {result['cores']} cores, model {result['model']}")
+        for row in result["rows"]:
+            fm, hf = row["fmjax"], row["hf"]
+            print(
+                f"{row['task']} {row['num_fewshot']}-shot, {row['requests']} requests: "
+                f"fmjax {fm['requests_per_s']:7.1f}/s, hf {hf['requests_per_s']:7.1f}/s"
+                f" = {row['speedup_vs_hf']:.2f}x (target >= {result['target']}); "
+                f"scores {fm['score']:.4f} / {hf['score']:.4f}"
+            )
+    print(json.dumps(result))
+    return 0
+
+
 def add_bench_parsers(bench_sub) -> None:
     search = bench_sub.add_parser(
         "search", help="exact search queries/s against faiss IndexFlatIP"
@@ -310,3 +345,24 @@ def add_bench_parsers(bench_sub) -> None:
     search.add_argument("--against", default="faiss", help="'faiss', or '' for none")
     search.add_argument("--json", action="store_true", help="only the JSON line")
     search.set_defaults(func=cmd_bench_search)
+
+    evaluate = bench_sub.add_parser(
+        "eval", help="lm-eval requests/s: fmjax's LM against lm-eval's hf model"
+    )
+    evaluate.add_argument(
+        "--hf", default="", help="an HF GPT-2 directory (default: a random one)"
+    )
+    evaluate.add_argument(
+        "--settings",
+        default="rt_sentiment:0,bbc_topic:2,bbc_topic_fixed:4",
+        help="TASK:SHOTS,... (shipped names or YAML files)",
+    )
+    evaluate.add_argument("--limit", type=int, default=50, help="docs per task")
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--layers", type=int, default=12)
+    evaluate.add_argument("--width", type=int, default=768)
+    evaluate.add_argument("--heads", type=int, default=12)
+    evaluate.add_argument("--vocab-size", type=int, default=16384)
+    evaluate.add_argument("--repeats", type=int, default=2)
+    evaluate.add_argument("--json", action="store_true", help="only the JSON line")
+    evaluate.set_defaults(func=cmd_bench_eval)
