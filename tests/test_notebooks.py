@@ -143,3 +143,25 @@ def test_clip_zero_shot_notebook_runs(emoji_dir, tmp_path, monkeypatch):
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
               if "image/png" in o.get("data", {})]  # fmt: skip
     assert len(images) == 4  # pairs, loss curve, zero-shot picks, retrieval grid
+
+
+def test_prompting_notebook_runs(pretrained_notebook, tiny_bert_dir, monkeypatch):
+    """notebooks/07 on notebook 01's decoder and the tiny random BERT as its
+    encoder, 4 documents per task."""
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("FMJAX_NOTEBOOK_WORKDIR", pretrained_notebook[1])
+    monkeypatch.setenv("FMJAX_NOTEBOOK_ENCODER", str(tiny_bert_dir))
+    monkeypatch.setenv("FMJAX_NOTEBOOK_LIMIT", "4")
+    path = os.path.join(REPO, "notebooks", "07_prompting.ipynb")
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=300, resources={"metadata": {"path": REPO}}).execute()
+    text = "".join(
+        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
+    )
+    assert re.search(r"rt_sentiment .*acc", text)  # the table over k
+    assert "--- similar:" in text and "arithmetic_cot {'exact_match," in text
+    assert "strict: 12 flexible: 12" in text
+    assert "passages x 32 dims" in text and "--- prompt sent ---" in text
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+              if "image/png" in o.get("data", {})]  # fmt: skip
+    assert len(images) == 1

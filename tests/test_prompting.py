@@ -53,7 +53,7 @@ BBC_TOPICS = [" business", " entertainment", " politics", " sport", " technology
 
 @pytest.fixture(scope="module")
 def manager():
-    return TaskManager(metadata={})
+    return TaskManager(include_defaults=False, metadata={})  # fmjax's YAMLs only
 
 
 def _task(manager, spec):

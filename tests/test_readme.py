@@ -5,7 +5,8 @@ is `conftest.run_readme_commands`.
 
 Placeholders a reader replaces are the only substitutions: `/path/to/hf_bert`
 (a tiny random HF BERT directory), `my.csv`, `sentences.txt`, `prompts.txt`
-(small files made here) and the coordinator port (a free one); `fmjax data
+(small files made here), the repo's `tasks/` folder (an absolute path: the
+commands run elsewhere) and the coordinator port (a free one); `fmjax data
 prepare` builds the tokenizer the session's data dir already has (1,000 tokens,
 not 8,000). Workdirs (`runs/...`) live in a temporary directory.
 """
@@ -40,6 +41,7 @@ def test_readme_shows_the_commands_users_run():
         "compile",
         "bench",
         "generate",
+        "search",
     } <= (  # fmt: skip
         subcommands
     )
@@ -60,3 +62,9 @@ def test_quick_start_and_training_commands_run(
     lm_eval = tmp_path / "runs" / "quickstart" / "lm_eval"
     assert (lm_eval / "results.json").exists()
     assert (lm_eval / "accuracy_vs_shots.png").exists()
+    index = tmp_path / "runs" / "bbc_index"
+    assert {p.name for p in index.iterdir()} == {
+        "embeddings.safetensors",
+        "passages.jsonl",
+        "index.json",
+    }

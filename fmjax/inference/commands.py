@@ -53,7 +53,14 @@ def cmd_lm_eval(args, overrides):
     limit = args.limit
     if limit is not None and limit >= 1:
         limit = int(limit)  # lm-eval: a count of docs; below 1, a fraction
-    result = evaluate_shots(lm, tasks, shots, limit, out_dir, args.plot)
+    options = {"fewshot_encoder": args.fewshot_encoder or None}
+    if args.retrieve:
+        options["retrieve"] = {
+            "index": args.retrieve,
+            "k": args.k,
+            "template": args.rag_template,
+        }
+    result = evaluate_shots(lm, tasks, shots, limit, out_dir, args.plot, **options)
     if args.json:
         print(json.dumps({"table": result["table"], "output": out_dir}))
     else:

