@@ -132,17 +132,22 @@ def mlm_loss(
 
 
 def next_token_loss(
-    logits_BLV: Array, tokens_BL: Array, segment_ids_BL: Array
+    logits_BLV: Array,
+    tokens_BL: Array,
+    segment_ids_BL: Array,
+    loss_mask_BL: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """Position t predicts tokens[t+1], counted only where segment[t+1] ==
-    segment[t] != 0: never across packed documents and never into padding."""
+    segment[t] != 0 (never across packed documents, never into padding) and,
+    with `loss_mask_BL`, where loss_mask[t+1] is set (a completion's tokens)."""
     # Shift the targets, not the logits: slicing [B, L, V] logits would copy them.
     pad = ((0, 0), (0, 1))
     seg_next_BL = jnp.pad(segment_ids_BL[:, 1:], pad)  # 0 after the last position
     targets_BL = jnp.pad(tokens_BL[:, 1:], pad)
-    weights_BL = ((seg_next_BL == segment_ids_BL) & (segment_ids_BL != 0)).astype(
-        jnp.float32
-    )
+    weights_BL = (seg_next_BL == segment_ids_BL) & (segment_ids_BL != 0)
+    if loss_mask_BL is not None:
+        weights_BL &= jnp.pad(loss_mask_BL[:, 1:], pad) != 0
+    weights_BL = weights_BL.astype(jnp.float32)
     return _weighted_cross_entropy(logits_BLV, targets_BL, weights_BL)
 
 

@@ -1,5 +1,6 @@
 """Test setup: 8 simulated CPU devices and strict rank promotion, before JAX loads."""
 
+import json
 import os
 import tempfile
 
@@ -351,6 +352,11 @@ def run_readme_commands(
         for i in range(80)
     ]
     (tmp_path / "my.csv").write_text("\n".join(rows) + "\n")
+    sft = [
+        {"prompt": f"Q: {a} plus {a} is?\nA:", "completion": f" {2 * a}"}
+        for a in range(50)
+    ]
+    (tmp_path / "my_sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))
     _image_folder(tmp_path / "my_images")
     pairs = ["image,caption"] + [
         f"my_images/{name}/{i}.png,{'a dark' if name == 'shirt' else 'a light'} {name}"

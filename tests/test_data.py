@@ -204,8 +204,10 @@ def test_packed_batch_invariants(tok, train_source, objective):
         assert sorted(batch) == sorted(text.BATCH_KEYS)
         for x_BL in batch.values():
             assert x_BL.shape == (BATCH, SEQ_LEN) and x_BL.dtype == np.int32
-        tokens_BL, seg_BL, pos_BL = (batch[k] for k in text.BATCH_KEYS)
+        tokens_BL, seg_BL, pos_BL = (batch[k] for k in text.BATCH_KEYS[:3])
         np.testing.assert_array_equal(tokens_BL != 0, seg_BL != 0)
+        # Plain documents: every token is learned.
+        np.testing.assert_array_equal(batch["loss_mask"], seg_BL != 0)
         assert np.all(pos_BL[seg_BL == 0] == 0)
         for row, seg, tokens in _segments(batch):
             mask = seg_BL[row] == seg
@@ -230,6 +232,45 @@ def test_short_documents_are_whole_segments(tok, short_docs):
         doc = short_docs[_record_number(tok, tokens)]["text"]
         expected = [tok.bos_id] + tok.encode(doc) + [tok.eos_id]
         assert tokens.tolist() == expected
+
+
+@pytest.mark.parametrize(
+    "prompt, completion, seq_len, tokens, mask",
+    [
+        ([5, 6, 7], [8, 9], 16, [1, 5, 6, 7, 8, 9, 2], [0, 0, 0, 0, 1, 1, 1]),
+        ([5, 6, 7], [8, 9], 6, [1, 6, 7, 8, 9, 2], [0, 0, 0, 1, 1, 1]),  # prompt cut
+        ([5, 6, 7], [8, 9], 4, [1, 8, 9, 2], [0, 1, 1, 1]),  # no prompt left
+        ([5], [8, 9, 10, 11], 4, [1, 8, 9, 10], [0, 1, 1, 1]),  # completion cut
+    ],
+)
+def test_completion_chunk_learns_the_completion_only(
+    prompt, completion, seq_len, tokens, mask
+):
+    chunk = text.completion_chunk(
+        prompt, completion, seq_len=seq_len, bos_id=1, eos_id=2
+    )
+    assert chunk["tokens"].tolist() == tokens and chunk["loss_mask"].tolist() == mask
+
+
+def test_prompt_completion_records_pack_with_their_loss_mask(tok):
+    records = [
+        {"prompt": f"record {i} shares rose", "completion": f" by {i} percent"}
+        for i in range(30)
+    ]
+    iterator = text.make_text_iterator(
+        records, tok, seq_len=SEQ_LEN, batch_size=BATCH, seed=1
+    )
+    batch = next(iterator)
+    assert len(_segments(batch)) > BATCH  # several records a row
+    for row, seg, tokens in _segments(batch):
+        record = records[_record_number(tok, tokens)]
+        prompt, completion = (
+            tok.encode(record["prompt"]),
+            tok.encode(record["completion"]),
+        )
+        assert tokens.tolist() == [tok.bos_id, *prompt, *completion, tok.eos_id]
+        mask = batch["loss_mask"][row][batch["segment_ids"][row] == seg]
+        assert mask.tolist() == [0] * (1 + len(prompt)) + [1] * (len(completion) + 1)
 
 
 def test_same_seed_same_batches_other_seed_differs(tok, train_source):

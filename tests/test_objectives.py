@@ -162,6 +162,30 @@ def test_next_token_loss_matches_numpy_within_segments():
     np.testing.assert_allclose(metrics["loss_sum"], np.sum(nll), rtol=1e-5)
 
 
+def test_next_token_loss_counts_only_targets_the_loss_mask_marks():
+    """A prompt-completion segment: loss_mask 1 on the completion's tokens, so
+    only positions predicting them count (as NumPy over those pairs)."""
+    logits = jax.random.normal(jax.random.key(0), (2, 6, 9)) * 2
+    tokens = jax.random.randint(jax.random.key(1), (2, 6), 0, 9)
+    mask = np.array([[0, 0, 1, 0, 1, 0], [0, 0, 0, 1, 1, 1]], np.int32)
+    loss, metrics = next_token_loss(logits, tokens, jnp.asarray(SEG), jnp.asarray(mask))
+    lg, tk = np.asarray(logits), np.asarray(tokens)
+    nll = [
+        _np_nll(lg[b, t], tk[b, t + 1])
+        for b in range(2)
+        for t in range(5)
+        if SEG[b, t + 1] == SEG[b, t] != 0 and mask[b, t + 1]
+    ]
+    # Row 0: 1->2 and 3->4; row 1: 2->3, 3->4, 4->5.
+    assert len(nll) == 5 and float(metrics["count"]) == 5
+    np.testing.assert_allclose(loss, np.mean(nll), rtol=1e-5)
+    ones = jnp.ones_like(tokens)
+    np.testing.assert_array_equal(
+        next_token_loss(logits, tokens, jnp.asarray(SEG), ones)[0],
+        next_token_loss(logits, tokens, jnp.asarray(SEG))[0],
+    )
+
+
 def test_next_token_loss_ignores_cross_segment_and_padding_targets():
     logits = jax.random.normal(jax.random.key(0), (2, 6, 9))
     tokens = jax.random.randint(jax.random.key(1), (2, 6), 0, 9)

@@ -4,13 +4,14 @@ One test file per README part, so the test workers share them out; the runner
 is `conftest.run_readme_commands`.
 
 Placeholders a reader replaces are the only substitutions: `/path/to/hf_bert`
-(a tiny random HF BERT directory), `my.csv`, `sentences.txt`, `prompts.txt`
-(small files made here), the repo's `tasks/` folder (an absolute path: the
+(a tiny random HF BERT directory), `my.csv`, `my_sft.jsonl`, `sentences.txt`,
+`prompts.txt` (small files made here), the repo's `tasks/` folder (an absolute path: the
 commands run elsewhere) and the coordinator port (a free one); `fmjax data
 prepare` builds the tokenizer the session's data dir already has (1,000 tokens,
 not 8,000). Workdirs (`runs/...`) live in a temporary directory.
 """
 
+import json
 import shlex
 
 from conftest import readme_commands, run_readme_commands
@@ -59,6 +60,8 @@ def test_quick_start_and_training_commands_run(
     assert adapter.exists()
     assert (tmp_path / "emb.npy").exists()
     assert (tmp_path / "runs" / "quickstart" / "summary.json").exists()
+    sft = json.loads((tmp_path / "runs" / "sft" / "summary.json").read_text())
+    assert sft["sample"]["prompt"].startswith("Q: ")  # a held-out prompt answered
     lm_eval = tmp_path / "runs" / "quickstart" / "lm_eval"
     assert (lm_eval / "results.json").exists()
     assert (lm_eval / "accuracy_vs_shots.png").exists()

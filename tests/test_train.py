@@ -377,3 +377,40 @@ def test_sharding_rule_errors_fail_at_startup(data_dir, tmp_path, capsys):
     assert "layers_0/attention/" in err and "of shape (2, " in err, err
     assert "not divisible by mesh axes ('tensor',)" in err, err
     assert not os.path.exists(tmp_path / "checkpoints" / "0")
+
+
+def test_a_prompt_completion_file_trains_on_the_completions(data_dir, tmp_path):
+    """`data.name=jsonl:FILE` of prompt/completion rows: the tokenizer is
+    trained on the file, the loss counts each completion's tokens and its eos
+    (eval count = their number over the validation rows), and the run's sample
+    answers the first validation prompt."""
+    from fmjax.data.tokenizer import load_tokenizer
+
+    rows = [
+        {
+            "prompt": f"Q: {a} plus {a + 3} is?\nA:",
+            "completion": f" {2 * a + 3}",
+            "split": "train" if a < 48 else "validation",
+        }
+        for a in range(60)
+    ]
+    path = tmp_path / "sums.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    overrides = tiny_overrides(
+        data_dir,
+        **{
+            "data.name": f"jsonl:{path}",
+            "data.vocab_size": 300,
+            "model.vocab_size": 300,
+            "data.seq_len": 32,
+            "train.steps": 2,
+            "train.eval_batches": 100,
+        },
+    )
+    workdir = str(tmp_path / "run")
+    summary = train(load_config("configs/gpt_lm.py:tiny", overrides), workdir)
+    tok = load_tokenizer(workdir)
+    held_out = [r for r in rows if r["split"] == "validation"]
+    want = sum(len(tok.encode(r["completion"])) + 1 for r in held_out)
+    assert summary["eval"]["count"] == want
+    assert summary["sample"]["prompt"] == held_out[0]["prompt"]

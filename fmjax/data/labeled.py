@@ -94,7 +94,7 @@ class LabeledSource(Sequence):
 # --- user files -----------------------------------------------------------------
 
 
-def _file_of(name: str) -> tuple[str, str] | None:
+def file_of(name: str) -> tuple[str, str] | None:
     """'csv:PATH' -> ('csv', PATH); None for a TFDS name."""
     kind, sep, path = name.partition(":")
     if sep and kind in FILE_KINDS:
@@ -102,7 +102,7 @@ def _file_of(name: str) -> tuple[str, str] | None:
     return None
 
 
-def _read_rows(kind: str, path: str) -> list[dict[str, Any]]:
+def read_rows(kind: str, path: str) -> list[dict[str, Any]]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{kind} dataset file {path!r} does not exist")
     if kind == "csv":
@@ -181,7 +181,7 @@ def _parse_file(
     `stamp` (mtime, size) makes an edited file parse again.
     """
     del stamp
-    rows = _read_rows(kind, path)
+    rows = read_rows(kind, path)
     if not rows:
         raise ValueError(f"{kind} dataset file {path} has no rows")
     needed = (*text_fields, label_field)
@@ -223,7 +223,7 @@ def _file_rows(kind, path, text_fields, label_field, label_names):
     )
 
 
-def _file_split(
+def file_split(
     rows: Sequence[dict[str, Any]],
     split: str,
     path: str,
@@ -295,11 +295,11 @@ def load_labeled_source(
         text_fields = (text_fields,)
     if not 1 <= len(text_fields) <= 2:
         raise ValueError(f"text_fields={text_fields}; expected one or two fields")
-    file = _file_of(name)
+    file = file_of(name)
     if file is not None:
         kind, path = file
         rows, names = _file_rows(kind, path, text_fields, label_field, label_names)
-        records = _file_split(rows, split, path, validation_fraction, seed)
+        records = file_split(rows, split, path, validation_fraction, seed)
         return LabeledSource(
             records,
             label_names=names,
@@ -334,7 +334,7 @@ def split_names(
 ) -> list[str]:
     """The splits `name` has: a file's split column values (or train and
     validation for a file without one), or the TFDS dataset's splits."""
-    file = _file_of(name)
+    file = file_of(name)
     if file is None:
         return sorted(sources.dataset_info(name, data_dir).splits)
     kind, path = file
@@ -353,7 +353,7 @@ def label_names(
     data_dir: str | os.PathLike | None = None,
 ) -> list[str]:
     """The class names of `name`, in id order (`num_classes = len(...)`)."""
-    file = _file_of(name)
+    file = file_of(name)
     if file is not None:
         kind, path = file
         text_fields = (text_fields,) if isinstance(text_fields, str) else text_fields

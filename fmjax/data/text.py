@@ -4,6 +4,9 @@ Each batch is a dict of int32 arrays of shape [batch_size, seq_len]:
   tokens       packed token ids, 0 (pad) where a row is empty
   segment_ids  1, 2, 3, ... for the pieces packed in a row, 0 for padding
   positions    0..n-1 restarting in every segment, 0 for padding
+  loss_mask    1 where a token is one a causal model learns to predict: every
+               token of a document; of a prompt-completion record
+               (`fmjax.data.documents`) the completion and its eos only
 
 The iterator is a `grain.DatasetIterator`: `get_state()` is a small JSON-able
 dict and `set_state(state)` resumes exactly where it was taken; a run's
@@ -23,7 +26,9 @@ from fmjax.data.tokenizer import Tokenizer
 
 Objective = Literal["causal", "mlm"]
 OBJECTIVES = ("causal", "mlm")
-BATCH_KEYS = ("tokens", "segment_ids", "positions")
+BATCH_KEYS = ("tokens", "segment_ids", "positions", "loss_mask")
+# A record with these fields is a prompt and its completion (fmjax.data.documents).
+PROMPT_KEY, COMPLETION_KEY = "prompt", "completion"
 
 
 def document_chunks(
@@ -59,16 +64,50 @@ def document_chunks(
     raise ValueError(f"objective={objective!r}; expected one of {OBJECTIVES}")
 
 
+def completion_chunk(
+    prompt: Sequence[int],
+    completion: Sequence[int],
+    *,
+    seq_len: int,
+    bos_id: int,
+    eos_id: int,
+) -> dict[str, np.ndarray]:
+    """`[bos] + prompt + completion + [eos]` as one segment, with loss_mask 1 on
+    the completion and eos. Too long for `seq_len`, the prompt loses its first
+    tokens (the bos stays); a completion that alone does not fit is cut at its
+    end (and has no eos)."""
+    room = seq_len - 2 - len(completion)
+    if room < 0:
+        prompt, completion, end = [], list(completion)[: seq_len - 1], []
+    else:
+        keep = min(room, len(prompt))  # the prompt's last `keep` tokens
+        prompt, end = list(prompt)[len(prompt) - keep :], [eos_id]
+    tokens = np.asarray([bos_id, *prompt, *completion, *end], np.int32)
+    loss_mask = np.zeros_like(tokens)
+    loss_mask[1 + len(prompt) :] = 1
+    return {"tokens": tokens, "loss_mask": loss_mask}
+
+
 class _Tokenize(grain.transforms.Map):
+    """A record's token ids: its text's, or (prompt ids, completion ids)."""
+
     def __init__(self, tokenizer: Tokenizer, text_key: str):
         self._tokenizer = tokenizer
         self._text_key = text_key
 
-    def map(self, record: Any) -> np.ndarray:
-        text = record[self._text_key] if isinstance(record, dict) else record
+    def _encode(self, text) -> np.ndarray:
         if isinstance(text, bytes):
             text = text.decode("utf-8", errors="replace")
         return np.asarray(self._tokenizer.encode(text), dtype=np.int32)
+
+    def map(self, record: Any):
+        if not isinstance(record, dict):
+            return self._encode(record)
+        if COMPLETION_KEY in record and self._text_key not in record:
+            return self._encode(record[PROMPT_KEY]), self._encode(
+                record[COMPLETION_KEY]
+            )
+        return self._encode(record[self._text_key])
 
 
 class _Chunk(grain.experimental.FlatMapTransform):
@@ -79,8 +118,16 @@ class _Chunk(grain.experimental.FlatMapTransform):
             seq_len=seq_len, bos_id=bos_id, eos_id=eos_id, objective=objective
         )
 
-    def flat_map(self, ids_L: np.ndarray) -> list[dict[str, np.ndarray]]:
-        return [{"tokens": c} for c in document_chunks(ids_L, **self._kwargs)]
+    def flat_map(self, ids) -> list[dict[str, np.ndarray]]:
+        if isinstance(ids, tuple):  # (prompt, completion)
+            if self._kwargs["objective"] == "causal":
+                kwargs = {k: v for k, v in self._kwargs.items() if k != "objective"}
+                return [completion_chunk(*ids, **kwargs)]
+            ids = np.concatenate(ids)  # mlm reads the whole text
+        return [
+            {"tokens": c, "loss_mask": np.ones_like(c)}
+            for c in document_chunks(ids, **self._kwargs)
+        ]
 
 
 class _ToBatch(grain.transforms.Map):
@@ -94,6 +141,7 @@ class _ToBatch(grain.transforms.Map):
             "tokens": packed["tokens"],
             "segment_ids": packed["tokens_segment_ids"],
             "positions": packed["tokens_positions"],
+            "loss_mask": packed["loss_mask"],
         }
         out = {}
         for key, x_BL in batch.items():
@@ -170,7 +218,7 @@ def make_text_iterator(
     )
     rows = grain.experimental.FirstFitPackIterDataset(
         chunks,
-        length_struct={"tokens": seq_len},
+        length_struct={"tokens": seq_len, "loss_mask": seq_len},
         num_packing_bins=num_packing_bins or 4 * batch_size,
         seed=seed,
         shuffle_bins=shuffle,

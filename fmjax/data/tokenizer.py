@@ -284,14 +284,23 @@ def tokenizer_for(
 ) -> SentencePieceTokenizer:
     """The SentencePiece model of a dataset's train split, trained once.
 
-    Cached at `<data_dir>/<dataset_name>/spm_<vocab_size>.model`.
+    Cached at `<data_dir>/<dataset_name>/spm_<vocab_size>.model` (a user's
+    `jsonl:FILE`: under a name derived from the file, `documents.cache_name`).
     """
-    from fmjax.data import sources
+    from fmjax.data import documents, sources
 
     data_dir = os.fspath(data_dir) if data_dir else sources.default_data_dir()
-    path = os.path.join(data_dir, dataset_name, f"spm_{vocab_size}.model")
+    user_file = documents.is_user_file(dataset_name)
+    folder = documents.cache_name(dataset_name) if user_file else dataset_name
+    path = os.path.join(data_dir, folder, f"spm_{vocab_size}.model")
     if os.path.isfile(path):
         return SentencePieceTokenizer(path)
+    if user_file:
+        rows = documents.load_documents(dataset_name, "train", text_key)
+        # A small file may support fewer pieces than asked for.
+        return train_sentencepiece(
+            documents.texts_of(rows, text_key), vocab_size, path, hard_vocab_limit=False
+        )
     source = sources.load_source(dataset_name, "train", data_dir)
     if len(source) and text_key not in source[0]:
         raise KeyError(

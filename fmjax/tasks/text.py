@@ -19,7 +19,7 @@ import numpy as np
 
 from fmjax import objectives
 from fmjax.config import ConfigError
-from fmjax.data import sources
+from fmjax.data import documents, sources
 from fmjax.data import text as text_data
 from fmjax.data.sharded import ShardedIterator
 from fmjax.data.tokenizer import tokenizer_for
@@ -130,7 +130,8 @@ class TextTask(Task):
             validate_data_shards(config)
             data_dir = config.data.data_dir or sources.default_data_dir()
             try:
-                sources.check_dataset(config.data.name, data_dir)
+                if not documents.is_user_file(config.data.name):
+                    sources.check_dataset(config.data.name, data_dir)
             except sources.DatasetNotFoundError as e:
                 raise ConfigError(f"data.name={config.data.name!r}: {e}") from None
             if tokenizer is None:
@@ -166,8 +167,16 @@ class TextTask(Task):
 
     def _source(self, split: str):
         try:
+            if documents.is_user_file(self.data_name):
+                text_key = self.config.data.text_key
+                return documents.load_documents(self.data_name, split, text_key)
             return sources.load_source(self.data_name, split, self.data_dir)
-        except (sources.DatasetNotFoundError, ValueError, KeyError) as e:
+        except (
+            sources.DatasetNotFoundError,
+            FileNotFoundError,
+            ValueError,
+            KeyError,
+        ) as e:
             raise ConfigError(
                 f"data split {split!r} of {self.data_name!r}: {e}"
             ) from None
@@ -216,7 +225,8 @@ class TextTask(Task):
 
     def sample(self, context) -> dict:
         """A decoder's greedy continuation of the opening words of the first
-        held-out document (one process only: it reads the params on the host)."""
+        held-out document, or of its prompt (one process only: it reads the
+        params on the host)."""
         if self.objective != "causal" or jax.process_count() > 1:
             return {}
         from fmjax.inference.generate import Generator
@@ -224,11 +234,14 @@ class TextTask(Task):
         source = self._source(self.eval_split)
         if not len(source):
             return {}
-        text = source[0][self.config.data.text_key]
-        if isinstance(text, bytes):
-            text = text.decode("utf-8", errors="replace")
-        words = text.split()
-        prompt = " ".join(words[:SAMPLE_PROMPT_WORDS])
+        record, text_key = source[0], self.config.data.text_key
+        if documents.COMPLETION_KEY in record and text_key not in record:
+            prompt = record[documents.PROMPT_KEY]  # what the model learns to answer
+        else:
+            text = record[text_key]
+            if isinstance(text, bytes):
+                text = text.decode("utf-8", errors="replace")
+            prompt = " ".join(text.split()[:SAMPLE_PROMPT_WORDS])
         params, kwargs = self.adaptation.merged(context.params, context.frozen)
         cfg = self.model_config
         max_len = cfg.max_len if cfg.position == "learned" else None
@@ -281,7 +294,9 @@ class TextTask(Task):
             if objective == "mlm":
                 _, sums = objectives.mlm_loss(out["logits"], targets, weights)
             else:
-                _, sums = objectives.next_token_loss(out["logits"], tokens, segment_ids)
+                _, sums = objectives.next_token_loss(
+                    out["logits"], tokens, segment_ids, batch.get("loss_mask")
+                )
             return sums
 
         return loss_fn
