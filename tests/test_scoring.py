@@ -102,8 +102,7 @@ def jax_log_softmax(logits):
 
 @pytest.mark.parametrize(
     "name, adapter, rows, width",
-    [
-        ("learned", "none", 4, 64),
+    [  # without adapters: tests/test_lm_eval.py's parity with HF
         ("learned", "prompt", 2, 16),  # several rows and calls
         ("rope_gqa", "prefix", 4, 64),
     ],

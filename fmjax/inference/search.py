@@ -22,7 +22,7 @@ import functools
 import json
 import os
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -194,6 +194,8 @@ class Index:
     ids: list[str]
     texts: list[str]
     encoder: str = ""
+    # The loaded encoder (`load_encoder` reads `encoder` when it is None).
+    encoder_model: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         count = len(self.embeddings_ND)
@@ -215,17 +217,16 @@ class Index:
         """Embeds each passage's "text" with `encoder` (an `fmjax.api.Model`)."""
         from tqdm.auto import tqdm
 
+        if not passages:
+            raise RequestError("no passages to index")
         texts = [p["text"] for p in passages]
         blocks = []
         starts = range(0, len(texts), batch_size)
         for start in tqdm(starts, desc="embed", unit="batch", disable=not progress):
             blocks.append(encoder.embed(texts[start : start + batch_size], batch_size))
-        embeddings_ND = unit_rows(np.concatenate(blocks)) if blocks else None
-        if embeddings_ND is None:
-            raise RequestError("no passages to index")
         ids = [str(p["id"]) for p in passages]
-        index = cls(embeddings_ND, ids, texts, encoder_path)
-        index._encoder = encoder
+        index = cls(unit_rows(np.concatenate(blocks)), ids, texts, encoder_path)
+        index.encoder_model = encoder
         return index
 
     @functools.cached_property
@@ -252,15 +253,15 @@ class Index:
         return self.search(unit_rows(encoder.embed(list(queries))), k)
 
     def load_encoder(self):
-        if getattr(self, "_encoder", None) is None:
+        if self.encoder_model is None:
             import fmjax
 
             if not self.encoder:
                 raise RequestError(
                     "this index records no encoder: pass encoder= (an fmjax model)"
                 )
-            self._encoder = fmjax.load(self.encoder)
-        return self._encoder
+            self.encoder_model = fmjax.load(self.encoder)
+        return self.encoder_model
 
     def save(self, directory: str) -> str:
         from safetensors.numpy import save_file
