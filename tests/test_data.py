@@ -360,3 +360,24 @@ def test_eval_covers_every_chunk_once(tok, valid_source, objective):
         valid_source, tok, seq_len=SEQ_LEN, batch_size=BATCH, objective=objective
     )
     np.testing.assert_array_equal(next(again)["tokens"], batches[0]["tokens"])
+
+
+def test_a_char_tokenizer_keeps_digits_apart(tmp_path):
+    """data.tokenizer=char on a user's file: one piece per character, cached
+    beside (not instead of) the default unigram model."""
+    path = tmp_path / "sums.jsonl"
+    rows = [
+        {"prompt": f"{a} + {a + 7} =", "completion": f" {2 * a + 7}"}
+        for a in range(200)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    name = f"jsonl:{path}"
+    char = tokenizer_lib.tokenizer_for(name, 400, tmp_path, model_type="char")
+    pieces = [char.decode([i]) for i in char.encode("1234+56")]
+    assert pieces == ["", *"1234+56"]  # the word-start piece, then each character
+    assert os.path.basename(char.path) == "spm_char_400.model"
+    unigram = tokenizer_lib.tokenizer_for(name, 400, tmp_path)
+    assert os.path.basename(unigram.path) == "spm_400.model"
+    assert len(unigram.encode("1234+56")) < 7  # pieces of several characters
+    with pytest.raises(ValueError, match="model_type='chars'; expected one of"):
+        tokenizer_lib.tokenizer_for(name, 400, tmp_path, model_type="chars")

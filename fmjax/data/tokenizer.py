@@ -281,25 +281,35 @@ def tokenizer_for(
     data_dir: str | os.PathLike | None = None,
     *,
     text_key: str = "text",
+    model_type: str = "unigram",
 ) -> SentencePieceTokenizer:
-    """The SentencePiece model of a dataset's train split, trained once.
+    """The SentencePiece model of a dataset's train split, trained once;
+    `model_type` "char" gives one piece per character (digits stay digits).
 
-    Cached at `<data_dir>/<dataset_name>/spm_<vocab_size>.model` (a user's
-    `jsonl:FILE`: under a name derived from the file, `documents.cache_name`).
+    Cached at `<data_dir>/<dataset_name>/spm_<vocab_size>.model` (other model
+    types: `spm_<type>_<vocab_size>.model`; a user's `jsonl:FILE`: under a name
+    derived from the file, `documents.cache_name`).
     """
     from fmjax.data import documents, sources
 
     data_dir = os.fspath(data_dir) if data_dir else sources.default_data_dir()
     user_file = documents.is_user_file(dataset_name)
     folder = documents.cache_name(dataset_name) if user_file else dataset_name
-    path = os.path.join(data_dir, folder, f"spm_{vocab_size}.model")
+    if model_type not in _MODEL_TYPES:
+        raise ValueError(f"model_type={model_type!r}; expected one of {_MODEL_TYPES}")
+    kind = "" if model_type == "unigram" else f"{model_type}_"
+    path = os.path.join(data_dir, folder, f"spm_{kind}{vocab_size}.model")
     if os.path.isfile(path):
         return SentencePieceTokenizer(path)
     if user_file:
         rows = documents.load_documents(dataset_name, "train", text_key)
         # A small file may support fewer pieces than asked for.
         return train_sentencepiece(
-            documents.texts_of(rows, text_key), vocab_size, path, hard_vocab_limit=False
+            documents.texts_of(rows, text_key),
+            vocab_size,
+            path,
+            model_type,
+            hard_vocab_limit=False,
         )
     source = sources.load_source(dataset_name, "train", data_dir)
     if len(source) and text_key not in source[0]:
@@ -308,4 +318,6 @@ def tokenizer_for(
             f"features: {sorted(source[0])}"
         )
     texts = (source[i][text_key] for i in range(len(source)))
-    return train_sentencepiece(texts, vocab_size, path)
+    return train_sentencepiece(
+        texts, vocab_size, path, model_type, hard_vocab_limit=model_type != "char"
+    )

@@ -51,13 +51,17 @@ class TokenIds:
         )
 
 
-def _prepare(name: str, vocab_size: int, data_dir: str):
+def _prepare(name: str, vocab_size: int, data_dir: str, model_type: str, text_key):
     if name in sources.SHIPPED:
         sources.prepare(name, data_dir)
     try:
-        return tokenizer_for(name, vocab_size, data_dir)
+        return tokenizer_for(
+            name, vocab_size, data_dir, text_key=text_key, model_type=model_type
+        )
     except ValueError as e:
-        raise ConfigError(f"data.vocab_size={vocab_size}: {e}") from None
+        raise ConfigError(
+            f"data.vocab_size={vocab_size}, data.tokenizer={model_type!r}: {e}"
+        ) from None
 
 
 # What the end of a causal run shows: the first words of a held-out document
@@ -143,8 +147,10 @@ class TextTask(Task):
                         f"vocab_size={config.data.vocab_size} (or larger)"
                     )
                 name, vocab = config.data.name, config.data.vocab_size
+                model_type = config.data.get("tokenizer", "unigram")
+                text_key = config.data.text_key
                 tokenizer = on_process_zero_first(
-                    lambda: _prepare(name, vocab, data_dir)
+                    lambda: _prepare(name, vocab, data_dir, model_type, text_key)
                 )
             elif config.data.name in sources.SHIPPED:
                 name = config.data.name
