@@ -38,21 +38,11 @@ TOKENIZER_TEXTS = TEXTS + ["", "x" * 300, "don't stop-believing; e-mail a.b@c.co
 
 def _train_tokenizer() -> tokenizers.Tokenizer:
     """A GPT-2-style byte-level BPE (no prefix space) trained on the repo's docs."""
-    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+    from fmjax.bench_eval import train_bpe
 
-    backend = tokenizers.Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE - 1,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
     docs = sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))
     texts = [open(p, encoding="utf-8").read() for p in docs]
-    backend.train_from_iterator(texts, trainer)
-    backend.add_special_tokens([END_OF_TEXT])
+    backend = train_bpe(texts, VOCAB_SIZE)
     assert backend.get_vocab_size() == VOCAB_SIZE
     return backend
 

@@ -219,11 +219,23 @@ def test_bad_requests_name_the_value(fm, tmp_path, capsys):  # noqa: F811
     assert "--num-fewshot 'a'" in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def facts_index(tiny_bert_dir, tmp_path_factory):
+    """`fmjax embed` of three facts with the tiny BERT: the index directory."""
+    folder = tmp_path_factory.mktemp("facts")
+    facts = ["Ada lives in Oslo.", "Bo plays the violin.", "Cy was born in 1970."]
+    lines = folder / "facts.txt"
+    lines.write_text("\n".join(facts) + "\n")
+    index_dir = str(folder / "index")
+    embed = ["embed", "--workdir", str(tiny_bert_dir), "--input", str(lines)]
+    assert cli.main([*embed, "--output", index_dir]) == 0
+    return index_dir
+
+
 def test_generate_retrieve_sends_the_top_passages_first(
     fm,  # noqa: F811
     exported,  # noqa: F811
-    tiny_bert_dir,
-    tmp_path,
+    facts_index,
     capsys,
 ):
     """`fmjax generate --retrieve INDEX -k 2`: the prompt sent is the two passages
@@ -231,18 +243,12 @@ def test_generate_retrieve_sends_the_top_passages_first(
     prints it and the completion is the decoder's own on that prompt."""
     from fmjax.inference.search import Index
 
-    facts = ["Ada lives in Oslo.", "Bo plays the violin.", "Cy was born in 1970."]
-    lines = tmp_path / "facts.txt"
-    lines.write_text("\n".join(facts) + "\n")
-    index_dir = str(tmp_path / "index")
-    embed = ["embed", "--workdir", str(tiny_bert_dir), "--input", str(lines)]
-    assert cli.main([*embed, "--output", index_dir]) == 0
     prompt = "Question: where does Ada live?\nAnswer:"
-    hits = Index.load(index_dir).search_texts(prompt, 2)
+    hits = Index.load(facts_index).search_texts(prompt, 2)
     sent = f"{hits[0].text}\n{hits[1].text}\n\n{prompt}"
     capsys.readouterr()
     argv = ["generate", "--workdir", exported, "--prompt", prompt, "--max-new-tokens"]
-    argv += ["4", "--retrieve", index_dir, "-k", "2", "--show-prompt", "--json"]
+    argv += ["4", "--retrieve", facts_index, "-k", "2", "--show-prompt", "--json"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"--- prompt sent to the model ---\n{sent}\n---\n")
@@ -255,7 +261,7 @@ def test_generate_retrieve_sends_the_top_passages_first(
 def test_eval_retrieve_puts_the_nearest_passages_before_each_context(
     fm,  # noqa: F811
     exported,  # noqa: F811
-    tiny_bert_dir,
+    facts_index,
     tmp_path,
     capsys,
 ):
@@ -264,17 +270,11 @@ def test_eval_retrieve_puts_the_nearest_passages_before_each_context(
     document's question, a blank line, then the context lm-eval built."""
     from fmjax.inference.search import Index, augment
 
-    facts = ["Ada lives in Oslo.", "Bo plays the violin.", "Cy was born in 1970."]
-    lines = tmp_path / "facts.txt"
-    lines.write_text("\n".join(facts) + "\n")
-    index_dir = str(tmp_path / "index")
-    embed = ["embed", "--workdir", str(tiny_bert_dir), "--input", str(lines)]
-    assert cli.main([*embed, "--output", index_dir]) == 0
     lm = FmjaxLM(fm, batch_size=4, progress=False)
-    retrieve = {"index": index_dir, "k": 2}
+    retrieve = {"index": facts_index, "k": 2}
     out = evaluate(lm, ["rt_sentiment"], 0, 3, retrieve=retrieve, log_samples=True)
     plain = evaluate(lm, ["rt_sentiment"], 0, 3, log_samples=True)
-    index = Index.load(index_dir)
+    index = Index.load(facts_index)
     for doc, bare in zip(
         out["samples"]["rt_sentiment"], plain["samples"]["rt_sentiment"], strict=True
     ):
@@ -284,6 +284,6 @@ def test_eval_retrieve_puts_the_nearest_passages_before_each_context(
             index.search_texts(question, 2)[0].text
         )
     argv = ["eval", "--workdir", exported, "--tasks", "rt_sentiment", "--limit", "2"]
-    argv += ["--retrieve", index_dir, "-k", "1", "--output", str(tmp_path / "o")]
+    argv += ["--retrieve", facts_index, "-k", "1", "--output", str(tmp_path / "o")]
     assert cli.main(argv) == 0
     assert "rt_sentiment" in capsys.readouterr().out
