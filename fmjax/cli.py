@@ -247,16 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the encoder of a task's 'similar' few-shot sampler (default: "
         "all-MiniLM-L6-v2)",
     )
-    evaluate.add_argument(
-        "--retrieve",
-        default="",
-        help="an index directory (fmjax embed): each context starts with the "
-        "passages nearest its question",
-    )
-    evaluate.add_argument("-k", type=int, default=3, help="passages to retrieve")
-    evaluate.add_argument(
-        "--rag-template", default="", help="fields {passages} and {prompt}"
-    )
+    commands.add_retrieval_arguments(evaluate, "each document's question")
     evaluate.add_argument("--json", action="store_true")
     _add_distributed_args(evaluate)
     evaluate.set_defaults(func=cmd_eval)

@@ -201,6 +201,25 @@ def cmd_search(args, overrides):
     return 0
 
 
+def add_retrieval_arguments(parser, what: str) -> None:
+    """--retrieve INDEX, -k and --rag-template: the top-k passages go in front
+    of `what` (generate's prompts, eval's contexts)."""
+    rag = parser.add_argument_group("retrieval-augmented prompts")
+    rag.add_argument(
+        "--retrieve",
+        default="",
+        help=f"an index directory (fmjax embed): put the top-k passages nearest "
+        f"{what} in front of it",
+    )
+    rag.add_argument("-k", type=int, default=3, help="passages to retrieve")
+    rag.add_argument(
+        "--rag-template",
+        default="",
+        help="how passages and prompt combine (default: passages, a blank line, "
+        "the prompt); fields {passages} and {prompt}",
+    )
+
+
 def add_generate_parser(sub) -> None:
     generate = sub.add_parser(
         "generate", help="continue prompts with a decoder (KV-cache decoding)"
@@ -226,20 +245,7 @@ def add_generate_parser(sub) -> None:
     generate.add_argument(
         "--json", action="store_true", help="print one JSON object, not text"
     )
-    rag = generate.add_argument_group("retrieval-augmented prompts")
-    rag.add_argument(
-        "--retrieve",
-        default="",
-        help="an index directory (fmjax embed): put the "
-        "top-k passages in front of each prompt",
-    )
-    rag.add_argument("-k", type=int, default=3, help="passages to retrieve")
-    rag.add_argument(
-        "--rag-template",
-        default="",
-        help="how passages and prompt combine (default: passages, a blank line, "
-        "the prompt); fields {passages} and {prompt}",
-    )
+    add_retrieval_arguments(generate, "each prompt")
     generate.add_argument(
         "--show-prompt", action="store_true", help="print the prompt actually sent"
     )
