@@ -339,9 +339,13 @@ def evaluate(
     for spec in specs:
         loaded = manager.load(spec)
         for task in loaded["tasks"].values():
-            queries = task.doc_iterator(limit=get_sample_size(task, limit))
-            queries = [doc for _, doc in queries]
-            if isinstance(getattr(task, "sampler", None), SimilarSampler):
+            similar = isinstance(getattr(task, "sampler", None), SimilarSampler)
+            if not (similar or retrieve):
+                continue
+            # The documents the run asks about, embedded up front in one go.
+            docs = task.doc_iterator(limit=get_sample_size(task, limit))
+            queries = [doc for _, doc in docs]
+            if similar:
                 bind_similar_sampler(task, fewshot_encoder, queries)
             if retrieve:
                 bind_retrieval(task, queries=queries, **retrieve)
