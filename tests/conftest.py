@@ -302,9 +302,12 @@ def _overrides(argv: list[str], tiny_bert_dir, data_dir) -> list[str]:
         return ["--data-dir", data_dir]
     elif command == "compile" or argv[:2] == ["bench", "memory"]:
         model = {k: v for k, v in TINY.items() if k.startswith("model.")}
-        values = {**model, "model.num_layers": 2, "data.seq_len": 64}
+        values = {**model, "model.num_layers": 2, "model.num_heads": 2}
+        values["data.seq_len"] = 64
         if command == "bench" and "--methods" not in argv:
             values["data.batch_size"] = 8
+        if "--methods" in argv:  # its rows are --seq-len long (512 by default)
+            argv += ["--seq-len", "64"]
     else:
         return []
     if command == "train":

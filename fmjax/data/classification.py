@@ -21,6 +21,7 @@ import grain
 import numpy as np
 
 from fmjax.data import text
+from fmjax.data.sharded import shard_read_options
 from fmjax.data.tokenizer import Tokenizer
 
 BATCH_KEYS = ("tokens", "segment_ids", "positions", "type_ids", "labels", "weights")
@@ -136,7 +137,9 @@ def make_classification_iterator(
         examples = examples.shuffle(seed=seed)
     if repeat:
         examples = examples.repeat()
-    rows = examples.map(_Encode(tokenizer, text_fields, seq_len)).to_iter_dataset()
+    rows = examples.map(_Encode(tokenizer, text_fields, seq_len)).to_iter_dataset(
+        shard_read_options(batch_size)
+    )
     batches = rows.batch(batch_size, drop_remainder=drop_remainder)
     return iter(batches.map(_PadBatch(batch_size, tokenizer.pad_id)))
 

@@ -31,6 +31,8 @@ import grain
 import numpy as np
 from PIL import Image
 
+from fmjax.data.sharded import shard_read_options
+
 BATCH_KEYS = ("images", "labels", "weights")
 
 
@@ -344,6 +346,8 @@ def make_image_iterator(
         examples = examples.shuffle(seed=seed)
     if repeat:
         examples = examples.repeat()
-    rows = examples.random_map(transform, seed=seed).to_iter_dataset()
+    rows = examples.random_map(transform, seed=seed).to_iter_dataset(
+        shard_read_options(batch_size)
+    )
     batches = rows.batch(batch_size, drop_remainder=drop_remainder)
     return iter(batches.map(_PadBatch(batch_size)))
