@@ -195,7 +195,9 @@ def base_config() -> ConfigDict:
         seq_len=128,
         batch_size=32,  # global batch, split over processes and devices
         vocab_size=8000,  # SentencePiece vocabulary trained on the train split
-        tokenizer="unigram",  # its SentencePiece model type: unigram, bpe, char, word
+        # The SentencePiece model type trained on the train split (unigram, bpe,
+        # char, word), or a tokenizer file (.model) or directory to use as is.
+        tokenizer="unigram",
         shuffle_seed=0,
         # Independent pipelines that make up the global batch (it must divide
         # batch_size). Process counts that divide it read the same global batches:

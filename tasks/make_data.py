@@ -12,6 +12,10 @@ Each goes to data/NAME_test.jsonl and data/NAME_train.jsonl (few-shot examples).
 - arithmetic: a + b for 1-3 digit numbers (seeded), 200 test / 64
   train, with `question`, `answer` and a digit-by-digit `scratchpad` (sums and
   carries, least significant digit first) ending "The answer is N.".
+- icl_heldout / icl_inweights: in-context learning probes of
+  `fmjax.data.icl.IclSpec()` (test only): 400 held-out-class queries, each
+  with its own 8 `context` examples, and the 200 most frequent trained classes,
+  each with 8 examples of other classes.
 """
 
 import json
@@ -23,7 +27,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from fmjax.data import sources  # noqa: E402
+from fmjax.data import icl, sources  # noqa: E402
 from fmjax.data.labeled import load_labeled_source  # noqa: E402
 
 
@@ -33,9 +37,9 @@ def _take(source, n, seed):
     return [source[i] for i in order[:n]]
 
 
-def _write(name, rows):
+def _write(name, rows, splits=("train", "test")):
     """data/NAME_SPLIT.jsonl for each split of `rows`."""
-    for split in ("train", "test"):
+    for split in splits:
         path = os.path.join(HERE, "data", f"{name}_{split}.jsonl")
         kept = [
             {k: v for k, v in r.items() if k != "split"}
@@ -116,6 +120,13 @@ def main():
     rows = [{"split": "test", **r} for r in arithmetic(200, seed=0)]
     rows += [{"split": "train", **r} for r in arithmetic(64, seed=1)]
     _write("arithmetic", rows)
+    # In-context learning probes of the default IclSpec (the ICL study).
+    spec = icl.IclSpec()
+    for name, docs in (
+        ("icl_heldout", icl.heldout_documents(spec, 400, seed=0)),
+        ("icl_inweights", icl.inweights_documents(spec, 200, seed=1)),
+    ):
+        _write(name, [{"split": "test", **d} for d in docs], splits=("test",))
 
 
 if __name__ == "__main__":

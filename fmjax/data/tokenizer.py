@@ -22,7 +22,7 @@ import sentencepiece as spm
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID = 0, 1, 2, 3, 4
 MASK_PIECE = "<mask>"
 MODEL_FILENAME = "tokenizer.model"
-_MODEL_TYPES = ("unigram", "bpe", "char", "word")
+MODEL_TYPES = ("unigram", "bpe", "char", "word")
 _MAX_LINE_BYTES = 1 << 16
 
 
@@ -239,8 +239,8 @@ def train_sentencepiece(
     thread, so the same texts give the same model file on any machine.
     Characters outside the vocab fall back to byte pieces, never to unk.
     """
-    if model_type not in _MODEL_TYPES:
-        raise ValueError(f"model_type={model_type!r}; expected one of {_MODEL_TYPES}")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type={model_type!r}; expected one of {MODEL_TYPES}")
     lines = _lines(texts)
     first = next(lines, None)
     if first is None:
@@ -295,8 +295,8 @@ def tokenizer_for(
     data_dir = os.fspath(data_dir) if data_dir else sources.default_data_dir()
     user_file = documents.is_user_file(dataset_name)
     folder = documents.cache_name(dataset_name) if user_file else dataset_name
-    if model_type not in _MODEL_TYPES:
-        raise ValueError(f"model_type={model_type!r}; expected one of {_MODEL_TYPES}")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type={model_type!r}; expected one of {MODEL_TYPES}")
     kind = "" if model_type == "unigram" else f"{model_type}_"
     path = os.path.join(data_dir, folder, f"spm_{kind}{vocab_size}.model")
     if os.path.isfile(path):

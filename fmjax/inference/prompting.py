@@ -28,7 +28,10 @@ leave it out of its own examples), so a task using the sampler is bound first:
 `bind_similar_sampler(task, encoder, queries)` hands the sampler the task's
 `doc_to_text` and wraps that task's `fewshot_context` to tell the sampler each
 query. `fmjax.inference.lm_eval.evaluate(..., fewshot_encoder=)` does this for
-every such task; an unbound sampler raises an error saying so.
+every such task; an unbound sampler raises an error saying so. The sampler
+"in_context" takes a document's own examples (its `context` list), for
+in-context learning probes whose label mapping is fresh in every document
+(tasks/icl_heldout.yaml).
 
 Chain of thought: the "cot" template ends the prompt with "Let's think step by
 step." (zero-shot CoT); scratchpad exemplars are few-shot examples whose target
@@ -56,7 +59,7 @@ from fmjax.inference.search import unit_rows
 
 try:
     from lm_eval.api.samplers import SAMPLER_REGISTRY, ContextSampler
-except ModuleNotFoundError:  # lm-eval is the [eval] extra; only SimilarSampler needs it
+except ModuleNotFoundError:  # lm-eval is the [eval] extra; only the samplers need it
     SAMPLER_REGISTRY, ContextSampler = None, object
 
 # --- zero-shot templates ----------------------------------------------------------
@@ -374,8 +377,41 @@ class SimilarSampler(ContextSampler):
         return text
 
 
+class InContextSampler(ContextSampler):
+    """lm-eval's few-shot sampler "in_context": a document's own examples, the
+    first n of its `context` list (dicts the task's few-shot `doc_to_text` and
+    `doc_to_target` read), shuffled by the sampler's seed. For probes whose
+    examples belong to one document, such as in-context learning with a label
+    mapping fresh in every sequence (`fmjax.data.icl`). lm-eval passes the
+    sampler its document only when the few-shot split is the test split, so
+    such a task sets `fewshot_split` to its `test_split`."""
+
+    def sample(self, n: int, eval_doc=None, df=None, **kwargs) -> list:
+        if not isinstance(n, int) or n < 0:
+            raise RequestError(f"n={n!r} few-shot examples: expected an int >= 0")
+        if n == 0:
+            return []
+        if eval_doc is None:
+            raise RequestError(
+                "the 'in_context' few-shot sampler takes each document's own "
+                "`context`: set the task's fewshot_split to its test_split, so "
+                "lm-eval passes the sampler the document"
+            )
+        context = eval_doc.get("context") if isinstance(eval_doc, Mapping) else None
+        if not isinstance(context, list) or n > len(context):
+            have = len(context) if isinstance(context, list) else "no"
+            raise RequestError(
+                f"num_fewshot={n}: this document has {have} `context` examples; "
+                "the 'in_context' sampler takes at most that many"
+            )
+        shots = list(context[:n])
+        self.rnd.shuffle(shots)
+        return shots
+
+
 if SAMPLER_REGISTRY is not None:
     SAMPLER_REGISTRY["similar"] = SimilarSampler
+    SAMPLER_REGISTRY["in_context"] = InContextSampler
 
 
 def bind_similar_sampler(task, encoder=None, queries: Iterable = ()) -> None:

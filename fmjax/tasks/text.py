@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 
 import jax
 import numpy as np
@@ -22,7 +23,12 @@ from fmjax.config import ConfigError
 from fmjax.data import documents, sources
 from fmjax.data import text as text_data
 from fmjax.data.sharded import ShardedIterator
-from fmjax.data.tokenizer import tokenizer_for
+from fmjax.data.tokenizer import (
+    MODEL_TYPES,
+    SentencePieceTokenizer,
+    load_tokenizer,
+    tokenizer_for,
+)
 from fmjax.models.registry import model_config as parse_model_config
 from fmjax.tasks import pretrained as pretrained_lib
 from fmjax.tasks.base import (
@@ -54,6 +60,8 @@ class TokenIds:
 def _prepare(name: str, vocab_size: int, data_dir: str, model_type: str, text_key):
     if name in sources.SHIPPED:
         sources.prepare(name, data_dir)
+    if model_type not in MODEL_TYPES:
+        return given_tokenizer(model_type)
     try:
         return tokenizer_for(
             name, vocab_size, data_dir, text_key=text_key, model_type=model_type
@@ -62,6 +70,29 @@ def _prepare(name: str, vocab_size: int, data_dir: str, model_type: str, text_ke
         raise ConfigError(
             f"data.vocab_size={vocab_size}, data.tokenizer={model_type!r}: {e}"
         ) from None
+
+
+def given_tokenizer(path: str):
+    """`data.tokenizer` as a path rather than a model type: a SentencePiece
+    `.model` file or a directory `load_tokenizer` reads, used as it is (one
+    vocabulary shared by several runs, or built for an experiment's symbols)."""
+    if os.path.isfile(path):
+        try:
+            return SentencePieceTokenizer(path)
+        except RuntimeError as e:
+            raise ConfigError(
+                f"data.tokenizer={path!r} is not a SentencePiece model: {e}"
+            ) from None
+    if os.path.isdir(path):
+        try:
+            return load_tokenizer(path)
+        except FileNotFoundError as e:
+            raise ConfigError(f"data.tokenizer={path!r}: {e}") from None
+    raise ConfigError(
+        f"data.tokenizer={path!r}: expected a SentencePiece model type "
+        f"({', '.join(MODEL_TYPES)}) to train on the data, or the path of a "
+        "tokenizer file (.model) or directory; no such file or directory"
+    )
 
 
 # What the end of a causal run shows: the first words of a held-out document
@@ -138,8 +169,10 @@ class TextTask(Task):
                     sources.check_dataset(config.data.name, data_dir)
             except sources.DatasetNotFoundError as e:
                 raise ConfigError(f"data.name={config.data.name!r}: {e}") from None
+            model_type = config.data.get("tokenizer", "unigram")
             if tokenizer is None:
-                if config.data.vocab_size > model_config.vocab_size:
+                trained = model_type in MODEL_TYPES  # else a given tokenizer
+                if trained and config.data.vocab_size > model_config.vocab_size:
                     raise ConfigError(
                         "vocabulary/model size mismatch: data.vocab_size="
                         f"{config.data.vocab_size} tokens but model.vocab_size="
@@ -147,7 +180,6 @@ class TextTask(Task):
                         f"vocab_size={config.data.vocab_size} (or larger)"
                     )
                 name, vocab = config.data.name, config.data.vocab_size
-                model_type = config.data.get("tokenizer", "unigram")
                 text_key = config.data.text_key
                 tokenizer = on_process_zero_first(
                     lambda: _prepare(name, vocab, data_dir, model_type, text_key)

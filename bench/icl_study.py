@@ -1,0 +1,348 @@
+"""When does in-context learning emerge from the data? (docs/icl.md)
+
+A token version of Chan et al. 2022 (fmjax.data.icl): small decoders
+(`configs/gpt_lm.py:tiny` at three widths) learn to label items from
+sequences of (item, label) pairs, the loss on the query's label only
+(prompt/completion rows, `data.name=jsonl:FILE`, `data.tokenizer` the word
+model in which every item and label is one token). Every evaluation is
+`fmjax eval --tasks` on the shipped lm-eval tasks:
+
+- tasks/icl_heldout.yaml: classes never trained on, labels fresh in every
+  sequence, k = 0, 1, 2, 4, 8 of the document's own examples in context;
+  accuracy above 1/32 is in-context learning;
+- tasks/icl_inweights.yaml: the 200 most frequent trained classes, with no
+  context (k = 0) and with 8 examples of other classes (k = 8, Chan et al.'s
+  measure: a training-like context that never shows the query's class);
+  accuracy above 1/32 is in-weights learning.
+
+Conditions vary one thing from the base (bursty p = 0.9, Zipf exponent 1,
+width 64): p in {0, 0.5, 0.9, 1}, Zipf in {0, 1, 2}, width in {32, 64, 128}
+(2 layers: 25k to 390k non-embedding parameters). The base condition is
+also evaluated along training (constant learning rate after warmup, so a run
+stopped and resumed at each point is the same run), which dates the step at
+which in-context learning appears.
+
+    python bench/icl_study.py                 # every run, then the report
+    python bench/icl_study.py --report-only   # report from finished runs
+    python bench/icl_study.py --steps 300 --seeds 0 --out /tmp/icl  # smoke run
+
+Finished runs and evaluations are skipped. Writes docs/icl.md (between the
+RESULTS markers), docs/icl.json and docs/icl.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from fmjax.data import icl  # noqa: E402
+
+BEGIN, END = "<!-- RESULTS BEGIN -->", "<!-- RESULTS END -->"
+SHOTS = (0, 1, 2, 4, 8)
+TASKS = {
+    "heldout": os.path.join(REPO, "tasks", "icl_heldout.yaml"),
+    "inweights": os.path.join(REPO, "tasks", "icl_inweights.yaml"),
+}
+BASE = {"bursty": 0.9, "zipf": 1.0, "width": 64}
+SWEEPS = {
+    "bursty": (0.0, 0.5, 0.9, 1.0),
+    "zipf": (0.0, 1.0, 2.0),
+    "width": (32, 64, 128),
+}
+
+
+def conditions() -> list[dict]:
+    """The base and each one-factor change from it, each once."""
+    out = [dict(BASE)]
+    for key, values in SWEEPS.items():
+        for value in values:
+            condition = {**BASE, key: value}
+            if condition not in out:
+                out.append(condition)
+    return out
+
+
+def name_of(condition: dict) -> str:
+    return "p{bursty:g}_zipf{zipf:g}_d{width}".format(**condition)
+
+
+def spec_of(condition: dict) -> icl.IclSpec:
+    return icl.IclSpec(bursty=condition["bursty"], zipf=condition["zipf"])
+
+
+def non_embedding_params(width: int, layers: int = 2) -> int:
+    """Attention (4 d^2 + biases) and MLP (2 * 4 d^2 + biases) per layer, with
+    its two layer norms; the tiny config's head_dim * heads = width."""
+    per_layer = 4 * width * width + 4 * width + 8 * width * width + 5 * width
+    return layers * (per_layer + 4 * width) + 2 * width
+
+
+def write_data(args) -> dict:
+    """A training file per data condition, and the shared tokenizer."""
+    folder = os.path.join(args.out, "data")
+    os.makedirs(folder, exist_ok=True)
+    tokenizer = os.path.join(folder, "icl_word.model")
+    if not os.path.exists(tokenizer):
+        icl.write_tokenizer(icl.IclSpec(), tokenizer)
+    files = {}
+    for condition in conditions():
+        spec = spec_of(condition)
+        path = os.path.join(folder, f"p{spec.bursty:g}_zipf{spec.zipf:g}.jsonl")
+        if path not in files.values() and not os.path.exists(path):
+            icl.write_training_file(spec, path, args.sequences, seed=1, n_val=2000)
+        files[name_of(condition)] = path
+    return {"tokenizer": tokenizer, "train": files}
+
+
+def run(argv: list[str], log: str) -> None:
+    command = [sys.executable, "-m", "fmjax.cli", *argv]
+    print("$", shlex.join(command), flush=True)
+    with open(log, "a") as f:
+        subprocess.run(
+            command, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=REPO
+        )
+
+
+def train(args, data, condition, seed: int, steps: int) -> str:
+    """Trains (or resumes) a run to `steps`; its workdir."""
+    name = name_of(condition)
+    workdir = os.path.join(args.out, "runs", f"{name}_seed{seed}")
+    done = os.path.join(workdir, "summary.json")
+    if os.path.exists(done) and json.load(open(done)).get("steps") == steps:
+        return workdir
+    width = condition["width"]
+    start = time.time()
+    run(
+        [
+            "train", "--config", "configs/gpt_lm.py:tiny", "--workdir", workdir,
+            f"--config.data.name=jsonl:{data['train'][name]}",
+            f"--config.data.tokenizer={data['tokenizer']}",
+            "--config.model.vocab_size=1408",
+            f"--config.model.d_model={width}",
+            f"--config.model.head_dim={width // 2}",
+            f"--config.model.mlp_dim={4 * width}",
+            f"--config.data.seq_len={args.seq_len}",
+            f"--config.data.batch_size={args.batch_size}",
+            "--config.optimizer.schedule=constant",
+            f"--config.optimizer.learning_rate={args.learning_rate}",
+            f"--config.train.steps={steps}",
+            f"--config.train.eval_every={steps}",
+            "--config.train.eval_batches=10",
+            f"--config.checkpoint.every={steps}",
+            f"--config.train.seed={seed}",
+            "--config.train.progress=False",
+            "--config.mesh.num_devices=1",
+        ],
+        os.path.join(args.out, f"{name}_seed{seed}.log"),
+    )  # fmt: skip
+    print(f"  {name} seed {seed}: step {steps} in {time.time() - start:.0f} s")
+    return workdir
+
+
+INWEIGHTS_SHOTS = (0, 8)
+
+
+def evaluate(args, workdir: str, steps: int) -> dict:
+    """{task: {k: accuracy}} of the run at `steps` (its latest export)."""
+    table = {}
+    for task, shots in (("heldout", SHOTS), ("inweights", INWEIGHTS_SHOTS)):
+        output = os.path.join(workdir, "icl_eval", f"step{steps}", task)
+        results = os.path.join(output, "results.json")
+        if not os.path.exists(results):
+            run(
+                [
+                    "eval", "--workdir", workdir, "--tasks", TASKS[task],
+                    "--num-fewshot", ",".join(map(str, shots)),
+                    "--output", output, "--batch-size", "64", "--json",
+                ],
+                os.path.join(workdir, "eval.log"),
+            )  # fmt: skip
+        with open(results) as f:
+            by_shots = json.load(f)
+        table[task] = {
+            k: by_shots[str(k)]["results"][f"icl_{task}"]["acc,none"] for k in shots
+        }
+    return table
+
+
+def study(args) -> dict:
+    data = write_data(args)
+    results = {"final": {}, "curve": {}}
+    for condition in conditions():
+        name = name_of(condition)
+        for seed in args.seeds:
+            if condition == BASE:  # evaluated along training, resumed each time
+                for steps in args.curve:
+                    workdir = train(args, data, condition, seed, steps)
+                    results["curve"].setdefault(str(seed), {})[steps] = evaluate(
+                        args, workdir, steps
+                    )
+            workdir = train(args, data, condition, seed, args.steps)
+            results["final"].setdefault(name, {})[str(seed)] = evaluate(
+                args, workdir, args.steps
+            )
+    return results
+
+
+def _mean_std(values) -> str:
+    return f"{np.mean(values):.2f} ± {np.std(values):.2f}"
+
+
+def report(args, results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chance = 1 / icl.IclSpec().num_labels
+    seeds = [str(s) for s in args.seeds]
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    for ax, key in zip(axes[:3], SWEEPS, strict=True):
+        for value in SWEEPS[key]:
+            name = name_of({**BASE, key: value})
+            runs = results["final"][name]
+            curve = [np.mean([runs[s]["heldout"][k] for s in seeds]) for k in SHOTS]
+            ax.plot(SHOTS, curve, marker="o", label=f"{key} = {value:g}")
+        ax.axhline(chance, color="gray", ls=":", label="chance (1/32)")
+        ax.set_xlabel("examples in context (k)")
+        ax.set_ylabel("held-out accuracy")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"varying {key}")
+        ax.legend(fontsize=8)
+    ax = axes[3]
+    for seed in seeds:
+        curve = results["curve"][seed]
+        steps = sorted(curve, key=int)
+        ax.plot(
+            [int(s) for s in steps],
+            [curve[s]["heldout"][8] for s in steps],
+            marker="o",
+            label=f"held-out, 8 shots, seed {seed}",
+        )
+        ax.plot(
+            [int(s) for s in steps],
+            [curve[s]["inweights"][8] for s in steps],
+            marker="x",
+            ls="--",
+            label=f"in-weights, seed {seed}",
+        )
+    ax.axhline(chance, color="gray", ls=":")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("base condition over training")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.docs, "icl.png"), dpi=110)
+
+    header = "| condition | non-emb. params | " + " | ".join(
+        f"held-out k={k}" for k in SHOTS
+    )
+    header += " | in-weights k=0 | in-weights k=8"
+    rows = [header + " |", "|---|---:|" + "---:|" * 7]
+    for condition in conditions():
+        name = name_of(condition)
+        runs = results["final"][name]
+        cells = [_mean_std([runs[s]["heldout"][k] for s in seeds]) for k in SHOTS]
+        cells += [
+            _mean_std([runs[s]["inweights"][k] for s in seeds]) for k in INWEIGHTS_SHOTS
+        ]
+        params = non_embedding_params(condition["width"])
+        label = (
+            f"p={condition['bursty']:g}, zipf={condition['zipf']:g}, "
+            f"d={condition['width']}"
+        )
+        rows.append(f"| {label} | {params:,} | " + " | ".join(cells) + " |")
+    curve_rows = ["| step | held-out, k=8 | held-out, k=2 | in-weights, k=8 |"]
+    curve_rows.append("|---:|---:|---:|---:|")
+    for steps in args.curve:
+        at = [results["curve"][s][steps] for s in seeds]
+        curve_rows.append(
+            f"| {steps} | {_mean_std([r['heldout'][8] for r in at])} | "
+            f"{_mean_std([r['heldout'][2] for r in at])} | "
+            f"{_mean_std([r['inweights'][8] for r in at])} |"
+        )
+    settings = (
+        f"`python bench/icl_study.py --steps {args.steps} --seeds "
+        f"{' '.join(seeds)}` ({args.sequences:,} training sequences per data "
+        f"condition, batch {args.batch_size} rows of {args.seq_len} tokens, "
+        f"learning rate {args.learning_rate:g}; accuracy over 400 held-out and 200 "
+        f"in-weights documents, mean ± std over seeds {', '.join(seeds)}; "
+        f"chance {chance:.3f})"
+    )
+    body = (
+        f"{settings}\n\n" + "\n".join(rows) + "\n\nThe base condition along "
+        "training (the same runs, evaluated as they went):\n\n"
+        + "\n".join(curve_rows)
+        + "\n\n![in-context learning](icl.png)\n"
+    )
+    with open(os.path.join(args.docs, "icl.json"), "w") as f:
+        json.dump({"args": vars(args), "results": results}, f, indent=1)
+    doc = os.path.join(args.docs, "icl.md")
+    text = (
+        open(doc).read()
+        if os.path.exists(doc)
+        else f"# In-context learning\n\n{BEGIN}\n{END}\n"
+    )
+    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    with open(doc, "w") as f:
+        f.write(text[:start] + "\n" + body + text[end:])
+    print(body)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--curve", type=int, nargs="+", default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--sequences", type=int, default=200_000)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--out", default=os.path.join(REPO, "runs", "icl_study"))
+    parser.add_argument("--docs", default=os.path.join(REPO, "docs"))
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    if args.curve is None:
+        args.curve = [args.steps * f // 8 for f in (1, 2, 3, 4, 6)]
+    if args.report_only:
+        with open(os.path.join(args.docs, "icl.json")) as f:
+            results = json.load(f)["results"]
+        results["curve"] = {
+            s: {int(k): v for k, v in c.items()} for s, c in results["curve"].items()
+        }
+        report(args, _int_shots(results))
+    else:
+        report(args, study(args))
+
+
+def _int_shots(results: dict) -> dict:
+    """JSON keys back to ints (shots)."""
+
+    def fix(table):
+        return {task: {int(k): v for k, v in by.items()} for task, by in table.items()}
+
+    return {
+        "final": {
+            n: {s: fix(t) for s, t in runs.items()}
+            for n, runs in results["final"].items()
+        },
+        "curve": {
+            s: {steps: fix(t) for steps, t in c.items()}
+            for s, c in results["curve"].items()
+        },
+    }
+
+
+if __name__ == "__main__":
+    main()
