@@ -127,7 +127,7 @@ def train(args, data, condition, seed: int, steps: int) -> str:
             "train", "--config", "configs/gpt_lm.py:tiny", "--workdir", workdir,
             f"--config.data.name=jsonl:{data['train'][name]}",
             f"--config.data.tokenizer={data['tokenizer']}",
-            "--config.model.vocab_size=1408",
+            "--config.model.vocab_size=384",
             f"--config.model.d_model={width}",
             f"--config.model.head_dim={width // 2}",
             f"--config.model.mlp_dim={4 * width}",
