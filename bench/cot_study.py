@@ -21,6 +21,15 @@ the number after " =".
     python bench/cot_study.py --report-only   # report from finished runs
     python bench/cot_study.py --steps 200 --seeds 0 --out /tmp/cot   # smoke run
 
+Prompting (the second part): one more model, "prompted", learns both
+formats from rows that show PROMPT_SHOTS solved problems before the query,
+all in one format (direct or scratchpad, half the rows each), so the format
+of the examples in its prompt decides how it answers. The same model is then
+evaluated through lm-eval with scratchpad exemplars (chain-of-thought
+prompting; the answer read by regex after " =") and with direct exemplars
+(direct prompting), both drawn by lm-eval's seeded random sampler from a pool
+of training problems (`fewshot_config.doc_to_target` picks the format).
+
 Finished runs (summary.json present) are skipped. Writes docs/cot.md (between
 the RESULTS markers), docs/cot.json and docs/cot.png.
 """
@@ -47,6 +56,12 @@ ANSWER_PATTERNS = {
     "reversed": r"^\s*(\d+)",
     "scratchpad": r" =(\d+)",
 }
+
+
+# The prompted model: solved problems before the query, in training rows and
+# in its evaluation prompts; and the exemplar formats it is prompted with.
+PROMPT_SHOTS = 2
+PROMPTING = ("direct", "scratchpad")
 
 
 def scratchpad(a: int, b: int) -> str:
@@ -118,7 +133,65 @@ def write_data(out: str, digits: int, train_count: int, test_count: int) -> dict
                     f.write(json.dumps(doc) + "\n")
             yamls[name] = _task_yaml(folder, kind, name, digits)
         files[kind] = (train_path, yamls)
+    files["prompted"] = _write_prompted(out, train, tests, digits)
     return files
+
+
+def _write_prompted(out: str, train: list, tests: dict, digits: int) -> tuple:
+    """The prompted model's train file (PROMPT_SHOTS solved problems, then the
+    query, one format per row) and its tasks: {f"{style}:{test}": yaml}."""
+    rng = random.Random(1)
+    folder = os.path.join(out, "data", "prompted")
+    os.makedirs(folder, exist_ok=True)
+    train_path = os.path.join(folder, "train.jsonl")
+    with open(train_path, "w") as f:
+        for i, (a, b) in enumerate(train):
+            style = rng.choice(PROMPTING)
+            shots = [rng.choice(train) for _ in range(PROMPT_SHOTS)]
+            solved = "".join(f"{x}+{y}={completion(style, x, y)}\n" for x, y in shots)
+            row = {"prompt": f"{solved}{a}+{b}=", "completion": completion(style, a, b)}
+            split = "validation" if i % 50 == 0 else "train"
+            f.write(json.dumps({**row, "split": split}) + "\n")
+    with open(os.path.join(folder, "pool.jsonl"), "w") as f:
+        for a, b in train[:64]:  # the exemplars lm-eval samples
+            doc = {"prompt": f"{a}+{b}=", "answer": str(a + b)}
+            doc.update({style: completion(style, a, b) for style in PROMPTING})
+            f.write(json.dumps(doc) + "\n")
+    yamls = {}
+    for name, rows in tests.items():
+        with open(os.path.join(folder, f"test_{name}.jsonl"), "w") as f:
+            for a, b in rows:
+                f.write(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}))
+                f.write("\n")
+        for style in PROMPTING:
+            yamls[f"{style}:{name}"] = _prompted_yaml(folder, style, name, digits)
+    return train_path, yamls
+
+
+def _prompted_yaml(folder: str, style: str, name: str, digits: int) -> str:
+    task = f"cot_prompted_{style}_{name.replace('-', '_')}"
+    path = os.path.join(folder, f"{task}.yaml")
+    longest = len(scratchpad(10 ** (digits + 2) - 1, 10 ** (digits + 2) - 1)) + 8
+    with open(path, "w") as f:
+        f.write(
+            f"task: {task}\ndataset_path: json\n"
+            "dataset_kwargs:\n  data_files:\n    train: pool.jsonl\n"
+            f"    test: test_{name}.jsonl\n"
+            "training_split: train\nfewshot_split: train\ntest_split: test\n"
+            "output_type: generate_until\n"
+            'doc_to_text: "{{prompt}}"\ndoc_to_target: "{{answer}}"\n'
+            'target_delimiter: ""\nfewshot_delimiter: "\\n"\n'
+            "fewshot_config:\n  sampler: default\n"  # seeded random draws
+            f'  doc_to_target: "{{{{{style}}}}}"\n'
+            f'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: {longest}\n'
+            "  do_sample: false\n"
+            "filter_list:\n  - name: answer\n    filter:\n      - function: regex\n"
+            f"        regex_pattern: {json.dumps(ANSWER_PATTERNS[style])}\n"
+            "      - function: take_first\n"
+            "metric_list:\n  - metric: exact_match\n    aggregation: mean\n"
+            "    higher_is_better: true\n"
+        )
+    return path
 
 
 def _task_yaml(folder: str, kind: str, name: str, digits: int) -> str:
@@ -153,10 +226,12 @@ def run(argv: list[str], log: str) -> None:
 
 def train_and_eval(args, files) -> None:
     for seed in args.seeds:
-        for kind in FORMATS:
+        for kind in (*FORMATS, "prompted"):
             workdir = os.path.join(args.out, "runs", f"{kind}_seed{seed}")
             train_path, yamls = files[kind]
             log = os.path.join(args.out, f"{kind}_seed{seed}.log")
+            prompted = kind == "prompted"
+            seq_len = args.prompted_seq_len if prompted else args.seq_len
             if not os.path.exists(os.path.join(workdir, "summary.json")):
                 start = time.time()
                 run(
@@ -167,7 +242,7 @@ def train_and_eval(args, files) -> None:
                         "--config.data.tokenizer=char",
                         "--config.data.vocab_size=300",
                         "--config.model.vocab_size=300",
-                        f"--config.data.seq_len={args.seq_len}",
+                        f"--config.data.seq_len={seq_len}",
                         f"--config.train.steps={args.steps}",
                         f"--config.train.eval_every={args.steps}",
                         f"--config.train.seed={seed}",
@@ -182,7 +257,8 @@ def train_and_eval(args, files) -> None:
                 run(
                     [
                         "eval", "--workdir", workdir, "--tasks", tasks,
-                        "--num-fewshot", "0", "--output", os.path.dirname(results),
+                        "--num-fewshot", str(PROMPT_SHOTS if prompted else 0),
+                        "--output", os.path.dirname(results),
                         "--batch-size", "64", "--json",
                     ],
                     log,
@@ -203,6 +279,19 @@ def collect(args, files) -> dict:
                     shots = json.load(f)
                 scores.append(shots["0"]["results"][task]["exact_match,answer"])
             table.setdefault(kind, {})[name] = scores
+    for key, yaml in files["prompted"][1].items():
+        style, name = key.split(":")
+        task = os.path.basename(yaml)[: -len(".yaml")]
+        scores = []
+        for seed in args.seeds:
+            results = os.path.join(
+                args.out, "runs", f"prompted_seed{seed}", "cot_eval", "results.json"
+            )
+            with open(results) as f:
+                shots = json.load(f)
+            result = shots[str(PROMPT_SHOTS)]["results"][task]
+            scores.append(result["exact_match,answer"])
+        table.setdefault(f"prompted ({style} exemplars)", {})[name] = scores
     return table
 
 
@@ -213,17 +302,18 @@ def report(args, table: dict) -> None:
     import matplotlib.pyplot as plt
 
     names = list(next(iter(table.values())))
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    width = 0.25
-    for i, kind in enumerate(FORMATS):
+    kinds = list(table)  # the formats, then the prompted model's two prompts
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    width = 0.8 / len(kinds)
+    for i, kind in enumerate(kinds):
         means = [np.mean(table[kind][n]) for n in names]
         spreads = [np.std(table[kind][n]) for n in names]
-        x = np.arange(len(names)) + (i - 1) * width
+        x = np.arange(len(names)) + (i - (len(kinds) - 1) / 2) * width
         ax.bar(x, means, width, yerr=spreads, label=kind, capsize=3)
     ax.set_xticks(np.arange(len(names)), [f"{n} digits" for n in names])
     ax.set_ylabel("exact match")
     ax.set_ylim(0, 1)
-    ax.legend()
+    ax.legend(fontsize=8)
     ax.set_title(
         f"addition, trained on 1-{args.digits} digits, {len(args.seeds)} seeds"
     )
@@ -232,7 +322,7 @@ def report(args, table: dict) -> None:
     fig.savefig(plot, dpi=120)
     rows = ["| format | " + " | ".join(f"{n} digits" for n in names) + " |"]
     rows.append("|---|" + "---:|" * len(names))
-    for kind in FORMATS:
+    for kind in kinds:
         cells = [
             f"{np.mean(table[kind][n]):.3f} ± {np.std(table[kind][n]):.3f}"
             for n in names
@@ -264,6 +354,7 @@ def main() -> None:
     parser.add_argument("--digits", type=int, default=3)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--prompted-seq-len", type=int, default=192)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--train-count", type=int, default=20000)
     parser.add_argument("--test-count", type=int, default=100)
