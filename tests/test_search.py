@@ -154,6 +154,29 @@ def test_embed_and_search_commands(encoder, tiny_bert_dir, tmp_path, capsys):
     assert [h.id for h in hits] == [h["id"] for h in results[0]["hits"]]
     assert isinstance(hits[0], Hit) and hits[0].score >= hits[1].score >= hits[2].score
 
+    # --query-file: one query per line, or JSON per line (queries with newlines).
+    multi_line = "Question: who won?\nAnswer:"
+    (tmp_path / "q.txt").write_text(f"{queries[0]}\n\n{queries[1]}\n")
+    (tmp_path / "q.jsonl").write_text(
+        json.dumps(queries[0]) + "\n" + json.dumps({"text": multi_line}) + "\n"
+    )
+    for name, want_queries in (
+        ("q.txt", queries),
+        ("q.jsonl", [queries[0], multi_line]),
+    ):
+        argv_file = [*argv, "--query-file", str(tmp_path / name)]
+        assert cli.main(argv_file) == 0
+        got = json.loads(capsys.readouterr().out)["results"]
+        assert [r["query"] for r in got] == want_queries
+        assert got[0] == results[0]
+    (tmp_path / "bad.jsonl").write_text('{"query": "x"}\n')
+    assert cli.main([*argv, "--query-file", str(tmp_path / "bad.jsonl")]) == 2
+    assert 'bad.jsonl line 1: expected a JSON string or an object with a "text"' in (
+        capsys.readouterr().err
+    )
+    assert cli.main(argv) == 2
+    assert "give --query TEXT or --query-file FILE" in capsys.readouterr().err
+
     assert (
         cli.main(["search", "--index", str(index_dir), "--query", "rain", "-k", "2"])
         == 0

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 
+from fmjax.errors import RequestError
+
 
 def _shots(text: str) -> list[int | None]:
     from fmjax.config import ConfigError
@@ -72,7 +74,6 @@ def cmd_lm_eval(args, overrides):
 def _read_prompts(args) -> list[str]:
     """--prompt (repeatable) and the lines of --prompt-file (a .jsonl file's
     "prompt" fields)."""
-    from fmjax.errors import RequestError
 
     prompts = list(args.prompt or [])
     if args.prompt_file:
@@ -173,10 +174,38 @@ def cmd_embed(args, overrides):
     return 0
 
 
+def read_queries(path: str) -> list[str]:
+    """A query file's queries: its non-empty lines, or for .jsonl each line's
+    JSON string or object's "text"."""
+    queries = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if not path.endswith(".jsonl"):
+                queries.append(line.rstrip("\n"))
+                continue
+            record = json.loads(line)
+            text = record.get("text") if isinstance(record, dict) else record
+            if not isinstance(text, str):
+                raise RequestError(
+                    f"{path} line {number}: expected a JSON string or an object with "
+                    f'a "text" string, got {line.strip()[:80]!r}'
+                )
+            queries.append(text)
+    return queries
+
+
 def cmd_search(args, overrides):
     import fmjax
     from fmjax.inference.search import Index
 
+    queries = list(args.query or []) + (
+        read_queries(args.query_file) if args.query_file else []
+    )
+    if not queries:
+        raise RequestError("fmjax search: give --query TEXT or --query-file FILE")
+    args.query = queries
     index = Index.load(args.index)
     encoder = fmjax.load(args.workdir) if args.workdir else None
     results = index.search_texts(args.query, args.k, encoder=encoder)
@@ -270,8 +299,12 @@ def add_embed_parsers(sub) -> None:
 
     search = sub.add_parser("search", help="nearest passages of an index to a query")
     search.add_argument("--index", required=True, help="a directory from fmjax embed")
+    search.add_argument("--query", action="append", help="repeat for several")
     search.add_argument(
-        "--query", action="append", required=True, help="repeat for several"
+        "--query-file",
+        default="",
+        help="queries, one per line (.jsonl: a JSON string or an object with "
+        '"text" per line, for queries with newlines)',
     )
     search.add_argument("-k", type=int, default=5)
     search.add_argument(
