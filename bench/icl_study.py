@@ -20,7 +20,8 @@ width 64): p in {0, 0.5, 0.9, 1}, Zipf in {0, 1, 2}, width in {32, 64, 128}
 (2 layers: 25k to 390k non-embedding parameters). The base condition is
 also evaluated along training (constant learning rate after warmup, so a run
 stopped and resumed at each point is the same run), which dates the step at
-which in-context learning appears.
+which in-context learning appears; `--curve` may go past `--steps` (the base
+runs go on training).
 
     python bench/icl_study.py                 # every run, then the report
     python bench/icl_study.py --report-only   # report from finished runs
@@ -118,8 +119,8 @@ def train(args, data, condition, seed: int, steps: int) -> str:
     name = name_of(condition)
     workdir = os.path.join(args.out, "runs", f"{name}_seed{seed}")
     done = os.path.join(workdir, "summary.json")
-    if os.path.exists(done) and json.load(open(done)).get("steps") == steps:
-        return workdir
+    if os.path.exists(done) and json.load(open(done)).get("steps") >= steps:
+        return workdir  # there (or past it: its evaluation at `steps` is kept)
     width = condition["width"]
     start = time.time()
     run(
@@ -159,6 +160,12 @@ def evaluate(args, workdir: str, steps: int) -> dict:
         output = os.path.join(workdir, "icl_eval", f"step{steps}", task)
         results = os.path.join(output, "results.json")
         if not os.path.exists(results):
+            at = json.load(open(os.path.join(workdir, "summary.json")))["steps"]
+            if at != steps:
+                raise RuntimeError(
+                    f"{workdir} is at step {at}, not {steps}: its evaluation at "
+                    f"{steps} was not kept; train a new run (another --out)"
+                )
             run(
                 [
                     "eval", "--workdir", workdir, "--tasks", TASKS[task],
@@ -181,16 +188,18 @@ def study(args) -> dict:
     for condition in conditions():
         name = name_of(condition)
         for seed in args.seeds:
-            if condition == BASE:  # evaluated along training, resumed each time
-                for steps in args.curve:
-                    workdir = train(args, data, condition, seed, steps)
-                    results["curve"].setdefault(str(seed), {})[steps] = evaluate(
-                        args, workdir, steps
-                    )
-            workdir = train(args, data, condition, seed, args.steps)
-            results["final"].setdefault(name, {})[str(seed)] = evaluate(
-                args, workdir, args.steps
-            )
+            # The base run is evaluated along training, resumed each time; its
+            # curve may go on past --steps, where the other conditions stop.
+            points = [args.steps]
+            if condition == BASE:
+                points = sorted({*args.curve, args.steps})
+            for steps in points:
+                workdir = train(args, data, condition, seed, steps)
+                table = evaluate(args, workdir, steps)
+                if condition == BASE:
+                    results["curve"].setdefault(str(seed), {})[steps] = table
+                if steps == args.steps:
+                    results["final"].setdefault(name, {})[str(seed)] = table
     return results
 
 
@@ -214,6 +223,7 @@ def report(args, results: dict) -> None:
             curve = [np.mean([runs[s]["heldout"][k] for s in seeds]) for k in SHOTS]
             ax.plot(SHOTS, curve, marker="o", label=f"{key} = {value:g}")
         ax.axhline(chance, color="gray", ls=":", label="chance (1/32)")
+        ax.axhline(0.5, color="gray", ls="--", label="a shown label (k >= 2)")
         ax.set_xlabel("examples in context (k)")
         ax.set_ylabel("held-out accuracy")
         ax.set_ylim(0, 1.02)
@@ -237,6 +247,7 @@ def report(args, results: dict) -> None:
             label=f"in-weights, seed {seed}",
         )
     ax.axhline(chance, color="gray", ls=":")
+    ax.axhline(0.5, color="gray", ls="--")
     ax.set_xlabel("training step")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.02)
@@ -265,7 +276,7 @@ def report(args, results: dict) -> None:
         rows.append(f"| {label} | {params:,} | " + " | ".join(cells) + " |")
     curve_rows = ["| step | held-out, k=8 | held-out, k=2 | in-weights, k=8 |"]
     curve_rows.append("|---:|---:|---:|---:|")
-    for steps in args.curve:
+    for steps in sorted(results["curve"][seeds[0]], key=int):
         at = [results["curve"][s][steps] for s in seeds]
         curve_rows.append(
             f"| {steps} | {_mean_std([r['heldout'][8] for r in at])} | "
@@ -278,7 +289,7 @@ def report(args, results: dict) -> None:
         f"condition, batch {args.batch_size} rows of {args.seq_len} tokens, "
         f"learning rate {args.learning_rate:g}; accuracy over 400 held-out and 200 "
         f"in-weights documents, mean ± std over seeds {', '.join(seeds)}; "
-        f"chance {chance:.3f})"
+        f"chance {chance:.3f}; at k >= 2 a label shown at random scores 0.5)"
     )
     body = (
         f"{settings}\n\n" + "\n".join(rows) + "\n\nThe base condition along "
