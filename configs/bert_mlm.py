@@ -31,6 +31,9 @@ def get_config(variant: str = "tiny"):
         dtype="float32",
         param_dtype="float32",
         remat="none",  # activation checkpointing: none | full | dots
+        # Logits per device above which the loss runs over chunks of positions
+        # and never holds the whole [B, L, V] (0: never chunk).
+        max_logits_elements=2**27,
     )
     if variant == "tiny":
         c.data.update(seq_len=128, batch_size=32, vocab_size=8000)

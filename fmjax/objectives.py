@@ -8,8 +8,10 @@ so they add up exactly across batches, devices and accumulation steps;
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,9 +99,11 @@ def gather_predictions(
     return positions_BK, targets_BK, weights_BK
 
 
-def _weighted_cross_entropy(
+def _cross_entropy_sums(
     logits_BLV: Array, targets_BL: Array, weights_BL: Array
-) -> tuple[Array, dict[str, Array]]:
+) -> dict[str, Array]:
+    """The summed metrics (`loss_sum`, `correct`, `count`) of weighted
+    cross-entropy; the one place that turns logits into them."""
     logits_BLV = logits_BLV.astype(jnp.float32)
     weights_BL = weights_BL.astype(jnp.float32)
     # One max feeds both logsumexp and accuracy: an argmax would be another (slow,
@@ -114,21 +118,103 @@ def _weighted_cross_entropy(
     nll_BL = log_z_BL - target_logit_BL
     # Ties with another logit count as correct; with float logits they are rare.
     correct_BL = (target_logit_BL >= max_BL).astype(jnp.float32)
-    metrics = {
+    return {
         "loss_sum": jnp.sum(nll_BL * weights_BL),
         "correct": jnp.sum(correct_BL * weights_BL),
         "count": jnp.sum(weights_BL),
     }
+
+
+def _mean_of_sums(metrics: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
     # max() keeps the division (and its gradient) finite for an all-zero batch.
     loss = metrics["loss_sum"] / jnp.maximum(metrics["count"], 1e-8)
     return loss, metrics
+
+
+def weighted_cross_entropy(
+    logits_BLV: Array, targets_BL: Array, weights_BL: Array
+) -> tuple[Array, dict[str, Array]]:
+    """(weighted mean cross-entropy, summed metrics) of whole logits."""
+    return _mean_of_sums(_cross_entropy_sums(logits_BLV, targets_BL, weights_BL))
+
+
+def chunked_cross_entropy(
+    hidden_BLD: Array,
+    logits_fn: Callable[[Array], Array],
+    targets_BL: Array,
+    weights_BL: Array,
+    chunk_len: int,
+) -> tuple[Array, dict[str, Array]]:
+    """`weighted_cross_entropy(logits_fn(hidden_BLD), ...)` without the whole
+    [B, L, V] logits: `logits_fn` ([B, C, D] -> [B, C, V]) runs on C =
+    `chunk_len` positions at a time inside a `lax.scan`, and each chunk is
+    rematerialised (`jax.checkpoint`) in the backward pass, so neither pass
+    keeps more than one chunk's logits. The scan's backward sums the head
+    weights' gradient over the chunks. The price is one more forward matmul
+    of the head (4 head matmuls per step instead of 3), as in MaxText's
+    vocabulary tiling.
+
+    Chunks run over positions rather than the vocabulary, so the head is the
+    model's own (tied, untied, MLM transform and bias, LoRA) and a mesh that
+    splits the batch keeps it split. A length that `chunk_len` does not divide
+    is padded with weight-0 positions, which add nothing to the sums.
+    """
+    batch, length, _ = hidden_BLD.shape
+    if targets_BL.shape != (batch, length) or weights_BL.shape != (batch, length):
+        raise ValueError(
+            f"targets {targets_BL.shape} and weights {weights_BL.shape}: expected "
+            f"[B, L] = {(batch, length)}, the hidden states' first two dims"
+        )
+    if not 1 <= chunk_len <= length:
+        raise ValueError(f"chunk_len={chunk_len}: expected 1 <= chunk_len <= {length}")
+    num_chunks = -(-length // chunk_len)
+    pad = num_chunks * chunk_len - length
+    if pad:
+        hidden_BLD = jnp.pad(hidden_BLD, ((0, 0), (0, pad), (0, 0)))
+        targets_BL = jnp.pad(targets_BL, ((0, 0), (0, pad)))
+        weights_BL = jnp.pad(weights_BL, ((0, 0), (0, pad)))
+    split = lambda x: einops.rearrange(x, "B (N C) ... -> N B C ...", C=chunk_len)  # noqa: E731
+
+    # prevent_cse=False: inside a scan, CSE cannot undo the rematerialisation.
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def chunk_sums(h_BCD, targets_BC, weights_BC):
+        return _cross_entropy_sums(logits_fn(h_BCD), targets_BC, weights_BC)
+
+    def step(total, chunk):
+        sums = chunk_sums(*chunk)
+        return {k: total[k] + sums[k] for k in total}, None
+
+    zero = jnp.zeros((), jnp.float32)
+    total, _ = jax.lax.scan(
+        step,
+        {"loss_sum": zero, "correct": zero, "count": zero},
+        (split(hidden_BLD), split(targets_BL), split(weights_BL)),
+    )
+    return _mean_of_sums(total)
 
 
 def mlm_loss(
     logits_BLV: Array, targets_BL: Array, weights_BL: Array
 ) -> tuple[Array, dict[str, Array]]:
     """Weighted mean cross-entropy over the masked positions."""
-    return _weighted_cross_entropy(logits_BLV, targets_BL, weights_BL)
+    return weighted_cross_entropy(logits_BLV, targets_BL, weights_BL)
+
+
+def next_token_targets(
+    tokens_BL: Array, segment_ids_BL: Array, loss_mask_BL: Array | None = None
+) -> tuple[Array, Array]:
+    """(targets_BL, weights_BL) of next-token prediction: position t predicts
+    tokens[t+1], counted only where segment[t+1] == segment[t] != 0 (never
+    across packed documents, never into padding) and, with `loss_mask_BL`,
+    where loss_mask[t+1] is set (a completion's tokens)."""
+    # Shift the targets, not the logits: slicing [B, L, V] logits would copy them.
+    pad = ((0, 0), (0, 1))
+    seg_next_BL = jnp.pad(segment_ids_BL[:, 1:], pad)  # 0 after the last position
+    targets_BL = jnp.pad(tokens_BL[:, 1:], pad)
+    weights_BL = (seg_next_BL == segment_ids_BL) & (segment_ids_BL != 0)
+    if loss_mask_BL is not None:
+        weights_BL &= jnp.pad(loss_mask_BL[:, 1:], pad) != 0
+    return targets_BL, weights_BL.astype(jnp.float32)
 
 
 def next_token_loss(
@@ -137,18 +223,10 @@ def next_token_loss(
     segment_ids_BL: Array,
     loss_mask_BL: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
-    """Position t predicts tokens[t+1], counted only where segment[t+1] ==
-    segment[t] != 0 (never across packed documents, never into padding) and,
-    with `loss_mask_BL`, where loss_mask[t+1] is set (a completion's tokens)."""
-    # Shift the targets, not the logits: slicing [B, L, V] logits would copy them.
-    pad = ((0, 0), (0, 1))
-    seg_next_BL = jnp.pad(segment_ids_BL[:, 1:], pad)  # 0 after the last position
-    targets_BL = jnp.pad(tokens_BL[:, 1:], pad)
-    weights_BL = (seg_next_BL == segment_ids_BL) & (segment_ids_BL != 0)
-    if loss_mask_BL is not None:
-        weights_BL &= jnp.pad(loss_mask_BL[:, 1:], pad) != 0
-    weights_BL = weights_BL.astype(jnp.float32)
-    return _weighted_cross_entropy(logits_BLV, targets_BL, weights_BL)
+    """Weighted mean cross-entropy of next-token prediction over the targets
+    `next_token_targets` counts."""
+    targets_BL, weights_BL = next_token_targets(tokens_BL, segment_ids_BL, loss_mask_BL)
+    return weighted_cross_entropy(logits_BLV, targets_BL, weights_BL)
 
 
 def classification_loss(
@@ -161,7 +239,7 @@ def classification_loss(
             f"classification_loss: logits {logits_BN.shape}, labels "
             f"{labels_B.shape}; expected [B, N] and [B]"
         )
-    return _weighted_cross_entropy(logits_BN, labels_B, weights_B)
+    return weighted_cross_entropy(logits_BN, labels_B, weights_B)
 
 
 def summarize(metrics: Mapping[str, Array]) -> dict[str, Array]:
@@ -248,15 +326,9 @@ def _batch_axes(batch: int):
     """The mesh's batch axes in the current `jax.set_mesh` context (None when
     there is none, or one device holds the batch: the dense loss is then the
     same computation)."""
-    from fmjax.sharding import BATCH_AXES
+    from fmjax.sharding import BATCH_AXES, batch_devices
 
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
-        return None
-    devices = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
-    if devices == 1 or batch % devices:
-        return None
-    return BATCH_AXES
+    return None if batch_devices(batch) == 1 else BATCH_AXES
 
 
 def infonce_sums_gathered(image_BE, text_BE, logit_scale, weights_B) -> dict:

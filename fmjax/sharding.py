@@ -30,6 +30,38 @@ class ShardingError(FmjaxError, ValueError):
     """A mesh or a sharding rule that cannot work; the message names it."""
 
 
+def batch_devices(batch: int) -> int:
+    """How many devices a batch of `batch` rows is split over: the product of
+    the batch axes of the mesh in the current `jax.set_mesh` context, or 1 (no
+    mesh, or one that does not divide `batch`)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return 1
+    devices = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    return 1 if batch % devices else devices
+
+
+def positions_per_chunk(
+    batch: int, length: int, per_position: int, max_elements: int
+) -> int:
+    """How many of `length` positions to process at once so that one chunk of
+    a [batch, length, per_position] intermediate (the LM head's logits, an
+    attention layer's scores) holds at most `max_elements` per device, the
+    batch split as `batch_devices` says; `length` (no chunking) when the whole
+    fits or `max_elements` is 0. A power of two, then evened out over the
+    chunks it implies (100 positions with room for 30: 7 chunks of 15).
+
+    The only place the models read the mesh: to size chunks per device. What
+    they compute does not depend on it."""
+    rows = batch // batch_devices(batch)
+    if max_elements <= 0 or rows * length * per_position <= max_elements:
+        return length
+    fit = max(1, max_elements // (rows * per_position))
+    chunk = min(length, 1 << (fit.bit_length() - 1))
+    num_chunks = -(-length // chunk)
+    return -(-length // num_chunks)
+
+
 def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple:
     """Resolves -1 entries ("the rest") and checks the product is `num_devices`."""
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}

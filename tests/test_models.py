@@ -1,6 +1,7 @@
 """Model tests: shapes, masking invariants, NumPy references, partitioning, sizes."""
 
 import dataclasses
+import functools
 import math
 
 import flax.linen as nn
@@ -452,3 +453,83 @@ def test_gpt2_124m_matches_hf_gpt2():
     assert _abstract_count("configs/gpt_lm.py:base") == 124_439_808
     untied = _abstract_count("configs/gpt_lm.py:base", tie_embeddings=False)
     assert untied == 124_439_808 + 768 * 50257
+
+
+# ------------------------------------------------- chunked LM head + loss
+
+
+# B=2 rows of L=16 over V=50: `max_logits_elements` = room for 5 positions
+# makes chunks of 4 (the MLM's 7 scored positions: 2 chunks, one padded).
+CHUNK_TINY = dict(
+    vocab_size=50, d_model=8, num_layers=1, num_heads=2, head_dim=4, mlp_dim=16
+)
+
+
+@pytest.mark.parametrize(
+    "kind,tie", [("decoder", True), ("decoder", False), ("encoder", True)]
+)
+def test_chunked_head_loss_equals_whole_logits_loss_and_grads(kind, tie):
+    from fmjax import objectives
+
+    B, L, V = 2, 16, 50
+    whole_cfg = TransformerConfig(
+        **CHUNK_TINY, max_len=L, kind=kind, tie_embeddings=tie, max_logits_elements=0
+    )
+    chunked_cfg = dataclasses.replace(whole_cfg, max_logits_elements=B * 5 * V)
+    module = TextDecoder if kind == "decoder" else TextEncoder
+    params = _init(module(whole_cfg), L)  # perturbed: the MLM bias is not zero
+    tokens_BL = jax.random.randint(jax.random.key(3), (B, L), 0, V)
+    if kind == "decoder":
+        # Two packed documents and padding; the loss mask drops a prompt.
+        segment_ids_BL = jnp.asarray([[1] * 10 + [2] * 6, [1] * 13 + [0] * 3])
+        loss_mask_BL = jnp.asarray([[0] * 4 + [1] * 12, [1] * L])
+        targets, weights = objectives.next_token_targets(
+            tokens_BL, segment_ids_BL, loss_mask_BL
+        )
+        inputs = dict(segment_ids_BL=segment_ids_BL)
+        reference = functools.partial(
+            objectives.next_token_loss,
+            tokens_BL=tokens_BL,
+            segment_ids_BL=segment_ids_BL,
+            loss_mask_BL=loss_mask_BL,
+        )
+    else:
+        positions_BK = jnp.asarray([[1, 3, 4, 8, 9, 12, 15], [0, 2, 5, 6, 7, 10, 11]])
+        targets = jax.random.randint(jax.random.key(4), positions_BK.shape, 0, V)
+        weights = jnp.asarray([[1.0] * 7, [1.0] * 5 + [0.0] * 2])
+        inputs = dict(predict_positions_BK=positions_BK)
+        reference = functools.partial(
+            objectives.mlm_loss, targets_BL=targets, weights_BL=weights
+        )
+
+    def loss(model, params):
+        out = model.apply(
+            {"params": params}, tokens_BL, loss_targets=(targets, weights), **inputs
+        )
+        sums = out["loss_sums"]
+        return sums["loss_sum"] / sums["count"], (sums, "logits" in out)
+
+    def run(cfg):
+        fn = functools.partial(loss, module(cfg))
+        return jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
+
+    (want_loss, (want, has_logits)), want_grads = run(whole_cfg)
+    (got_loss, (got, chunk_has_logits)), got_grads = run(chunked_cfg)
+    assert has_logits and not chunk_has_logits
+    # Whole logits: the same sums as the objective on the model's logits.
+    apply = jax.jit(
+        lambda p: module(whole_cfg).apply({"params": p}, tokens_BL, **inputs)
+    )
+    logits = apply(params)["logits"]
+    _, before = reference(logits)
+    for key in ("loss_sum", "correct", "count"):
+        np.testing.assert_allclose(want[key], before[key], rtol=1e-6)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["loss_sum"], want["loss_sum"], rtol=1e-5)
+    assert float(got["correct"]) == float(want["correct"])
+    assert float(got["count"]) == float(want["count"]) > 0
+    flat_want = dict(jax.tree_util.tree_leaves_with_path(want_grads))
+    for path, grad in jax.tree_util.tree_leaves_with_path(got_grads):
+        np.testing.assert_allclose(
+            grad, flat_want[path], rtol=1e-5, atol=1e-5, err_msg=str(path)
+        )

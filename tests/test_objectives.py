@@ -3,11 +3,20 @@
 import functools
 
 import jax
+import jax.extend.core as jax_core
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmjax.objectives import mlm_loss, mlm_mask, next_token_loss, summarize
+from fmjax.objectives import (
+    chunked_cross_entropy,
+    mlm_loss,
+    mlm_mask,
+    next_token_loss,
+    summarize,
+    weighted_cross_entropy,
+)
+from fmjax.sharding import positions_per_chunk
 
 VOCAB = 100
 PAD, CLS, SEP, MASK = 0, 1, 2, 3
@@ -232,3 +241,97 @@ def test_summarize_math_and_exact_aggregation():
     per_half = [float(summarize(h)["loss"]) for h in halves]
     assert float(halves[0]["count"]) != float(halves[1]["count"])
     assert abs(np.mean(per_half) - float(whole["loss"])) > 1e-4
+
+
+# ------------------------------------------------------- chunked cross-entropy
+
+
+def _value_shapes(jaxpr) -> set:
+    """Shapes of every value a jaxpr (and each jaxpr inside it) computes."""
+    shapes = set()
+    for eqn in jaxpr.eqns:
+        shapes |= {tuple(v.aval.shape) for v in eqn.outvars}
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                if isinstance(sub, jax_core.ClosedJaxpr):
+                    shapes |= _value_shapes(sub.jaxpr)
+                elif isinstance(sub, jax_core.Jaxpr):
+                    shapes |= _value_shapes(sub)
+    return shapes
+
+
+def test_chunked_cross_entropy_equals_whole_logits_loss_metrics_and_grads():
+    B, L, D, V = 2, 16, 8, 50
+    keys = jax.random.split(jax.random.key(0), 5)
+    hidden_BLD = jax.random.normal(keys[0], (B, L, D))
+    head = {
+        "w_DV": jax.random.normal(keys[1], (D, V)),
+        "bias_V": jax.random.normal(keys[2], (V,)),
+    }
+
+    def logits_fn(h_BCD, head):
+        return (
+            jnp.einsum("BCD,DV->BCV", h_BCD, head["w_DV"]) + head["bias_V"][None, None]
+        )
+
+    # Half the targets are the argmax, so `correct` counts something.
+    best_BL = jnp.argmax(logits_fn(hidden_BLD, head), -1)
+    random_BL = jax.random.randint(keys[3], (B, L), 0, V)
+    targets_BL = jnp.where(jnp.arange(L) % 2 == 0, best_BL, random_BL)
+    weights_BL = (jax.random.uniform(keys[4], (B, L)) < 0.7).astype(jnp.float32)
+
+    def whole(hidden, head):
+        return weighted_cross_entropy(logits_fn(hidden, head), targets_BL, weights_BL)
+
+    def chunked(hidden, head, chunk_len):
+        fn = functools.partial(logits_fn, head=head)
+        return chunked_cross_entropy(hidden, fn, targets_BL, weights_BL, chunk_len)
+
+    grad = functools.partial(jax.value_and_grad, argnums=(0, 1), has_aux=True)
+    (want_loss, want), want_grads = jax.jit(grad(whole))(hidden_BLD, head)
+    assert float(want["correct"]) >= 4 and float(want["count"]) < B * L
+    # 4 divides L; 5 pads it to 4 chunks of 5 with weight-0 positions; 16 is one.
+    for chunk_len in (4, 5, 16):
+        run = jax.jit(grad(functools.partial(chunked, chunk_len=chunk_len)))
+        (loss, sums), grads = run(hidden_BLD, head)
+        np.testing.assert_allclose(loss, want_loss, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(sums["loss_sum"], want["loss_sum"], rtol=1e-5)
+        assert float(sums["correct"]) == float(want["correct"])
+        assert float(sums["count"]) == float(want["count"])
+        for got, expected in zip(
+            jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True
+        ):
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+    # Neither pass holds the whole [B, L, V] logits, not even stacked chunk by
+    # chunk (a scan's saved residuals): the largest value is one chunk's.
+    jaxpr = jax.make_jaxpr(grad(functools.partial(chunked, chunk_len=5)))(
+        hidden_BLD, head
+    )
+    sizes = {s: np.prod(s) for s in _value_shapes(jaxpr.jaxpr)}
+    assert max(sizes.values()) == B * 5 * V and (B, 5, V) in sizes
+    whole_jaxpr = jax.make_jaxpr(grad(whole))(hidden_BLD, head)
+    assert (B, L, V) in _value_shapes(whole_jaxpr.jaxpr)
+
+
+def test_chunk_length_counts_elements_per_device():
+    assert positions_per_chunk(2, 16, 50, 0) == 16  # 0: never chunk
+    assert positions_per_chunk(2, 16, 50, 2 * 16 * 50) == 16  # fits whole
+    # Room for 5 positions of 2 rows: a power of two, 4.
+    assert positions_per_chunk(2, 16, 50, 2 * 5 * 50) == 4
+    # Room for 30 of 100 positions: 16 -> 7 chunks, evened out to 15 each.
+    assert positions_per_chunk(1, 100, 50, 30 * 50) == 15
+    # Without a mesh one device holds all 16 rows; a mesh that splits them
+    # over 8 devices leaves 2 on each.
+    assert positions_per_chunk(16, 16, 50, 2 * 5 * 50) == 1
+    mesh = jax.make_mesh((8, 1), ("data", "fsdp"))
+    with jax.set_mesh(mesh):
+        assert positions_per_chunk(16, 16, 50, 2 * 5 * 50) == 4
+        assert positions_per_chunk(12, 16, 50, 2 * 5 * 50) == 1  # 8 does not divide 12
+    # The default lets gpt_lm:base (512 x 1024 x 50257) on 16 chips go 64
+    # positions at a time, and leaves gpt_lm:small's 32 x 128 x 8000 whole.
+    from fmjax.models.config import TransformerConfig
+
+    default = TransformerConfig.__dataclass_fields__["max_logits_elements"].default
+    assert positions_per_chunk(32, 1024, 50257, default) == 64
+    assert positions_per_chunk(32, 128, 8000, default) == 128

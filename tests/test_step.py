@@ -56,6 +56,31 @@ def test_gradient_accumulation_equals_one_big_batch():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_chunked_loss_trains_like_whole_logits_on_a_sharded_mesh(monkeypatch):
+    """The causal task's train step on a 2x2x2 mesh (batch over data x fsdp,
+    vocab over tensor): the loss over chunks of 8 positions (2 rows per device
+    x 8 x 256 logits) gives the whole-logits run's losses and params."""
+    from fmjax import objectives
+
+    whole_params, whole_losses = _run(accum=1, mesh_shape=(2, 2, 2))
+    chunk_lens = []
+
+    def spy(hidden_BLD, logits_fn, targets_BL, weights_BL, chunk_len):
+        chunk_lens.append(chunk_len)
+        return chunked(hidden_BLD, logits_fn, targets_BL, weights_BL, chunk_len)
+
+    chunked = objectives.chunked_cross_entropy
+    monkeypatch.setattr(objectives, "chunked_cross_entropy", spy)
+    params, losses = _run(
+        accum=1, mesh_shape=(2, 2, 2), max_logits_elements=2 * 8 * 256
+    )
+    assert chunk_lens == [8]  # traced once, 4 chunks of the 32 positions
+    np.testing.assert_allclose(losses, whole_losses, rtol=1e-5)
+    leaves = zip(jax.tree.leaves(params), jax.tree.leaves(whole_params), strict=True)
+    for a, b in leaves:
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_bfloat16_compute_trains_close_to_float32():
     _, losses_f32 = _run(accum=1, steps=3)
     params, losses_bf16 = _run(accum=1, steps=3, dtype="bfloat16")

@@ -54,6 +54,13 @@ class TransformerConfig:
     # Encoders only: False builds no MLM head (an imported BertModel has none).
     mlm_head: bool = True
     remat: str = "none"
+    # The most [B, L, V] logits one device holds while the training loss
+    # (next-token or MLM) is computed: above it the LM head and cross-entropy
+    # run over chunks of positions, each rematerialised in the backward pass
+    # (fmjax.objectives.chunked_cross_entropy). 2**27 f32 logits are 512 MiB;
+    # gpt_lm:small's 32 x 128 x 8000 stay whole, gpt_lm:base's 512 x 1024 x
+    # 50257 on 16 chips go 64 positions at a time. 0: never chunk.
+    max_logits_elements: int = 2**27
     # Encoders only: > 0 adds a classifier head over pooled hidden states.
     num_classes: int = 0
     classifier_pooling: str = "mean"
@@ -87,6 +94,12 @@ class TransformerConfig:
             _check(self, name, getattr(self, name) in DTYPES, f"one of {DTYPES}")
         _check(self, "mlm_head", isinstance(self.mlm_head, bool), "a bool")
         _check(self, "remat", self.remat in REMAT, f"one of {REMAT}")
+        _check(
+            self,
+            "max_logits_elements",
+            _is_int(self.max_logits_elements) and self.max_logits_elements >= 0,
+            "0 (never chunk the loss) or a positive int",
+        )
         _check(
             self,
             "num_classes",

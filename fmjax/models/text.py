@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fmjax import objectives
 from fmjax.models.config import TransformerConfig
 from fmjax.models.heads import classifier_logits
 from fmjax.models.layers import (
@@ -41,6 +42,7 @@ from fmjax.models.layers import (
     make_attention_mask,
     residual_init_std,
 )
+from fmjax.sharding import positions_per_chunk
 
 Array = jax.Array
 
@@ -179,13 +181,56 @@ def _embed(cfg: TransformerConfig, num: int, axes: tuple[str, str], name: str):
     )
 
 
+def _head_outputs(
+    cfg: TransformerConfig,
+    logits_fn,
+    head_in_BLD: Array,
+    loss_targets: tuple[Array, Array] | None,
+    initializing: bool,
+) -> dict[str, Array]:
+    """{"logits": logits_fn(head_in_BLD)} [B,L,V], and with `loss_targets` =
+    (targets_BL, weights_BL) also "loss_sums", the summed metrics of
+    `objectives.weighted_cross_entropy`. When the logits would exceed
+    `cfg.max_logits_elements` per device, the sums come from
+    `objectives.chunked_cross_entropy` instead and there are no "logits": the
+    whole [B,L,V] array exists in neither pass (init always takes the whole
+    path, which creates the head's params)."""
+    if loss_targets is None:
+        return {"logits": logits_fn(head_in_BLD)}
+    targets_BL, weights_BL = loss_targets
+    batch, length = head_in_BLD.shape[:2]
+    for name, x in (("targets", targets_BL), ("weights", weights_BL)):
+        if x.shape != (batch, length):
+            raise ValueError(
+                f"loss_targets {name} have shape {x.shape}; expected the scored "
+                f"positions' [B, L] = {(batch, length)}"
+            )
+    chunk_len = positions_per_chunk(
+        batch, length, cfg.vocab_size, cfg.max_logits_elements
+    )
+    if chunk_len < length and not initializing:
+        _, sums = objectives.chunked_cross_entropy(
+            head_in_BLD, logits_fn, targets_BL, weights_BL, chunk_len
+        )
+        return {"loss_sums": sums}
+    logits_BLV = logits_fn(head_in_BLD)
+    _, sums = objectives.weighted_cross_entropy(logits_BLV, targets_BL, weights_BL)
+    return {"logits": logits_BLV, "loss_sums": sums}
+
+
+def _vocab_constraint(logits_BLV: Array) -> Array:
+    return nn.with_logical_constraint(logits_BLV, ("batch", "length", "vocab"))
+
+
 class TextEncoder(nn.Module):
     """BERT: embeddings + LayerNorm, post-LN blocks, MLM head tied to the embeddings.
 
     Returns {"hidden": [B,L,D] last block output, "logits": [B,L,V] MLM logits},
     both float32; no "logits" when `config.mlm_head` is False (no head params).
     With `config.num_classes` > 0 also "class_logits" [B,N] f32 from the pooled
-    hidden states (`fmjax.models.heads`).
+    hidden states (`fmjax.models.heads`). With `loss_targets` also "loss_sums"
+    (see `_head_outputs`: above `config.max_logits_elements` the MLM loss is
+    computed in chunks and "logits" is left out).
     """
 
     config: TransformerConfig
@@ -202,10 +247,13 @@ class TextEncoder(nn.Module):
         prompt_TD: Array | None = None,
         prefix_kv: tuple[Array, Array] | None = None,
         deterministic: bool = True,
+        loss_targets: tuple[Array, Array] | None = None,
     ) -> dict[str, Array]:
         """`predict_positions_BK`: score only these positions ([B,K,V] logits).
 
         `prompt_TD`, `prefix_kv`: prompt / prefix tuning (module docstring).
+        `loss_targets`: (targets, weights) of the scored positions ([B,K] with
+        `predict_positions_BK`, else [B,L]) for the MLM loss's "loss_sums".
         """
         cfg = self.config
         segment_ids_BL, positions_BL = _default_inputs(
@@ -252,7 +300,7 @@ class TextEncoder(nn.Module):
             )
 
         # The head's transform is a D->D hidden layer; F names its output here.
-        h_BLF = EinsumDense(
+        transform = EinsumDense(
             "BLD,DF->BLF",
             (cfg.d_model, cfg.d_model),
             ("embed", "mlp"),
@@ -260,21 +308,26 @@ class TextEncoder(nn.Module):
             dtype=cfg.compute_dtype,
             param_dtype=cfg.params_dtype,
             name="mlm_transform",
-        )(head_in_BLD)
-        h_BLF = activation_fn(cfg.activation)(h_BLF)
-        h_BLD = LayerNorm(name="mlm_norm", **norm)(h_BLF)
-        logits_BLV = token_embed.attend(h_BLD, cfg.compute_dtype)
+        )
+        transform_norm = LayerNorm(name="mlm_norm", **norm)
         vocab_bias = self.param(
             "mlm_bias",
             nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
             (cfg.vocab_size,),
             cfg.params_dtype,
         )
-        logits_BLV = logits_BLV + vocab_bias.astype(jnp.float32)[None, None]
-        logits_BLV = nn.with_logical_constraint(
-            logits_BLV, ("batch", "length", "vocab")
+
+        def logits_fn(h_BLD):
+            h_BLF = activation_fn(cfg.activation)(transform(h_BLD))
+            logits_BLV = token_embed.attend(transform_norm(h_BLF), cfg.compute_dtype)
+            return _vocab_constraint(
+                logits_BLV + vocab_bias.astype(jnp.float32)[None, None]
+            )
+
+        head = _head_outputs(
+            cfg, logits_fn, head_in_BLD, loss_targets, self.is_initializing()
         )
-        return {**out, "logits": logits_BLV}
+        return {**out, **head}
 
 
 class TextDecoder(nn.Module):
@@ -282,6 +335,9 @@ class TextDecoder(nn.Module):
     LM head tied to the token embeddings unless `config.tie_embeddings` is False.
 
     Returns {"hidden": [B,L,D] after the final norm, "logits": [B,L,V]}, float32.
+    With `loss_targets` = (targets_BL, weights_BL) (`objectives.next_token_targets`)
+    also "loss_sums"; above `config.max_logits_elements` logits per device these
+    come from chunks and "logits" is left out (`_head_outputs`).
 
     Decoding (`fmjax.inference.generate`) passes `cache`, one layer cache per
     layer (`init_cache`), with `positions_BL` and the attention mask
@@ -309,9 +365,17 @@ class TextDecoder(nn.Module):
         mask_B1LS: Array | None = None,
         last_only: bool = False,
         select_BK: Array | None = None,
+        loss_targets: tuple[Array, Array] | None = None,
     ) -> dict[str, Array]:
         """`prompt_TD`, `prefix_kv`: prompt / prefix tuning (module docstring)."""
         cfg = self.config
+        if loss_targets is not None and (
+            cache is not None or last_only or select_BK is not None
+        ):
+            raise ValueError(
+                "loss_targets scores every position of a training batch; expected "
+                "no cache, last_only or select_BK with it"
+            )
         if cfg.num_classes:
             raise ValueError(
                 f"TextDecoder has no classifier head (num_classes={cfg.num_classes}); "
@@ -361,9 +425,12 @@ class TextDecoder(nn.Module):
         )(x_BLD)
 
         if cfg.tie_embeddings:
-            logits_BLV = token_embed.attend(hidden_BLD, cfg.compute_dtype)
+
+            def logits_fn(h_BLD):
+                return _vocab_constraint(token_embed.attend(h_BLD, cfg.compute_dtype))
+
         else:
-            logits_BLV = EinsumDense(
+            lm_head = EinsumDense(
                 "BLD,DV->BLV",
                 (cfg.d_model, cfg.vocab_size),
                 ("embed", "vocab"),
@@ -372,11 +439,15 @@ class TextDecoder(nn.Module):
                 dtype=cfg.compute_dtype,
                 param_dtype=cfg.params_dtype,
                 name="lm_head",
-            )(hidden_BLD).astype(jnp.float32)
-        logits_BLV = nn.with_logical_constraint(
-            logits_BLV, ("batch", "length", "vocab")
+            )
+
+            def logits_fn(h_BLD):
+                return _vocab_constraint(lm_head(h_BLD).astype(jnp.float32))
+
+        head = _head_outputs(
+            cfg, logits_fn, hidden_BLD, loss_targets, self.is_initializing()
         )
-        out = {"hidden": hidden_BLD, "logits": logits_BLV}
+        out = {"hidden": hidden_BLD, **head}
         if cache is not None:
             out["cache"] = caches
         return out

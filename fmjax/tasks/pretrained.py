@@ -24,6 +24,7 @@ NUMERICS = (
     "attention_dropout_rate",
     "dtype",
     "remat",
+    "max_logits_elements",
 )
 
 

@@ -316,6 +316,9 @@ class TextTask(Task):
                     extra["predict_positions_BK"] = positions
             else:
                 inputs = tokens
+                targets, weights = objectives.next_token_targets(
+                    tokens, segment_ids, batch.get("loss_mask")
+                )
             out = adaptation.apply(
                 model,
                 params,
@@ -327,15 +330,12 @@ class TextTask(Task):
                 positions_BL=batch["positions"],
                 deterministic=not train,
                 rngs={"dropout": dropout_rng},
+                # The model scores its own head: above model.max_logits_elements
+                # it never holds the whole [B, L, V] logits (models/text.py).
+                loss_targets=(targets, weights),
                 **extra,
             )
-            if objective == "mlm":
-                _, sums = objectives.mlm_loss(out["logits"], targets, weights)
-            else:
-                _, sums = objectives.next_token_loss(
-                    out["logits"], tokens, segment_ids, batch.get("loss_mask")
-                )
-            return sums
+            return out["loss_sums"]
 
         return loss_fn
 
