@@ -34,6 +34,8 @@ def get_config(variant: str = "tiny"):
         # Logits per device above which the loss runs over chunks of positions
         # and never holds the whole [B, L, V] (0: never chunk).
         max_logits_elements=2**27,
+        # Attention scores per device above which queries go in chunks.
+        max_attention_elements=2**27,
     )
     if variant == "tiny":
         c.data.update(seq_len=128, batch_size=32, vocab_size=8000)

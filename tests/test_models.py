@@ -533,3 +533,86 @@ def test_chunked_head_loss_equals_whole_logits_loss_and_grads(kind, tie):
         np.testing.assert_allclose(
             grad, flat_want[path], rtol=1e-5, atol=1e-5, err_msg=str(path)
         )
+
+
+@pytest.mark.parametrize("kind", ["decoder", "encoder"])
+def test_chunked_attention_equals_whole_attention_and_grads(kind):
+    """Queries in chunks of 4 (the scores of 2 rows x 2 heads x 4 queries x 19
+    keys fit `max_attention_elements`): GQA, RoPE, packed segments, padding,
+    15 queries (one chunk padded) and, in the decoder, 4 prefix-tuning slots."""
+    B, L, T = 2, 15, 4
+    cfg = TransformerConfig(
+        **{**CHUNK_TINY, "num_kv_heads": 1},
+        max_len=16,
+        kind=kind,
+        position="rope",
+        max_attention_elements=0,
+    )
+    keys = L + T if kind == "decoder" else L
+    chunked_cfg = dataclasses.replace(cfg, max_attention_elements=B * 2 * 5 * keys)
+    module = TextDecoder if kind == "decoder" else TextEncoder
+    params = _init(module(cfg), L)
+    tokens_BL = jax.random.randint(jax.random.key(3), (B, L), 0, 50)
+    inputs = dict(segment_ids_BL=jnp.asarray([[1] * 9 + [2] * 6, [1] * 12 + [0] * 3]))
+    if kind == "decoder":
+        prefix = jax.random.normal(jax.random.key(4), (2, 1, T, 1, 4))
+        inputs["prefix_kv"] = (prefix[0], prefix[1])
+
+    def run(cfg):
+        model = module(cfg)
+
+        def loss(params):
+            out = model.apply({"params": params}, tokens_BL, **inputs)
+            return jnp.sum(jnp.sin(out["logits"])), out["logits"]
+
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+    (_, want_logits), want_grads = run(cfg)
+    (_, logits), grads = run(chunked_cfg)
+    np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
+    flat_want = dict(jax.tree_util.tree_leaves_with_path(want_grads))
+    for path, grad in jax.tree_util.tree_leaves_with_path(grads):
+        np.testing.assert_allclose(
+            grad, flat_want[path], rtol=1e-5, atol=1e-5, err_msg=str(path)
+        )
+
+
+def _largest_value(jaxpr) -> int:
+    """Elements of the largest value a jaxpr (or one inside it) computes."""
+    largest = 0
+    for eqn in jaxpr.eqns:
+        largest = max([largest, *(math.prod(v.aval.shape) for v in eqn.outvars)])
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    largest = max(largest, _largest_value(inner))
+    return largest
+
+
+def test_chunked_attention_never_holds_all_scores():
+    """Forward and backward of `chunked_attention` hold one chunk of the
+    [B, H, L, S] scores at a time (a scan that saved every chunk's would hold
+    them all)."""
+    from fmjax.models.layers import attend_values, attention_probs, chunked_attention
+
+    B, L, H, K = 2, 16, 8, 2  # many heads: the scores outgrow q, k, v and the mask
+    q, k, v = jax.random.normal(jax.random.key(0), (3, B, L, H, K))
+    mask_B1LS = make_attention_mask(jnp.ones((B, L), jnp.int32), causal=True)
+    layouts = ("BSGK", "BSGK")
+
+    def whole(q, k, v):
+        return attend_values(attention_probs(q, k, mask_B1LS), v).sum()
+
+    def chunked(q, k, v):
+        return chunked_attention(q, k, v, mask_B1LS, layouts, chunk_len=4).sum()
+
+    grads = jax.grad(chunked, argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(whole, argnums=(0, 1, 2))(q, k, v)
+    for got, expected in zip(grads, want, strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    chunk = _largest_value(jax.make_jaxpr(jax.grad(chunked))(q, k, v).jaxpr)
+    assert chunk == B * H * 4 * L  # one chunk of 4 queries' scores
+    assert (
+        _largest_value(jax.make_jaxpr(jax.grad(whole))(q, k, v).jaxpr) == B * H * L * L
+    )

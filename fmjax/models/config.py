@@ -61,6 +61,13 @@ class TransformerConfig:
     # gpt_lm:small's 32 x 128 x 8000 stay whole, gpt_lm:base's 512 x 1024 x
     # 50257 on 16 chips go 64 positions at a time. 0: never chunk.
     max_logits_elements: int = 2**27
+    # The most attention scores [B, H, L, S] one device holds in a layer: above
+    # it attention runs over chunks of queries, each rematerialised in the
+    # backward pass (fmjax.models.layers.chunked_attention); every query row is
+    # computed as before. gpt_lm:8b's 8 x 32 x 4096 x 4096 per chip of a v5p-64
+    # (16 GiB of f32 scores, several copies in a backward pass) go 128 queries
+    # at a time. 0: never chunk.
+    max_attention_elements: int = 2**27
     # Encoders only: > 0 adds a classifier head over pooled hidden states.
     num_classes: int = 0
     classifier_pooling: str = "mean"
@@ -99,6 +106,12 @@ class TransformerConfig:
             "max_logits_elements",
             _is_int(self.max_logits_elements) and self.max_logits_elements >= 0,
             "0 (never chunk the loss) or a positive int",
+        )
+        _check(
+            self,
+            "max_attention_elements",
+            _is_int(self.max_attention_elements) and self.max_attention_elements >= 0,
+            "0 (never chunk attention) or a positive int",
         )
         _check(
             self,

@@ -32,6 +32,7 @@ from fmjax.adapt.quant import (
 )
 from fmjax.models.axes import kernel_num_in
 from fmjax.models.config import ACTIVATIONS, TransformerConfig
+from fmjax.sharding import positions_per_chunk
 
 Array = jax.Array
 
@@ -279,6 +280,52 @@ def attend_values(probs_BHLS: Array, v: Array, v_layout: str = "BSGK") -> Array:
     return einops.rearrange(out_BLGQK, "B L G Q K -> B L (G Q) K")
 
 
+def chunked_attention(
+    q_BLHK: Array,
+    k: Array,
+    v: Array,
+    mask_B1LS: Array,
+    layouts: tuple[str, str],
+    chunk_len: int,
+    dropout=None,
+) -> Array:
+    """`attend_values(attention_probs(q, k, mask), v)` -> [B, L, H, K], the
+    queries taken `chunk_len` at a time inside a `lax.scan`, each chunk
+    rematerialised (`jax.checkpoint`) in the backward pass: the [B, H, L, S]
+    scores and probabilities exist one [B, H, chunk_len, S] slice at a time in
+    both passes (as "Self-attention does not need O(n^2) memory", Rabe and
+    Staats 2021, without the key blocking: each query row still sees all S
+    keys in one softmax, so every row is computed exactly as before).
+    `dropout(probs, chunk_index)`, if given, drops attention probabilities
+    per chunk. Padding queries (a length `chunk_len` does not divide) see no
+    key and are cut off."""
+    length = q_BLHK.shape[1]
+    num_chunks = -(-length // chunk_len)
+    pad = num_chunks * chunk_len - length
+    if pad:
+        q_BLHK = jnp.pad(q_BLHK, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        mask_B1LS = jnp.pad(mask_B1LS, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    q_NBCHK = einops.rearrange(q_BLHK, "B (N C) H K -> N B C H K", C=chunk_len)
+    mask_NB1CS = einops.rearrange(mask_B1LS, "B o (N C) S -> N B o C S", C=chunk_len)
+
+    # prevent_cse=False: inside a scan, CSE cannot undo the rematerialisation.
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def chunk_context(q_BCHK, mask_B1CS, index):
+        probs_BHCS = attention_probs(q_BCHK, k, mask_B1CS, layouts[0])
+        if dropout is not None:
+            probs_BHCS = dropout(probs_BHCS, index)
+        return attend_values(probs_BHCS, v, layouts[1])
+
+    def step(_, chunk):
+        return None, chunk_context(*chunk)
+
+    _, context_NBCHK = jax.lax.scan(
+        step, None, (q_NBCHK, mask_NB1CS, jnp.arange(num_chunks))
+    )
+    context_BLHK = einops.rearrange(context_NBCHK, "N B C H K -> B (N C) H K")
+    return context_BLHK[:, :length]
+
+
 class Attention(nn.Module):
     """Multi-head / grouped-query self-attention with optional RoPE.
 
@@ -299,6 +346,10 @@ class Attention(nn.Module):
     built by the caller, says which slots each query sees. Prefix-tuning slots
     live in the cache (`init_cache(prefix_kv=...)`), not in `prefix_kv`.
     Returns (out, cache); the cache is None when none was given.
+
+    When the [B, H, L, S] scores would exceed `max_scores_elements` per
+    device, the queries go through `chunked_attention` (same result, the
+    scores never whole in either pass).
     """
 
     num_heads: int
@@ -311,6 +362,8 @@ class Attention(nn.Module):
     out_init_std: float | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    # Above this many [B, H, L, S] scores per device, `chunked_attention`.
+    max_scores_elements: int = 0
 
     def _dense(self, equation, shape, axes, name, std=None):
         return EinsumDense(
@@ -369,11 +422,26 @@ class Attention(nn.Module):
                 f"columns; expected {num_keys} (prefix slots + length, or cache "
                 "slots)"
             )
-        probs_BHLS = attention_probs(q_BLHK, k, mask_B1LS, layouts[0])
-        probs_BHLS = nn.Dropout(self.dropout_rate)(
-            probs_BHLS, deterministic=deterministic
+        batch, length = q_BLHK.shape[:2]
+        chunk_len = positions_per_chunk(
+            batch, length, heads * num_keys, self.max_scores_elements
         )
-        context_BLHK = attend_values(probs_BHLS, v, layouts[1])
+        if chunk_len < length:
+            context_BLHK = chunked_attention(
+                q_BLHK,
+                k,
+                v,
+                mask_B1LS,
+                layouts,
+                chunk_len,
+                self._chunk_dropout(deterministic),
+            )
+        else:
+            probs_BHLS = attention_probs(q_BLHK, k, mask_B1LS, layouts[0])
+            probs_BHLS = nn.Dropout(self.dropout_rate)(
+                probs_BHLS, deterministic=deterministic
+            )
+            context_BLHK = attend_values(probs_BHLS, v, layouts[1])
         out_BLD = self._dense(
             "BLHK,HKD->BLD",
             (heads, head_dim, d_model),
@@ -382,6 +450,22 @@ class Attention(nn.Module):
             std=self.out_init_std,
         )(context_BLHK)
         return out_BLD, cache
+
+    def _chunk_dropout(self, deterministic: bool):
+        """flax `nn.Dropout` for `chunked_attention`: one key drawn here, outside
+        its scan, and folded with the chunk index, so chunks drop independently."""
+        rate = self.dropout_rate
+        if deterministic or rate == 0.0:
+            return None
+        rng = self.make_rng("dropout")
+
+        def dropout(probs, index):
+            keep = jax.random.bernoulli(
+                jax.random.fold_in(rng, index), 1.0 - rate, probs.shape
+            )
+            return jnp.where(keep, probs / (1.0 - rate), 0.0)
+
+        return dropout
 
 
 def init_cache(
@@ -505,6 +589,7 @@ class Block(nn.Module):
             dropout_rate=cfg.attention_dropout_rate,
             init_std=cfg.init_std,
             out_init_std=self.residual_init_std,
+            max_scores_elements=cfg.max_attention_elements,
             name="attention",
             **numerics,
         )

@@ -25,6 +25,7 @@ NUMERICS = (
     "dtype",
     "remat",
     "max_logits_elements",
+    "max_attention_elements",
 )
 
 
