@@ -196,3 +196,22 @@ def test_activation_checkpointing_gives_the_same_training(policy):
         jax.tree.leaves(params), jax.tree.leaves(params_remat), strict=True
     ):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_resume_refuses_another_model_but_not_a_newer_fmjax(tmp_path):
+    """check_resumable compares the state-shaping groups key by key; a key the
+    saved run does not have (written by an fmjax before that setting existed)
+    is not a difference."""
+    import json
+
+    from fmjax.config import ConfigError, to_json
+    from fmjax.train.run import check_resumable
+
+    config = load_config("configs/gpt_lm.py:tiny")
+    saved = json.loads(to_json(config))
+    del saved["model"]["max_logits_elements"]  # an older fmjax's run
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    check_resumable(str(tmp_path), config)
+    wider = load_config("configs/gpt_lm.py:tiny", ["--config.model.d_model=256"])
+    with pytest.raises(ConfigError, match=r"model.d_model: 128 -> 256"):
+        check_resumable(str(tmp_path), wider)

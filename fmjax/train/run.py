@@ -138,10 +138,13 @@ def check_resumable(workdir: str, config) -> None:
     differ = []
     for group in _STATE_GROUPS:
         old, new = saved.get(group, {}), current.get(group, {})
+        # A key only one side has comes from another fmjax version (a run
+        # written before a setting existed ran as its default does): compare
+        # the keys both know, so an upgrade does not strand a run.
         differ += [
-            f"{group}.{k}: {old.get(k)!r} -> {new.get(k)!r}"
-            for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k)
+            f"{group}.{k}: {old[k]!r} -> {new[k]!r}"
+            for k in sorted(set(old) & set(new))
+            if old[k] != new[k]
         ]
     if differ:
         raise ConfigError(
