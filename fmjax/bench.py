@@ -295,9 +295,10 @@ def bench_train(
     return result
 
 
-def compiled_step_memory(config, mesh) -> dict:
+def compiled_step_memory(config, mesh, hlo: bool = False) -> dict:
     """Compiles the real sharded train step from abstract inputs (nothing is
-    allocated) and returns its per-device memory analysis and FLOPs."""
+    allocated) and returns its per-device memory analysis and FLOPs; with
+    `hlo`, also the optimised HLO text ("hlo_text")."""
     from fmjax.train.run import init_state
 
     task = task_for(config, with_data=False)
@@ -348,6 +349,8 @@ def compiled_step_memory(config, mesh) -> dict:
     out["total_bytes"] = (
         out["argument_bytes"] + out["temp_bytes"] + out["output_bytes"]
     ) - out["alias_bytes"]
+    if hlo:
+        out["hlo_text"] = compiled.as_text()
     return out
 
 

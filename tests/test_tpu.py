@@ -39,6 +39,16 @@ def test_compile_reports_hbm_flops_and_roofline(capsys):
     assert report["hbm_argument_bytes"] >= 3 * 4 * 1_000_000
     assert report["xla_flops_per_chip"] > report["model_flops_per_step"] / 4 * 0.5
     assert 0 < report["roofline_mfu"] <= 1 and report["fits"]
+    # Data parallel: every chip sums the f32 gradients of >= 1M params with the
+    # other three (all-reduce, or reduce-scatter + all-gather).
+    reduced = report["collectives"]["all-reduce"]["bytes"]
+    reduced += report["collectives"]["reduce-scatter"]["bytes"]
+    assert reduced >= 4 * 1_000_000
+    times = {k: report[f"{k}_s"] for k in ("compute", "hbm", "communication")}
+    assert report["communication_s"] == (
+        report["ici_bytes_per_chip"] / report["ici_bandwidth"]
+    )
+    assert report["roofline_step_s"] == max(times.values()) == times[report["bound"]]
 
 
 @needs_libtpu
@@ -55,8 +65,13 @@ def test_compile_plans_a_vit_in_images(capsys):
 
 @needs_libtpu
 def test_compile_refuses_a_config_that_does_not_fit(capsys):
+    """2048 rows of 512 tokens per chip, the logits and attention scores whole
+    (4.2 G and 1.1 G f32 values a chip). With the default chunking the same step
+    fits (14.4 of 16 GiB), but compiling its loops takes this machine ~40 s."""
     args = ["compile", "--config", "configs/gpt_lm.py:tiny", "--topology", "v5e:2x2"]
     args += ["--config.data.batch_size=8192", "--config.data.seq_len=512"]
+    args += ["--config.model.max_logits_elements=0"]
+    args += ["--config.model.max_attention_elements=0"]
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert "does not fit on v5e:2x2" in err and "16.00 GiB HBM" in err, err
@@ -154,3 +169,62 @@ def test_watch_stops_a_stalled_job(tmp_path):
     assert "no progress past step 5" in out.stdout
     assert "pkill -TERM" in out.stdout  # the stop command it ran
     assert time.time() - start < 30
+
+
+def test_collectives_are_read_from_the_compiled_hlo_with_exact_bytes():
+    """A program on the 8 CPU devices (a 2 x 4 mesh) with collectives of known
+    sizes: `collective_stats` finds each in the optimised HLO with the bytes
+    its shapes give, five times for the one in a 5-step loop."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from fmjax.aot import collective_stats
+
+    mesh = jax.make_mesh((2, 4), ("i", "j"))
+    both = ("i", "j")
+
+    def step(x_c, y_rc, z_rc):  # per device: f32[256], f32[16, 4], f32[128, 4]
+        total = jax.lax.psum(x_c, both)  # 8 chips: 1 KiB
+        row = jax.lax.psum(x_c[:64], "j")  # 4 chips: 256 B
+        gathered = jax.lax.all_gather(y_rc, both, tiled=True)  # -> f32[128, 4]
+        scattered = jax.lax.psum_scatter(z_rc, both, tiled=True)  # -> f32[16, 4]
+        shifted = jax.lax.ppermute(y_rc, "j", [(k, (k + 1) % 4) for k in range(4)])
+        # Each step's all-reduce reads the last one's result: it stays in the loop.
+        looped = jax.lax.fori_loop(
+            0, 5, lambda _, c: c + jax.lax.psum(jnp.sin(c), both), x_c
+        )
+        return total + looped + jnp.sum(row), gathered, scattered + shifted
+
+    spec = P(both)
+    fn = jax.jit(
+        jax.shard_map(step, mesh=mesh, in_specs=(spec,) * 3, out_specs=(spec,) * 3)
+    )
+    shaped = lambda *s: jax.ShapeDtypeStruct(  # noqa: E731
+        s, jnp.float32, sharding=NamedSharding(mesh, spec)
+    )
+    hlo = fn.lower(shaped(8 * 256), shaped(8 * 16, 4), shaped(8 * 128, 4)).compile()
+    text = hlo.as_text()
+    stats = collective_stats(text, num_devices=8)
+    # XLA:TPU prints no known_trip_count: the loop's `i < 5` says the same.
+    assert '"known_trip_count":{"n":"5"}' in text
+    untold = text.replace('"known_trip_count":{"n":"5"}', '"known_trip_count":{}')
+    assert collective_stats(untold, num_devices=8) == stats
+
+    ring = lambda n: (n - 1) / n  # noqa: E731
+    # all-reduce: 1 KiB over 8 chips, once and 5 times in the loop; 256 B over 4.
+    assert stats["all-reduce"]["bytes"] == 1024 + 5 * 1024 + 256
+    assert stats["all-reduce"]["ici_bytes"] == 2 * (6 * 1024 * ring(8) + 256 * ring(4))
+    assert stats["all-reduce"]["count"] >= 3  # XLA may combine the first two
+    # all-gather: 8 shards of 256 B into 2 KiB; each chip sends 7 shards' worth.
+    assert stats["all-gather"] == {"count": 1, "bytes": 2048, "ici_bytes": 7 * 256}
+    # reduce-scatter: 2 KiB reduced into 256 B shards; 7 partial shards sent.
+    assert stats["reduce-scatter"] == {
+        "count": 1,
+        "bytes": 2048,
+        "ici_bytes": 7 * 256,
+    }
+    # collective-permute: each chip sends its 256 B block once.
+    assert stats["collective-permute"] == {"count": 1, "bytes": 256, "ici_bytes": 256}
+    assert stats["all-to-all"]["count"] == 0
