@@ -3,8 +3,9 @@
 Runs `fmjax compile` (AOT compilation of the real sharded train step for a TPU
 topology description, no TPU needed) for the base presets and the 1B and 8B
 decoders on v5e-16, v5p-64 and v5p-256, plus the 1B decoder data parallel (its
-preset shards it fsdp over all chips) to compare the two meshes' communication,
-and writes the table. Needs the [tpu] extra (libtpu).
+preset shards it fsdp over all chips) and both meshes at one 512-token row per
+chip, to compare the two meshes' communication, and writes the table. Needs
+the [tpu] extra (libtpu).
 
     python bench/tpu_plan.py [--reuse]
 """
@@ -98,8 +99,19 @@ which part it is. MFU = model FLOPs / (chips x peak x roofline step).
 
 Produced by `python bench/tpu_plan.py` with each config's own mesh
 (base presets: data parallel; 1b and 8b: fsdp over all chips) and batch, and
-the 1b decoder once more data parallel. ICI is what one chip sends per step
-(the largest kind in brackets); compute, HBM and comm. are milliseconds.
+the 1b decoder once more data parallel, and both meshes once more with one
+row of 512 tokens per chip. ICI is what one chip sends per step (the largest
+kind in brackets); compute, HBM and comm. are milliseconds.
+
+How to read the mesh rows: fsdp gathers every weight in the forward pass, in
+the rematerialised forward and in the backward pass and reduces the
+gradients, data parallel only all-reduces the gradients once, so fsdp sends
+more per chip; at a preset's batch the compute time hides either. With one
+512-token row per chip, compute shrinks and the communication time, which
+does not shrink with the batch, decides: that is where the roofline MFU of
+the two meshes parts. Elsewhere an MFU below 100% means XLA's FLOP count
+(which includes rematerialisation, but counts a loop's body once) is above
+the model's 6 N + attention.
 
 """
 COLUMNS = (
