@@ -40,15 +40,11 @@ import argparse
 import json
 import os
 import random
-import shlex
-import subprocess
-import sys
 import time
 
 import numpy as np
+from studies import REPO, run_fmjax, write_results
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BEGIN, END = "<!-- RESULTS BEGIN -->", "<!-- RESULTS END -->"
 FORMATS = ("direct", "reversed", "scratchpad")
 # What each format's answer regex reads (lm-eval's regex filter, first match).
 ANSWER_PATTERNS = {
@@ -215,15 +211,6 @@ def _task_yaml(folder: str, kind: str, name: str, digits: int) -> str:
     return path
 
 
-def run(argv: list[str], log: str) -> None:
-    command = [sys.executable, "-m", "fmjax.cli", *argv]
-    print("$", shlex.join(command), flush=True)
-    with open(log, "a") as f:
-        subprocess.run(
-            command, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=REPO
-        )
-
-
 def train_and_eval(args, files) -> None:
     for seed in args.seeds:
         for kind in (*FORMATS, "prompted"):
@@ -234,7 +221,7 @@ def train_and_eval(args, files) -> None:
             seq_len = args.prompted_seq_len if prompted else args.seq_len
             if not os.path.exists(os.path.join(workdir, "summary.json")):
                 start = time.time()
-                run(
+                run_fmjax(
                     [
                         "train", "--config", "configs/gpt_lm.py:tiny",
                         "--workdir", workdir,
@@ -254,7 +241,7 @@ def train_and_eval(args, files) -> None:
             results = os.path.join(workdir, "cot_eval", "results.json")
             if not os.path.exists(results):
                 tasks = ",".join(yamls.values())
-                run(
+                run_fmjax(
                     [
                         "eval", "--workdir", workdir, "--tasks", tasks,
                         "--num-fewshot", str(PROMPT_SHOTS if prompted else 0),
@@ -337,16 +324,7 @@ def report(args, table: dict) -> None:
     body = f"{settings}\n\n" + "\n".join(rows) + "\n\n![exact match](cot.png)\n"
     with open(os.path.join(args.docs, "cot.json"), "w") as f:
         json.dump({"args": {k: v for k, v in vars(args).items()}, "table": table}, f)
-    doc = os.path.join(args.docs, "cot.md")
-    text = (
-        open(doc).read()
-        if os.path.exists(doc)
-        else f"# Chain of thought\n\n{BEGIN}\n{END}\n"
-    )
-    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-    with open(doc, "w") as f:
-        f.write(text[:start] + "\n" + body + text[end:])
-    print(body)
+    write_results(os.path.join(args.docs, "cot.md"), "Chain of thought", body)
 
 
 def main() -> None:

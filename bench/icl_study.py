@@ -36,19 +36,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import subprocess
 import sys
 import time
 
 import numpy as np
+from studies import REPO, run_fmjax, write_results
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from fmjax.data import icl  # noqa: E402
 
-BEGIN, END = "<!-- RESULTS BEGIN -->", "<!-- RESULTS END -->"
 SHOTS = (0, 1, 2, 4, 8)
 TASKS = {
     "heldout": os.path.join(REPO, "tasks", "icl_heldout.yaml"),
@@ -105,15 +102,6 @@ def write_data(args) -> dict:
     return {"tokenizer": tokenizer, "train": files}
 
 
-def run(argv: list[str], log: str) -> None:
-    command = [sys.executable, "-m", "fmjax.cli", *argv]
-    print("$", shlex.join(command), flush=True)
-    with open(log, "a") as f:
-        subprocess.run(
-            command, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=REPO
-        )
-
-
 def train(args, data, condition, seed: int, steps: int) -> str:
     """Trains (or resumes) a run to `steps`; its workdir."""
     name = name_of(condition)
@@ -123,7 +111,7 @@ def train(args, data, condition, seed: int, steps: int) -> str:
         return workdir  # there (or past it: its evaluation at `steps` is kept)
     width = condition["width"]
     start = time.time()
-    run(
+    run_fmjax(
         [
             "train", "--config", "configs/gpt_lm.py:tiny", "--workdir", workdir,
             f"--config.data.name=jsonl:{data['train'][name]}",
@@ -166,7 +154,7 @@ def evaluate(args, workdir: str, steps: int) -> dict:
                     f"{workdir} is at step {at}, not {steps}: its evaluation at "
                     f"{steps} was not kept; train a new run (another --out)"
                 )
-            run(
+            run_fmjax(
                 [
                     "eval", "--workdir", workdir, "--tasks", TASKS[task],
                     "--num-fewshot", ",".join(map(str, shots)),
@@ -299,16 +287,7 @@ def report(args, results: dict) -> None:
     )
     with open(os.path.join(args.docs, "icl.json"), "w") as f:
         json.dump({"args": vars(args), "results": results}, f, indent=1)
-    doc = os.path.join(args.docs, "icl.md")
-    text = (
-        open(doc).read()
-        if os.path.exists(doc)
-        else f"# In-context learning\n\n{BEGIN}\n{END}\n"
-    )
-    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-    with open(doc, "w") as f:
-        f.write(text[:start] + "\n" + body + text[end:])
-    print(body)
+    write_results(os.path.join(args.docs, "icl.md"), "In-context learning", body)
 
 
 def main() -> None:

@@ -42,15 +42,11 @@ import argparse
 import json
 import os
 import random
-import shlex
-import subprocess
-import sys
 import time
 
 import numpy as np
+from studies import REPO, run_fmjax, write_results
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BEGIN, END = "<!-- RESULTS BEGIN -->", "<!-- RESULTS END -->"
 MAX_PASSAGES = 5
 KS = (1, 3, 5)
 SYLLABLES = (
@@ -175,27 +171,12 @@ def _task_yaml(folder: str, task: str, text: str) -> str:
     return path
 
 
-def run(argv: list[str], log: str, capture: bool = False) -> str:
-    command = [sys.executable, "-m", "fmjax.cli", *argv]
-    print("$", shlex.join(command), flush=True)
-    with open(log, "a") as f:
-        out = subprocess.run(
-            command,
-            check=True,
-            stdout=subprocess.PIPE if capture else f,
-            stderr=f if capture else subprocess.STDOUT,
-            cwd=REPO,
-            text=True,
-        )
-    return out.stdout if capture else ""
-
-
 def build_index(args, files) -> tuple[str, dict]:
     """The corpus index (MiniLM) and recall@k of the test questions."""
     index = os.path.join(args.out, "index")
     log = os.path.join(args.out, "index.log")
     if not os.path.exists(os.path.join(index, "index.json")):
-        run(
+        run_fmjax(
             ["embed", "--workdir", "all-MiniLM-L6-v2", "--input", files["corpus"],
              "--output", index],
             log,
@@ -205,7 +186,7 @@ def build_index(args, files) -> tuple[str, dict]:
     with open(queries, "w") as f:
         # The query fmjax eval --retrieve uses: the task's doc_to_text.
         f.write("".join(json.dumps(d["question"]) + "\n" for d in docs))
-    found = run(
+    found = run_fmjax(
         ["search", "--index", index, "--query-file", queries, "-k", str(max(KS)),
          "--json"],
         log,
@@ -235,7 +216,7 @@ def train_and_eval(args, files, index) -> dict:
         log = os.path.join(args.out, f"seed{seed}.log")
         if not os.path.exists(os.path.join(workdir, "summary.json")):
             start = time.time()
-            run(
+            run_fmjax(
                 [
                     "train", "--config", "configs/gpt_lm.py:tiny",
                     "--workdir", workdir,
@@ -262,7 +243,7 @@ def train_and_eval(args, files, index) -> dict:
             output = os.path.join(workdir, "rag_eval", name.replace(" ", "_"))
             results = os.path.join(output, "results.json")
             if not os.path.exists(results):
-                run(
+                run_fmjax(
                     ["eval", "--workdir", workdir, "--tasks", ",".join(tasks),
                      "--num-fewshot", "0", "--output", output, "--batch-size", "64",
                      "--json", *extra],
@@ -312,16 +293,7 @@ def report(args, scores: dict, recall: dict) -> None:
     body = f"{settings}\n\n" + "\n".join(rows) + "\n\n![exact match](rag.png)\n"
     with open(os.path.join(args.docs, "rag.json"), "w") as f:
         json.dump({"args": vars(args), "scores": scores, "recall": recall}, f)
-    doc = os.path.join(args.docs, "rag.md")
-    text = (
-        open(doc).read()
-        if os.path.exists(doc)
-        else f"# Retrieval augmentation\n\n{BEGIN}\n{END}\n"
-    )
-    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-    with open(doc, "w") as f:
-        f.write(text[:start] + "\n" + body + text[end:])
-    print(body)
+    write_results(os.path.join(args.docs, "rag.md"), "Retrieval augmentation", body)
 
 
 def main() -> None:

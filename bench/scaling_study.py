@@ -26,15 +26,11 @@ import argparse
 import json
 import math
 import os
-import shlex
-import subprocess
-import sys
 import time
 
 import numpy as np
+from studies import REPO, run_fmjax, write_results
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BEGIN, END = "<!-- RESULTS BEGIN -->", "<!-- RESULTS END -->"
 # (d_model, layers); heads of 64 dims, MLP 4 d.
 SIZES = ((64, 2), (128, 3), (256, 4), (384, 6), (512, 6))
 # Kaplan et al. 2020, L(N) fitted on converged models (their eq. 1.1).
@@ -52,15 +48,6 @@ def learning_rate(n: int) -> float:
     return 0.003239 - 0.0001395 * math.log(n)
 
 
-def run(argv: list[str], log: str) -> None:
-    command = [sys.executable, "-m", "fmjax.cli", *argv]
-    print("$", shlex.join(command), flush=True)
-    with open(log, "a") as f:
-        subprocess.run(
-            command, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=REPO
-        )
-
-
 def train(args, width: int, layers: int) -> str:
     workdir = os.path.join(args.out, "runs", f"d{width}_l{layers}")
     if os.path.exists(os.path.join(workdir, "summary.json")):
@@ -68,7 +55,7 @@ def train(args, width: int, layers: int) -> str:
     steps = args.tokens // (args.batch_size * args.seq_len)
     n = non_embedding_params(width, layers)
     start = time.time()
-    run(
+    run_fmjax(
         [
             "train", "--config", "configs/gpt_lm.py:tiny", "--workdir", workdir,
             f"--config.model.d_model={width}",
@@ -226,16 +213,7 @@ def report(args, rows: list[dict]) -> None:
     )
     with open(os.path.join(args.docs, "scaling_laws.json"), "w") as f:
         json.dump({"args": vars(args), "rows": rows, "power": power, "floor": floor}, f)
-    doc = os.path.join(args.docs, "scaling_laws.md")
-    text = (
-        open(doc).read()
-        if os.path.exists(doc)
-        else f"# Scaling laws\n\n{BEGIN}\n{END}\n"
-    )
-    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-    with open(doc, "w") as f:
-        f.write(text[:start] + "\n" + body + text[end:])
-    print(body)
+    write_results(os.path.join(args.docs, "scaling_laws.md"), "Scaling laws", body)
 
 
 def main() -> None:
