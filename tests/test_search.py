@@ -220,3 +220,21 @@ def test_bench_search_finds_what_faiss_finds(capsys):
     assert result["max_score_difference"] <= 1e-6
     want = result["fmjax"]["queries_per_s"] / result["faiss"]["queries_per_s"]
     assert result["speedup_vs_faiss"] == pytest.approx(want)
+
+
+def test_prompt_and_query_files_read_the_same_way(tmp_path):
+    """generate's --prompt-file and search's --query-file: lines, or JSON lines
+    (a "prompt" field; queries also bare strings); errors name the file line."""
+    from fmjax.errors import RequestError
+    from fmjax.inference.commands import read_texts
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a\\nb"}\n\n{"text": "c"}\n')
+    with pytest.raises(
+        RequestError, match='p.jsonl line 3: expected a JSON object with a "prompt"'
+    ):
+        read_texts(str(path), "prompt")
+    path.write_text('{"prompt": "a\\nb"}\n\n{"prompt": "c"}\n')
+    assert read_texts(str(path), "prompt") == ["a\nb", "c"]
+    (tmp_path / "q.txt").write_text("one\n\ntwo\n")
+    assert read_texts(str(tmp_path / "q.txt"), "text", strings=True) == ["one", "two"]

@@ -72,24 +72,11 @@ def cmd_lm_eval(args, overrides):
 
 
 def _read_prompts(args) -> list[str]:
-    """--prompt (repeatable) and the lines of --prompt-file (a .jsonl file's
-    "prompt" fields)."""
-
+    """--prompt (repeatable) and the texts of --prompt-file (its lines, or a
+    .jsonl file's "prompt" fields)."""
     prompts = list(args.prompt or [])
     if args.prompt_file:
-        with open(args.prompt_file) as f:
-            lines = [line.rstrip("\n") for line in f if line.strip()]
-        if args.prompt_file.endswith(".jsonl"):
-            for number, line in enumerate(lines, 1):
-                record = json.loads(line)
-                if not isinstance(record, dict) or "prompt" not in record:
-                    raise RequestError(
-                        f"{args.prompt_file} line {number}: expected a JSON object "
-                        'with a "prompt" field'
-                    )
-                prompts.append(record["prompt"])
-        else:
-            prompts.extend(lines)
+        prompts += read_texts(args.prompt_file, "prompt")
     if not prompts:
         raise RequestError("no prompt: give --prompt TEXT or --prompt-file FILE")
     return prompts
@@ -174,26 +161,30 @@ def cmd_embed(args, overrides):
     return 0
 
 
-def read_queries(path: str) -> list[str]:
-    """A query file's queries: its non-empty lines, or for .jsonl each line's
-    JSON string or object's "text"."""
-    queries = []
+def read_texts(path: str, field: str, strings: bool = False) -> list[str]:
+    """A file's texts: its non-empty lines, or for .jsonl each line's object's
+    `field` (with `strings`, a bare JSON string too, for texts with newlines);
+    errors name the file's line."""
+    texts = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             if not path.endswith(".jsonl"):
-                queries.append(line.rstrip("\n"))
+                texts.append(line.rstrip("\n"))
                 continue
             record = json.loads(line)
-            text = record.get("text") if isinstance(record, dict) else record
+            text = record.get(field) if isinstance(record, dict) else None
+            if strings and isinstance(record, str):
+                text = record
             if not isinstance(text, str):
+                what = "a JSON string or an object" if strings else "a JSON object"
                 raise RequestError(
-                    f"{path} line {number}: expected a JSON string or an object with "
-                    f'a "text" string, got {line.strip()[:80]!r}'
+                    f'{path} line {number}: expected {what} with a "{field}" '
+                    f"string, got {line.strip()[:80]!r}"
                 )
-            queries.append(text)
-    return queries
+            texts.append(text)
+    return texts
 
 
 def cmd_search(args, overrides):
@@ -201,7 +192,7 @@ def cmd_search(args, overrides):
     from fmjax.inference.search import Index
 
     queries = list(args.query or []) + (
-        read_queries(args.query_file) if args.query_file else []
+        read_texts(args.query_file, "text", strings=True) if args.query_file else []
     )
     if not queries:
         raise RequestError("fmjax search: give --query TEXT or --query-file FILE")
