@@ -252,32 +252,28 @@ def train_and_eval(args, files) -> None:
                 )  # fmt: skip
 
 
+def _scores(args, run: str, yaml: str, shots: int) -> list[float]:
+    """Exact match of the task in `yaml` for run `run` of each seed."""
+    task = os.path.basename(yaml)[: -len(".yaml")]
+    scores = []
+    for seed in args.seeds:
+        results = os.path.join(
+            args.out, "runs", f"{run}_seed{seed}", "cot_eval", "results.json"
+        )
+        with open(results) as f:
+            result = json.load(f)[str(shots)]["results"][task]
+        scores.append(result["exact_match,answer"])
+    return scores
+
+
 def collect(args, files) -> dict:
     table = {}
     for kind in FORMATS:
         for name, yaml in files[kind][1].items():
-            task = os.path.basename(yaml)[: -len(".yaml")]
-            scores = []
-            for seed in args.seeds:
-                results = os.path.join(
-                    args.out, "runs", f"{kind}_seed{seed}", "cot_eval", "results.json"
-                )
-                with open(results) as f:
-                    shots = json.load(f)
-                scores.append(shots["0"]["results"][task]["exact_match,answer"])
-            table.setdefault(kind, {})[name] = scores
+            table.setdefault(kind, {})[name] = _scores(args, kind, yaml, 0)
     for key, yaml in files["prompted"][1].items():
         style, name = key.split(":")
-        task = os.path.basename(yaml)[: -len(".yaml")]
-        scores = []
-        for seed in args.seeds:
-            results = os.path.join(
-                args.out, "runs", f"prompted_seed{seed}", "cot_eval", "results.json"
-            )
-            with open(results) as f:
-                shots = json.load(f)
-            result = shots[str(PROMPT_SHOTS)]["results"][task]
-            scores.append(result["exact_match,answer"])
+        scores = _scores(args, "prompted", yaml, PROMPT_SHOTS)
         table.setdefault(f"prompted ({style} exemplars)", {})[name] = scores
     return table
 
