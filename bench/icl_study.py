@@ -308,16 +308,13 @@ def main() -> None:
     if args.report_only:
         with open(os.path.join(args.docs, "icl.json")) as f:
             results = json.load(f)["results"]
-        results["curve"] = {
-            s: {int(k): v for k, v in c.items()} for s, c in results["curve"].items()
-        }
-        report(args, _int_shots(results))
+        report(args, _int_keys(results))
     else:
         report(args, study(args))
 
 
-def _int_shots(results: dict) -> dict:
-    """JSON keys back to ints (shots)."""
+def _int_keys(results: dict) -> dict:
+    """JSON keys back to ints (shots, and the curve's steps)."""
 
     def fix(table):
         return {task: {int(k): v for k, v in by.items()} for task, by in table.items()}
@@ -328,7 +325,7 @@ def _int_shots(results: dict) -> dict:
             for n, runs in results["final"].items()
         },
         "curve": {
-            s: {steps: fix(t) for steps, t in c.items()}
+            s: {int(steps): fix(t) for steps, t in c.items()}
             for s, c in results["curve"].items()
         },
     }
