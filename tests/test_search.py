@@ -12,6 +12,7 @@ import pytest
 import fmjax
 from fmjax import cli
 from fmjax.errors import RequestError
+from fmjax.inference.commands import encoder_reference
 from fmjax.inference.search import (
     Hit,
     Index,
@@ -183,6 +184,16 @@ def test_embed_and_search_commands(encoder, tiny_bert_dir, tmp_path, capsys):
     )
     text = capsys.readouterr().out
     assert text.startswith("query: rain\n  1. ") and text.count("\n") == 3
+
+
+def test_index_records_its_encoder_so_search_runs_anywhere(tmp_path, monkeypatch):
+    """A relative directory becomes absolute; the package model's name and a
+    remote path stay as given (the name was made a path under the current
+    directory, so `fmjax search` failed after `embed --workdir all-MiniLM-L6-v2`)."""
+    monkeypatch.chdir(tmp_path)
+    assert encoder_reference("runs/enc") == str(tmp_path / "runs" / "enc")
+    assert encoder_reference("all-MiniLM-L6-v2") == "all-MiniLM-L6-v2"
+    assert encoder_reference("gs://bucket/enc") == "gs://bucket/enc"
 
 
 def test_embed_npy_and_missing_index(encoder, tiny_bert_dir, tmp_path, capsys):

@@ -153,12 +153,24 @@ def cmd_embed(args, overrides):
         passages,
         batch_size=args.batch_size,
         progress=True,
-        encoder_path=os.path.abspath(args.workdir),
+        encoder_path=encoder_reference(args.workdir),
     )
     index.save(args.output)
     count, dim = index.embeddings_ND.shape
     print(f"wrote an index of {count} passages x {dim} to {args.output}")
     return 0
+
+
+def encoder_reference(workdir: str) -> str:
+    """How an index records its encoder so `fmjax search` finds it from any
+    directory: a local path made absolute; a name (all-MiniLM-L6-v2) or a
+    remote path as given."""
+    from fmjax import storage
+    from fmjax.convert.sentence_transformers import MINILM
+
+    if workdir == MINILM or storage.is_remote(workdir):
+        return workdir
+    return os.path.abspath(workdir)
 
 
 def read_texts(path: str, field: str, strings: bool = False) -> list[str]:
