@@ -9,7 +9,6 @@ markers in docs/benchmarks.md with the measured numbers. Needs the [hf] extra.
 
 import json
 import os
-import platform
 import subprocess
 import sys
 
@@ -41,23 +40,29 @@ def table(results: list[dict]) -> str:
         f"{k} {v / 1e9:.0f}" for k, v in r0["peak_flops_by_library"].items()
     )
     lines = [
-        f"Measured on {platform.processor() or platform.machine()}, "
-        f"{r0['threads']} threads, {r0['dtype']}, batch {r0['batch_size']} x "
-        f"{r0['seq_len']} tokens; peak = best f32 2048^3 matmul "
-        f"({r0['peak_flops'] / 1e9:.0f} GFLOP/s, from "
-        f"{peaks}).",
+        f"Measured on {r0['cpu']} ({r0['cpu_cores']} cores), {r0['threads']} "
+        f"threads, {r0['dtype']}, batch "
+        f"{r0['batch_size']} x {r0['seq_len']} tokens; each side's median of "
+        f"{r0['rounds']} alternating rounds; peak = best f32 2048^3 matmul "
+        f"({r0['peak_flops'] / 1e9:.0f} GFLOP/s, from {peaks}).",
         "",
-        "| config | fmjax tokens/s | HF tokens/s | fmjax / HF | fmjax MFU | HF MFU |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| config | fmjax tokens/s | HF tokens/s | fmjax / HF | fmjax MFU | HF MFU "
+        "| fmjax ms/step, all rounds | HF ms/step, all rounds |",
+        "|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in results:
+        rounds = {
+            side: " ".join(f"{s * 1e3:.0f}" for s in r[side]["step_s_rounds"])
+            for side in ("fmjax", "hf")
+        }
         lines.append(
             f"| `{r['config']}` | {r['fmjax']['tokens_per_s']:.0f} | "
             f"{r['hf']['tokens_per_s']:.0f} | {r['speedup_vs_hf']:.2f}x | "
-            f"{r['fmjax']['mfu']:.1%} | {r['hf']['mfu']:.1%} |"
+            f"{r['fmjax']['mfu']:.1%} | {r['hf']['mfu']:.1%} | {rounds['fmjax']} | "
+            f"{rounds['hf']} |"
         )
-    hf = results[0]["hf"]
-    lines += ["", f"HF: transformers {hf['transformers']}, torch {hf['torch']}."]
+    versions = ", ".join(f"{k} {v}" for k, v in r0["versions"].items())
+    lines += ["", f"Versions: {versions}."]
     return "\n".join(lines)
 
 

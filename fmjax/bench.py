@@ -11,6 +11,7 @@ bench memory` is here, `fmjax bench decode` in `fmjax.bench_decode`.
 from __future__ import annotations
 
 import os
+import statistics
 import time
 
 import jax
@@ -53,13 +54,23 @@ def _random_batch(rng, batch: int, seq_len: int, vocab: int) -> dict:
     return {"tokens": tokens, "segment_ids": ones, "positions": positions.copy()}
 
 
-def _time_steps(run_step, warmup: int, steps: int) -> float:
-    for _ in range(warmup):
-        run_step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        run_step()
-    return (time.perf_counter() - start) / steps
+def alternate_rounds(
+    steppers: dict, warmup: int, steps: int, rounds: int
+) -> dict[str, list[float]]:
+    """Seconds per step of each `steppers` side ({name: run()}): `warmup`
+    steps each, then `rounds` rounds of `steps` steps, the sides taking
+    turns within every round, so all see the same machine state."""
+    for run in steppers.values():
+        for _ in range(warmup):
+            run()
+    times = {name: [] for name in steppers}
+    for _ in range(rounds):
+        for name, run in steppers.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                run()
+            times[name].append((time.perf_counter() - start) / steps)
+    return times
 
 
 def fmjax_train_step(config, batch: dict):
@@ -128,18 +139,10 @@ def hf_train_step(model, opt, inputs: dict, after_step=None):
     return run
 
 
-def bench_fmjax(config, warmup: int, steps: int) -> dict:
-    batch_size, seq_len = config.data.batch_size, config.data.seq_len
-    batch = _random_batch(
-        np.random.default_rng(0), batch_size, seq_len, config.model.vocab_size
-    )
-    run, _, _ = fmjax_train_step(config, batch)
-    seconds = _time_steps(run, warmup, steps)
-    return {"step_s": seconds, "tokens_per_s": batch_size * seq_len / seconds}
-
-
-def bench_hf(config, warmup: int, steps: int, threads: int) -> dict:
-    """The same model shape in HF transformers (PyTorch), trained the same way."""
+def hf_text_step(config, threads: int):
+    """(run, versions): `run()` does one optimizer step of the config's model
+    shape in HF transformers (PyTorch), trained the same way on random
+    tokens; `versions` names torch and transformers."""
     import torch
     import transformers
 
@@ -192,47 +195,45 @@ def bench_hf(config, warmup: int, steps: int, threads: int) -> dict:
     run = hf_train_step(
         model, config.optimizer, {"input_ids": inputs, "labels": labels}
     )
-    seconds = _time_steps(run, warmup, steps)
-    return {
-        "step_s": seconds,
-        "tokens_per_s": batch_size * seq_len / seconds,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
+    return run, {"torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> dict:
-    """Best sustained f32 matmul FLOP/s of XLA (and PyTorch, when installed)."""
+def matmul_peak_flops(size: int = 2048, repeats: int = 40) -> dict:
+    """The machine's f32 matmul FLOP/s in XLA (and PyTorch, when installed):
+    the best of `repeats` timed [size, size] products each, so a moment of
+    contention does not lower the peak that MFU divides by."""
     import jax.numpy as jnp
 
     a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size)), jnp.float32)
     matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
-    best = {}
-    start = time.perf_counter()
-    for _ in range(repeats):
-        matmul(a).block_until_ready()
-    best["xla"] = 2 * size**3 * repeats / (time.perf_counter() - start)
+    products = {"xla": lambda: matmul(a).block_until_ready()}
     try:
         import torch
 
-        t = torch.from_numpy(np.asarray(a))
-        t @ t
-        start = time.perf_counter()
-        for _ in range(repeats):
-            t @ t
-        best["torch"] = 2 * size**3 * repeats / (time.perf_counter() - start)
+        t = torch.from_numpy(np.array(a))
+        products["torch"] = lambda: t @ t
     except ImportError:
         pass
+    best = {}
+    for name, product in products.items():
+        product()
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            product()
+            seconds.append(time.perf_counter() - start)
+        best[name] = 2 * size**3 / min(seconds)
     return best
 
 
 def bench_train(
     config, against: str = "", warmup: int = 3, steps: int = 10, rounds: int = 5
 ) -> dict:
-    """Text models: `steps` timed steps per side, one side after the other.
-    Image and image-text models: `rounds` alternating rounds of `steps` steps
-    per side (`fmjax.bench_vision`, `fmjax.bench_clip`)."""
+    """Tokens (images, pairs) per second and MFU of fmjax's full optimizer
+    step and, with `against="hf"`, HF's on the same shapes: `rounds` rounds
+    of `steps` steps, the sides alternating (`alternate_rounds`); each side
+    reports its median round and every round. Image and image-text models:
+    `fmjax.bench_vision`, `fmjax.bench_clip`."""
     threads = int(os.environ.get("FMJAX_BENCH_THREADS", os.cpu_count() or 1))
     unit = task_for(config, with_data=False).throughput_unit
     if unit in ("images", "pairs"):
@@ -249,6 +250,7 @@ def bench_train(
             "threads": threads,
             "rounds": rounds,
             "cpu": cpu_model(),
+            "cpu_cores": os.cpu_count(),
             "devices": [str(d) for d in jax.devices()],
             "versions": library_versions(),
             "peak_flops": max(peaks.values()),
@@ -275,6 +277,7 @@ def bench_train(
         "dtype": config.model.dtype,
         "threads": threads,
         "cpu": cpu_model(),
+        "cpu_cores": os.cpu_count(),
         "devices": [str(d) for d in jax.devices()],
         "versions": library_versions(),
         "peak_flops": peak,
@@ -282,16 +285,33 @@ def bench_train(
         "train_flops_per_token": flops_per_token,
         "fmjax_train_flops_per_token": fmjax_flops_per_token,
     }
-    ours = bench_fmjax(config, warmup, steps)
-    ours["mfu"] = ours["tokens_per_s"] * fmjax_flops_per_token / peak
-    result["fmjax"] = ours
-    if against == "hf":
-        theirs = bench_hf(config, warmup, steps, threads)
-        theirs["mfu"] = theirs["tokens_per_s"] * flops_per_token / peak
-        result["hf"] = theirs
-        result["speedup_vs_hf"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
-    elif against:
+    if against not in ("", "hf"):
         raise ConfigError(f"--against {against!r}; expected 'hf'")
+    batch = _random_batch(
+        np.random.default_rng(0), config.data.batch_size, seq_len,
+        config.model.vocab_size,
+    )  # fmt: skip
+    steppers = {"fmjax": fmjax_train_step(config, batch)[0]}
+    flops = {"fmjax": fmjax_flops_per_token}
+    if against:
+        steppers["hf"], versions = hf_text_step(config, threads)
+        flops["hf"] = flops_per_token
+    times = alternate_rounds(steppers, warmup, steps, rounds)
+    result["rounds"] = rounds
+    tokens = config.data.batch_size * seq_len
+    for name, rounds_s in times.items():
+        step_s = statistics.median(rounds_s)
+        result[name] = {
+            "step_s": step_s,
+            "step_s_rounds": rounds_s,
+            "tokens_per_s": tokens / step_s,
+            "mfu": tokens / step_s * flops[name] / peak,
+        }
+    if against:
+        result["hf"].update(versions)
+        result["speedup_vs_hf"] = (
+            result["fmjax"]["tokens_per_s"] / result["hf"]["tokens_per_s"]
+        )
     return result
 
 

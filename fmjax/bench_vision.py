@@ -16,7 +16,6 @@ position table that a sin-cos fmjax ViT keeps fixed.
 from __future__ import annotations
 
 import statistics
-import time
 
 import numpy as np
 
@@ -113,7 +112,7 @@ def compare_train_steps(
     the median round, every round, `{unit}_per_s` (rows of `batch` per
     second) and MFU of fmjax's XLA FLOPs against `peak`. `same_params`:
     refuse, before timing, sides whose trained parameter counts differ."""
-    from fmjax.bench import fmjax_train_step
+    from fmjax.bench import alternate_rounds, fmjax_train_step
 
     run, compiled, fmjax_params = fmjax_train_step(config, batch)
     cost = compiled.cost_analysis()
@@ -127,16 +126,7 @@ def compare_train_steps(
                 f"--against hf: fmjax trains {fmjax_params} parameters, HF "
                 f"{params['hf']}: HF's model does not have the config's shapes"
             )
-    for run in steppers.values():
-        for _ in range(warmup):
-            run()
-    times = {name: [] for name in steppers}
-    for _ in range(rounds):
-        for name, run in steppers.items():
-            start = time.perf_counter()
-            for _ in range(steps):
-                run()
-            times[name].append((time.perf_counter() - start) / steps)
+    times = alternate_rounds(steppers, warmup, steps, rounds)
     rows = len(batch["images"])
     result = {"train_flops_per_step": flops, "params": params}
     for name, rounds_s in times.items():

@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train.add_argument("--steps", type=int, default=10)
     bench_train.add_argument(
         "--rounds", type=int, default=5,
-        help="image and image-text models: alternating rounds of --steps per side",
+        help="rounds of --steps per side, fmjax and HF alternating; medians reported",
     )  # fmt: skip
     bench_train.add_argument("--json", action="store_true", help="only the JSON line")
     bench_train.set_defaults(func=cmd_bench)
