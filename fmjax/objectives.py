@@ -104,8 +104,14 @@ def _cross_entropy_sums(
 ) -> dict[str, Array]:
     """The summed metrics (`loss_sum`, `correct`, `count`) of weighted
     cross-entropy; the one place that turns logits into them."""
+    _, *parts = _log_z_and_target(logits_BLV, targets_BL)
+    return _sums(*parts, weights_BL)[0]
+
+
+@jax.named_scope("cross_entropy")  # names its ops in profiles
+def _log_z_and_target(logits_BLV: Array, targets_BL: Array):
+    """(f32 logits, max, log-partition, target logit), the last three [B, L]."""
     logits_BLV = logits_BLV.astype(jnp.float32)
-    weights_BL = weights_BL.astype(jnp.float32)
     # One max feeds both logsumexp and accuracy: an argmax would be another (slow,
     # variadic) reduction over the [B, L, V] logits.
     max_BL = jax.lax.stop_gradient(jnp.max(logits_BLV, axis=-1))
@@ -115,14 +121,22 @@ def _cross_entropy_sums(
     target_logit_BL = jnp.take_along_axis(
         logits_BLV, targets_BL[..., None].astype(jnp.int32), axis=-1
     )[..., 0]
+    return logits_BLV, max_BL, log_z_BL, target_logit_BL
+
+
+@jax.named_scope("cross_entropy")
+def _sums(max_BL, log_z_BL, target_logit_BL, weights_BL):
+    """(summed metrics, per-position negative log-likelihood)."""
+    weights_BL = weights_BL.astype(jnp.float32)
     nll_BL = log_z_BL - target_logit_BL
     # Ties with another logit count as correct; with float logits they are rare.
     correct_BL = (target_logit_BL >= max_BL).astype(jnp.float32)
-    return {
+    sums = {
         "loss_sum": jnp.sum(nll_BL * weights_BL),
         "correct": jnp.sum(correct_BL * weights_BL),
         "count": jnp.sum(weights_BL),
     }
+    return sums, nll_BL
 
 
 def _mean_of_sums(metrics: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
@@ -146,18 +160,23 @@ def chunked_cross_entropy(
     chunk_len: int,
 ) -> tuple[Array, dict[str, Array]]:
     """`weighted_cross_entropy(logits_fn(hidden_BLD), ...)` without the whole
-    [B, L, V] logits: `logits_fn` ([B, C, D] -> [B, C, V]) runs on C =
-    `chunk_len` positions at a time inside a `lax.scan`, and each chunk is
-    rematerialised (`jax.checkpoint`) in the backward pass, so neither pass
-    keeps more than one chunk's logits. The scan's backward sums the head
-    weights' gradient over the chunks. The price is one more forward matmul
-    of the head (4 head matmuls per step instead of 3), as in MaxText's
-    vocabulary tiling.
+    [B, L, V] logits or their gradient: `logits_fn` ([B, C, D] -> [B, C, V],
+    the model's own head: tied, untied, MLM transform and bias, LoRA) runs on
+    C = `chunk_len` positions at a time inside a `lax.scan`.
 
-    Chunks run over positions rather than the vocabulary, so the head is the
-    model's own (tied, untied, MLM transform and bias, LoRA) and a mesh that
-    splits the batch keeps it split. A length that `chunk_len` does not divide
-    is padded with weight-0 positions, which add nothing to the sums.
+    Under differentiation each chunk's gradient is taken where its logits
+    are made, as Liger's fused linear cross-entropy does: the softmax's
+    closed form (softmax - one-hot, times the weights) is pulled back through
+    `logits_fn` (`jax.vjp`) to the chunk's hidden states and the head's
+    weights, and the backward pass only scales those by the cotangent of
+    `loss_sum`. So no pass holds more than one chunk's logits, and the head
+    costs its 3 matmuls per step, as whole logits do (a rematerialised
+    chunk would cost 4). The gradients are exact for `loss_sum` and `count`
+    (`correct` is piecewise constant: zero).
+
+    Chunks run over positions rather than the vocabulary, so a mesh that
+    splits the batch keeps it split. A length that `chunk_len` does not
+    divide is padded with weight-0 positions, which add nothing to the sums.
     """
     batch, length, _ = hidden_BLD.shape
     if targets_BL.shape != (batch, length) or weights_BL.shape != (batch, length):
@@ -167,30 +186,89 @@ def chunked_cross_entropy(
         )
     if not 1 <= chunk_len <= length:
         raise ValueError(f"chunk_len={chunk_len}: expected 1 <= chunk_len <= {length}")
-    num_chunks = -(-length // chunk_len)
-    pad = num_chunks * chunk_len - length
-    if pad:
-        hidden_BLD = jnp.pad(hidden_BLD, ((0, 0), (0, pad), (0, 0)))
-        targets_BL = jnp.pad(targets_BL, ((0, 0), (0, pad)))
-        weights_BL = jnp.pad(weights_BL, ((0, 0), (0, pad)))
-    split = lambda x: einops.rearrange(x, "B (N C) ... -> N B C ...", C=chunk_len)  # noqa: E731
+    # The head's weights, closed over by `logits_fn`, become explicit inputs
+    # that the custom gradient can return cotangents for.
+    head_fn, head = jax.closure_convert(logits_fn, hidden_BLD[:, :chunk_len])
+    targets_BL = targets_BL.astype(jnp.int32)
+    return _mean_of_sums(
+        _fused_sums(head_fn, chunk_len, hidden_BLD, targets_BL, weights_BL, *head)
+    )
 
-    # prevent_cse=False: inside a scan, CSE cannot undo the rematerialisation.
-    @functools.partial(jax.checkpoint, prevent_cse=False)
-    def chunk_sums(h_BCD, targets_BC, weights_BC):
-        return _cross_entropy_sums(logits_fn(h_BCD), targets_BC, weights_BC)
+
+def _chunks(chunk_len: int, *xs_BL):
+    """Each [B, L, ...] array padded to whole chunks (weights with 0) and split
+    [N, B, C, ...]; and a function joining [N, B, C, ...] back to [B, L, ...]."""
+    length = xs_BL[0].shape[1]
+    pad = -length % chunk_len
+    split = lambda x: einops.rearrange(  # noqa: E731
+        jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)),
+        "B (N C) ... -> N B C ...", C=chunk_len,
+    )  # fmt: skip
+    join = lambda x: einops.rearrange(x, "N B C ... -> B (N C) ...")[:, :length]  # noqa: E731
+    return [split(x) for x in xs_BL], join
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused_sums(head_fn, chunk_len, hidden_BLD, targets_BL, weights_BL, *head):
+    (h_NBCD, targets_NBC, weights_NBC), _ = _chunks(
+        chunk_len, hidden_BLD, targets_BL, weights_BL
+    )
 
     def step(total, chunk):
-        sums = chunk_sums(*chunk)
+        h_BCD, targets_BC, weights_BC = chunk
+        sums = _cross_entropy_sums(head_fn(h_BCD, *head), targets_BC, weights_BC)
         return {k: total[k] + sums[k] for k in total}, None
 
     zero = jnp.zeros((), jnp.float32)
-    total, _ = jax.lax.scan(
-        step,
-        {"loss_sum": zero, "correct": zero, "count": zero},
-        (split(hidden_BLD), split(targets_BL), split(weights_BL)),
+    total = {"loss_sum": zero, "correct": zero, "count": zero}
+    return jax.lax.scan(step, total, (h_NBCD, targets_NBC, weights_NBC))[0]
+
+
+def _fused_sums_fwd(head_fn, chunk_len, hidden_BLD, targets_BL, weights_BL, *head):
+    (h_NBCD, targets_NBC, weights_NBC), join = _chunks(
+        chunk_len, hidden_BLD, targets_BL, weights_BL
     )
-    return _mean_of_sums(total)
+
+    def step(carry, chunk):
+        total, d_head = carry
+        h_BCD, targets_BC, weights_BC = chunk
+        out_BCV, pull_back = jax.vjp(head_fn, h_BCD, *head)
+        logits_BCV, *parts = _log_z_and_target(out_BCV, targets_BC)
+        sums, nll_BC = _sums(*parts, weights_BC)
+        with jax.named_scope("cross_entropy"):  # softmax - one-hot, weighted
+            log_z_BC1 = parts[1][..., None]
+            one_hot_BCV = jax.nn.one_hot(targets_BC, logits_BCV.shape[-1])
+            d_logits_BCV = jnp.exp(logits_BCV - log_z_BC1) - one_hot_BCV
+            d_logits_BCV *= weights_BC[..., None].astype(jnp.float32)
+        d_h_BCD, *d_chunk = pull_back(d_logits_BCV.astype(out_BCV.dtype))
+        total = {k: total[k] + sums[k] for k in total}
+        d_head = [a + b.astype(a.dtype) for a, b in zip(d_head, d_chunk, strict=True)]
+        return (total, d_head), (d_h_BCD, nll_BC)
+
+    zero = jnp.zeros((), jnp.float32)
+    total = {"loss_sum": zero, "correct": zero, "count": zero}
+    d_head = [jnp.zeros(w.shape, jnp.float32) for w in head]
+    (total, d_head), (d_h_NBCD, nll_NBC) = jax.lax.scan(
+        step, (total, d_head), (h_NBCD, targets_NBC, weights_NBC)
+    )
+    d_head = [d.astype(w.dtype) for d, w in zip(d_head, head, strict=True)]
+    return total, (join(d_h_NBCD), join(nll_NBC), targets_BL, d_head)
+
+
+def _fused_sums_bwd(head_fn, chunk_len, residuals, d_sums):
+    del head_fn, chunk_len
+    d_hidden_BLD, nll_BL, targets_BL, d_head = residuals
+    d_loss = d_sums["loss_sum"]
+    d_weights_BL = d_loss * nll_BL + d_sums["count"]
+    return (
+        (d_loss * d_hidden_BLD).astype(d_hidden_BLD.dtype),
+        np.zeros(targets_BL.shape, jax.dtypes.float0),
+        d_weights_BL,
+        *[(d_loss * d).astype(d.dtype) for d in d_head],
+    )
+
+
+_fused_sums.defvjp(_fused_sums_fwd, _fused_sums_bwd)
 
 
 def mlm_loss(

@@ -303,6 +303,22 @@ def test_chunked_cross_entropy_equals_whole_logits_loss_metrics_and_grads():
         ):
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
+    # The weights' gradient too (loss_sum and count are linear in them).
+    def sums_of_weights(chunk_len, weights):
+        if chunk_len is None:
+            logits = logits_fn(hidden_BLD, head)
+            _, sums = weighted_cross_entropy(logits, targets_BL, weights)
+        else:
+            fn = functools.partial(logits_fn, head=head)
+            _, sums = chunked_cross_entropy(
+                hidden_BLD, fn, targets_BL, weights, chunk_len
+            )
+        return sums["loss_sum"] + 3 * sums["count"]
+
+    want_dw = jax.grad(functools.partial(sums_of_weights, None))(weights_BL)
+    got_dw = jax.grad(functools.partial(sums_of_weights, 5))(weights_BL)
+    np.testing.assert_allclose(got_dw, want_dw, rtol=1e-5, atol=1e-5)
+
     # Neither pass holds the whole [B, L, V] logits, not even stacked chunk by
     # chunk (a scan's saved residuals): the largest value is one chunk's.
     jaxpr = jax.make_jaxpr(grad(functools.partial(chunked, chunk_len=5)))(

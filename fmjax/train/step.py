@@ -97,23 +97,26 @@ def train_step(
         (grads, metrics), _ = jax.lax.scan(
             body, zeros, (jnp.arange(grad_accum_steps), micro)
         )
-    count = jnp.maximum(metrics["count"], 1.0)
-    grads = jax.tree.map(lambda g: g / count.astype(g.dtype), grads)
-    new_state = state.apply_gradients(grads)
-    if constrain_params is not None:
-        new_state = new_state.replace(params=constrain_params(new_state.params))
+    # The scope names the update's ops in profiles (bench/profile_step.py).
+    with jax.named_scope("optimizer"):
+        count = jnp.maximum(metrics["count"], 1.0)
+        grads = jax.tree.map(lambda g: g / count.astype(g.dtype), grads)
+        new_state = state.apply_gradients(grads)
+        if constrain_params is not None:
+            new_state = new_state.replace(params=constrain_params(new_state.params))
     metrics = dict(metrics)
     if update_extra is not None:
         extra, metrics = update_extra(
             new_state.extra, new_state.params, metrics, state.step
         )
         new_state = new_state.replace(extra=extra)
-    metrics.update(
-        grad_norm=optax.tree.norm(grads),
-        param_norm=optax.tree.norm(new_state.params),
-        learning_rate=jnp.asarray(learning_rate_fn(state.step), jnp.float32),
-        nonfinite=(~jnp.isfinite(metrics["loss_sum"])).astype(jnp.float32),
-    )
+    with jax.named_scope("optimizer"):
+        metrics.update(
+            grad_norm=optax.tree.norm(grads),
+            param_norm=optax.tree.norm(new_state.params),
+            learning_rate=jnp.asarray(learning_rate_fn(state.step), jnp.float32),
+            nonfinite=(~jnp.isfinite(metrics["loss_sum"])).astype(jnp.float32),
+        )
     return new_state, metrics
 
 
