@@ -201,7 +201,7 @@ def test_activation_checkpointing_gives_the_same_training(policy):
 def test_resume_refuses_another_model_but_not_a_newer_fmjax(tmp_path):
     """check_resumable compares the state-shaping groups key by key; a key the
     saved run does not have (written by an fmjax before that setting existed)
-    is not a difference."""
+    is not a difference, and neither are the step's layout settings."""
     import json
 
     from fmjax.config import ConfigError, to_json
@@ -215,3 +215,7 @@ def test_resume_refuses_another_model_but_not_a_newer_fmjax(tmp_path):
     wider = load_config("configs/gpt_lm.py:tiny", ["--config.model.d_model=256"])
     with pytest.raises(ConfigError, match=r"model.d_model: 128 -> 256"):
         check_resumable(str(tmp_path), wider)
+    # How the step is laid out (chunks, rematerialisation) may change.
+    layout = ["--config.model.max_logits_elements=4096", "--config.model.remat=full"]
+    layout.append("--config.model.max_attention_elements=0")
+    check_resumable(str(tmp_path), load_config("configs/gpt_lm.py:tiny", layout))

@@ -127,6 +127,13 @@ def restore(run: Run, ckpt: Checkpointer, step: int):
 
 # Config groups that shape the saved state: a resumed run must match them.
 _STATE_GROUPS = ("objective", "model", "adapt")
+# Keys of those groups that say how a step is laid out, not what it computes
+# or stores: a run may resume with other values (on a machine with less memory).
+_LAYOUT_KEYS = {
+    "model.max_logits_elements",
+    "model.max_attention_elements",
+    "model.remat",
+}
 
 
 def check_resumable(workdir: str, config) -> None:
@@ -144,7 +151,7 @@ def check_resumable(workdir: str, config) -> None:
         differ += [
             f"{group}.{k}: {old[k]!r} -> {new[k]!r}"
             for k in sorted(set(old) & set(new))
-            if old[k] != new[k]
+            if old[k] != new[k] and f"{group}.{k}" not in _LAYOUT_KEYS
         ]
     if differ:
         raise ConfigError(
