@@ -6,7 +6,7 @@ the same text (BBC News, the 8,000-piece SentencePiece tokenizer) for the
 same number of tokens, each an `fmjax train` run evaluated on the whole
 validation split along the way. The learning rate follows the size as Kaplan
 et al. 2020 (eq. D.1) set it, lr = 0.003239 - 0.0001395 ln N, so nothing is
-tuned here; cosine decay after 50 warmup steps.
+tuned here; cosine decay to 0.1 of it after the tiny config's 30 warmup steps.
 
 The fits: L(N) = (N_c / N)^alpha_N (a line in log-log space) and, with an
 irreducible term, L(N) = E + A N^-alpha; compute C = 6 N D (non-embedding
