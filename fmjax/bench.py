@@ -59,13 +59,15 @@ def alternate_rounds(
 ) -> dict[str, list[float]]:
     """Seconds per step of each `steppers` side ({name: run()}): `warmup`
     steps each, then `rounds` rounds of `steps` steps, the sides taking
-    turns within every round, so all see the same machine state."""
+    turns within every round, so all see the same machine state; every other
+    round runs them in reverse order, so going first favours none."""
     for run in steppers.values():
         for _ in range(warmup):
             run()
     times = {name: [] for name in steppers}
-    for _ in range(rounds):
-        for name, run in steppers.items():
+    for index in range(rounds):
+        order = list(steppers.items())
+        for name, run in order[::-1] if index % 2 else order:
             start = time.perf_counter()
             for _ in range(steps):
                 run()
@@ -75,7 +77,8 @@ def alternate_rounds(
 
 def fmjax_train_step(config, batch: dict):
     """(run, compiled, trained params): `run()` does one full fmjax optimizer
-    step of `config`'s task on `batch` (numpy, global) and waits for it;
+    step of `config`'s task on `batch` (numpy, global), waits for it and
+    returns its metrics;
     `compiled` is its XLA executable (for its cost analysis)."""
     from fmjax.train.run import init_state
 
@@ -101,7 +104,7 @@ def fmjax_train_step(config, batch: dict):
 
     def run():
         holder["state"], metrics = compiled(holder["state"], global_batch)
-        jax.block_until_ready(metrics)
+        return jax.block_until_ready(metrics)
 
     return run, compiled, count_params(abstract.params)
 

@@ -17,7 +17,8 @@ def test_alternate_rounds_interleaves_the_sides():
     calls = []
     steppers = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
     times = bench.alternate_rounds(steppers, warmup=1, steps=2, rounds=3)
-    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 3
+    rounds = ["a", "a", "b", "b"], ["b", "b", "a", "a"]
+    assert calls == ["a", "b"] + rounds[0] + rounds[1] + rounds[0]
     assert [len(t) for t in times.values()] == [3, 3]
     assert all(s >= 0 for t in times.values() for s in t)
 
