@@ -23,7 +23,11 @@ scored by exact match of the answer:
 - retrieval, k = 1, 3, 5: `--retrieve INDEX -k K` puts the k passages nearest
   the question (`fmjax search`'s exact top-k) in front of it, best first, in
   the training rows' layout;
-- gold: the right passage alone in front (an upper bound for the reader).
+- gold: the right passage alone in front (an upper bound for the reader);
+- gold + 2 / 4 random: the right passage first, then 2 or 4 passages of
+  random training people, the kind of distractors training had: what
+  retrieval at k = 3 / 5 would give if its extra passages were random ones
+  rather than the nearest.
 
 Retrieval recall@k is the share of questions whose passage is among the k
 found (`fmjax search --json`).
@@ -49,6 +53,9 @@ from studies import REPO, run_fmjax, write_results
 
 MAX_PASSAGES = 5
 KS = (1, 3, 5)
+# The gold passage first, then random training people's passages: what
+# retrieval at k = 1 + count gives, with the distractors training had.
+DISTRACTORS = (2, 4)
 SYLLABLES = (
     "ba lor quin tar va mel dor ith en ko ra sul vin zet mar lo ny pe shi tu "
     "wen ga fi ro del an bri cas"
@@ -133,6 +140,9 @@ def write_data(out: str, train_people: int, rows: int, test_people: int) -> dict
             )
             f.write("\n")
     test_path = os.path.join(folder, "test.jsonl")
+    # Distractors drawn as training draws them (random people), from a
+    # generator of their own so the files above stay as they were.
+    distractor_rng = random.Random(1)
     with open(test_path, "w") as f:
         for person in test:
             kind = rng.choice(list(QUESTIONS))
@@ -142,14 +152,24 @@ def write_data(out: str, train_people: int, rows: int, test_people: int) -> dict
                 "answer": person[kind],
                 "name": person["name"],
             }
+            for count in DISTRACTORS:
+                others = distractor_rng.sample(train, count)
+                texts = [passage(person)] + [passage(p) for p in others]
+                doc[f"gold_and_{count}_random"] = "\n".join(texts)
             f.write(json.dumps(doc) + "\n")
-    return {
+    files = {
         "train": train_path,
         "corpus": corpus,
         "test": test_path,
         "closed": _task_yaml(folder, "rag_closed", "{{question}}"),
         "gold": _task_yaml(folder, "rag_gold", "{{passage}}\\n\\n{{question}}"),
     }
+    for count in DISTRACTORS:
+        name = f"gold_and_{count}_random"
+        files[name] = _task_yaml(
+            folder, f"rag_{name}", f"{{{{{name}}}}}\\n\\n{{{{question}}}}"
+        )
+    return files
 
 
 def _task_yaml(folder: str, task: str, text: str) -> str:
@@ -239,6 +259,9 @@ def train_and_eval(args, files, index) -> dict:
             retrieve = ["--retrieve", index, "-k", str(k)]
             conditions[f"retrieval k={k}"] = ([files["closed"]], retrieve)
         conditions["gold"] = ([files["gold"]], [])
+        for count in DISTRACTORS:
+            name = f"gold_and_{count}_random"
+            conditions[f"gold + {count} random"] = ([files[name]], [])
         for name, (tasks, extra) in conditions.items():
             output = os.path.join(workdir, "rag_eval", name.replace(" ", "_"))
             results = os.path.join(output, "results.json")
@@ -263,13 +286,14 @@ def report(args, scores: dict, recall: dict) -> None:
     import matplotlib.pyplot as plt
 
     names = list(scores)
-    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    fig, ax = plt.subplots(figsize=(8, 4))
     means = [np.mean(scores[n]) for n in names]
     ax.bar(names, means, yerr=[np.std(scores[n]) for n in names], capsize=3)
     for k in KS:
         i = names.index(f"retrieval k={k}")
         ax.plot([i - 0.4, i + 0.4], [recall[k]] * 2, color="black", ls="--")
     ax.set_ylabel("exact match (dashed: recall@k)")
+    ax.tick_params(axis="x", labelrotation=25)
     ax.set_ylim(0, 1.02)
     ax.set_title(f"questions about unseen people, {len(args.seeds)} seeds")
     fig.tight_layout()

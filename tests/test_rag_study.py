@@ -55,3 +55,17 @@ def test_tasks_ask_the_question_alone_or_after_the_gold_passage(files):
         f"{doc['passage']}\n\n{doc['question']}"
     )
     assert doc["answer"] in doc["passage"]
+    # Gold first, then random training people, in the retrieval layout.
+    train_names = {
+        json.loads(r)["prompt"].split(" was born")[0] for r in open(files["train"])
+    }
+    for count in rag_study.DISTRACTORS:
+        (task,) = manager.load(task_config(files[f"gold_and_{count}_random"]))[
+            "tasks"
+        ].values()
+        context = task.fewshot_context(doc, num_fewshot=0)
+        passages, question = context.split("\n\n")
+        passages = passages.split("\n")
+        assert question == doc["question"] and passages[0] == doc["passage"]
+        assert len(passages) == 1 + count
+        assert all(p.split(" was born")[0] in train_names for p in passages[1:])
