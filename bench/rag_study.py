@@ -27,7 +27,9 @@ scored by exact match of the answer:
 - gold + 2 / 4 random: the right passage first, then 2 or 4 passages of
   random training people, the kind of distractors training had: what
   retrieval at k = 3 / 5 would give if its extra passages were random ones
-  rather than the nearest.
+  rather than the nearest;
+- closed, training people: the question alone, about people the reader
+  trained on (a control: what its weights answer without reading).
 
 Retrieval recall@k is the share of questions whose passage is among the k
 found (`fmjax search --json`).
@@ -169,15 +171,26 @@ def write_data(out: str, train_people: int, rows: int, test_people: int) -> dict
         files[name] = _task_yaml(
             folder, f"rag_{name}", f"{{{{{name}}}}}\\n\\n{{{{question}}}}"
         )
+    # A control: closed-book questions about people the reader trained on.
+    # Right answers there come from the weights, not from reading.
+    trained_rng = random.Random(2)
+    with open(os.path.join(folder, "trained.jsonl"), "w") as f:
+        for person in train[:test_people]:
+            kind = trained_rng.choice(list(QUESTIONS))
+            doc = {"question": question(person, kind), "answer": person[kind]}
+            f.write(json.dumps(doc) + "\n")
+    files["closed_trained"] = _task_yaml(
+        folder, "rag_closed_trained", "{{question}}", "trained.jsonl"
+    )
     return files
 
 
-def _task_yaml(folder: str, task: str, text: str) -> str:
+def _task_yaml(folder: str, task: str, text: str, data: str = "test.jsonl") -> str:
     path = os.path.join(folder, f"{task}.yaml")
     with open(path, "w") as f:
         f.write(
             f"task: {task}\ndataset_path: json\n"
-            "dataset_kwargs:\n  data_files:\n    test: test.jsonl\n"
+            f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
             "test_split: test\noutput_type: generate_until\n"
             f'doc_to_text: "{text}"\ndoc_to_target: "{{{{answer}}}}"\n'
             'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 24\n'
@@ -262,6 +275,7 @@ def train_and_eval(args, files, index) -> dict:
         for count in DISTRACTORS:
             name = f"gold_and_{count}_random"
             conditions[f"gold + {count} random"] = ([files[name]], [])
+        conditions["closed, training people"] = ([files["closed_trained"]], [])
         for name, (tasks, extra) in conditions.items():
             output = os.path.join(workdir, "rag_eval", name.replace(" ", "_"))
             results = os.path.join(output, "results.json")
