@@ -39,17 +39,19 @@ def get_config(variant: str = "tiny"):
         max_attention_elements=2**27,
         tie_embeddings=True,
     )
-    if variant in ("tiny", "small"):
-        # On a CPU the loss is fastest over chunks of 16 positions (32 x 16 x
-        # 8000 logits), even where the whole [B, L, V] would fit: XLA:CPU pays
-        # for every large temporary (docs/performance.md).
-        model.update(max_logits_elements=2**22)
     if variant == "tiny":
         c.data.update(seq_len=128, batch_size=32, vocab_size=8000)
         c.train.update(steps=300, eval_every=100)
         c.optimizer.update(learning_rate=2e-3, warmup_steps=30)
     elif variant == "small":
-        model.update(d_model=256, num_layers=4, num_heads=4, mlp_dim=1024)
+        # On a CPU the loss is fastest over chunks of 16 positions (32 x 16 x
+        # 8000 logits), even where the whole [B, L, V] would fit: XLA:CPU pays
+        # for every large temporary (docs/performance.md). `tiny` stays whole:
+        # the tests compile it often, and the loop costs compile time.
+        model.update(
+            d_model=256, num_layers=4, num_heads=4, mlp_dim=1024,
+            max_logits_elements=2**22,
+        )  # fmt: skip
         c.data.update(seq_len=128, batch_size=32)
         c.train.update(steps=2000, eval_every=500)
         c.optimizer.update(learning_rate=1e-3, warmup_steps=100)
