@@ -190,6 +190,7 @@ def chunked_cross_entropy(
     # that the custom gradient can return cotangents for.
     head_fn, head = jax.closure_convert(logits_fn, hidden_BLD[:, :chunk_len])
     targets_BL = targets_BL.astype(jnp.int32)
+    weights_BL = weights_BL.astype(jnp.float32)  # its cotangent is float32
     return _mean_of_sums(
         _fused_sums(head_fn, chunk_len, hidden_BLD, targets_BL, weights_BL, *head)
     )
