@@ -52,32 +52,30 @@ CLASSES = (
     "other (residual adds, copies, ...)",
 )
 INSTRUCTION = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = .*? ([\w\-]+)\(")
-COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) ")
 
 
 def hlo_instructions(hlo_text: str) -> dict[str, dict]:
     """{instruction name: {"opcode", "op_name", "contains"}} of a compiled
     module's text; `contains` is the set of opcodes in a fusion's body (the
     instruction's own opcode otherwise)."""
-    bodies, current = collections.defaultdict(set), None
-    instructions = {}
-    for line in hlo_text.splitlines():
-        head = COMPUTATION.match(line)
-        if head:
-            current = head.group(1)
-            continue
-        match = INSTRUCTION.match(line)
-        if not match:
-            continue
-        name, opcode = match.groups()
-        bodies[current].add(opcode)
-        op_name = re.search(r'op_name="([^"]*)"', line)
-        calls = re.search(r"calls=%([\w.\-]+)", line)
-        instructions[name] = {
-            "opcode": opcode,
-            "op_name": op_name.group(1) if op_name else "",
-            "calls": calls.group(1) if calls else "",
-        }
+    from fmjax.aot import hlo_computations
+
+    bodies, instructions = {}, {}
+    for computation, lines in hlo_computations(hlo_text).items():
+        bodies[computation] = set()
+        for line in lines:
+            match = INSTRUCTION.match(line)
+            if not match:
+                continue
+            name, opcode = match.groups()
+            bodies[computation].add(opcode)
+            op_name = re.search(r'op_name="([^"]*)"', line)
+            calls = re.search(r"calls=%([\w.\-]+)", line)
+            instructions[name] = {
+                "opcode": opcode,
+                "op_name": op_name.group(1) if op_name else "",
+                "calls": calls.group(1) if calls else "",
+            }
     for info in instructions.values():
         info["contains"] = bodies.get(info.pop("calls"), set()) | {info["opcode"]}
     return instructions

@@ -359,6 +359,21 @@ def _traffic(kind: str, result_bytes: int, n: int) -> tuple[int, float]:
     return result_bytes, float(result_bytes)  # collective-permute: one send
 
 
+def hlo_computations(hlo_text: str) -> dict[str, list[str]]:
+    """{computation name: its instruction lines} of an HLO module's text, in
+    the text's order (callees before their callers, the entry last)."""
+    computations: dict[str, list[str]] = {}
+    current = None
+    for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header and not line.startswith(" "):
+            current = header.group(1)
+            computations[current] = []
+        elif current and line.startswith(" "):
+            computations[current].append(line)
+    return computations
+
+
 def collective_stats(hlo_text: str, num_devices: int) -> dict[str, dict]:
     """Per collective kind, what one step of a compiled (SPMD-partitioned)
     HLO module moves per chip: {"count": executions, "bytes": the arrays they
@@ -377,17 +392,8 @@ def collective_stats(hlo_text: str, num_devices: int) -> dict[str, dict]:
       result is (operands, results), a collective-permute-start's (operand,
       result, contexts); groups of one chip move nothing.
     """
-    computations: dict[str, list[str]] = {}
-    order: list[str] = []
-    current = None
-    for line in hlo_text.splitlines():
-        header = _COMPUTATION.match(line)
-        if header and not line.startswith(" "):
-            current = header.group(1)
-            computations[current] = []
-            order.append(current)
-        elif current and line.startswith(" "):
-            computations[current].append(line)
+    computations = hlo_computations(hlo_text)
+    order = list(computations)
     # Callers come after their callees in HLO text; walk from the entry back.
     runs = dict.fromkeys(order, 0)
     if order:

@@ -75,6 +75,21 @@ def alternate_rounds(
     return times
 
 
+def round_results(
+    rounds_s: list[float], rows: int, unit: str, flops: float, peak: float
+) -> dict:
+    """One side's report of `alternate_rounds`: its median round, every
+    round, `{unit}_per_s` (`rows` per step) and MFU of `flops` per step
+    against `peak`."""
+    step_s = statistics.median(rounds_s)
+    return {
+        "step_s": step_s,
+        "step_s_rounds": rounds_s,
+        f"{unit}_per_s": rows / step_s,
+        "mfu": flops / step_s / peak,
+    }
+
+
 def fmjax_train_step(config, batch: dict):
     """(run, compiled, trained params): `run()` does one full fmjax optimizer
     step of `config`'s task on `batch` (numpy, global), waits for it and
@@ -303,13 +318,9 @@ def bench_train(
     result["rounds"] = rounds
     tokens = config.data.batch_size * seq_len
     for name, rounds_s in times.items():
-        step_s = statistics.median(rounds_s)
-        result[name] = {
-            "step_s": step_s,
-            "step_s_rounds": rounds_s,
-            "tokens_per_s": tokens / step_s,
-            "mfu": tokens / step_s * flops[name] / peak,
-        }
+        result[name] = round_results(
+            rounds_s, tokens, "tokens", tokens * flops[name], peak
+        )
     if against:
         result["hf"].update(versions)
         result["speedup_vs_hf"] = (

@@ -15,8 +15,6 @@ position table that a sin-cos fmjax ViT keeps fixed.
 
 from __future__ import annotations
 
-import statistics
-
 import numpy as np
 
 from fmjax.config import ConfigError
@@ -112,7 +110,7 @@ def compare_train_steps(
     the median round, every round, `{unit}_per_s` (rows of `batch` per
     second) and MFU of fmjax's XLA FLOPs against `peak`. `same_params`:
     refuse, before timing, sides whose trained parameter counts differ."""
-    from fmjax.bench import alternate_rounds, fmjax_train_step
+    from fmjax.bench import alternate_rounds, fmjax_train_step, round_results
 
     run, compiled, fmjax_params = fmjax_train_step(config, batch)
     cost = compiled.cost_analysis()
@@ -130,13 +128,7 @@ def compare_train_steps(
     rows = len(batch["images"])
     result = {"train_flops_per_step": flops, "params": params}
     for name, rounds_s in times.items():
-        step_s = statistics.median(rounds_s)
-        result[name] = {
-            "step_s": step_s,
-            "step_s_rounds": rounds_s,
-            f"{unit}_per_s": rows / step_s,
-            "mfu": flops / step_s / peak,
-        }
+        result[name] = round_results(rounds_s, rows, unit, flops, peak)
     if hf_step is not None:
         import torch
         import transformers
