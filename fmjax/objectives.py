@@ -8,10 +8,8 @@ so they add up exactly across batches, devices and accumulation steps;
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
-import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,17 +97,17 @@ def gather_predictions(
     return positions_BK, targets_BK, weights_BK
 
 
-def _cross_entropy_sums(
+def cross_entropy_sums(
     logits_BLV: Array, targets_BL: Array, weights_BL: Array
 ) -> dict[str, Array]:
     """The summed metrics (`loss_sum`, `correct`, `count`) of weighted
     cross-entropy; the one place that turns logits into them."""
-    _, *parts = _log_z_and_target(logits_BLV, targets_BL)
-    return _sums(*parts, weights_BL)[0]
+    _, *parts = log_z_and_target(logits_BLV, targets_BL)
+    return sums_and_nll(*parts, weights_BL)[0]
 
 
 @jax.named_scope("cross_entropy")  # names its ops in profiles
-def _log_z_and_target(logits_BLV: Array, targets_BL: Array):
+def log_z_and_target(logits_BLV: Array, targets_BL: Array):
     """(f32 logits, max, log-partition, target logit), the last three [B, L]."""
     logits_BLV = logits_BLV.astype(jnp.float32)
     # One max feeds both logsumexp and accuracy: an argmax would be another (slow,
@@ -125,7 +123,7 @@ def _log_z_and_target(logits_BLV: Array, targets_BL: Array):
 
 
 @jax.named_scope("cross_entropy")
-def _sums(max_BL, log_z_BL, target_logit_BL, weights_BL):
+def sums_and_nll(max_BL, log_z_BL, target_logit_BL, weights_BL):
     """(summed metrics, per-position negative log-likelihood)."""
     weights_BL = weights_BL.astype(jnp.float32)
     nll_BL = log_z_BL - target_logit_BL
@@ -139,7 +137,7 @@ def _sums(max_BL, log_z_BL, target_logit_BL, weights_BL):
     return sums, nll_BL
 
 
-def _mean_of_sums(metrics: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
+def mean_of_sums(metrics: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
     # max() keeps the division (and its gradient) finite for an all-zero batch.
     loss = metrics["loss_sum"] / jnp.maximum(metrics["count"], 1e-8)
     return loss, metrics
@@ -149,127 +147,7 @@ def weighted_cross_entropy(
     logits_BLV: Array, targets_BL: Array, weights_BL: Array
 ) -> tuple[Array, dict[str, Array]]:
     """(weighted mean cross-entropy, summed metrics) of whole logits."""
-    return _mean_of_sums(_cross_entropy_sums(logits_BLV, targets_BL, weights_BL))
-
-
-def chunked_cross_entropy(
-    hidden_BLD: Array,
-    logits_fn: Callable[[Array], Array],
-    targets_BL: Array,
-    weights_BL: Array,
-    chunk_len: int,
-) -> tuple[Array, dict[str, Array]]:
-    """`weighted_cross_entropy(logits_fn(hidden_BLD), ...)` without the whole
-    [B, L, V] logits or their gradient: `logits_fn` ([B, C, D] -> [B, C, V],
-    the model's own head: tied, untied, MLM transform and bias, LoRA) runs on
-    C = `chunk_len` positions at a time inside a `lax.scan`.
-
-    Under differentiation each chunk's gradient is taken where its logits
-    are made, as Liger's fused linear cross-entropy does: the softmax's
-    closed form (softmax - one-hot, times the weights) is pulled back through
-    `logits_fn` (`jax.vjp`) to the chunk's hidden states and the head's
-    weights, and the backward pass only scales those by the cotangent of
-    `loss_sum`. So no pass holds more than one chunk's logits, and the head
-    costs its 3 matmuls per step, as whole logits do (a rematerialised
-    chunk would cost 4). The gradients are exact for `loss_sum` and `count`
-    (`correct` is piecewise constant: zero).
-
-    Chunks run over positions rather than the vocabulary, so a mesh that
-    splits the batch keeps it split. A length that `chunk_len` does not
-    divide is padded with weight-0 positions, which add nothing to the sums.
-    """
-    batch, length, _ = hidden_BLD.shape
-    if targets_BL.shape != (batch, length) or weights_BL.shape != (batch, length):
-        raise ValueError(
-            f"targets {targets_BL.shape} and weights {weights_BL.shape}: expected "
-            f"[B, L] = {(batch, length)}, the hidden states' first two dims"
-        )
-    if not 1 <= chunk_len <= length:
-        raise ValueError(f"chunk_len={chunk_len}: expected 1 <= chunk_len <= {length}")
-    # The head's weights, closed over by `logits_fn`, become explicit inputs
-    # that the custom gradient can return cotangents for.
-    head_fn, head = jax.closure_convert(logits_fn, hidden_BLD[:, :chunk_len])
-    targets_BL = targets_BL.astype(jnp.int32)
-    weights_BL = weights_BL.astype(jnp.float32)  # its cotangent is float32
-    return _mean_of_sums(
-        _fused_sums(head_fn, chunk_len, hidden_BLD, targets_BL, weights_BL, *head)
-    )
-
-
-def _chunks(chunk_len: int, *xs_BL):
-    """Each [B, L, ...] array padded to whole chunks (weights with 0) and split
-    [N, B, C, ...]; and a function joining [N, B, C, ...] back to [B, L, ...]."""
-    length = xs_BL[0].shape[1]
-    pad = -length % chunk_len
-    split = lambda x: einops.rearrange(  # noqa: E731
-        jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)),
-        "B (N C) ... -> N B C ...", C=chunk_len,
-    )  # fmt: skip
-    join = lambda x: einops.rearrange(x, "N B C ... -> B (N C) ...")[:, :length]  # noqa: E731
-    return [split(x) for x in xs_BL], join
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _fused_sums(head_fn, chunk_len, hidden_BLD, targets_BL, weights_BL, *head):
-    (h_NBCD, targets_NBC, weights_NBC), _ = _chunks(
-        chunk_len, hidden_BLD, targets_BL, weights_BL
-    )
-
-    def step(total, chunk):
-        h_BCD, targets_BC, weights_BC = chunk
-        sums = _cross_entropy_sums(head_fn(h_BCD, *head), targets_BC, weights_BC)
-        return {k: total[k] + sums[k] for k in total}, None
-
-    zero = jnp.zeros((), jnp.float32)
-    total = {"loss_sum": zero, "correct": zero, "count": zero}
-    return jax.lax.scan(step, total, (h_NBCD, targets_NBC, weights_NBC))[0]
-
-
-def _fused_sums_fwd(head_fn, chunk_len, hidden_BLD, targets_BL, weights_BL, *head):
-    (h_NBCD, targets_NBC, weights_NBC), join = _chunks(
-        chunk_len, hidden_BLD, targets_BL, weights_BL
-    )
-
-    def step(carry, chunk):
-        total, d_head = carry
-        h_BCD, targets_BC, weights_BC = chunk
-        out_BCV, pull_back = jax.vjp(head_fn, h_BCD, *head)
-        logits_BCV, *parts = _log_z_and_target(out_BCV, targets_BC)
-        sums, nll_BC = _sums(*parts, weights_BC)
-        with jax.named_scope("cross_entropy"):  # softmax - one-hot, weighted
-            log_z_BC1 = parts[1][..., None]
-            one_hot_BCV = jax.nn.one_hot(targets_BC, logits_BCV.shape[-1])
-            d_logits_BCV = jnp.exp(logits_BCV - log_z_BC1) - one_hot_BCV
-            d_logits_BCV *= weights_BC[..., None].astype(jnp.float32)
-        d_h_BCD, *d_chunk = pull_back(d_logits_BCV.astype(out_BCV.dtype))
-        total = {k: total[k] + sums[k] for k in total}
-        d_head = [a + b.astype(a.dtype) for a, b in zip(d_head, d_chunk, strict=True)]
-        return (total, d_head), (d_h_BCD, nll_BC)
-
-    zero = jnp.zeros((), jnp.float32)
-    total = {"loss_sum": zero, "correct": zero, "count": zero}
-    d_head = [jnp.zeros(w.shape, jnp.float32) for w in head]
-    (total, d_head), (d_h_NBCD, nll_NBC) = jax.lax.scan(
-        step, (total, d_head), (h_NBCD, targets_NBC, weights_NBC)
-    )
-    d_head = [d.astype(w.dtype) for d, w in zip(d_head, head, strict=True)]
-    return total, (join(d_h_NBCD), join(nll_NBC), targets_BL, d_head)
-
-
-def _fused_sums_bwd(head_fn, chunk_len, residuals, d_sums):
-    del head_fn, chunk_len
-    d_hidden_BLD, nll_BL, targets_BL, d_head = residuals
-    d_loss = d_sums["loss_sum"]
-    d_weights_BL = d_loss * nll_BL + d_sums["count"]
-    return (
-        (d_loss * d_hidden_BLD).astype(d_hidden_BLD.dtype),
-        np.zeros(targets_BL.shape, jax.dtypes.float0),
-        d_weights_BL,
-        *[(d_loss * d).astype(d.dtype) for d in d_head],
-    )
-
-
-_fused_sums.defvjp(_fused_sums_fwd, _fused_sums_bwd)
+    return mean_of_sums(cross_entropy_sums(logits_BLV, targets_BL, weights_BL))
 
 
 def mlm_loss(

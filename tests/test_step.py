@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 
+from fmjax import chunked_loss, objectives
 from fmjax import sharding as shd
 from fmjax.config import load_config
 from fmjax.models import build_model
@@ -60,8 +61,6 @@ def test_chunked_loss_trains_like_whole_logits_on_a_sharded_mesh(monkeypatch):
     """The causal task's train step on a 2x2x2 mesh (batch over data x fsdp,
     vocab over tensor): the loss over chunks of 8 positions (2 rows per device
     x 8 x 256 logits) gives the whole-logits run's losses and params."""
-    from fmjax import objectives
-
     whole_params, whole_losses = _run(accum=1, mesh_shape=(2, 2, 2))
     chunk_lens = []
 
@@ -69,8 +68,8 @@ def test_chunked_loss_trains_like_whole_logits_on_a_sharded_mesh(monkeypatch):
         chunk_lens.append(chunk_len)
         return chunked(hidden_BLD, logits_fn, targets_BL, weights_BL, chunk_len)
 
-    chunked = objectives.chunked_cross_entropy
-    monkeypatch.setattr(objectives, "chunked_cross_entropy", spy)
+    chunked = chunked_loss.chunked_cross_entropy
+    monkeypatch.setattr(chunked_loss, "chunked_cross_entropy", spy)
     params, losses = _run(
         accum=1, mesh_shape=(2, 2, 2), max_logits_elements=2 * 8 * 256
     )
@@ -124,8 +123,6 @@ def test_bad_mesh_shapes(sizes, message):
 
 
 def test_mlm_scoring_only_masked_positions_equals_full_logits():
-    from fmjax import objectives
-
     config = load_config("configs/bert_mlm.py:tiny")
     config.model.update(vocab_size=256, d_model=32, head_dim=16, mlp_dim=64)
     model = build_model(config.model)

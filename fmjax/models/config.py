@@ -57,7 +57,7 @@ class TransformerConfig:
     # The most [B, L, V] logits one device holds while the training loss
     # (next-token or MLM) is computed: above it the LM head and cross-entropy
     # run over chunks of positions, each chunk's gradient taken as its logits
-    # are made (fmjax.objectives.chunked_cross_entropy). 2**27 f32 logits are 512 MiB;
+    # are made (fmjax.chunked_loss.chunked_cross_entropy). 2**27 f32 logits are 512 MiB;
     # gpt_lm:small's 32 x 128 x 8000 stay whole, gpt_lm:base's 512 x 1024 x
     # 50257 on 16 chips go 64 positions at a time. 0: never chunk.
     max_logits_elements: int = 2**27

@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fmjax import objectives
+from fmjax import chunked_loss, objectives
 from fmjax.models.config import TransformerConfig
 from fmjax.models.heads import classifier_logits
 from fmjax.models.layers import (
@@ -192,11 +192,11 @@ def _head_outputs(
     (targets_BL, weights_BL) also "loss_sums", the summed metrics of
     `objectives.weighted_cross_entropy`. When the logits would exceed
     `cfg.max_logits_elements` per device, the sums come from
-    `objectives.chunked_cross_entropy` instead and there are no "logits": the
+    `chunked_loss.chunked_cross_entropy` instead and there are no "logits": the
     whole [B,L,V] array exists in neither pass (init always takes the whole
     path, which creates the head's params)."""
     if loss_targets is None:
-        return {"logits": logits_fn(head_in_BLD)}
+        return {"logits": _vocab_constraint(logits_fn(head_in_BLD))}
     targets_BL, weights_BL = loss_targets
     batch, length = head_in_BLD.shape[:2]
     for name, x in (("targets", targets_BL), ("weights", weights_BL)):
@@ -209,11 +209,11 @@ def _head_outputs(
         batch, length, cfg.vocab_size, cfg.max_logits_elements
     )
     if chunk_len < length and not initializing:
-        _, sums = objectives.chunked_cross_entropy(
+        _, sums = chunked_loss.chunked_cross_entropy(
             head_in_BLD, logits_fn, targets_BL, weights_BL, chunk_len
         )
         return {"loss_sums": sums}
-    logits_BLV = logits_fn(head_in_BLD)
+    logits_BLV = _vocab_constraint(logits_fn(head_in_BLD))
     _, sums = objectives.weighted_cross_entropy(logits_BLV, targets_BL, weights_BL)
     return {"logits": logits_BLV, "loss_sums": sums}
 
@@ -320,9 +320,7 @@ class TextEncoder(nn.Module):
         def logits_fn(h_BLD):
             h_BLF = activation_fn(cfg.activation)(transform(h_BLD))
             logits_BLV = token_embed.attend(transform_norm(h_BLF), cfg.compute_dtype)
-            return _vocab_constraint(
-                logits_BLV + vocab_bias.astype(jnp.float32)[None, None]
-            )
+            return logits_BLV + vocab_bias.astype(jnp.float32)[None, None]
 
         head = _head_outputs(
             cfg, logits_fn, head_in_BLD, loss_targets, self.is_initializing()
@@ -427,7 +425,7 @@ class TextDecoder(nn.Module):
         if cfg.tie_embeddings:
 
             def logits_fn(h_BLD):
-                return _vocab_constraint(token_embed.attend(h_BLD, cfg.compute_dtype))
+                return token_embed.attend(h_BLD, cfg.compute_dtype)
 
         else:
             lm_head = EinsumDense(
@@ -442,7 +440,7 @@ class TextDecoder(nn.Module):
             )
 
             def logits_fn(h_BLD):
-                return _vocab_constraint(lm_head(h_BLD).astype(jnp.float32))
+                return lm_head(h_BLD).astype(jnp.float32)
 
         head = _head_outputs(
             cfg, logits_fn, hidden_BLD, loss_targets, self.is_initializing()
