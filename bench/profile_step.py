@@ -118,10 +118,17 @@ def build(config_spec: str, overrides: list[str]):
     from fmjax.config import load_config
 
     config = load_config(config_spec, ["--config.mesh.num_devices=1", *overrides])
-    batch = _random_batch(
-        np.random.default_rng(0), config.data.batch_size, config.data.seq_len,
-        config.model.vocab_size,
-    )  # fmt: skip
+    from fmjax.tasks import task_for
+
+    if task_for(config, with_data=False).throughput_unit == "tokens":
+        batch = _random_batch(
+            np.random.default_rng(0), config.data.batch_size, config.data.seq_len,
+            config.model.vocab_size,
+        )  # fmt: skip
+    else:  # images (random pixels of the task's batch shapes)
+        from fmjax.bench_vision import _random_images
+
+        batch = _random_images(config)
     run, compiled, _ = fmjax_train_step(config, batch)
     return run, compiled, config
 

@@ -25,7 +25,7 @@ _ACTIVATIONS = {
     "gelu_fast": "gelu_tanh",
     "gelu_pytorch_tanh": "gelu_tanh",
 }
-_HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
+_HF_ACTIVATION = {"gelu": "gelu", "gelu_erfc": "gelu", "gelu_tanh": "gelu_new"}
 
 # fmjax module path -> HF module name (layer modules relative to encoder.layer.{i}).
 _TOP_MODULES = {

@@ -83,7 +83,12 @@ _ACTIVATIONS = {
     "gelu_new": "gelu_tanh",
     "gelu_pytorch_tanh": "gelu_tanh",
 }
-_HF_ACTIVATION = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_new"}
+_HF_ACTIVATION = {
+    "quick_gelu": "quick_gelu",
+    "gelu": "gelu",
+    "gelu_erfc": "gelu",
+    "gelu_tanh": "gelu_new",
+}
 # Buffers old checkpoints store; fmjax computes them.
 IGNORED = re.compile(r"(text|vision)_model\.embeddings\.position_ids")
 

@@ -35,7 +35,7 @@ _ACTIVATIONS = {
     "gelu": "gelu",
     "gelu_python": "gelu",
 }
-_HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
+_HF_ACTIVATION = {"gelu": "gelu", "gelu_erfc": "gelu", "gelu_tanh": "gelu_new"}
 # Config keys whose other values change the function GPT-2 computes, with the
 # value fmjax computes. `reorder_and_upcast_attn` is absent on purpose: it only
 # changes numerics (fmjax's softmax is float32 anyway), not the function.

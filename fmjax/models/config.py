@@ -15,7 +15,7 @@ import jax.numpy as jnp
 TRANSFORMER_KINDS = ("encoder", "decoder")
 POSITIONS = ("learned", "rope")
 # quick_gelu: x * sigmoid(1.702 x), OpenAI CLIP's.
-ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "gelu_erfc")
 DTYPES = ("float32", "bfloat16", "float16")
 # Activation checkpointing of each block: "full" keeps only the block inputs
 # and recomputes the rest in the backward pass; "dots" also keeps matmul outputs
