@@ -12,10 +12,13 @@ the source scope it came from (`attention`, `mlp`, `final_norm`,
 
 A variant (`--variant NAME=--config.KEY=VALUE,...`) is the same config with
 overrides, profiled in the same run right after its base, so a change is
-measured before and after on the same machine state.
+measured before and after on the same machine state; `CONFIG/NAME=...` gives
+the variant to the configs whose spec contains CONFIG only.
 
     python bench/profile_step.py                       # rewrites docs/performance.md
-    python bench/profile_step.py --variant whole=--config.model.max_logits_elements=0
+    python bench/profile_step.py \
+        --variant gpt_lm/whole=--config.model.max_logits_elements=0 \
+        --variant bert_mlm/erfc=--config.model.activation=gelu_erfc
 """
 
 from __future__ import annotations
@@ -232,25 +235,28 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument(
         "--variant", action="append", default=[],
-        help="NAME=--config.KEY=VALUE[,...]: also profile each config so",
+        help="[CONFIG/]NAME=--config.KEY=VALUE[,...]: also profile each config "
+        "(or only those whose spec contains CONFIG) so",
     )  # fmt: skip
     parser.add_argument("--docs", default=os.path.join(REPO, "docs"))
     parser.add_argument("--json", default="")
     args = parser.parse_args()
-    variants = [("", [])]
+    variants = [("", "", [])]
     for spec in args.variant:
         name, _, overrides = spec.partition("=")
-        variants.append((name, [o for o in overrides.split(",") if o]))
+        only, _, name = name.rpartition("/")
+        variants.append((only, name, [o for o in overrides.split(",") if o]))
     results = []
     for config in args.configs:
         built = {}
-        for name, overrides in variants:
+        mine = [(n, o) for only, n, o in variants if only in config]
+        for name, overrides in mine:
             print(f"compiling {config} {name}".rstrip(), flush=True)
             built[name] = build(config, overrides)
         # ms/step: the variants take turns, so all see the same machine state.
         steppers = {name: run for name, (run, _, _) in built.items()}
         rounds = alternate_rounds(steppers, 3, args.steps, args.rounds)
-        for name, overrides in variants:
+        for name, overrides in mine:
             print(f"profiling {config} {name}".rstrip(), flush=True)
             ms = [s * 1e3 for s in rounds[name]]
             results.append({
