@@ -17,6 +17,7 @@ from fmjax.models.config import TransformerConfig
 from fmjax.models.layers import (
     Attention,
     Block,
+    activation_fn,
     apply_rope,
     make_attention_mask,
 )
@@ -228,6 +229,32 @@ def _np_gelu(x, tanh):
     if tanh:
         return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
     return 0.5 * x * (1 + np.vectorize(math.erf)(x / np.sqrt(2)))
+
+
+def test_activations_and_their_gradients_match_numpy():
+    """Each activation against a float64 NumPy reference, values and
+    derivatives; "gelu" (erf) and "gelu_erfc" (jax.nn.gelu) are one function."""
+    x = np.linspace(-9, 9, 2001)
+    cdf = 0.5 * (1 + np.vectorize(math.erf)(x / np.sqrt(2)))
+    pdf = np.exp(-0.5 * x**2) / np.sqrt(2 * np.pi)
+    sig = 1 / (1 + np.exp(-1.702 * x))
+    t = np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3))
+    references = {
+        "gelu": (x * cdf, cdf + x * pdf),
+        "gelu_erfc": (x * cdf, cdf + x * pdf),
+        "gelu_tanh": (
+            _np_gelu(x, tanh=True),
+            0.5 * (1 + t)
+            + 0.5 * x * (1 - t**2) * np.sqrt(2 / np.pi) * (1 + 3 * 0.044715 * x**2),
+        ),
+        "quick_gelu": (x * sig, sig + 1.702 * x * sig * (1 - sig)),
+    }
+    x32 = jnp.asarray(x, jnp.float32)
+    for name, (value, derivative) in references.items():
+        fn = activation_fn(name)
+        np.testing.assert_allclose(fn(x32), value, atol=1e-5, err_msg=name)
+        grad = jax.vmap(jax.grad(fn))(x32)
+        np.testing.assert_allclose(grad, derivative, atol=1e-5, err_msg=name)
 
 
 def _np_rope(x_LHK, pos_L, theta):
