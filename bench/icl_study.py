@@ -272,8 +272,9 @@ def report(args, results: dict) -> None:
             f"{_mean_std([r['inweights'][8] for r in at])} |"
         )
     settings = (
-        f"`python bench/icl_study.py --steps {args.steps} --seeds "
-        f"{' '.join(seeds)}` ({args.sequences:,} training sequences per data "
+        f"`python bench/icl_study.py --steps {args.steps} --curve "
+        f"{' '.join(map(str, args.curve))} --seeds {' '.join(seeds)}` "
+        f"({args.sequences:,} training sequences per data "
         f"condition, batch {args.batch_size} rows of {args.seq_len} tokens, "
         f"learning rate {args.learning_rate:g}; accuracy over 400 held-out and 200 "
         f"in-weights documents, mean ± std over seeds {', '.join(seeds)}; "
