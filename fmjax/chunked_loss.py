@@ -34,6 +34,7 @@ def chunked_cross_entropy(
     targets_BL: Array,
     weights_BL: Array,
     chunk_len: int,
+    max_local_head_elements: int | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """`weighted_cross_entropy(logits_fn(hidden_BLD), ...)` without the whole
     [B, L, V] logits or their gradient: `logits_fn` ([B, C, D] -> [B, C, V],
@@ -51,11 +52,16 @@ def chunked_cross_entropy(
     for `loss_sum` and `count` (`correct` is piecewise constant: zero).
 
     Chunks run over positions rather than the vocabulary, so a mesh that
-    splits the batch keeps it split; and each batch shard (`batch_devices`)
-    sums its own head gradient and metrics over the chunks, so the devices
-    add theirs up once per step, not once per chunk. A length that
-    `chunk_len` does not divide is padded with weight-0 positions, which add
-    nothing to the sums.
+    splits the batch keeps it split; and each batch shard sums its own head
+    gradient and metrics over the chunks, so the devices add theirs up once
+    per step, not once per chunk. That takes a whole f32 copy of the head's
+    gradient on every device; when the head has more than
+    `max_local_head_elements` elements (None: no limit), only the "data"
+    axis's shards keep their own, and within each, the devices that "fsdp"
+    shards the params over reduce-scatter every chunk's gradient into their
+    slices (memory of a sharded head, communication per chunk). A length
+    that `chunk_len` does not divide is padded with weight-0 positions,
+    which add nothing to the sums.
     """
     batch, length, _ = hidden_BLD.shape
     if targets_BL.shape != (batch, length) or weights_BL.shape != (batch, length):
@@ -70,10 +76,19 @@ def chunked_cross_entropy(
     head_fn, head = jax.closure_convert(logits_fn, hidden_BLD[:, :chunk_len])
     targets_BL = targets_BL.astype(jnp.int32)
     weights_BL = weights_BL.astype(jnp.float32)  # its cotangent is float32
-    shards = batch_devices(batch)
+    head_elements = sum(int(np.size(w)) for w in head)
+    local = max_local_head_elements is None or head_elements <= max_local_head_elements
+    axes = BATCH_AXES if local else BATCH_AXES[:1]
+    shards = batch_devices(batch, axes)
     return mean_of_sums(
         _fused_sums(
-            head_fn, chunk_len, shards, hidden_BLD, targets_BL, weights_BL, *head
+            head_fn,
+            (chunk_len, axes),
+            shards,
+            hidden_BLD,
+            targets_BL,
+            weights_BL,
+            *head,
         )
     )
 
@@ -93,7 +108,9 @@ def _chunks(chunk_len: int, shards: int, *xs_BL):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _fused_sums(head_fn, chunk_len, shards, hidden_BLD, targets_BL, weights_BL, *head):
+def _fused_sums(head_fn, layout, shards, hidden_BLD, targets_BL, weights_BL, *head):
+    """`layout`: (chunk_len, the mesh axes the `shards` run over)."""
+    chunk_len, _ = layout
     (h_NSbCD, targets_NSbC, weights_NSbC), _ = _chunks(
         chunk_len, shards, hidden_BLD, targets_BL, weights_BL
     )
@@ -110,9 +127,8 @@ def _fused_sums(head_fn, chunk_len, shards, hidden_BLD, targets_BL, weights_BL, 
     return jax.lax.scan(step, total, (h_NSbCD, targets_NSbC, weights_NSbC))[0]
 
 
-def _fused_sums_fwd(
-    head_fn, chunk_len, shards, hidden_BLD, targets_BL, weights_BL, *head
-):
+def _fused_sums_fwd(head_fn, layout, shards, hidden_BLD, targets_BL, weights_BL, *head):
+    chunk_len, axes = layout
     (h_NSbCD, targets_NSbC, weights_NSbC), join = _chunks(
         chunk_len, shards, hidden_BLD, targets_BL, weights_BL
     )
@@ -133,7 +149,7 @@ def _fused_sums_fwd(
     # Vmapped over the shards (each device's rows when a mesh splits the
     # batch), the sums and the head's gradient come per shard, [S, ...], and
     # stay on their devices until the scan ends: one reduction per step.
-    spmd = BATCH_AXES if shards > 1 else None
+    spmd = axes if shards > 1 else None
     per_shard = jax.vmap(shard_chunk, spmd_axis_name=spmd)
 
     def step(carry, chunk):
@@ -156,8 +172,8 @@ def _fused_sums_fwd(
     return total, (join(d_h_NSbCD), join(nll_NSbC), targets_BL, d_head)
 
 
-def _fused_sums_bwd(head_fn, chunk_len, shards, residuals, d_sums):
-    del head_fn, chunk_len, shards
+def _fused_sums_bwd(head_fn, layout, shards, residuals, d_sums):
+    del head_fn, layout, shards
     d_hidden_BLD, nll_BL, targets_BL, d_head = residuals
     d_loss = d_sums["loss_sum"]
     d_weights_BL = d_loss * nll_BL + d_sums["count"]

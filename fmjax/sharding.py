@@ -30,15 +30,17 @@ class ShardingError(FmjaxError, ValueError):
     """A mesh or a sharding rule that cannot work; the message names it."""
 
 
-def batch_devices(batch: int) -> int:
+def batch_devices(batch: int, axes: Sequence[str] = BATCH_AXES) -> int:
     """How many devices a batch of `batch` rows is split over: the product of
-    the batch axes of the mesh in the current `jax.set_mesh` context, or 1 (no
-    mesh, or one that does not divide `batch`)."""
+    the batch axes (or of those of `axes`, a leading part of them) of the mesh
+    in the current `jax.set_mesh` context, or 1 (no mesh, or one that does not
+    divide `batch`)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
         return 1
-    devices = math.prod(mesh.shape[a] for a in BATCH_AXES)
-    return 1 if batch % devices else devices
+    if batch % math.prod(mesh.shape[a] for a in BATCH_AXES):
+        return 1
+    return math.prod(mesh.shape[a] for a in axes)
 
 
 def positions_per_chunk(

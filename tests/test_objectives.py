@@ -332,9 +332,11 @@ def test_chunked_cross_entropy_equals_whole_logits_loss_metrics_and_grads():
 
 
 def test_chunked_cross_entropy_on_a_mesh_reduces_the_head_gradient_once():
-    """Batch split over 4 x 2 devices: each shard sums its head gradient over
-    the 4 chunks, so the step all-reduces the same bytes as whole logits (not
-    one head gradient per chunk), and the values are the whole path's."""
+    """Batch split over 4 x 2 (data x fsdp) devices: each shard sums its head
+    gradient over the 4 chunks, so the step all-reduces the same bytes as
+    whole logits (not one head gradient per chunk). With a head over
+    `max_local_head_elements`, only the data shards keep their own and the
+    fsdp pairs reduce every chunk: more communication, the same values."""
     from fmjax import aot
     from fmjax import sharding as shd
 
@@ -345,11 +347,13 @@ def test_chunked_cross_entropy_on_a_mesh_reduces_the_head_gradient_once():
     targets_BL = jax.random.randint(keys[2], (B, L), 0, V)
     weights_BL = (jax.random.uniform(keys[3], (B, L)) < 0.7).astype(jnp.float32)
 
-    def loss(hidden, w, chunk_len):
+    def loss(hidden, w, chunk_len, max_local):
         fn = lambda h: jnp.einsum("BCD,DV->BCV", h, w)  # noqa: E731
         if chunk_len is None:
             return weighted_cross_entropy(fn(hidden), targets_BL, weights_BL)[0]
-        return chunked_cross_entropy(hidden, fn, targets_BL, weights_BL, chunk_len)[0]
+        return chunked_cross_entropy(
+            hidden, fn, targets_BL, weights_BL, chunk_len, max_local
+        )[0]
 
     mesh = shd.make_mesh(data=4, fsdp=2)
     P = jax.sharding.PartitionSpec
@@ -357,21 +361,21 @@ def test_chunked_cross_entropy_on_a_mesh_reduces_the_head_gradient_once():
         hidden = jax.device_put(hidden_BLD, shd.batch_sharding(mesh, 3))
         w = jax.device_put(w_DV, jax.NamedSharding(mesh, P()))
         runs = {}
-        for chunk_len in (None, 4):
-            step = jax.jit(
-                jax.value_and_grad(functools.partial(loss, chunk_len=chunk_len), (0, 1))
-            )
+        for chunk_len, max_local in ((None, None), (4, None), (4, D * V - 1)):
+            fn = functools.partial(loss, chunk_len=chunk_len, max_local=max_local)
+            step = jax.jit(jax.value_and_grad(fn, (0, 1)))
             hlo = step.lower(hidden, w).compile().as_text()
-            all_reduce = aot.collective_stats(hlo, 8)["all-reduce"]
-            runs[chunk_len] = (step(hidden, w), all_reduce)
-    (want_loss, want_grads), want_reduce = runs[None]
-    (got_loss, got_grads), got_reduce = runs[4]
-    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
-    for got, want in zip(got_grads, want_grads, strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    assert want_reduce["bytes"] >= D * V * 4  # the head's gradient, once
+            all_reduce = aot.collective_stats(hlo, 8)["all-reduce"]["bytes"]
+            runs[chunk_len, max_local] = (step(hidden, w), all_reduce)
+    (want_loss, want_grads), want_reduce = runs[None, None]
+    for (got_loss, got_grads), _ in runs.values():
+        np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+        for got, want in zip(got_grads, want_grads, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert want_reduce >= D * V * 4  # the head's gradient, once
     # A few scalar sums more at most; per chunk it would be 4 head gradients.
-    assert got_reduce["bytes"] - want_reduce["bytes"] <= 16
+    assert runs[4, None][1] - want_reduce <= 16
+    assert runs[4, D * V - 1][1] >= want_reduce + 3 * D * V * 4
 
 
 def test_chunk_length_counts_elements_per_device():

@@ -64,9 +64,11 @@ def test_chunked_loss_trains_like_whole_logits_on_a_sharded_mesh(monkeypatch):
     whole_params, whole_losses = _run(accum=1, mesh_shape=(2, 2, 2))
     chunk_lens = []
 
-    def spy(hidden_BLD, logits_fn, targets_BL, weights_BL, chunk_len):
+    def spy(hidden_BLD, logits_fn, targets_BL, weights_BL, chunk_len, **kwargs):
         chunk_lens.append(chunk_len)
-        return chunked(hidden_BLD, logits_fn, targets_BL, weights_BL, chunk_len)
+        return chunked(
+            hidden_BLD, logits_fn, targets_BL, weights_BL, chunk_len, **kwargs
+        )
 
     chunked = chunked_loss.chunked_cross_entropy
     monkeypatch.setattr(chunked_loss, "chunked_cross_entropy", spy)

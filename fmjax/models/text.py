@@ -209,9 +209,11 @@ def _head_outputs(
         batch, length, cfg.vocab_size, cfg.max_logits_elements
     )
     if chunk_len < length and not initializing:
+        # A whole head gradient per device is allowed as much memory as logits.
         _, sums = chunked_loss.chunked_cross_entropy(
-            head_in_BLD, logits_fn, targets_BL, weights_BL, chunk_len
-        )
+            head_in_BLD, logits_fn, targets_BL, weights_BL, chunk_len,
+            max_local_head_elements=cfg.max_logits_elements,
+        )  # fmt: skip
         return {"loss_sums": sums}
     logits_BLV = _vocab_constraint(logits_fn(head_in_BLD))
     _, sums = objectives.weighted_cross_entropy(logits_BLV, targets_BL, weights_BL)
