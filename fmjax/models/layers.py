@@ -92,8 +92,8 @@ def activation_fn(name: str):
 def _gelu_erf(x):
     """x Phi(x) written with erf, as PyTorch and HF compute it. `jax.nn.gelu`'s
     erfc form gives the same values to float rounding but costs XLA:CPU more
-    (erfc evaluates two branches and an exp): `bert_mlm:small`'s layer norm
-    and GELU ops take about a third less time with erf (docs/performance.md)."""
+    per element (erfc evaluates two branches and an exp; docs/performance.md
+    has the step-level measurement)."""
     return 0.5 * x * (1 + jax.lax.erf(x * np.float32(1 / np.sqrt(2))))
 
 
