@@ -116,13 +116,13 @@ def _union_ns(intervals: list[tuple[float, float]]) -> float:
 
 
 def build(config_spec: str, overrides: list[str]):
-    """(run, compiled, config): fmjax's full optimizer step on random tokens."""
+    """(run, compiled, config): fmjax's full optimizer step on random tokens
+    (or random pixels, for image configs)."""
     from fmjax.bench import _random_batch, fmjax_train_step
     from fmjax.config import load_config
-
-    config = load_config(config_spec, ["--config.mesh.num_devices=1", *overrides])
     from fmjax.tasks import task_for
 
+    config = load_config(config_spec, ["--config.mesh.num_devices=1", *overrides])
     if task_for(config, with_data=False).throughput_unit == "tokens":
         batch = _random_batch(
             np.random.default_rng(0), config.data.batch_size, config.data.seq_len,

@@ -25,6 +25,7 @@ _ACTIVATIONS = {
     "gelu_fast": "gelu_tanh",
     "gelu_pytorch_tanh": "gelu_tanh",
 }
+# fmjax activation -> HF hidden_act, for every converter (CLIP adds quick_gelu).
 _HF_ACTIVATION = {"gelu": "gelu", "gelu_erfc": "gelu", "gelu_tanh": "gelu_new"}
 
 # fmjax module path -> HF module name (layer modules relative to encoder.layer.{i}).

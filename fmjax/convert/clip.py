@@ -51,6 +51,7 @@ from flax import traverse_util
 
 from fmjax import storage
 from fmjax.convert import hf
+from fmjax.convert.bert import _HF_ACTIVATION as bert_hf_activation
 from fmjax.convert.bert import to_fmjax, to_hf
 from fmjax.convert.clip_images import (
     hf_image_processor,
@@ -83,12 +84,7 @@ _ACTIVATIONS = {
     "gelu_new": "gelu_tanh",
     "gelu_pytorch_tanh": "gelu_tanh",
 }
-_HF_ACTIVATION = {
-    "quick_gelu": "quick_gelu",
-    "gelu": "gelu",
-    "gelu_erfc": "gelu",
-    "gelu_tanh": "gelu_new",
-}
+_HF_ACTIVATION = {**bert_hf_activation, "quick_gelu": "quick_gelu"}
 # Buffers old checkpoints store; fmjax computes them.
 IGNORED = re.compile(r"(text|vision)_model\.embeddings\.position_ids")
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from fmjax.convert.bert import _HF_ACTIVATION
 from fmjax.errors import FormatError
 
 PREFIX = "transformer."
@@ -35,7 +36,6 @@ _ACTIVATIONS = {
     "gelu": "gelu",
     "gelu_python": "gelu",
 }
-_HF_ACTIVATION = {"gelu": "gelu", "gelu_erfc": "gelu", "gelu_tanh": "gelu_new"}
 # Config keys whose other values change the function GPT-2 computes, with the
 # value fmjax computes. `reorder_and_upcast_attn` is absent on purpose: it only
 # changes numerics (fmjax's softmax is float32 anyway), not the function.
