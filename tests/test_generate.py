@@ -1,6 +1,7 @@
 """KV-cache generation (fmjax.inference.generate) on tiny random decoders: the
 cached path against full recomputation, batching, padding, sampling, stops."""
 
+import functools
 import types
 
 import flax.linen as nn
@@ -11,6 +12,7 @@ import pytest
 
 from fmjax.inference import generate as gen
 from fmjax.models import build_model, model_config
+from fmjax.models.text import decoding_head
 
 VOCAB, PAD, BOS, EOS = 200, 0, 2, 3
 IDS = types.SimpleNamespace(pad_id=PAD, bos_id=BOS, eos_id=EOS)
@@ -19,6 +21,7 @@ DECODERS = {
     "learned": dict(position="learned"),
     "rope_gqa": dict(position="rope", num_heads=4, num_kv_heads=2, head_dim=16),
     "bf16": dict(position="rope", dtype="bfloat16"),
+    "untied": dict(position="learned", tie_embeddings=False),
 }
 
 
@@ -82,13 +85,15 @@ def _full_logits(module, params, kwargs, rows):
 @pytest.mark.parametrize(
     "name, adapter",
     [("learned", "none"), ("learned", "prompt"), ("rope_gqa", "none"),
-     ("rope_gqa", "prefix"), ("bf16", "none")],
+     ("rope_gqa", "prefix"), ("bf16", "none"), ("untied", "none")],
 )  # fmt: skip
 def test_cached_decoding_equals_full_recomputation(decoders, name, adapter):
     """At every step, the logits the cache gives equal a full forward pass over
     prompt + new tokens, for each row of a left-padded batch of different
     lengths (learned positions, RoPE with GQA, bfloat16; prompt and prefix
-    adapters)."""
+    adapters; tied and untied heads). Each step's logits also equal those
+    made from the hidden states with `decoding_head`, as `Generator` makes
+    them on CPU."""
     module, params = decoders[name]
     kwargs = _adapter_kwargs(adapter, module.config)
     generator = gen.Generator(module, params, IDS, kwargs, max_len=64)
@@ -107,7 +112,8 @@ def test_cached_decoding_equals_full_recomputation(decoders, name, adapter):
     prefill = jax.jit(
         lambda p, k, *a: gen.prefill(module, p, k, *a, new_slots=32, **statics)
     )
-    step = jax.jit(lambda p, k, s: gen.decode_step(module, p, k, s))
+    step = jax.jit(functools.partial(gen.decode_step, module))
+    head_DV = decoding_head(module.config, params)
     state, logits_BV = prefill(params, kwargs, tokens, lengths, keys, done)
     # bfloat16 matmuls over 16 vs 50 key slots round differently (logits ~ 4).
     atol = 0.1 if name == "bf16" else 2e-4
@@ -122,6 +128,8 @@ def test_cached_decoding_equals_full_recomputation(decoders, name, adapter):
         fed = [row[t] if t < len(row) else EOS for row in new] + [EOS]
         state = state._replace(token_B=jnp.asarray(fed, jnp.int32))
         logits_BV, cache = step(params, kwargs, state)
+        from_head_BV, _ = step(params, kwargs, state, head_DV)
+        np.testing.assert_allclose(from_head_BV, logits_BV, atol=atol / 10, rtol=0)
         state = state._replace(cache=cache, position_B=state.position_B + 1)
 
 
@@ -175,6 +183,20 @@ def test_streaming_chunks_grow_to_the_whole_generation(learned):
     assert chunks[-1][0].tolist()[: len(whole)] == whole
     for a, b in zip(chunks, chunks[1:], strict=False):
         np.testing.assert_array_equal(b[:, : a.shape[1]], a)
+
+
+def test_greedy_picks_what_argmax_picks():
+    """`first_argmax` (greedy's two-reduction argmax) equals jnp.argmax on ties
+    (the first maximum), NaN (the first NaN), all -inf and +inf rows."""
+    x = np.random.default_rng(0).normal(size=(6, 300)).astype(np.float32)
+    x[1, [7, 3, 250]] = 9.0
+    x[2, [60, 50]] = np.nan
+    x[3] = -np.inf
+    x[4, 20] = np.inf
+    x[5, -1] = 20.0
+    got = np.asarray(jax.jit(gen.first_argmax)(x))
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+    np.testing.assert_array_equal(got, [np.argmax(x[0]), 3, 50, 0, 20, 299])
 
 
 def test_top_k_and_top_p_keep_the_tokens_hf_keeps():

@@ -266,14 +266,23 @@ def attention_probs(
     q_BLHK: Array, k: Array, mask_B1LS: Array, k_layout: str = "BSGK"
 ) -> Array:
     """Softmax(q.k / sqrt(K)) in f32 -> [B, H, L, S]; GQA when k has G < H heads.
-    `k_layout`: "BSGK" (projected keys) or "BGSK" (a KV cache's layout)."""
-    num_heads, num_kv_heads = q_BLHK.shape[2], k.shape[k_layout.index("G")]
-    q_BLGQK = einops.rearrange(
-        q_BLHK, "B L (G Q) K -> B L G Q K", G=num_kv_heads, Q=num_heads // num_kv_heads
-    )
-    scores_BGQLS = jnp.einsum(
-        f"BLGQK,{k_layout}->BGQLS", q_BLGQK, k, preferred_element_type=jnp.float32
-    )
+    `k_layout`: "BSGK" (projected keys) or "NSK" (a KV cache's, N = B*G)."""
+    batch = q_BLHK.shape[0]
+    if k_layout == "NSK":
+        q_NLQK = einops.rearrange(
+            q_BLHK, "B L (G Q) K -> (B G) L Q K", G=k.shape[0] // batch
+        )
+        scores_NLQS = jnp.einsum(
+            "NLQK,NSK->NLQS", q_NLQK, k, preferred_element_type=jnp.float32
+        )
+        scores_BGQLS = einops.rearrange(
+            scores_NLQS, "(B G) L Q S -> B G Q L S", B=batch
+        )
+    else:
+        q_BLGQK = einops.rearrange(q_BLHK, "B L (G Q) K -> B L G Q K", G=k.shape[2])
+        scores_BGQLS = jnp.einsum(
+            "BLGQK,BSGK->BGQLS", q_BLGQK, k, preferred_element_type=jnp.float32
+        )
     scores_BGQLS = scores_BGQLS * (q_BLHK.shape[-1] ** -0.5)
     scores_BGQLS = jnp.where(mask_B1LS[:, :, None], scores_BGQLS, _MASKED_SCORE)
     probs_BGQLS = jax.nn.softmax(scores_BGQLS, axis=-1)
@@ -282,12 +291,16 @@ def attention_probs(
 
 def attend_values(probs_BHLS: Array, v: Array, v_layout: str = "BSGK") -> Array:
     """Probability-weighted values -> [B, L, H, K] (H query heads). `v_layout`:
-    "BSGK" (projected values) or "BGKS" (a KV cache's layout)."""
-    num_kv_heads = v.shape[v_layout.index("G")]
-    probs_BGQLS = einops.rearrange(
-        probs_BHLS, "B (G Q) L S -> B G Q L S", G=num_kv_heads
-    )
-    out_BLGQK = jnp.einsum(f"BGQLS,{v_layout}->BLGQK", probs_BGQLS.astype(v.dtype), v)
+    "BSGK" (projected values) or "NSK" (a KV cache's, N = B*G)."""
+    batch = probs_BHLS.shape[0]
+    if v_layout == "NSK":
+        probs_NLQS = einops.rearrange(
+            probs_BHLS, "B (G Q) L S -> (B G) L Q S", G=v.shape[0] // batch
+        )
+        out_NLQK = jnp.einsum("NLQS,NSK->NLQK", probs_NLQS.astype(v.dtype), v)
+        return einops.rearrange(out_NLQK, "(B G) L Q K -> B L (G Q) K", B=batch)
+    probs_BGQLS = einops.rearrange(probs_BHLS, "B (G Q) L S -> B G Q L S", G=v.shape[2])
+    out_BLGQK = jnp.einsum("BGQLS,BSGK->BLGQK", probs_BGQLS.astype(v.dtype), v)
     return einops.rearrange(out_BLGQK, "B L G Q K -> B L (G Q) K")
 
 
@@ -350,12 +363,15 @@ class Attention(nn.Module):
     mask (`make_attention_mask(..., num_prefix=T)`). No RoPE on prefix keys: they
     have no position (like cached keys rotated before the text began).
 
-    `cache` (decoding, `init_cache`): {"k": [B,G,S,K], "v": [B,G,K,S],
-    "end_index": int32}, laid out as the attention matmuls read them, so a
-    decode step copies nothing. This call's keys/values are written at slots
-    end_index .. end_index+L-1 and the queries read all S slots, so the mask,
-    built by the caller, says which slots each query sees. Prefix-tuning slots
-    live in the cache (`init_cache(prefix_kv=...)`), not in `prefix_kv`.
+    `cache` (decoding, `init_cache`): {"k": [N,S,K], "v": [N,S,K],
+    "end_index": int32} with N = B*G (batch major): one batch axis for the
+    attention matmuls, so a decode step copies no cache (with a separate batch
+    axis of size 1, XLA:CPU copied every layer's cache several times a step),
+    and a new slot is one contiguous row per head. This call's keys/values
+    are written at slots end_index .. end_index+L-1 and the queries read all S
+    slots, so the mask, built by the caller, says which slots each query sees.
+    Prefix-tuning slots live in the cache (`init_cache(prefix_kv=...)`), not
+    in `prefix_kv`.
     Returns (out, cache); the cache is None when none was given.
 
     When the [B, H, L, S] scores would exceed `max_scores_elements` per
@@ -418,7 +434,7 @@ class Attention(nn.Module):
                     "(init_cache(prefix_kv=...)); pass no prefix_kv"
                 )
             cache = write_cache(cache, k_BLGK, v_BLGK)
-            k, v, layouts = cache["k"], cache["v"], ("BGSK", "BGKS")
+            k, v, layouts = cache["k"], cache["v"], ("NSK", "NSK")
         else:
             k, v, layouts = k_BLGK, v_BLGK, ("BSGK", "BSGK")
             if prefix_kv is not None:  # no RoPE on the prefix: see the docstring
@@ -490,8 +506,8 @@ def init_cache(
     """One layer's KV cache of `slots` positions (see Attention), empty or with
     this layer's prefix-tuning slots (k_TGK, v_TGK) written in front."""
     cache = {
-        "k": jnp.zeros((batch, kv_heads, slots, head_dim), dtype),
-        "v": jnp.zeros((batch, kv_heads, head_dim, slots), dtype),
+        "k": jnp.zeros((batch * kv_heads, slots, head_dim), dtype),
+        "v": jnp.zeros((batch * kv_heads, slots, head_dim), dtype),
         "end_index": jnp.zeros((), jnp.int32),
     }
     if prefix_kv is None:
@@ -504,17 +520,17 @@ def init_cache(
 def write_cache(cache: dict[str, Array], k_BLGK: Array, v_BLGK: Array) -> dict:
     """`cache` with k/v written at slots end_index.. (in place under jit when the
     cache is donated or carried by a loop), end_index moved past them."""
-    end, slots = cache["end_index"], cache["k"].shape[2]
+    end, slots = cache["end_index"], cache["k"].shape[1]
     if k_BLGK.shape[1] > slots:
         raise ValueError(
             f"{k_BLGK.shape[1]} new keys do not fit a cache of {slots} slots"
         )
-    k_BGLK = einops.rearrange(k_BLGK, "B L G K -> B G L K").astype(cache["k"].dtype)
-    v_BGKL = einops.rearrange(v_BLGK, "B L G K -> B G K L").astype(cache["v"].dtype)
+    k_NLK = einops.rearrange(k_BLGK, "B L G K -> (B G) L K").astype(cache["k"].dtype)
+    v_NLK = einops.rearrange(v_BLGK, "B L G K -> (B G) L K").astype(cache["v"].dtype)
     update = jax.lax.dynamic_update_slice_in_dim
     return {
-        "k": update(cache["k"], k_BGLK, end, axis=2),
-        "v": update(cache["v"], v_BGKL, end, axis=3),
+        "k": update(cache["k"], k_NLK, end, axis=1),
+        "v": update(cache["v"], v_NLK, end, axis=1),
         "end_index": end + k_BLGK.shape[1],
     }
 
