@@ -1,0 +1,157 @@
+"""Where a decode step's time goes on this CPU (the numbers behind the decoding
+section of docs/benchmarks.md).
+
+Builds the random decoder `fmjax bench decode` builds (default
+`gpt_lm:small`, float32), generates `--new-tokens` tokens greedily after a
+`--prompt`-token prompt at each batch size, then traces one more generation
+under `jax.profiler` and reads back the time of every XLA op of the decode
+loop (`jax.profiler.ProfileData`). Prints, per decode step: the number of ops,
+the time ops ran, the time by op kind (matmuls, copies, cache updates,
+reductions, other fusions) and the longest ops.
+
+    python bench/profile_decode.py                  # batch 1 and 8
+    python bench/profile_decode.py --batch 8 --top 20 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import re
+import sys
+import tempfile
+import types
+
+import numpy as np
+
+KINDS = ("matmuls", "copies", "cache updates", "reductions", "other fusions", "other")
+
+
+def op_kind(op: str) -> str:
+    """The kind of an XLA:CPU op from its name in the trace."""
+    if op.startswith(("dot", "ynn_fusion", "onednn", "xnn_fusion")):
+        return "matmuls"
+    if re.fullmatch(r"copy(\.\d+)?", op):
+        return "copies"
+    if "dynamic-update-slice" in op:
+        return "cache updates"
+    if "reduce" in op:
+        return "reductions"
+    if "fusion" in op or op.startswith("wrapped_"):
+        return "other fusions"
+    return "other"
+
+
+def random_generator(config_spec: str):
+    import flax.linen as nn
+    import jax
+
+    from fmjax.config import load_config
+    from fmjax.inference import generate as gen
+    from fmjax.models import build_model
+    from fmjax.tasks import task_for
+
+    cfg = task_for(load_config(config_spec), with_data=False).model_config
+    module = build_model(cfg)
+    tokens = np.zeros((1, 8), np.int32)
+    params = nn.unbox(jax.jit(module.init)(jax.random.key(0), tokens)["params"])
+    ids = types.SimpleNamespace(pad_id=0, bos_id=2, eos_id=-1)  # no EOS
+    return cfg, gen.Generator(module, params, ids, max_len=cfg.max_len)
+
+
+def profile(cfg, generator, batch: int, prompt: int, new_tokens: int, top: int):
+    import jax
+
+    from fmjax.inference.generate import Sampling
+
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(5, cfg.vocab_size, size=(batch, prompt)).tolist()
+
+    def run():
+        *_, tokens = generator.stream_ids(
+            prompts, new_tokens, Sampling(), chunk=new_tokens
+        )
+        return tokens
+
+    run()  # compiles
+    run()
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        run()
+        jax.profiler.stop_trace()
+        (path,) = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
+        data = jax.profiler.ProfileData.from_file(path)
+    by_op, count, intervals = collections.Counter(), collections.Counter(), []
+    for plane in data.planes:
+        for line in plane.lines:
+            for event in line.events:
+                stats = dict(event.stats)
+                op, module = stats.get("hlo_op"), str(stats.get("hlo_module"))
+                if op is None or "decode" not in module:
+                    continue
+                by_op[op] += event.duration_ns
+                count[op] += 1
+                intervals.append((event.start_ns, event.end_ns))
+    steps = new_tokens - 1
+    us = lambda ns: ns / steps / 1e3  # noqa: E731
+    by_kind, kind_count = collections.Counter(), collections.Counter()
+    for op, ns in by_op.items():
+        by_kind[op_kind(op)] += ns
+        kind_count[op_kind(op)] += count[op]
+    return {
+        "batch": batch,
+        "prompt": prompt,
+        "new_tokens": new_tokens,
+        "ops_per_step": sum(count.values()) / steps,
+        "op_time_us_per_step": us(_union_ns(intervals)),
+        "by_kind_us": {k: us(by_kind[k]) for k in KINDS},
+        "by_kind_ops": {k: kind_count[k] / steps for k in KINDS},
+        "top_ops_us": {op: us(ns) for op, ns in by_op.most_common(top)},
+    }
+
+
+def _union_ns(intervals) -> float:
+    total, end = 0.0, -np.inf
+    for start, stop in sorted(intervals):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="configs/gpt_lm.py:small")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--top", type=int, default=8)
+    parser.add_argument("--json", default="")
+    args = parser.parse_args()
+    cfg, generator = random_generator(args.config)
+    results = []
+    for batch in args.batch:
+        r = profile(cfg, generator, batch, args.prompt, args.new_tokens, args.top)
+        results.append(r)
+        print(
+            f"batch {batch}: {r['ops_per_step']:.0f} ops a step, ops ran "
+            f"{r['op_time_us_per_step']:.0f} us a step"
+        )
+        for kind in KINDS:
+            print(
+                f"  {kind:14s} {r['by_kind_us'][kind]:7.1f} us  "
+                f"({r['by_kind_ops'][kind]:.0f} ops)"
+            )
+        print("  longest ops: " + ", ".join(
+            f"{op} {t:.1f} us" for op, t in r["top_ops_us"].items()
+        ))  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
