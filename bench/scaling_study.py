@@ -48,8 +48,14 @@ def learning_rate(n: int) -> float:
     return 0.003239 - 0.0001395 * math.log(n)
 
 
-def train(args, width: int, layers: int) -> str:
-    workdir = os.path.join(args.out, "runs", f"d{width}_l{layers}")
+def run_dir(args, width: int, layers: int, seed: int) -> str:
+    """Seed 0's run is d{width}_l{layers} (as before seeds were added)."""
+    name = f"d{width}_l{layers}" + (f"_s{seed}" if seed else "")
+    return os.path.join(args.out, "runs", name)
+
+
+def train(args, width: int, layers: int, seed: int) -> str:
+    workdir = run_dir(args, width, layers, seed)
     if os.path.exists(os.path.join(workdir, "summary.json")):
         return workdir
     steps = args.tokens // (args.batch_size * args.seq_len)
@@ -67,15 +73,19 @@ def train(args, width: int, layers: int) -> str:
             f"--config.data.batch_size={args.batch_size}",
             f"--config.optimizer.learning_rate={learning_rate(n):.6f}",
             f"--config.train.steps={steps}",
+            f"--config.train.seed={seed}",
+            f"--config.data.shuffle_seed={seed}",
             f"--config.train.eval_every={max(1, steps // 4)}",
             "--config.train.eval_batches=0",
             f"--config.checkpoint.every={steps}",
             "--config.train.progress=False",
             "--config.mesh.num_devices=1",
         ],
-        os.path.join(args.out, f"d{width}_l{layers}.log"),
+        workdir + ".log",
     )  # fmt: skip
-    print(f"  d={width} L={layers}: {time.time() - start:.0f} s", flush=True)
+    print(
+        f"  d={width} L={layers} seed {seed}: {time.time() - start:.0f} s", flush=True
+    )
     return workdir
 
 
@@ -224,12 +234,17 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", default=os.path.join(REPO, "runs", "scaling_study"))
     parser.add_argument("--docs", default=os.path.join(REPO, "docs"))
+    parser.add_argument(
+        "--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1],
+        help="init and data-order seeds, e.g. 0,1",
+    )  # fmt: skip
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if not args.report_only:
-        for width, layers in SIZES[: args.sizes]:
-            train(args, width, layers)
+        for seed in args.seeds:
+            for width, layers in SIZES[: args.sizes]:
+                train(args, width, layers, seed)
     report(args, collect(args))
 
 
