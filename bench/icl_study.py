@@ -21,11 +21,14 @@ width 64): p in {0, 0.5, 0.9, 1}, Zipf in {0, 1, 2}, width in {32, 64, 128}
 also evaluated along training (constant learning rate after warmup, so a run
 stopped and resumed at each point is the same run), which dates the step at
 which in-context learning appears; `--curve` may go past `--steps` (the base
-runs go on training).
+runs go on training). `--onset` evaluates a second pair of base runs, the
+same config and seeds in their own directory (out/onset), at early steps, to
+date the first appearance more finely than the curve's first point.
 
     python bench/icl_study.py                 # every run, then the report
     python bench/icl_study.py --report-only   # report from finished runs
     python bench/icl_study.py --steps 300 --seeds 0 --out /tmp/icl  # smoke run
+    python bench/icl_study.py --steps 1200 --curve 150 300 --onset 10 25 50 100
 
 Finished runs and evaluations are skipped. Writes docs/icl.md (between the
 RESULTS markers), docs/icl.json and docs/icl.png.
@@ -172,7 +175,7 @@ def evaluate(args, workdir: str, steps: int) -> dict:
 
 def study(args) -> dict:
     data = write_data(args)
-    results = {"final": {}, "curve": {}}
+    results = {"final": {}, "curve": {}, "onset": {}}
     for condition in conditions():
         name = name_of(condition)
         for seed in args.seeds:
@@ -188,6 +191,15 @@ def study(args) -> dict:
                     results["curve"].setdefault(str(seed), {})[steps] = table
                 if steps == args.steps:
                     results["final"].setdefault(name, {})[str(seed)] = table
+    onset_args = argparse.Namespace(
+        **{**vars(args), "out": os.path.join(args.out, "onset")}
+    )
+    os.makedirs(onset_args.out, exist_ok=True)
+    for seed in args.seeds:
+        for steps in sorted(args.onset):
+            workdir = train(onset_args, data, BASE, seed, steps)
+            table = evaluate(onset_args, workdir, steps)
+            results["onset"].setdefault(str(seed), {})[steps] = table
     return results
 
 
@@ -195,11 +207,27 @@ def _mean_std(values) -> str:
     return f"{np.mean(values):.2f} ± {np.std(values):.2f}"
 
 
+def _spread(by_seed: np.ndarray) -> np.ndarray:
+    """Error bars: the standard deviation over seeds (axis 0), as the tables."""
+    return by_seed.std(axis=0)
+
+
+def _along_training(results: dict, seeds: list[str]) -> dict:
+    """{step: (runs, {seed: table})}: the base condition's curve evaluations
+    and the onset runs' (the curve's where both have a step)."""
+    along = {}
+    for source in ("onset", "curve"):
+        for steps in results.get(source, {}).get(seeds[0], {}):
+            along[steps] = (source, {s: results[source][s][steps] for s in seeds})
+    return along
+
+
 def report(args, results: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     chance = 1 / icl.IclSpec().num_labels
     seeds = [str(s) for s in args.seeds]
@@ -208,8 +236,11 @@ def report(args, results: dict) -> None:
         for value in SWEEPS[key]:
             name = name_of({**BASE, key: value})
             runs = results["final"][name]
-            curve = [np.mean([runs[s]["heldout"][k] for s in seeds]) for k in SHOTS]
-            ax.plot(SHOTS, curve, marker="o", label=f"{key} = {value:g}")
+            by_seed = np.array([[runs[s]["heldout"][k] for k in SHOTS] for s in seeds])
+            ax.errorbar(
+                SHOTS, by_seed.mean(0), yerr=_spread(by_seed), marker="o",
+                capsize=3, label=f"{key} = {value:g}",
+            )  # fmt: skip
         ax.axhline(chance, color="gray", ls=":", label="chance (1/32)")
         ax.axhline(0.5, color="gray", ls="--", label="a shown label (k >= 2)")
         ax.set_xlabel("examples in context (k)")
@@ -218,22 +249,22 @@ def report(args, results: dict) -> None:
         ax.set_title(f"varying {key}")
         ax.legend(fontsize=8)
     ax = axes[3]
-    for seed in seeds:
-        curve = results["curve"][seed]
-        steps = sorted(curve, key=int)
-        ax.plot(
-            [int(s) for s in steps],
-            [curve[s]["heldout"][8] for s in steps],
-            marker="o",
-            label=f"held-out, 8 shots, seed {seed}",
-        )
-        ax.plot(
-            [int(s) for s in steps],
-            [curve[s]["inweights"][8] for s in steps],
-            marker="x",
-            ls="--",
-            label=f"in-weights, seed {seed}",
-        )
+    along = _along_training(results, seeds)
+    steps = sorted(along)
+    for label, task, k, marker in (
+        ("held-out, k = 1", "heldout", 1, "o"),
+        ("held-out, k = 8", "heldout", 8, "s"),
+        ("in-weights, k = 8", "inweights", 8, "x"),
+    ):
+        by_seed = np.array([[along[t][1][s][task][k] for t in steps] for s in seeds])
+        ax.errorbar(
+            steps, by_seed.mean(0), yerr=_spread(by_seed), marker=marker,
+            capsize=3, label=label,
+        )  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xticks([t for t in (10, 30, 100, 300, 1000, 3000, 10000) if t <= max(steps)])
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.axhline(chance, color="gray", ls=":")
     ax.axhline(0.5, color="gray", ls="--")
     ax.set_xlabel("training step")
@@ -262,27 +293,35 @@ def report(args, results: dict) -> None:
             f"d={condition['width']}"
         )
         rows.append(f"| {label} | {params:,} | " + " | ".join(cells) + " |")
-    curve_rows = ["| step | held-out, k=8 | held-out, k=2 | in-weights, k=8 |"]
-    curve_rows.append("|---:|---:|---:|---:|")
-    for steps in sorted(results["curve"][seeds[0]], key=int):
-        at = [results["curve"][s][steps] for s in seeds]
-        curve_rows.append(
-            f"| {steps} | {_mean_std([r['heldout'][8] for r in at])} | "
-            f"{_mean_std([r['heldout'][2] for r in at])} | "
-            f"{_mean_std([r['inweights'][8] for r in at])} |"
-        )
+    curve_rows = [
+        "| step | runs | held-out, k=1 | held-out, k=2 | held-out, k=8 | "
+        "in-weights, k=8 |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for steps, (source, at) in sorted(along.items()):
+        cells = [
+            _mean_std([at[s][task][k] for s in seeds])
+            for task, k in (("heldout", 1), ("heldout", 2), ("heldout", 8),
+                            ("inweights", 8))
+        ]  # fmt: skip
+        curve_rows.append(f"| {steps} | {source} | " + " | ".join(cells) + " |")
     settings = (
         f"`python bench/icl_study.py --steps {args.steps} --curve "
-        f"{' '.join(map(str, args.curve))} --seeds {' '.join(seeds)}` "
+        f"{' '.join(map(str, args.curve))}"
+        + (f" --onset {' '.join(map(str, args.onset))}" if args.onset else "")
+        + f" --seeds {' '.join(seeds)}` "
         f"({args.sequences:,} training sequences per data "
         f"condition, batch {args.batch_size} rows of {args.seq_len} tokens, "
         f"learning rate {args.learning_rate:g}; accuracy over 400 held-out and 200 "
-        f"in-weights documents, mean ± std over seeds {', '.join(seeds)}; "
+        f"in-weights documents, mean ± standard deviation over seeds "
+        f"{', '.join(seeds)} (ddof 0: with two seeds, half their difference; "
+        "the error bars in the figure are the same); "
         f"chance {chance:.3f}; at k >= 2 a label shown at random scores 0.5)"
     )
     body = (
         f"{settings}\n\n" + "\n".join(rows) + "\n\nThe base condition along "
-        "training (the same runs, evaluated as they went):\n\n"
+        "training (curve: the runs above, evaluated as they went; onset: a "
+        "second pair of runs of the same config and seeds, evaluated early):\n\n"
         + "\n".join(curve_rows)
         + "\n\n![in-context learning](icl.png)\n"
     )
@@ -295,6 +334,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--curve", type=int, nargs="+", default=None)
+    parser.add_argument("--onset", type=int, nargs="+", default=[])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--sequences", type=int, default=200_000)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -325,9 +365,12 @@ def _int_keys(results: dict) -> dict:
             n: {s: fix(t) for s, t in runs.items()}
             for n, runs in results["final"].items()
         },
-        "curve": {
-            s: {int(steps): fix(t) for steps, t in c.items()}
-            for s, c in results["curve"].items()
+        **{
+            part: {
+                s: {int(steps): fix(t) for steps, t in c.items()}
+                for s, c in results.get(part, {}).items()
+            }
+            for part in ("curve", "onset")
         },
     }
 

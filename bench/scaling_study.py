@@ -23,6 +23,7 @@ markers), docs/scaling_laws.json and docs/scaling_laws.png.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -33,8 +34,10 @@ from studies import REPO, run_fmjax, write_results
 
 # (d_model, layers); heads of 64 dims, MLP 4 d.
 SIZES = ((64, 2), (128, 3), (256, 4), (384, 6), (512, 6))
-# Kaplan et al. 2020, L(N) fitted on converged models (their eq. 1.1).
+# Kaplan et al. 2020, L(N) fitted on converged models (their eq. 1.1), and
+# L(C_min) on the compute-efficient frontier (their eq. 1.3).
 KAPLAN_ALPHA_N = 0.076
+KAPLAN_ALPHA_C_MIN = 0.050
 
 
 def non_embedding_params(width: int, layers: int) -> int:
@@ -123,31 +126,68 @@ def fit_with_floor(n_S: np.ndarray, loss_S: np.ndarray) -> dict | None:
 
 
 def collect(args) -> list[dict]:
+    """One row per size: each seed's run, and the seeds' mean loss."""
     rows = []
     steps = args.tokens // (args.batch_size * args.seq_len)
+    tokens_per_step = args.batch_size * args.seq_len
     for width, layers in SIZES[: args.sizes]:
-        workdir = os.path.join(args.out, "runs", f"d{width}_l{layers}")
-        summary = json.load(open(os.path.join(workdir, "summary.json")))
         n = non_embedding_params(width, layers)
-        tokens_per_step = args.batch_size * args.seq_len
-        rows.append(
-            {
-                "width": width,
-                "layers": layers,
-                "non_embedding_params": n,
-                "all_params": summary["params"]["all_params"],
-                "learning_rate": learning_rate(n),
-                "steps": steps,
-                "tokens": steps * tokens_per_step,
+        runs = []
+        for seed in args.seeds:
+            workdir = run_dir(args, width, layers, seed)
+            summary = json.load(open(os.path.join(workdir, "summary.json")))
+            runs.append({
+                "seed": seed,
                 "eval_loss": summary["eval"]["loss"],
                 "curve": [
                     {"step": s, "compute": 6 * n * s * tokens_per_step, "loss": v}
                     for s, v in eval_curve(workdir)
                 ],
                 "wall_time_s": summary.get("wall_time_s"),
-            }
-        )
+                "all_params": summary["params"]["all_params"],
+            })  # fmt: skip
+        losses = [r["eval_loss"] for r in runs]
+        rows.append({
+            "width": width,
+            "layers": layers,
+            "non_embedding_params": n,
+            "all_params": runs[0]["all_params"],
+            "learning_rate": learning_rate(n),
+            "steps": steps,
+            "tokens": steps * tokens_per_step,
+            "eval_loss": float(np.mean(losses)),
+            "eval_loss_range": [min(losses), max(losses)],
+            "runs": runs,
+        })  # fmt: skip
     return rows
+
+
+def mean_curve(row: dict) -> list[tuple[float, float]]:
+    """(compute, loss) at each evaluation, the loss averaged over seeds."""
+    points = collections.defaultdict(list)
+    for run in row["runs"]:
+        for p in run["curve"]:
+            points[p["compute"]].append(p["loss"])
+    return [(c, float(np.mean(v))) for c, v in sorted(points.items())]
+
+
+def compute_frontier(rows: list[dict]) -> list[tuple[float, float]]:
+    """The points of all (seed-mean) learning curves that no other point beats
+    at equal or less compute: the lowest loss reached by each compute."""
+    points = sorted(p for row in rows for p in mean_curve(row))
+    frontier, best = [], math.inf
+    for compute, loss in points:
+        if loss < best:
+            frontier.append((compute, loss))
+            best = loss
+    return frontier
+
+
+def fit_compute(frontier: list[tuple[float, float]]) -> dict:
+    """L(C) = (C_c / C)^alpha_C through the frontier, in log-log."""
+    c_F, loss_F = (np.array(v, np.float64) for v in zip(*frontier, strict=True))
+    fit = fit_power_law(c_F, loss_F)
+    return {"alpha": fit["alpha"], "c_c": fit["n_c"], "points": len(frontier)}
 
 
 def report(args, rows: list[dict]) -> None:
@@ -159,9 +199,21 @@ def report(args, rows: list[dict]) -> None:
     n_S = np.array([r["non_embedding_params"] for r in rows], np.float64)
     loss_S = np.array([r["eval_loss"] for r in rows], np.float64)
     power = fit_power_law(n_S, loss_S)
+    per_seed = [
+        fit_power_law(n_S, np.array([r["runs"][i]["eval_loss"] for r in rows]))
+        for i in range(len(args.seeds))
+    ]
     floor = fit_with_floor(n_S, loss_S) if len(rows) >= 4 else None
+    frontier = compute_frontier(rows)
+    compute = fit_compute(frontier) if len(frontier) >= 2 else None
+
     fig, (ax_n, ax_c) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_n.loglog(n_S, loss_S, "o", label="eval loss (end of training)")
+    for i in range(len(args.seeds)):
+        ax_n.loglog(
+            n_S, [r["runs"][i]["eval_loss"] for r in rows], "x", color="gray",
+            label="each seed" if i == 0 else None,
+        )  # fmt: skip
+    ax_n.loglog(n_S, loss_S, "o", label="eval loss, mean over seeds")
     grid = np.geomspace(n_S.min() / 1.5, n_S.max() * 1.5, 50)
     ax_n.loglog(
         grid,
@@ -179,40 +231,61 @@ def report(args, rows: list[dict]) -> None:
     ax_n.set_ylabel("validation loss (nats/token)")
     ax_n.legend(fontsize=8)
     for r in rows:
+        curve = mean_curve(r)
         ax_c.loglog(
-            [p["compute"] for p in r["curve"]],
-            [p["loss"] for p in r["curve"]],
-            marker="o",
+            [c for c, _ in curve], [v for _, v in curve], marker="o", ms=3,
             label=f"N = {r['non_embedding_params']:,}",
-        )
+        )  # fmt: skip
+    if compute:
+        c_F = np.array([c for c, _ in frontier])
+        ax_c.loglog(c_F, [v for _, v in frontier], "ks", mfc="none", label="frontier")
+        c_grid = np.geomspace(c_F.min() / 1.5, c_F.max() * 1.5, 50)
+        ax_c.loglog(
+            c_grid, (compute["c_c"] / c_grid) ** compute["alpha"], "k:",
+            label=f"(C_c / C)^{compute['alpha']:.3f}",
+        )  # fmt: skip
     ax_c.set_xlabel("compute C = 6 N D (FLOPs)")
-    ax_c.set_ylabel("validation loss")
-    ax_c.legend(fontsize=8)
+    ax_c.set_ylabel("validation loss, mean over seeds")
+    ax_c.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(args.docs, "scaling_laws.png"), dpi=110)
+    seeds = ",".join(str(s) for s in args.seeds)
     lines = [
         "| d_model x layers | non-embedding N | all params | learning rate | "
-        "eval loss | train time |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"eval loss, seeds {seeds} | mean | train time per run |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        each = " / ".join(f"{run['eval_loss']:.3f}" for run in r["runs"])
+        times = [run["wall_time_s"] for run in r["runs"]]
         lines.append(
             f"| {r['width']} x {r['layers']} | {r['non_embedding_params']:,} | "
-            f"{r['all_params']:,} | {r['learning_rate']:.2e} | {r['eval_loss']:.3f} | "
-            f"{r['wall_time_s']:.0f} s |"
+            f"{r['all_params']:,} | {r['learning_rate']:.2e} | {each} | "
+            f"{r['eval_loss']:.3f} | {min(times):.0f}-{max(times):.0f} s |"
         )
+    alphas = ", ".join(f"{f['alpha']:.3f}" for f in per_seed)
     fits = [
-        f"- L(N) = (N_c / N)^alpha_N: alpha_N = {power['alpha']:.3f}, "
-        f"N_c = {power['n_c']:.3g} (Kaplan et al.: alpha_N = {KAPLAN_ALPHA_N})."
+        f"- L(N) = (N_c / N)^alpha_N on the seeds' mean: alpha_N = "
+        f"{power['alpha']:.3f}, N_c = {power['n_c']:.3g}; fitted to each seed "
+        f"alone: {alphas} (Kaplan et al.: alpha_N = {KAPLAN_ALPHA_N})."
     ]
     if floor:
         fits.append(
-            f"- L(N) = E + A N^-alpha: E = {floor['e']:.3f}, alpha = "
+            f"- L(N) = E + A N^-alpha on the mean: E = {floor['e']:.3f}, alpha = "
             f"{floor['alpha']:.3f}."
         )
+    if compute:
+        fits.append(
+            f"- L(C) = (C_c / C)^alpha_C through the compute frontier (the "
+            f"{compute['points']} points of the seed-mean learning curves that no "
+            f"point beats at equal or less compute): alpha_C = "
+            f"{compute['alpha']:.3f}, C_c = {compute['c_c']:.3g} FLOPs (Kaplan et "
+            f"al.: alpha_C^min = {KAPLAN_ALPHA_C_MIN})."
+        )
     settings = (
-        f"`python bench/scaling_study.py --tokens {args.tokens}` ({rows[0]['steps']} "
-        f"steps of {args.batch_size} rows x {args.seq_len} tokens for every size)"
+        f"`python bench/scaling_study.py --tokens {args.tokens} --seeds {seeds}` "
+        f"({rows[0]['steps']} steps of {args.batch_size} rows x {args.seq_len} "
+        "tokens for every size and seed)"
     )
     body = (
         f"{settings}\n\n"
@@ -221,8 +294,13 @@ def report(args, rows: list[dict]) -> None:
         + "\n".join(fits)
         + "\n\n![loss against size and compute](scaling_laws.png)\n"
     )
+    result = {
+        "args": vars(args), "rows": rows, "power": power,
+        "power_per_seed": per_seed, "floor": floor,
+        "frontier": frontier, "compute_fit": compute,
+    }  # fmt: skip
     with open(os.path.join(args.docs, "scaling_laws.json"), "w") as f:
-        json.dump({"args": vars(args), "rows": rows, "power": power, "floor": floor}, f)
+        json.dump(result, f)
     write_results(os.path.join(args.docs, "scaling_laws.md"), "Scaling laws", body)
 
 

@@ -133,6 +133,23 @@ def test_cached_decoding_equals_full_recomputation(decoders, name, adapter):
         state = state._replace(cache=cache, position_B=state.position_B + 1)
 
 
+def test_nf4_params_decode_through_the_models_own_head(learned):
+    """With an NF4 table (QLoRA's frozen base, not merged) `decoding_head`
+    declines and the Generator decodes through the model's head: the same
+    tokens as a Generator given the table dequantised, where the [D, V] copy
+    is used."""
+    from fmjax.adapt.quant import dequantize_tree, is_matrix, quantize_tree
+
+    module, params = learned
+    nf4 = quantize_tree(params, is_matrix)
+    assert decoding_head(module.config, nf4) is None
+    plain = dequantize_tree(nf4)
+    assert decoding_head(module.config, plain) is not None
+    ours = gen.Generator(module, nf4, IDS, max_len=64).generate_ids(PROMPTS, 8)
+    want = gen.Generator(module, plain, IDS, max_len=64).generate_ids(PROMPTS, 8)
+    assert ours == want
+
+
 def test_batched_equals_one_by_one(learned):
     """Left padding and batch padding change nothing: greedy and seeded
     samples of each prompt equal those of the prompt alone."""
