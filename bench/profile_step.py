@@ -117,17 +117,23 @@ def _union_ns(intervals: list[tuple[float, float]]) -> float:
 
 def build(config_spec: str, overrides: list[str]):
     """(run, compiled, config): fmjax's full optimizer step on random tokens
-    (or random pixels, for image configs)."""
+    (random pixels for image configs, random image-caption pairs for dual
+    encoders)."""
     from fmjax.bench import _random_batch, fmjax_train_step
     from fmjax.config import load_config
     from fmjax.tasks import task_for
 
     config = load_config(config_spec, ["--config.mesh.num_devices=1", *overrides])
-    if task_for(config, with_data=False).throughput_unit == "tokens":
+    task = task_for(config, with_data=False)
+    if task.throughput_unit == "tokens":
         batch = _random_batch(
             np.random.default_rng(0), config.data.batch_size, config.data.seq_len,
             config.model.vocab_size,
         )  # fmt: skip
+    elif config.model.kind == "dual_encoder":  # image-caption pairs
+        from fmjax.bench_clip import random_pairs
+
+        batch = random_pairs(task, config.data.batch_size)
     else:  # images (random pixels of the task's batch shapes)
         from fmjax.bench_vision import _random_images
 
