@@ -23,12 +23,15 @@ stopped and resumed at each point is the same run), which dates the step at
 which in-context learning appears; `--curve` may go past `--steps` (the base
 runs go on training). `--onset` evaluates a second pair of base runs, the
 same config and seeds in their own directory (out/onset), at early steps, to
-date the first appearance more finely than the curve's first point.
+date the first appearance more finely than the curve's first point. Every
+stop must come after the warmup (30 steps): a run of fewer steps warms up
+over all of them, and resumed it is another run (stopped after the warmup,
+a resumed run equals an uninterrupted one to the last bit).
 
     python bench/icl_study.py                 # every run, then the report
     python bench/icl_study.py --report-only   # report from finished runs
     python bench/icl_study.py --steps 300 --seeds 0 --out /tmp/icl  # smoke run
-    python bench/icl_study.py --steps 1200 --curve 150 300 --onset 10 25 50 100
+    python bench/icl_study.py --steps 1200 --curve 150 300 --onset 30 50 100
 
 Finished runs and evaluations are skipped. Writes docs/icl.md (between the
 RESULTS markers), docs/icl.json and docs/icl.png.
@@ -47,6 +50,7 @@ from studies import REPO, run_fmjax, write_results
 
 sys.path.insert(0, REPO)
 
+from fmjax.config import load_config  # noqa: E402
 from fmjax.data import icl  # noqa: E402
 
 SHOTS = (0, 1, 2, 4, 8)
@@ -212,14 +216,14 @@ def _spread(by_seed: np.ndarray) -> np.ndarray:
     return by_seed.std(axis=0)
 
 
-def _along_training(results: dict, seeds: list[str]) -> dict:
-    """{step: (runs, {seed: table})}: the base condition's curve evaluations
-    and the onset runs' (the curve's where both have a step)."""
-    along = {}
+def _along_training(results: dict, seeds: list[str]) -> list:
+    """[(step, runs, {seed: table})] by step: the base condition's curve
+    evaluations and the onset runs' (both where both have a step)."""
+    along = []
     for source in ("onset", "curve"):
         for steps in results.get(source, {}).get(seeds[0], {}):
-            along[steps] = (source, {s: results[source][s][steps] for s in seeds})
-    return along
+            along.append((steps, source, {s: results[source][s][steps] for s in seeds}))
+    return sorted(along, key=lambda point: point[0])
 
 
 def report(args, results: dict) -> None:
@@ -250,13 +254,13 @@ def report(args, results: dict) -> None:
         ax.legend(fontsize=8)
     ax = axes[3]
     along = _along_training(results, seeds)
-    steps = sorted(along)
+    steps = [point[0] for point in along]
     for label, task, k, marker in (
         ("held-out, k = 1", "heldout", 1, "o"),
         ("held-out, k = 8", "heldout", 8, "s"),
         ("in-weights, k = 8", "inweights", 8, "x"),
     ):
-        by_seed = np.array([[along[t][1][s][task][k] for t in steps] for s in seeds])
+        by_seed = np.array([[at[s][task][k] for _, _, at in along] for s in seeds])
         ax.errorbar(
             steps, by_seed.mean(0), yerr=_spread(by_seed), marker=marker,
             capsize=3, label=label,
@@ -298,7 +302,7 @@ def report(args, results: dict) -> None:
         "in-weights, k=8 |",
         "|---:|---|---:|---:|---:|---:|",
     ]
-    for steps, (source, at) in sorted(along.items()):
+    for steps, source, at in along:
         cells = [
             _mean_std([at[s][task][k] for s in seeds])
             for task, k in (("heldout", 1), ("heldout", 2), ("heldout", 8),
@@ -346,6 +350,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.curve is None:
         args.curve = [args.steps * f // 8 for f in (1, 2, 3, 4, 6)]
+    warmup = load_config("configs/gpt_lm.py:tiny").optimizer.warmup_steps
+    if min([*args.curve, *args.onset, args.steps]) < warmup:
+        # A run's schedule warms up over min(warmup, its steps): stopped
+        # earlier, it would not be the same run resumed.
+        parser.error(
+            f"--curve/--onset/--steps below the config's {warmup} warmup steps: "
+            "a run stopped there warms up faster and resumes as another run"
+        )
     if args.report_only:
         with open(os.path.join(args.docs, "icl.json")) as f:
             results = json.load(f)["results"]
