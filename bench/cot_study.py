@@ -314,8 +314,9 @@ def report(args, table: dict) -> None:
     settings = (
         f"`python bench/cot_study.py --digits {args.digits} --steps {args.steps} "
         f"--seeds {' '.join(map(str, args.seeds))}` ({args.train_count} training "
-        f"problems, {args.test_count} per test set; exact match, mean ± std over "
-        f"seeds {', '.join(map(str, args.seeds))})"
+        f"problems, {args.test_count} per test set; exact match, mean ± standard "
+        f"deviation over seeds {', '.join(map(str, args.seeds))}, ddof 0: with two "
+        "seeds, half their difference)"
     )
     body = f"{settings}\n\n" + "\n".join(rows) + "\n\n![exact match](cot.png)\n"
     with open(os.path.join(args.docs, "cot.json"), "w") as f:

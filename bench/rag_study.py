@@ -326,7 +326,8 @@ def report(args, scores: dict, recall: dict) -> None:
         f"{' '.join(map(str, args.seeds))}` ({args.train_people} training people, "
         f"{args.rows} training rows, {args.test_people} test questions, a corpus "
         f"of {args.train_people + args.test_people} passages; exact match, mean ± "
-        "std over seeds)"
+        "standard deviation over seeds, ddof 0: with two seeds, half their "
+        "difference)"
     )
     body = f"{settings}\n\n" + "\n".join(rows) + "\n\n![exact match](rag.png)\n"
     with open(os.path.join(args.docs, "rag.json"), "w") as f:
