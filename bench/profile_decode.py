@@ -22,9 +22,9 @@ import json
 import re
 import sys
 import tempfile
-import types
 
 import numpy as np
+from profile_step import _union_ns
 
 KINDS = ("matmuls", "copies", "cache updates", "reductions", "other fusions", "other")
 
@@ -45,20 +45,13 @@ def op_kind(op: str) -> str:
 
 
 def random_generator(config_spec: str):
-    import flax.linen as nn
-    import jax
-
+    """(model config, `fmjax bench decode`'s random Generator) of a config."""
+    from fmjax.bench_decode import random_generator
     from fmjax.config import load_config
-    from fmjax.inference import generate as gen
-    from fmjax.models import build_model
     from fmjax.tasks import task_for
 
     cfg = task_for(load_config(config_spec), with_data=False).model_config
-    module = build_model(cfg)
-    tokens = np.zeros((1, 8), np.int32)
-    params = nn.unbox(jax.jit(module.init)(jax.random.key(0), tokens)["params"])
-    ids = types.SimpleNamespace(pad_id=0, bos_id=2, eos_id=-1)  # no EOS
-    return cfg, gen.Generator(module, params, ids, max_len=cfg.max_len)
+    return cfg, random_generator(cfg)
 
 
 def profile(cfg, generator, batch: int, prompt: int, new_tokens: int, top: int):
@@ -110,15 +103,6 @@ def profile(cfg, generator, batch: int, prompt: int, new_tokens: int, top: int):
         "by_kind_ops": {k: kind_count[k] / steps for k in KINDS},
         "top_ops_us": {op: us(ns) for op, ns in by_op.most_common(top)},
     }
-
-
-def _union_ns(intervals) -> float:
-    total, end = 0.0, -np.inf
-    for start, stop in sorted(intervals):
-        if stop > end:
-            total += stop - max(start, end)
-            end = stop
-    return total
 
 
 def main() -> int:

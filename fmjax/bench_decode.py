@@ -36,10 +36,6 @@ def bench_decode(
     cache) on the same weights, its runs interleaved with fmjax's so both see
     the same machine state. Each decode step's time is set against the time
     its FLOPs take at this machine's measured matmul peak."""
-    import types
-
-    import flax.linen as nn
-
     from fmjax.inference import generate as gen
 
     m = config.model
@@ -58,12 +54,8 @@ def bench_decode(
             f"prompt {prompt_len} + {new_tokens} new tokens > model.max_len="
             f"{cfg.max_len}"
         )
-    module = build_model(cfg)
-    params = nn.unbox(
-        jax.jit(module.init)(jax.random.key(0), np.zeros((1, 8), np.int32))["params"]
-    )
-    ids = types.SimpleNamespace(pad_id=0, bos_id=2, eos_id=-1)  # no EOS: full length
-    generator = gen.Generator(module, params, ids, max_len=cfg.max_len)
+    generator = random_generator(cfg)
+    params = generator.params
     hf_model = _hf_decoder(cfg, params, threads) if against == "hf" else None
     peaks = matmul_peak_flops(repeats=30)
     peak = max(peaks.values())
@@ -115,6 +107,22 @@ def bench_decode(
         "rows": rows,
     }
     return result
+
+
+def random_generator(cfg):
+    """A `Generator` over a random decoder of model config `cfg` (seed 0),
+    whose token ids never end a row (no EOS): every run is full length."""
+    import types
+
+    import flax.linen as nn
+
+    from fmjax.inference import generate as gen
+
+    module = build_model(cfg)
+    tokens = np.zeros((1, 8), np.int32)
+    params = nn.unbox(jax.jit(module.init)(jax.random.key(0), tokens)["params"])
+    ids = types.SimpleNamespace(pad_id=0, bos_id=2, eos_id=-1)
+    return gen.Generator(module, params, ids, max_len=cfg.max_len)
 
 
 def _time_fmjax_generate(generator, prompts, new_tokens: int) -> dict:
