@@ -156,7 +156,6 @@ def collect(args) -> list[dict]:
             "steps": steps,
             "tokens": steps * tokens_per_step,
             "eval_loss": float(np.mean(losses)),
-            "eval_loss_range": [min(losses), max(losses)],
             "runs": runs,
         })  # fmt: skip
     return rows
@@ -249,10 +248,10 @@ def report(args, rows: list[dict]) -> None:
     ax_c.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(args.docs, "scaling_laws.png"), dpi=110)
-    seeds = ",".join(str(s) for s in args.seeds)
+    seeds = " ".join(str(s) for s in args.seeds)
     lines = [
         "| d_model x layers | non-embedding N | all params | learning rate | "
-        f"eval loss, seeds {seeds} | mean | train time per run |",
+        f"eval loss, seeds {seeds.replace(' ', ', ')} | mean | train time per run |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -313,8 +312,8 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(REPO, "runs", "scaling_study"))
     parser.add_argument("--docs", default=os.path.join(REPO, "docs"))
     parser.add_argument(
-        "--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1],
-        help="init and data-order seeds, e.g. 0,1",
+        "--seeds", type=int, nargs="+", default=[0, 1],
+        help="init and data-order seeds (as the other studies take them)",
     )  # fmt: skip
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
