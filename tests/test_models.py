@@ -12,15 +12,10 @@ import pytest
 
 from fmjax.config import load_config
 from fmjax.models import build_model
+from fmjax.models.attention import apply_rope, make_attention_mask
 from fmjax.models.axes import kernel_num_in
 from fmjax.models.config import TransformerConfig
-from fmjax.models.layers import (
-    Attention,
-    Block,
-    activation_fn,
-    apply_rope,
-    make_attention_mask,
-)
+from fmjax.models.layers import Attention, Block, activation_fn
 from fmjax.models.text import TextDecoder, TextEncoder, count_params
 
 TINY = dict(
@@ -617,7 +612,11 @@ def test_chunked_attention_never_holds_all_scores():
     """Forward and backward of `chunked_attention` hold one chunk of the
     [B, H, L, S] scores at a time (a scan that saved every chunk's would hold
     them all)."""
-    from fmjax.models.layers import attend_values, attention_probs, chunked_attention
+    from fmjax.models.attention import (
+        attend_values,
+        attention_probs,
+        chunked_attention,
+    )
 
     B, L, H, K = 2, 16, 8, 2  # many heads: the scores outgrow q, k, v and the mask
     q, k, v = jax.random.normal(jax.random.key(0), (3, B, L, H, K))

@@ -9,8 +9,9 @@ import optax
 import pytest
 
 from fmjax.adapt import prompts
+from fmjax.models.attention import make_attention_mask
 from fmjax.models.config import TransformerConfig
-from fmjax.models.layers import Attention, make_attention_mask
+from fmjax.models.layers import Attention
 from fmjax.models.text import TextDecoder, TextEncoder
 from fmjax.train.state import TrainState
 

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmjax.errors import RequestError
-from fmjax.models.layers import init_cache
+from fmjax.models.attention import init_cache
 from fmjax.models.text import decoding_head
 
 Array = jax.Array

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmjax.inference.generate import _model_inputs, _num_prefix, _num_prompt, bucket
-from fmjax.models.layers import init_cache
+from fmjax.models.attention import init_cache
 
 # Rows are at least this wide, so many short requests share one.
 PACK_WIDTH = 256

@@ -63,7 +63,7 @@ class TransformerConfig:
     max_logits_elements: int = 2**27
     # The most attention scores [B, H, L, S] one device holds in a layer: above
     # it attention runs over chunks of queries, each rematerialised in the
-    # backward pass (fmjax.models.layers.chunked_attention); every query row is
+    # backward pass (fmjax.models.attention.chunked_attention); every query row is
     # computed as before. gpt_lm:8b's 8 x 32 x 4096 x 4096 per chip of a v5p-64
     # (16 GiB of f32 scores, several copies in a backward pass) go 128 queries
     # at a time. 0: never chunk.

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from fmjax import chunked_loss, objectives
+from fmjax.models.attention import make_attention_mask
 from fmjax.models.config import TransformerConfig
 from fmjax.models.heads import classifier_logits
 from fmjax.models.layers import (
@@ -40,7 +41,6 @@ from fmjax.models.layers import (
     LayerNorm,
     activation_fn,
     is_quantized,
-    make_attention_mask,
     residual_init_std,
 )
 from fmjax.sharding import positions_per_chunk

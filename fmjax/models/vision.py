@@ -25,14 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fmjax.models.attention import attend_values, attention_probs
 from fmjax.models.config import ACTIVATIONS, DTYPES, REMAT, TransformerConfig
-from fmjax.models.layers import (
-    EinsumDense,
-    LayerNorm,
-    activation_fn,
-    attend_values,
-    attention_probs,
-)
+from fmjax.models.layers import EinsumDense, LayerNorm, activation_fn
 from fmjax.models.projection import ProjectionHead
 
 Array = jax.Array
