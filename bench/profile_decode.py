@@ -57,7 +57,7 @@ def random_generator(config_spec: str):
 def profile(cfg, generator, batch: int, prompt: int, new_tokens: int, top: int):
     import jax
 
-    from fmjax.inference.generate import Sampling
+    from fmjax.inference.sampling import Sampling
 
     rng = np.random.default_rng(0)
     prompts = rng.integers(5, cfg.vocab_size, size=(batch, prompt)).tolist()

@@ -284,7 +284,7 @@ class Model:
         """The continuation of each prompt (a decoder only): greedy at
         temperature 0, else sampled (temperature, then top-k, then top-p, as HF
         `generate`); each ends before EOS or the first of the `stop` strings."""
-        from fmjax.inference.generate import Sampling
+        from fmjax.inference.sampling import Sampling
 
         sampling = Sampling(temperature, top_k, top_p)
         return self._generator.generate(
@@ -303,7 +303,7 @@ class Model:
     ):
         """Yields `prompt`'s continuation in pieces as they are decoded (a few
         tokens at a time); the pieces join to what `generate` returns."""
-        from fmjax.inference.generate import Sampling
+        from fmjax.inference.sampling import Sampling
 
         sampling = Sampling(temperature, top_k, top_p)
         return self._generator.stream(prompt, max_new_tokens, sampling, seed, stop)

@@ -36,7 +36,6 @@ def bench_decode(
     cache) on the same weights, its runs interleaved with fmjax's so both see
     the same machine state. Each decode step's time is set against the time
     its FLOPs take at this machine's measured matmul peak."""
-    from fmjax.inference import generate as gen
 
     m = config.model
     if m.kind != "decoder" or m.dtype != "float32":
@@ -76,7 +75,7 @@ def bench_decode(
             [r["total_s"] for r in ours]
         )
         step_s = row["fmjax"]["decode_step_s"]
-        flops = batch * gen.decode_flops_per_token(cfg, prompt_len + new_tokens // 2)
+        flops = batch * decode_flops_per_token(cfg, prompt_len + new_tokens // 2)
         row["decode_step_flops"] = flops
         row["decode_step_at_peak_s"] = flops / peak
         row["fmjax"]["fraction_of_peak"] = flops / peak / step_s
@@ -109,6 +108,18 @@ def bench_decode(
     return result
 
 
+def decode_flops_per_token(cfg, context: int) -> float:
+    """Forward FLOPs of one decoded token: 2 per weight (embedding lookup aside)
+    plus attention's scores and weighted values over `context` keys."""
+    weights = cfg.num_layers * (
+        cfg.d_model * cfg.head_dim * (cfg.num_heads * 2 + cfg.kv_heads * 2)
+        + 2 * cfg.d_model * cfg.mlp_dim
+    )
+    weights += cfg.d_model * cfg.vocab_size
+    attention = cfg.num_layers * 2 * 2 * cfg.num_heads * cfg.head_dim * context
+    return 2.0 * weights + attention
+
+
 def random_generator(cfg):
     """A `Generator` over a random decoder of model config `cfg` (seed 0),
     whose token ids never end a row (no EOS): every run is full length."""
@@ -127,7 +138,7 @@ def random_generator(cfg):
 
 def _time_fmjax_generate(generator, prompts, new_tokens: int) -> dict:
     """Prefill (to the first token on the host) and the decode loop, timed apart."""
-    from fmjax.inference.generate import Sampling
+    from fmjax.inference.sampling import Sampling
 
     stream = generator.stream_ids(
         prompts.tolist(), new_tokens, Sampling(), chunk=new_tokens

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from fmjax.inference import generate as gen
+from fmjax.inference import sampling as smp
+from fmjax.inference import stops
 from fmjax.models import build_model, model_config
 from fmjax.models.text import decoding_head
 
@@ -108,7 +110,7 @@ def test_cached_decoding_equals_full_recomputation(decoders, name, adapter):
         tokens[i, width - len(ids) :], lengths[i] = ids, len(ids)
     keys = jax.random.split(jax.random.key(0), 4)
     done = np.arange(4) >= 3
-    statics = dict(sampling=gen.Sampling(), eos_id=EOS, pad_id=PAD)
+    statics = dict(sampling=smp.Sampling(), eos_id=EOS, pad_id=PAD)
     prefill = jax.jit(
         lambda p, k, *a: gen.prefill(module, p, k, *a, new_slots=32, **statics)
     )
@@ -154,7 +156,7 @@ def test_batched_equals_one_by_one(learned):
     """Left padding and batch padding change nothing: greedy and seeded
     samples of each prompt equal those of the prompt alone."""
     generator = gen.Generator(*learned, IDS, max_len=64)
-    sampling = gen.Sampling(temperature=1.0, top_k=20)
+    sampling = smp.Sampling(temperature=1.0, top_k=20)
     for settings in (dict(), dict(sampling=sampling, seed=3)):
         batched = generator.generate_ids(PROMPTS, 12, batch_size=8, **settings)
         alone = []
@@ -169,12 +171,12 @@ def test_greedy_is_deterministic_and_samples_follow_the_seed(learned):
     generator = gen.Generator(*learned, IDS, max_len=64)
     greedy = generator.generate_ids(PROMPTS, 16)
     assert generator.generate_ids(PROMPTS, 16) == greedy
-    warm = gen.Sampling(temperature=1.5)
+    warm = smp.Sampling(temperature=1.5)
     first = generator.generate_ids(PROMPTS, 16, warm, seed=1)
     assert generator.generate_ids(PROMPTS, 16, warm, seed=1) == first
     assert generator.generate_ids(PROMPTS, 16, warm, seed=2) != first
     assert first != greedy
-    top1 = gen.Sampling(temperature=1.5, top_k=1, top_p=0.5)
+    top1 = smp.Sampling(temperature=1.5, top_k=1, top_p=0.5)
     assert generator.generate_ids(PROMPTS, 16, top1, seed=4) == greedy
 
 
@@ -211,7 +213,7 @@ def test_greedy_picks_what_argmax_picks():
     x[3] = -np.inf
     x[4, 20] = np.inf
     x[5, -1] = 20.0
-    got = np.asarray(jax.jit(gen.first_argmax)(x))
+    got = np.asarray(jax.jit(smp.first_argmax)(x))
     np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
     np.testing.assert_array_equal(got, [np.argmax(x[0]), 3, 50, 0, 20, 299])
 
@@ -223,15 +225,15 @@ def test_top_k_and_top_p_keep_the_tokens_hf_keeps():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
     keys = jax.random.split(jax.random.key(0), 4000)
     draw = jax.jit(
-        jax.vmap(lambda key, s: gen.sample(logits, key[None], s)[0], (0, None)),
+        jax.vmap(lambda key, s: smp.sample(logits, key[None], s)[0], (0, None)),
         static_argnums=1,
     )
     top3 = [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0]
     cases = {
-        gen.Sampling(temperature=1.0, top_p=0.8): [0.5 / 0.8, 0.3 / 0.8, 0, 0],
-        gen.Sampling(temperature=1.0, top_p=0.85): top3,
-        gen.Sampling(temperature=1.0, top_k=3): top3,
-        gen.Sampling(temperature=1.0): [0.5, 0.3, 0.15, 0.05],
+        smp.Sampling(temperature=1.0, top_p=0.8): [0.5 / 0.8, 0.3 / 0.8, 0, 0],
+        smp.Sampling(temperature=1.0, top_p=0.85): top3,
+        smp.Sampling(temperature=1.0, top_k=3): top3,
+        smp.Sampling(temperature=1.0): [0.5, 0.3, 0.15, 0.05],
     }
     for sampling, want in cases.items():
         freq = np.bincount(np.asarray(draw(keys, sampling)), minlength=4) / 4000
@@ -240,10 +242,10 @@ def test_top_k_and_top_p_keep_the_tokens_hf_keeps():
 
 
 def test_stop_strings_truncate_exactly():
-    assert gen.truncate("one. two. three", [". "]) == "one"
-    assert gen.truncate("one. two\nthree", ["\n", "two"]) == "one. "
-    assert gen.truncate("abc", ["x", ""]) == "abc"
-    assert gen.truncate("abc", []) == "abc"
+    assert stops.truncate("one. two. three", [". "]) == "one"
+    assert stops.truncate("one. two\nthree", ["\n", "two"]) == "one. "
+    assert stops.truncate("abc", ["x", ""]) == "abc"
+    assert stops.truncate("abc", []) == "abc"
 
 
 def test_bad_requests_name_the_value(learned):
@@ -256,7 +258,7 @@ def test_bad_requests_name_the_value(learned):
         generator.generate_ids([[BOS], []])
     for bad in (dict(temperature=-1.0), dict(top_k=-2), dict(top_p=0.0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
-            gen.Sampling(**bad)
+            smp.Sampling(**bad)
     encoder = build_model(model_config(dict(kind="encoder", vocab_size=10,
         d_model=8, num_layers=1, num_heads=1, head_dim=8, mlp_dim=8)))  # fmt: skip
     with pytest.raises(ValueError, match="kind='encoder'"):
@@ -264,7 +266,7 @@ def test_bad_requests_name_the_value(learned):
 
 
 def test_a_stream_holds_back_what_may_begin_a_stop_string():
-    assert gen._stop_prefix_length("the end. Th", [". The", "\n"]) == 4
-    assert gen._stop_prefix_length("the end.", [". The"]) == 1
-    assert gen._stop_prefix_length("the end", [". The"]) == 0
-    assert gen._stop_prefix_length("abc", []) == 0
+    assert stops.stop_prefix_length("the end. Th", [". The", "\n"]) == 4
+    assert stops.stop_prefix_length("the end.", [". The"]) == 1
+    assert stops.stop_prefix_length("the end", [". The"]) == 0
+    assert stops.stop_prefix_length("abc", []) == 0

@@ -22,15 +22,13 @@ cache when it is made. The attention mask is built here, outside the model: a
 query sees the cache slots up to its own that hold something (not left
 padding).
 
-Sampling follows HF `generate`: temperature, then top-k, then top-p; a
-temperature of 0 is greedy. Each row draws from its own key (the seed folded
-with the row's index in the request and the step), so a row's sample does not
-depend on the other rows in its batch.
+Sampling (`fmjax.inference.sampling`) follows HF `generate`. Each row draws
+from its own key (the seed folded with the row's index in the request and the
+step), so a row's sample does not depend on the other rows in its batch.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
@@ -40,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmjax.errors import RequestError
+from fmjax.inference.sampling import Sampling, sample
+from fmjax.inference.stops import stop_prefix_length, truncate
 from fmjax.models.attention import init_cache
 from fmjax.models.text import decoding_head
 
@@ -52,66 +52,6 @@ STREAM_CHUNK = 4
 # Decode steps per jitted call otherwise: stop strings end a batch early only
 # between calls.
 GENERATE_CHUNK = 64
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    """How the next token is drawn from the logits (HF `generate`'s order:
-    temperature, then top-k, then top-p). temperature=0 is greedy."""
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def __post_init__(self):
-        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
-            raise RequestError(
-                f"temperature={self.temperature!r}: expected a float >= 0 (0 is greedy)"
-            )
-        if not (
-            isinstance(self.top_k, int)
-            and not isinstance(self.top_k, bool)
-            and self.top_k >= 0
-        ):
-            raise RequestError(f"top_k={self.top_k!r}: expected an int >= 0 (0: off)")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise RequestError(f"top_p={self.top_p!r}: expected a float in (0, 1]")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
-
-
-def sample(logits_BV: Array, keys_B: Array, sampling: Sampling) -> Array:
-    """[B] int32 tokens drawn from float32 logits, one key per row."""
-    if sampling.greedy:
-        return first_argmax(logits_BV)
-    logits_BV = logits_BV.astype(jnp.float32) / sampling.temperature
-    if sampling.top_k:
-        k = min(sampling.top_k, logits_BV.shape[-1])
-        kth_B1 = jax.lax.top_k(logits_BV, k)[0][:, -1:]
-        logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
-    if sampling.top_p < 1:
-        # HF's TopPLogitsWarper: drop the tokens whose cumulative probability,
-        # in ascending order, stays <= 1 - top_p; the most likely always stays.
-        ascending_BV = jnp.sort(logits_BV, axis=-1)
-        cumulative_BV = jnp.cumsum(jax.nn.softmax(ascending_BV, axis=-1), axis=-1)
-        dropped_BV = cumulative_BV <= 1 - sampling.top_p
-        dropped_BV = dropped_BV.at[:, -1].set(False)
-        num_dropped_B1 = dropped_BV.sum(axis=-1, keepdims=True)
-        smallest_kept_B1 = jnp.take_along_axis(ascending_BV, num_dropped_B1, axis=-1)
-        logits_BV = jnp.where(logits_BV < smallest_kept_B1, -jnp.inf, logits_BV)
-    draw = jax.vmap(jax.random.categorical)
-    return draw(keys_B, logits_BV).astype(jnp.int32)
-
-
-def first_argmax(x_BV: Array) -> Array:
-    """[B] int32: `jnp.argmax(x_BV, -1)` (the first maximum; the first NaN if
-    any) as two plain reductions, which XLA:CPU vectorises; its variadic
-    argmax reduction took 4-5x as long over an 8,000-word vocabulary."""
-    hit_BV = (x_BV == jnp.max(x_BV, axis=-1, keepdims=True)) | jnp.isnan(x_BV)
-    index_V = jnp.arange(x_BV.shape[-1], dtype=jnp.int32)
-    return jnp.min(jnp.where(hit_BV, index_V, x_BV.shape[-1]), axis=-1)
 
 
 def bucket(length: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
@@ -483,7 +423,7 @@ class Generator:
             if not final:
                 if cut.endswith("\ufffd"):
                     cut = cut[:-1]  # an incomplete UTF-8 character: wait for it
-                cut = cut[: len(cut) - _stop_prefix_length(cut, stop)]
+                cut = cut[: len(cut) - stop_prefix_length(cut, stop)]
             if len(cut) > len(shown) and cut.startswith(shown):
                 yield cut[len(shown) :]
                 shown = cut
@@ -542,38 +482,3 @@ class Generator:
                     break
             out.extend(truncate(t, stop) for t in decoded)
         return out
-
-
-def truncate(text: str, stop: Sequence[str]) -> str:
-    """`text` up to (without) the earliest occurrence of any stop string."""
-    cut = len(text)
-    for s in stop:
-        if s:
-            i = text.find(s)
-            if i != -1:
-                cut = min(cut, i)
-    return text[:cut]
-
-
-def _stop_prefix_length(text: str, stop: Sequence[str]) -> int:
-    """Length of the longest end of `text` that begins a stop string: text a
-    stream holds back until it knows whether the stop string follows."""
-    longest = 0
-    for s in stop:
-        for n in range(min(len(s) - 1, len(text)), longest, -1):
-            if text.endswith(s[:n]):
-                longest = n
-                break
-    return longest
-
-
-def decode_flops_per_token(cfg, context: int) -> float:
-    """Forward FLOPs of one decoded token: 2 per weight (embedding lookup aside)
-    plus attention's scores and weighted values over `context` keys."""
-    weights = cfg.num_layers * (
-        cfg.d_model * cfg.head_dim * (cfg.num_heads * 2 + cfg.kv_heads * 2)
-        + 2 * cfg.d_model * cfg.mlp_dim
-    )
-    weights += cfg.d_model * cfg.vocab_size
-    attention = cfg.num_layers * 2 * 2 * cfg.num_heads * cfg.head_dim * context
-    return 2.0 * weights + attention

@@ -47,12 +47,12 @@ from lm_eval.api.model import TemplateLM
 from tqdm import tqdm
 
 from fmjax.errors import RequestError
-from fmjax.inference.generate import Sampling
 from fmjax.inference.prompting import (
     SimilarSampler,
     bind_retrieval,
     bind_similar_sampler,
 )
+from fmjax.inference.sampling import Sampling
 
 # Registers lm-eval's few-shot sampler "similar" (fewshot_config: {sampler: similar}).
 from fmjax.inference.scoring import Scorer
