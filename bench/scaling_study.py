@@ -61,6 +61,7 @@ def train(args, width: int, layers: int, seed: int) -> str:
     workdir = run_dir(args, width, layers, seed)
     if os.path.exists(os.path.join(workdir, "summary.json")):
         return workdir
+    os.makedirs(os.path.dirname(workdir), exist_ok=True)  # the log goes beside it
     steps = args.tokens // (args.batch_size * args.seq_len)
     n = non_embedding_params(width, layers)
     start = time.time()
