@@ -638,3 +638,34 @@ def test_chunked_attention_never_holds_all_scores():
     assert (
         _largest_value(jax.make_jaxpr(jax.grad(whole))(q, k, v).jaxpr) == B * H * L * L
     )
+
+
+def test_attention_softmax_matches_jax_and_saves_only_its_output():
+    """fmjax's attention softmax: the values and first and second derivatives
+    of `jax.nn.softmax`, including a row where every key is masked; its
+    backward pass keeps only the output, where `jax.nn.softmax` without JAX's
+    custom-jvp flag keeps the exponentials and their sums."""
+    from fmjax.models.attention import _MASKED_SCORE, softmax
+
+    x = jax.random.normal(jax.random.key(0), (3, 5, 7)) * 4
+    x = x.at[1, 2].set(_MASKED_SCORE)  # a padding row: every key masked
+    weights = jax.random.normal(jax.random.key(1), x.shape)
+
+    def loss(f):
+        return lambda x: (f(x) * weights).sum() + (f(x) ** 2).sum()
+
+    reference = functools.partial(jax.nn.softmax, axis=-1)
+    np.testing.assert_allclose(softmax(x), reference(x), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        jax.grad(loss(softmax))(x), jax.grad(loss(reference))(x), rtol=1e-5, atol=1e-6
+    )
+    direction = jax.random.normal(jax.random.key(2), x.shape)
+    hvp = lambda f: jax.jvp(jax.grad(loss(f)), (x,), (direction,))[1]  # noqa: E731
+    np.testing.assert_allclose(hvp(softmax), hvp(reference), rtol=1e-4, atol=1e-5)
+
+    def saved(f):  # what the backward pass keeps
+        return jax.tree.leaves(jax.vjp(f, x)[1])
+
+    (output,) = saved(softmax)
+    np.testing.assert_array_equal(output, softmax(x))
+    assert len(saved(reference)) > 1  # the exponentials and their sums

@@ -56,6 +56,25 @@ def apply_rope(x_BLHK: Array, positions_BL: Array, theta: float) -> Array:
     return rotated.astype(x_BLHK.dtype)
 
 
+@jax.custom_jvp
+def softmax(x: Array) -> Array:
+    """Softmax over the last axis whose derivative needs only its output:
+    d softmax = y * (dx - sum(y * dx)). `jax.nn.softmax` has this rule only
+    under the `jax_softmax_custom_jvp` flag, off by default in JAX 0.10;
+    without it autodiff goes through the exponentials, their sum and the
+    division, and the backward pass reads several [B, H, L, S] arrays where
+    this one reads two (docs/performance.md has the step-level measurement)."""
+    unnormalized = jnp.exp(x - jax.lax.stop_gradient(x.max(-1, keepdims=True)))
+    return unnormalized / unnormalized.sum(-1, keepdims=True)
+
+
+@softmax.defjvp
+def _softmax_jvp(primals, tangents):
+    (x,), (x_dot,) = primals, tangents
+    y = softmax(x)
+    return y, y * (x_dot - (y * x_dot).sum(-1, keepdims=True))
+
+
 def attention_probs(
     q_BLHK: Array, k: Array, mask_B1LS: Array, k_layout: str = "BSGK"
 ) -> Array:
@@ -79,7 +98,7 @@ def attention_probs(
         )
     scores_BGQLS = scores_BGQLS * (q_BLHK.shape[-1] ** -0.5)
     scores_BGQLS = jnp.where(mask_B1LS[:, :, None], scores_BGQLS, _MASKED_SCORE)
-    probs_BGQLS = jax.nn.softmax(scores_BGQLS, axis=-1)
+    probs_BGQLS = softmax(scores_BGQLS)
     return einops.rearrange(probs_BGQLS, "B G Q L S -> B (G Q) L S")
 
 
