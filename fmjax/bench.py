@@ -10,9 +10,12 @@ bench memory` is here, `fmjax bench decode` in `fmjax.bench_decode`.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import statistics
 import time
+import traceback
+import weakref
 
 import jax
 import numpy as np
@@ -55,24 +58,95 @@ def _random_batch(rng, batch: int, seq_len: int, vocab: int) -> dict:
 
 
 def alternate_rounds(
-    steppers: dict, warmup: int, steps: int, rounds: int
+    steppers: dict, warmup: int, steps: int, rounds: int, settle: int = 1
 ) -> dict[str, list[float]]:
     """Seconds per step of each `steppers` side ({name: run()}): `warmup`
-    steps each, then `rounds` rounds of `steps` steps, the sides taking
-    turns within every round, so all see the same machine state; every other
-    round runs them in reverse order, so going first favours none."""
-    for run in steppers.values():
-        for _ in range(warmup):
+    steps each, the sides taking turns step by step, then `settle` untimed
+    rounds and `rounds` timed rounds of `steps` steps, the sides taking turns
+    within every round, so all see the same machine state; every other round
+    runs them in reverse order, so going first favours none. The untimed
+    rounds let the process's heap, which both sides share, settle into the
+    rounds' pattern of allocations: until it has, a side's temporaries can
+    land in memory the heap never had, whose first touch is slow
+    (docs/performance.md)."""
+    for _ in range(warmup):
+        for run in steppers.values():
             run()
     times = {name: [] for name in steppers}
-    for index in range(rounds):
+    for index in range(-settle, rounds):
         order = list(steppers.items())
         for name, run in order[::-1] if index % 2 else order:
             start = time.perf_counter()
             for _ in range(steps):
                 run()
-            times[name].append((time.perf_counter() - start) / steps)
+            if index >= 0:
+                times[name].append((time.perf_counter() - start) / steps)
     return times
+
+
+class ChildStepper:
+    """`builder(*args)` -> (run, *info), built and stepped in a child process
+    (spawned: nothing inherited but the arguments). Calling the stepper does
+    one of the child's steps and waits for it; `info` is the rest of what the
+    builder returned.
+
+    HF's side of `--against hf` runs so: each side then has a process, and a
+    heap, of its own, as when a user runs either library, while the sides
+    still take turns on the same cores. Sharing one heap, PyTorch's
+    allocations between XLA's steps fragment it, so an XLA step's
+    temporaries, kept for reuse by `fmjax.host_memory`, keep landing in
+    memory the process never had, whose first touch costs tens of
+    microseconds a page on a virtual machine: BERT steps of 4-8 s instead of
+    0.6 s, for as many rounds as the heap took to settle."""
+
+    def __init__(self, builder, *args):
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        process = context.Process(
+            target=_serve_steps, args=(builder, args, child), daemon=True
+        )
+        process.start()
+        child.close()
+        self.info = self._reply()
+        weakref.finalize(self, _stop_child, self._conn, process)
+
+    def _reply(self):
+        status, value = self._conn.recv()
+        if status == "error":
+            raise RuntimeError(f"the benchmark's child process failed:\n{value}")
+        return value
+
+    def __call__(self):
+        self._conn.send("step")
+        return self._reply()
+
+
+def _serve_steps(builder, args, conn):
+    try:
+        run, *info = builder(*args)
+        conn.send(("ready", info))
+        while conn.recv() == "step":
+            run()
+            conn.send(("done", None))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which raises
+        conn.send(("error", traceback.format_exc()))
+
+
+def _stop_child(conn, process):
+    try:
+        conn.send("stop")
+    except OSError:
+        pass
+    process.join(timeout=10)
+    if process.is_alive():
+        process.kill()
+
+
+def in_child(builder, *args):
+    """(run, *info) as `builder(*args)` returns them, with `run` stepping the
+    builder's stepper in a `ChildStepper` process."""
+    stepper = ChildStepper(builder, *args)
+    return (stepper, *stepper.info)
 
 
 def round_results(
@@ -312,7 +386,7 @@ def bench_train(
     steppers = {"fmjax": fmjax_train_step(config, batch)[0]}
     flops = {"fmjax": fmjax_flops_per_token}
     if against:
-        steppers["hf"], versions = hf_text_step(config, threads)
+        steppers["hf"], versions = in_child(hf_text_step, config, threads)
         flops["hf"] = flops_per_token
     times = alternate_rounds(steppers, warmup, steps, rounds)
     result["rounds"] = rounds

@@ -31,6 +31,7 @@ import types
 
 import numpy as np
 
+from fmjax.bench import in_child
 from fmjax.bench_vision import check_hf_float32, compare_train_steps
 from fmjax.config import ConfigError
 from fmjax.data.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID
@@ -104,13 +105,14 @@ def hf_clip_model(task):
     return transformers.CLIPModel(transformers.CLIPConfig.from_dict(hf_config))
 
 
-def _hf_step(task, batch: dict, threads: int):
+def _hf_step(config, batch: dict, threads: int):
     """(run, trained params, attention implementation) of HF's CLIPModel
     training on `batch`."""
     import torch
 
     from fmjax.bench import hf_train_step
 
+    task = task_for(config, with_data=False)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = hf_clip_model(task)
@@ -154,7 +156,7 @@ def bench_train_pairs(
     hf_step, attention = None, None
     if against:
         check_hf_float32(dtypes)
-        run, trained, attention = _hf_step(task, batch, threads)
+        run, trained, attention = in_child(_hf_step, config, batch, threads)
         hf_step = (run, trained)
     result = compare_train_steps(
         config, batch, hf_step, "pairs", warmup, steps, rounds, peak,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fmjax.bench import in_child
 from fmjax.config import ConfigError
 from fmjax.tasks import task_for
 
@@ -157,7 +158,7 @@ def bench_train_images(
     if against:
         check_hf_float32({"model.dtype": config.model.dtype})
     batch = _random_images(config)
-    hf_step = _hf_step(config, batch, threads) if against else None
+    hf_step = in_child(_hf_step, config, batch, threads) if against else None
     return compare_train_steps(
         config, batch, hf_step, "images", warmup, steps, rounds, peak
     )

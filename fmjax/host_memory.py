@@ -31,7 +31,7 @@ import platform
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
-TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: the largest is ~2 GiB
+TRIM_THRESHOLD = -1  # read as an unsigned size: never trim
 ENV = "FMJAX_MALLOC"
 
 

@@ -16,9 +16,10 @@ from fmjax import bench, cli  # noqa: E402
 def test_alternate_rounds_interleaves_the_sides():
     calls = []
     steppers = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
-    times = bench.alternate_rounds(steppers, warmup=1, steps=2, rounds=3)
+    times = bench.alternate_rounds(steppers, warmup=2, steps=2, rounds=3)
     rounds = ["a", "a", "b", "b"], ["b", "b", "a", "a"]
-    assert calls == ["a", "b"] + rounds[0] + rounds[1] + rounds[0]
+    # warm-up step by step, one untimed round, three timed ones
+    assert calls == ["a", "b"] * 2 + rounds[1] + rounds[0] + rounds[1] + rounds[0]
     assert [len(t) for t in times.values()] == [3, 3]
     assert all(s >= 0 for t in times.values() for s in t)
 
@@ -61,3 +62,31 @@ def test_bench_train_against_hf_json(config, monkeypatch, capsys):
     )
     if config == "bert_mlm":  # fmjax's MLM head scores only the masked positions
         assert flops["fmjax"] < flops["hf"]
+
+
+def _logging_stepper(log: str, fail: bool):
+    """A ChildStepper builder: run() appends a line to `log`; info is the
+    builder's pid."""
+    import os
+
+    if fail:
+        raise ValueError("no HF model for this config")
+
+    def run():
+        with open(log, "a") as f:
+            f.write("step\n")
+
+    return run, os.getpid()
+
+
+def test_child_stepper_steps_in_its_own_process(tmp_path):
+    import os
+
+    log = str(tmp_path / "steps.log")
+    run, pid = bench.in_child(_logging_stepper, log, False)
+    assert pid != os.getpid()
+    for _ in range(3):
+        run()  # waits for the child's step
+    assert open(log).read() == "step\n" * 3
+    with pytest.raises(RuntimeError, match="no HF model for this config"):
+        bench.in_child(_logging_stepper, log, True)
