@@ -92,12 +92,8 @@ class ChildStepper:
 
     HF's side of `--against hf` runs so: each side then has a process, and a
     heap, of its own, as when a user runs either library, while the sides
-    still take turns on the same cores. Sharing one heap, PyTorch's
-    allocations between XLA's steps fragment it, so an XLA step's
-    temporaries, kept for reuse by `fmjax.host_memory`, keep landing in
-    memory the process never had, whose first touch costs tens of
-    microseconds a page on a virtual machine: BERT steps of 4-8 s instead of
-    0.6 s, for as many rounds as the heap took to settle."""
+    still take turns on the same cores. The child inherits the environment,
+    so both sides run with the same glibc tunables (`fmjax.host_memory`)."""
 
     def __init__(self, builder, *args):
         context = multiprocessing.get_context("spawn")

@@ -373,5 +373,15 @@ def main(argv: list[str] | None = None) -> int:
         return 3 if isinstance(e, FloatingPointError) else 2
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The `fmjax` command (and `python -m fmjax.cli`): `main` in a process
+    whose glibc backs big blocks with transparent huge pages; the process
+    starts itself again with the tunable set first (`fmjax.host_memory`)."""
+    from fmjax.host_memory import reexec_with_huge_pages
+
+    reexec_with_huge_pages(["-m", "fmjax.cli", *sys.argv[1:]])
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,52 +1,81 @@
-"""Host memory: let a step reuse the last step's pages (glibc malloc settings).
+"""Host memory: back XLA's per-step temporaries with transparent huge pages.
 
 XLA:CPU allocates the temporaries of each run of an executable as one block
-(688 MiB for `clip:small`'s train step, 0.2-0.7 GiB for the other `small`
-configs) from one of its worker threads. glibc serves a block that large with
-a fresh `mmap` (a worker thread's arena cannot grow past 64 MiB, and then glibc
-maps memory whatever `M_MMAP_MAX` says) and unmaps it when the run ends, so
-every step page-faults its whole working set in again: 158-178k minor faults
-and 0.27-0.34 s of kernel time a step for `gpt_lm:small`, `bert_mlm:small` and
-`clip:small` on a 2-core machine (docs/performance.md).
+(0.2-0.7 GiB for the `small` configs' train steps) and frees it when the run
+ends. glibc serves a block that large with a fresh `mmap` and unmaps it on
+free, so every step page-faults its whole working set in again, 4 KiB at a
+time: 140-160k minor faults and about 0.3 s of kernel time a step for
+`gpt_lm:small`, `bert_mlm:small` and `clip:small` on a 2-core machine, a third
+of the step (docs/performance.md).
 
-`keep_freed_memory()` sets three glibc malloc parameters: one arena for all
-threads (so big blocks come from the main heap), no `mmap` for big blocks,
-and no trimming of the heap's free top below 2 GiB. The next step's block then
-reuses the pages the last one freed. The price: the process keeps its peak
-heap (its resident memory does not shrink after a big step), and threads share
-one arena lock for allocations bigger than their thread cache.
+glibc (2.35 and later) can ask the kernel for transparent huge pages for what
+it maps (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`): the same block then faults
+in 2 MiB at a time, a few hundred faults a step. Memory use does not change:
+glibc still unmaps each block when it is freed.
 
-`import fmjax` calls it, before JAX starts its threads, unless the environment
-says `FMJAX_MALLOC=system`. It does nothing where the C library is not glibc.
+glibc reads its tunables only when a process starts, so the `fmjax` command
+starts itself again with the tunable set (`reexec_with_huge_pages`), before
+it imports JAX. In your own Python process, set it in the environment that
+starts Python: `GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python train.py`.
+`FMJAX_MALLOC=system` keeps glibc's defaults. Nothing changes where the C
+library is not glibc or the kernel's transparent huge pages are `never`.
+
+A first version kept freed memory in the heap instead (`mallopt`: one arena,
+no `mmap`, no trimming). Its steps faulted nothing once the heap had
+settled, but until then freed blocks did not fit the next step's pattern of
+allocations and the heap grew, to 3.6 GiB for `bert_mlm:small` (1.3 GiB with
+glibc's defaults), and on a virtual machine the first touch of memory the
+process never had cost ~45 us a page: 10-step runs took longer than with
+glibc's defaults.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import platform
+import sys
 
-# mallopt parameter numbers from glibc's <malloc.h>.
-M_TRIM_THRESHOLD = -1
-M_MMAP_MAX = -4
-M_ARENA_MAX = -8
-TRIM_THRESHOLD = -1  # read as an unsigned size: never trim
+TUNABLE = "glibc.malloc.hugetlb=1"
 ENV = "FMJAX_MALLOC"
+THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
-def keep_freed_memory() -> bool:
-    """Sets the malloc parameters above; True where they were all accepted
-    (glibc), False where this is not glibc or `FMJAX_MALLOC=system`."""
-    setting = os.environ.get(ENV, "reuse")
-    if setting not in ("reuse", "system"):
-        raise ValueError(f"{ENV}={setting!r}: expected 'reuse' (default) or 'system'")
-    if setting == "system" or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    accepted = [
-        libc.mallopt(M_ARENA_MAX, 1),
-        libc.mallopt(M_MMAP_MAX, 0),
-        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD),
-    ]
-    return all(accepted)
+def transparent_huge_pages() -> str:
+    """The kernel's THP mode (`always`, `madvise`, `never`), or "" if unknown."""
+    try:
+        with open(THP_SETTING) as f:
+            text = f.read()
+    except OSError:
+        return ""
+    start, end = text.find("["), text.find("]")
+    return text[start + 1 : end] if 0 <= start < end else ""
+
+
+def huge_pages_environ(environ) -> dict | None:
+    """`environ` with glibc's huge-page tunable added, or None when there is
+    nothing to add: already set, `FMJAX_MALLOC=system`, not glibc, or THP
+    off in the kernel."""
+    setting = environ.get(ENV, "huge_pages")
+    if setting not in ("huge_pages", "system"):
+        raise ValueError(
+            f"{ENV}={setting!r}: expected 'huge_pages' (default) or 'system'"
+        )
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if (
+        setting == "system"
+        or "glibc.malloc.hugetlb" in tunables
+        or platform.libc_ver()[0] != "glibc"
+        or transparent_huge_pages() not in ("always", "madvise")
+    ):
+        return None
+    return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, (tunables, TUNABLE)))}
+
+
+def reexec_with_huge_pages(argv: list[str]) -> None:
+    """Replaces this process by `python *argv` with the tunable set, unless
+    `huge_pages_environ` has nothing to add (then returns)."""
+    environ = huge_pages_environ(os.environ)
+    if environ is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, *argv], environ)
