@@ -143,6 +143,12 @@ def build(config_spec: str, overrides: list[str]):
     return run, compiled, config
 
 
+def _unit(config) -> str:
+    from fmjax.tasks import task_for
+
+    return task_for(config, with_data=False).throughput_unit
+
+
 def profile(run, compiled, config, steps: int) -> dict:
     """One traced run of `steps` steps: time by op, op class and gaps."""
     import jax
@@ -175,7 +181,9 @@ def profile(run, compiled, config, steps: int) -> dict:
         for op, ns in by_op.most_common(12)
     ]  # fmt: skip
     return {
-        "batch": [config.data.batch_size, config.data.seq_len],
+        # rows x tokens for text; rows (images, image-caption pairs) otherwise
+        "batch": [config.data.batch_size]
+        + ([config.data.seq_len] if _unit(config) == "tokens" else []),
         "traced_ms": traced_s / steps * 1e3,
         "ops_running_ms": ms(_union_ns(intervals)),
         "op_thread_ms": ms(sum(by_op.values())),
@@ -201,7 +209,7 @@ def report(results: list[dict]) -> str:
     for r in results:
         idle = r["traced_ms"] - r["ops_running_ms"]
         lines.append(
-            f"| {_run_name(r)} | {r['batch'][0]} x {r['batch'][1]} | "
+            f"| {_run_name(r)} | {' x '.join(map(str, r['batch']))} | "
             f"{r['wall_ms']:.0f} | {' '.join(f'{x:.0f}' for x in r['wall_ms_rounds'])} "
             f"| {r['traced_ms']:.0f} | {r['ops_running_ms']:.0f} "
             f"| {idle:.0f} | {r['op_thread_ms']:.0f} |"
