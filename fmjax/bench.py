@@ -65,10 +65,14 @@ def alternate_rounds(
     rounds and `rounds` timed rounds of `steps` steps, the sides taking turns
     within every round, so all see the same machine state; every other round
     runs them in reverse order, so going first favours none. The untimed
-    rounds let the process's heap, which both sides share, settle into the
-    rounds' pattern of allocations: until it has, a side's temporaries can
-    land in memory the heap never had, whose first touch is slow
-    (docs/performance.md)."""
+    rounds take what is slow only the first few times (caches, first touches
+    of memory) out of the timed ones.
+
+    Each side's turn starts with one untimed step: a side's first step after
+    the other's turn is slow on a virtual machine that hands freed memory
+    back to its host (`clip:small`: 1.2-3.2 s against 0.3-0.5 s, after HF's
+    turn or after 3 s asleep alike; `bench/pause_step.py`), so the timed
+    steps are the steady state a training run sees."""
     for _ in range(warmup):
         for run in steppers.values():
             run()
@@ -76,6 +80,7 @@ def alternate_rounds(
     for index in range(-settle, rounds):
         order = list(steppers.items())
         for name, run in order[::-1] if index % 2 else order:
+            run()  # the turn's first step, untimed
             start = time.perf_counter()
             for _ in range(steps):
                 run()

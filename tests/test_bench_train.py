@@ -17,7 +17,8 @@ def test_alternate_rounds_interleaves_the_sides():
     calls = []
     steppers = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
     times = bench.alternate_rounds(steppers, warmup=2, steps=2, rounds=3)
-    rounds = ["a", "a", "b", "b"], ["b", "b", "a", "a"]
+    # each turn: one untimed step, then two timed ones
+    rounds = ["a", "a", "a", "b", "b", "b"], ["b", "b", "b", "a", "a", "a"]
     # warm-up step by step, one untimed round, three timed ones
     assert calls == ["a", "b"] * 2 + rounds[1] + rounds[0] + rounds[1] + rounds[0]
     assert [len(t) for t in times.values()] == [3, 3]
