@@ -29,6 +29,7 @@ def timed(label: str, run, steps: int) -> None:
 
 def main() -> int:
     from fmjax import bench, bench_clip
+    from fmjax.bench_rounds import in_child
     from fmjax.config import load_config
     from fmjax.host_memory import reexec_with_huge_pages
     from fmjax.tasks import task_for
@@ -37,7 +38,7 @@ def main() -> int:
     config = load_config("configs/clip.py:small", ["--config.mesh.num_devices=1"])
     batch = bench_clip.random_pairs(task_for(config, with_data=False), 128)
     fmjax_step = bench.fmjax_train_step(config, batch)[0]
-    hf_step = bench.in_child(bench_clip._hf_step, config, batch, 2)[0]
+    hf_step = in_child(bench_clip._hf_step, config, batch, 2)[0]
     timed("fmjax", fmjax_step, 8)
     timed("HF", hf_step, 6)
     timed("fmjax after HF", fmjax_step, 10)

@@ -39,7 +39,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from studies import REPO, write_results  # noqa: E402
 
-from fmjax.bench import alternate_rounds  # noqa: E402
+from fmjax.bench_rounds import alternate_rounds  # noqa: E402
 from fmjax.host_memory import reexec_with_huge_pages  # noqa: E402
 
 CONFIGS = ("configs/gpt_lm.py:small", "configs/bert_mlm.py:small")

@@ -6,7 +6,7 @@ in one process -> docs/performance.md.
 by default in JAX 0.10). For each config this builds the full optimizer step
 twice, once with each softmax in the attention (the name is looked up when
 the step is traced), checks that both give the same loss and gradient norm,
-and times them in alternating rounds (`fmjax.bench.alternate_rounds`).
+and times them in alternating rounds (`fmjax.bench_rounds.alternate_rounds`).
 
     python bench/softmax_ab.py
     python bench/softmax_ab.py --configs configs/clip.py:small --rounds 8
@@ -34,7 +34,7 @@ def main() -> int:
     import jax
 
     import fmjax.models.attention as attention
-    from fmjax.bench import alternate_rounds
+    from fmjax.bench_rounds import alternate_rounds
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS))

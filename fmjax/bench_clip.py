@@ -31,7 +31,7 @@ import types
 
 import numpy as np
 
-from fmjax.bench import in_child
+from fmjax.bench_rounds import in_child
 from fmjax.bench_vision import check_hf_float32, compare_train_steps
 from fmjax.config import ConfigError
 from fmjax.data.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID

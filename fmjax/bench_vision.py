@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fmjax.bench import in_child
+from fmjax.bench_rounds import in_child
 from fmjax.config import ConfigError
 from fmjax.tasks import task_for
 
@@ -111,7 +111,8 @@ def compare_train_steps(
     the median round, every round, `{unit}_per_s` (rows of `batch` per
     second) and MFU of fmjax's XLA FLOPs against `peak`. `same_params`:
     refuse, before timing, sides whose trained parameter counts differ."""
-    from fmjax.bench import alternate_rounds, fmjax_train_step, round_results
+    from fmjax.bench import fmjax_train_step
+    from fmjax.bench_rounds import alternate_rounds, round_results
 
     run, compiled, fmjax_params = fmjax_train_step(config, batch)
     cost = compiled.cost_analysis()

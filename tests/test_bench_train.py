@@ -10,13 +10,13 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from fmjax import bench, cli  # noqa: E402
+from fmjax import bench, bench_rounds, cli  # noqa: E402
 
 
 def test_alternate_rounds_interleaves_the_sides():
     calls = []
     steppers = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
-    times = bench.alternate_rounds(steppers, warmup=2, steps=2, rounds=3)
+    times = bench_rounds.alternate_rounds(steppers, warmup=2, steps=2, rounds=3)
     # each turn: one untimed step, then two timed ones
     rounds = ["a", "a", "a", "b", "b", "b"], ["b", "b", "b", "a", "a", "a"]
     # warm-up step by step, one untimed round, three timed ones
@@ -84,10 +84,10 @@ def test_child_stepper_steps_in_its_own_process(tmp_path):
     import os
 
     log = str(tmp_path / "steps.log")
-    run, pid = bench.in_child(_logging_stepper, log, False)
+    run, pid = bench_rounds.in_child(_logging_stepper, log, False)
     assert pid != os.getpid()
     for _ in range(3):
         run()  # waits for the child's step
     assert open(log).read() == "step\n" * 3
     with pytest.raises(RuntimeError, match="no HF model for this config"):
-        bench.in_child(_logging_stepper, log, True)
+        bench_rounds.in_child(_logging_stepper, log, True)
