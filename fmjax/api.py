@@ -214,7 +214,9 @@ class Model:
         module, params = self.module, self.params
         if cfg.kind == "vit_mae":
             module, params = build_model(cfg.encoder_config()), params["encoder"]
-        apply = jax.jit(lambda p, x: module.apply({"params": p}, x)["pooled"])
+        apply = jax.jit(
+            lambda p, x: module.apply({"params": p}, x, pooled_only=True)["pooled"]
+        )
         return apply, params
 
     def embed_images(self, images, batch_size: int = 64) -> np.ndarray:

@@ -254,6 +254,13 @@ class Attention(nn.Module):
     in `prefix_kv`.
     Returns (out, cache); the cache is None when none was given.
 
+    `queries_at_BQ` ([B, Q] int positions along L): only those positions ask
+    (Q queries, out [B, Q, D]) while all L positions still give keys and values
+    (and fill the cache). A model whose readout is one token (a ViT's [cls],
+    CLIP's EOS, a sampler's last position) needs no more from its last layer,
+    which then skips the other positions' query, output and MLP work
+    (`Block`); the mask's and positions' rows are taken at the same places.
+
     When the [B, H, L, S] scores would exceed `max_scores_elements` per
     device, the queries go through `chunked_attention` (same result, the
     scores never whole in either pass).
@@ -293,19 +300,26 @@ class Attention(nn.Module):
         prefix_kv: tuple[Array, Array] | None = None,
         deterministic: bool = True,
         cache: dict[str, Array] | None = None,
+        queries_at_BQ: Array | None = None,
     ) -> tuple[Array, dict[str, Array] | None]:
         d_model = x_BLD.shape[-1]
         heads, head_dim = self.num_heads, self.head_dim
         kv_heads = self.num_kv_heads or heads
         axes = ("embed", "heads", "kv")
         q_shape, kv_shape = (d_model, heads, head_dim), (d_model, kv_heads, head_dim)
-        q_BLHK = self._dense("BLD,DHK->BLHK", q_shape, axes, "query")(x_BLD)
+        x_q_BLD, q_positions_BL = x_BLD, positions_BL
+        if queries_at_BQ is not None:
+            x_q_BLD = take_rows(x_BLD, queries_at_BQ)
+            mask_B1LS = take_rows(mask_B1LS, queries_at_BQ, axis=2)
+            if positions_BL is not None:
+                q_positions_BL = take_rows(positions_BL, queries_at_BQ)
+        q_BLHK = self._dense("BLD,DHK->BLHK", q_shape, axes, "query")(x_q_BLD)
         k_BLGK = self._dense("BLD,DGK->BLGK", kv_shape, axes, "key")(x_BLD)
         v_BLGK = self._dense("BLD,DGK->BLGK", kv_shape, axes, "value")(x_BLD)
         if self.use_rope:
             if positions_BL is None:
                 raise ValueError("Attention(use_rope=True) needs positions_BL")
-            q_BLHK = apply_rope(q_BLHK, positions_BL, self.rope_theta)
+            q_BLHK = apply_rope(q_BLHK, q_positions_BL, self.rope_theta)
             k_BLGK = apply_rope(k_BLGK, positions_BL, self.rope_theta)
         if cache is not None:
             if prefix_kv is not None:
@@ -375,6 +389,16 @@ class Attention(nn.Module):
         return dropout
 
 
+def take_rows(x: Array, at_BQ: Array, axis: int = 1) -> Array:
+    """x's entries at positions `at_BQ` ([B, Q] ints) along `axis`, per batch
+    row (x's batch axis may be 1: it broadcasts), as [B, ..., Q, ...]."""
+    batch, num = at_BQ.shape
+    x = jnp.broadcast_to(x, (batch,) + x.shape[1:])
+    ones = lambda n: (1,) * n  # noqa: E731
+    index = at_BQ.reshape((batch,) + ones(axis - 1) + (num,) + ones(x.ndim - axis - 1))
+    return jnp.take_along_axis(x, index, axis=axis)
+
+
 class Mlp(nn.Module):
     """Dense D->F, activation, dense F->D (params `up`, `down`)."""
 
@@ -430,10 +454,13 @@ class Block(nn.Module):
         prefix_kv: tuple[Array, Array] | None = None,
         deterministic: bool = True,
         cache: dict[str, Array] | None = None,
+        outputs_at_BQ: Array | None = None,
     ) -> tuple[Array, dict[str, Array] | None]:
         """`prefix_kv`: this layer's (k_TGK, v_TGK) prefix slots; `cache`: its KV
-        cache (see Attention). Returns (x, cache). Arguments may be positional
-        so that `block_class` can remat it."""
+        cache (see Attention). `outputs_at_BQ`: return x only at these [B, Q]
+        positions (a model's last layer when its readout needs no more; every
+        position still gives keys and values). Returns (x, cache). Arguments
+        may be positional so that `block_class` can remat it."""
         cfg = self.config
         numerics = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
         attention = Attention(
@@ -462,8 +489,12 @@ class Block(nn.Module):
         mlp_norm = LayerNorm(name="mlp_norm", **norm)
         dropout = nn.Dropout(cfg.dropout_rate)
         attention_kwargs = dict(
-            prefix_kv=prefix_kv, deterministic=deterministic, cache=cache
+            prefix_kv=prefix_kv,
+            deterministic=deterministic,
+            cache=cache,
+            queries_at_BQ=outputs_at_BQ,
         )
+        rows = lambda x: x if outputs_at_BQ is None else take_rows(x, outputs_at_BQ)  # noqa: E731
         new_cache = None
 
         def attend(h):
@@ -476,10 +507,10 @@ class Block(nn.Module):
 
         x_BLD = x_BLD.astype(jnp.float32)
         if self.pre_norm:
-            x_BLD = x_BLD + attend(attention_norm(x_BLD))
+            x_BLD = rows(x_BLD) + attend(attention_norm(x_BLD))
             x_BLD = x_BLD + feed_forward(mlp_norm(x_BLD))
         else:
-            x_BLD = attention_norm(x_BLD + attend(x_BLD))
+            x_BLD = attention_norm(rows(x_BLD) + attend(x_BLD))
             x_BLD = mlp_norm(x_BLD + feed_forward(x_BLD))
         x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "length", "embed"))
         return x_BLD, new_cache

@@ -125,17 +125,23 @@ def _text_tower(cfg: TransformerConfig, name: str) -> nn.Module:
     return module(cfg, name=name)
 
 
+def pool_positions(segment_ids_BL: Array, pool: str) -> Array:
+    """[B] int32: the token a "cls" (first) or "last" (last real) pool reads."""
+    if pool == "cls":
+        return jnp.zeros(segment_ids_BL.shape[:1], jnp.int32)
+    real_B = (segment_ids_BL > 0).sum(axis=1).astype(jnp.int32)
+    return jnp.maximum(real_B - 1, 0)
+
+
 def pool_text(hidden_BLD: Array, segment_ids_BL: Array, pool: str) -> Array:
     """[B, D] from a text tower's hidden states (float32)."""
-    real_BL = (segment_ids_BL > 0).astype(jnp.float32)
     hidden_BLD = hidden_BLD.astype(jnp.float32)
-    if pool == "cls":
-        return hidden_BLD[:, 0]
     if pool == "mean":
+        real_BL = (segment_ids_BL > 0).astype(jnp.float32)
         total_BD = jnp.einsum("BLD,BL->BD", hidden_BLD, real_BL)
         return total_BD / jnp.maximum(real_BL.sum(axis=1, keepdims=True), 1.0)
-    last_B = jnp.maximum(real_BL.sum(axis=1).astype(jnp.int32) - 1, 0)
-    return jnp.take_along_axis(hidden_BLD, last_B[:, None, None], axis=1)[:, 0]
+    at_B = pool_positions(segment_ids_BL, pool)
+    return jnp.take_along_axis(hidden_BLD, at_B[:, None, None], axis=1)[:, 0]
 
 
 def normalise(x_BE: Array) -> Array:
@@ -182,16 +188,30 @@ class DualEncoder(nn.Module):
             )
 
     def encode_images(self, images_BHWC: Array, deterministic: bool = True) -> Array:
-        pooled_BD = self.image(images_BHWC, deterministic=deterministic)["pooled"]
+        pooled_BD = self.image(
+            images_BHWC, deterministic=deterministic, pooled_only=True
+        )["pooled"]
         return normalise(self.image_proj(pooled_BD).astype(jnp.float32))
 
     def encode_texts(
         self, tokens_BL: Array, segment_ids_BL: Array, deterministic: bool = True
     ) -> Array:
-        hidden_BLD = self.text(
-            tokens_BL, segment_ids_BL=segment_ids_BL, deterministic=deterministic
-        )["hidden"]
-        pooled_BD = pool_text(hidden_BLD, segment_ids_BL, self.config.text_pool)
+        pool = self.config.text_pool
+        if self.config.text.kind == "decoder" and pool in ("last", "cls"):
+            # The tower's last layer computes the pooled token alone.
+            at_B1 = pool_positions(segment_ids_BL, pool)[:, None]
+            hidden_B1D = self.text(
+                tokens_BL,
+                segment_ids_BL=segment_ids_BL,
+                deterministic=deterministic,
+                select_BK=at_B1,
+            )["hidden"]
+            pooled_BD = hidden_B1D[:, 0].astype(jnp.float32)
+        else:
+            hidden_BLD = self.text(
+                tokens_BL, segment_ids_BL=segment_ids_BL, deterministic=deterministic
+            )["hidden"]
+            pooled_BD = pool_text(hidden_BLD, segment_ids_BL, pool)
         return normalise(self.text_proj(pooled_BD).astype(jnp.float32))
 
     def __call__(

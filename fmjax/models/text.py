@@ -347,7 +347,9 @@ class TextDecoder(nn.Module):
     the updated "cache". `last_only` computes hidden states and logits for the
     last position only ([B,1,...]), all a sampler needs after a prefill;
     `select_BK` for the K positions of each row it lists ([B,K,...]), all a
-    scorer needs (the LM head never sees the other positions).
+    scorer needs: the last layer's queries, attention output and MLP, the
+    final norm and the LM head see those positions only (every position still
+    gives the last layer its keys and values).
     """
 
     config: TransformerConfig
@@ -402,6 +404,13 @@ class TextDecoder(nn.Module):
         x_BSD = nn.Dropout(cfg.dropout_rate)(x_BSD, deterministic=deterministic)
         x_BSD = nn.with_logical_constraint(x_BSD, ("batch", "length", "embed"))
 
+        # The last layer gives outputs only where they are read (`Block`).
+        batch, length = x_BSD.shape[:2]
+        outputs_at_BK = None
+        if last_only:
+            outputs_at_BK = jnp.full((batch, 1), length - 1, jnp.int32)
+        elif select_BK is not None:
+            outputs_at_BK = select_BK.astype(jnp.int32) + num_prompt
         for i in range(cfg.num_layers):
             x_BSD, caches[i] = block_class(cfg)(
                 cfg,
@@ -415,12 +424,9 @@ class TextDecoder(nn.Module):
                 _layer_prefix(prefix_kv, i),
                 deterministic,
                 caches[i],
+                outputs_at_BK if i == cfg.num_layers - 1 else None,
             )
-        x_BLD = x_BSD[:, num_prompt:]
-        if last_only:
-            x_BLD = x_BLD[:, -1:]
-        elif select_BK is not None:
-            x_BLD = jnp.take_along_axis(x_BLD, select_BK[..., None], axis=1)
+        x_BLD = x_BSD if outputs_at_BK is not None else x_BSD[:, num_prompt:]
         hidden_BLD = LayerNorm(
             epsilon=cfg.layer_norm_eps, param_dtype=cfg.params_dtype, name="final_norm"
         )(x_BLD)

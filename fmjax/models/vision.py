@@ -257,7 +257,11 @@ class VisionTransformer(nn.Module):
         *,
         keep_BK: Array | None = None,
         deterministic: bool = True,
+        pooled_only: bool = False,
     ) -> dict[str, Array]:
+        """`pooled_only`: the caller reads the readout only ("pooled" and what
+        follows it); with pool="cls" the last layer then computes the [cls]
+        token's output alone and "hidden" is [B, 1, D] (`layers.Block`)."""
         cfg = self.config
         shape = images_BHWC.shape
         if (
@@ -312,10 +316,15 @@ class VisionTransformer(nn.Module):
         batch, length, _ = x_BPD.shape
         mask_B1PP = jnp.ones((batch, 1, length, length), bool)
         block_cfg = cfg.block_config()
+        cls_only_B1 = None
+        if pooled_only and cfg.pool == "cls":
+            cls_only_B1 = jnp.zeros((batch, 1), jnp.int32)
         for i in range(cfg.num_layers):
+            last = i == cfg.num_layers - 1
             x_BPD, _ = block_class(block_cfg)(
                 block_cfg, pre_norm=True, name=f"layers_{i}"
-            )(x_BPD, mask_B1PP, None, None, deterministic)
+            )(x_BPD, mask_B1PP, None, None, deterministic, None,
+              cls_only_B1 if last else None)  # fmt: skip
         hidden_BPD = LayerNorm(name="encoder_norm", **norm)(x_BPD)
         out = {"hidden": hidden_BPD}
         if cfg.pool == "cls":

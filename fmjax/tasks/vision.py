@@ -227,7 +227,9 @@ class ImageTask(Task):
         """(pooled features [N, D], labels [N]) of up to `limit` (0: all)
         un-augmented images of `split`, in the split's order."""
         module, variables = self.encoder(params, frozen)
-        apply = jax.jit(lambda p, x: module.apply({"params": p}, x)["pooled"])
+        apply = jax.jit(
+            lambda p, x: module.apply({"params": p}, x, pooled_only=True)["pooled"]
+        )
         source = self._source(split)
         if limit:
             source = [source[i] for i in range(min(limit, len(source)))]
@@ -279,7 +281,8 @@ class ImageTask(Task):
 
 def apply_to_images(adaptation, model, params, frozen, rng, train: bool, images):
     """`adaptation.apply` of a ViT on images: dropout and the adapter draw from
-    the two halves of `rng`; eval (train=False) is deterministic."""
+    the two halves of `rng`; eval (train=False) is deterministic. Its readout
+    only ("pooled" and the heads on it): the last layer computes [cls] alone."""
     dropout_rng, adapter_rng = jax.random.split(rng)
     return adaptation.apply(
         model,
@@ -289,6 +292,7 @@ def apply_to_images(adaptation, model, params, frozen, rng, train: bool, images)
         train,
         images,
         deterministic=not train,
+        pooled_only=True,
         rngs={"dropout": dropout_rng},
     )
 
