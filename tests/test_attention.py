@@ -70,7 +70,7 @@ def test_block_outputs_at_equal_the_full_blocks_rows_and_grads(cfg, pre_norm, ca
         rows = out if outputs_at is not None else take_rows(out, at)
         return jnp.sin(rows).sum(), rows
 
-    grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
     (want_grads, want), (got_grads, got) = grad(params, x, None), grad(params, x, at)
     assert got.shape == (2, 2, cfg.d_model)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -86,7 +86,10 @@ def test_decoder_last_only_and_select_equal_the_full_hidden_states():
     tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, cfg.vocab_size)
     prompt = jax.random.normal(jax.random.key(2), (3, cfg.d_model))
     params = _perturb(model.init(jax.random.key(0), tokens)["params"])
-    run = lambda **kw: model.apply({"params": params}, tokens, prompt_TD=prompt, **kw)  # noqa: E731
+    run = jax.jit(
+        lambda **kw: model.apply({"params": params}, tokens, prompt_TD=prompt, **kw),
+        static_argnames="last_only",
+    )
     full = run()
     select = jnp.array([[0, 9, 4], [5, 5, 1]])
     picked = run(select_BK=select)
@@ -113,7 +116,7 @@ def test_vit_pooled_only_computes_cls_alone_with_the_same_readout():
         out = model.apply({"params": params}, images, pooled_only=pooled_only)
         return jnp.sin(out["logits"]).sum(), out
 
-    grad = jax.grad(loss, has_aux=True)
+    grad = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)
     (want_grads, want), (got_grads, got) = grad(params, False), grad(params, True)
     assert got["hidden"].shape == (2, 1, 32) and want["hidden"].shape == (2, 17, 32)
     for key in ("pooled", "logits"):
