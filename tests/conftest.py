@@ -81,6 +81,20 @@ def tiny_overrides(data_dir, **extra) -> list[str]:
     return [f"--config.{k}={v}" for k, v in values.items()]
 
 
+def perturb(params, seed=1, scale=0.1):
+    """Random offsets so biases and LN scales/shifts are not at their trivial
+    init (a test comparing two computations then exercises them)."""
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(
+        treedef,
+        [
+            x + scale * jax.random.normal(k, x.shape)
+            for x, k in zip(leaves, keys, strict=True)
+        ],
+    )
+
+
 def _write_idx(path, array) -> None:
     import gzip
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import perturb
 
 from fmjax.models.attention import make_attention_mask
 from fmjax.models.config import TransformerConfig
@@ -20,17 +21,6 @@ TINY = dict(
     vocab_size=61, d_model=32, num_layers=2, num_heads=4, head_dim=8, mlp_dim=64,
     max_len=32,
 )  # fmt: skip
-
-
-def _perturb(params, seed=1, scale=0.1):
-    """Random offsets so biases and LN scales are not at their trivial init."""
-    leaves, treedef = jax.tree.flatten(nn.unbox(params))
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    noisy = [
-        x + scale * jax.random.normal(k, x.shape)
-        for x, k in zip(leaves, keys, strict=True)
-    ]
-    return jax.tree.unflatten(treedef, noisy)
 
 
 def _assert_trees_close(got, want, **tol):
@@ -61,7 +51,7 @@ def test_block_outputs_at_equal_the_full_blocks_rows_and_grads(cfg, pre_norm, ca
     x = jax.random.normal(jax.random.key(5), (2, 8, cfg.d_model))
     mask = make_attention_mask(seg, causal=causal)
     block = Block(cfg, pre_norm=pre_norm)
-    params = _perturb(block.init(jax.random.key(0), x, mask, pos)["params"])
+    params = perturb(nn.unbox(block.init(jax.random.key(0), x, mask, pos)["params"]))
 
     def loss(params, x, outputs_at):
         out, _ = block.apply(
@@ -85,7 +75,7 @@ def test_decoder_last_only_and_select_equal_the_full_hidden_states():
     model = TextDecoder(cfg)
     tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, cfg.vocab_size)
     prompt = jax.random.normal(jax.random.key(2), (3, cfg.d_model))
-    params = _perturb(model.init(jax.random.key(0), tokens)["params"])
+    params = perturb(nn.unbox(model.init(jax.random.key(0), tokens)["params"]))
     run = jax.jit(
         lambda **kw: model.apply({"params": params}, tokens, prompt_TD=prompt, **kw),
         static_argnames="last_only",
@@ -110,7 +100,7 @@ def test_vit_pooled_only_computes_cls_alone_with_the_same_readout():
     )  # fmt: skip
     model = VisionTransformer(cfg)
     images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3))
-    params = _perturb(model.init(jax.random.key(0), images)["params"])
+    params = perturb(nn.unbox(model.init(jax.random.key(0), images)["params"]))
 
     def loss(params, pooled_only):
         out = model.apply({"params": params}, images, pooled_only=pooled_only)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import perturb
 
 from fmjax.config import load_config
 from fmjax.models import build_model
@@ -28,22 +29,9 @@ DEC_CFG = TransformerConfig(
 LOGICAL_NAMES = {"vocab", "type_vocab", "length", "embed", "heads", "kv", "mlp"}
 
 
-def _perturb(params, seed=1, scale=0.1):
-    """Random offsets so biases, LN scales/shifts are not at their trivial init."""
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(
-        treedef,
-        [
-            x + scale * jax.random.normal(k, x.shape)
-            for x, k in zip(leaves, keys, strict=True)
-        ],
-    )
-
-
 def _init(model, length=12):
     tokens = jnp.zeros((2, length), jnp.int32)
-    return _perturb(nn.unbox(model.init(jax.random.key(0), tokens)["params"]))
+    return perturb(nn.unbox(model.init(jax.random.key(0), tokens)["params"]))
 
 
 @pytest.fixture(scope="module")
@@ -317,7 +305,7 @@ def test_block_matches_numpy(cfg, pre_norm, causal):
     x = jax.random.normal(jax.random.key(5), (2, 8, cfg.d_model))
     mask = make_attention_mask(seg, causal=causal)
     block = Block(cfg, pre_norm=pre_norm)
-    params = _perturb(nn.unbox(block.init(jax.random.key(0), x, mask, pos)["params"]))
+    params = perturb(nn.unbox(block.init(jax.random.key(0), x, mask, pos)["params"]))
     got = np.asarray(block.apply({"params": params}, x, mask, pos)[0])
     p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     for b in range(2):
@@ -401,7 +389,7 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
     x = jax.random.normal(jax.random.key(0), (2, 6, 32))
     mask = make_attention_mask(jnp.ones((2, 6), jnp.int32), causal=True)
     gqa = Attention(num_heads=4, head_dim=8, num_kv_heads=2)
-    params = _perturb(nn.unbox(gqa.init(jax.random.key(1), x, mask)["params"]))
+    params = perturb(nn.unbox(gqa.init(jax.random.key(1), x, mask)["params"]))
     assert params["key"]["kernel"].shape == (32, 2, 8)
     mha_params = dict(params)
     for name in ("key", "value"):

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import perturb
 
 from fmjax.adapt import prompts
 from fmjax.models.attention import make_attention_mask
@@ -32,18 +33,6 @@ DEC_CFG = TransformerConfig(**TINY, position="rope", layer_norm_eps=1e-5)
 N_PROMPT, P_PREFIX, B, L = 3, 4, 2, 8
 
 
-def _perturb(params, seed=1, scale=0.1):
-    """Random offsets so biases and LN params are not at their trivial init."""
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return treedef.unflatten(
-        [
-            x + scale * jax.random.normal(k, x.shape)
-            for x, k in zip(leaves, keys, strict=True)
-        ]
-    )
-
-
 def _adapter(method, params, cfg, seed=2):
     rng = jax.random.key(seed)
     if method == "prompt":
@@ -67,7 +56,7 @@ def models():
         ("decoder", TextDecoder, DEC_CFG),
     ):
         model = cls(cfg)
-        params = _perturb(nn.unbox(model.init(jax.random.key(0), tokens_BL)["params"]))
+        params = perturb(nn.unbox(model.init(jax.random.key(0), tokens_BL)["params"]))
 
         def call(
             params, adapter, tokens, segment_ids, positions, *, model, cfg, method
@@ -149,7 +138,7 @@ def test_prefix_attention_matches_numpy_concatenated_kv():
     variables = attention.init(
         jax.random.key(2), x_BLD, mask, positions, prefix_kv=(k_TGK, v_TGK)
     )
-    params = _perturb(nn.unbox(variables["params"]))
+    params = perturb(nn.unbox(variables["params"]))
     got, no_cache = attention.apply(
         {"params": params}, x_BLD, mask, positions, prefix_kv=(k_TGK, v_TGK)
     )
@@ -318,7 +307,7 @@ def test_reparam_prefix_shapes_and_mlp():
     params = prompts.init_prefix(DEC_CFG, config, jax.random.key(0))
     assert params["embedding"].shape == (P_PREFIX, D)
     assert params["mlp"]["down"]["kernel"].shape == (16, LAYERS * 2 * H_KV * K)
-    params = _perturb(params)
+    params = perturb(params)
     k_LPHK, v_LPHK = prompts.prefix_kv(params, DEC_CFG)
     assert k_LPHK.shape == v_LPHK.shape == (LAYERS, P_PREFIX, H_KV, K)
     # Layer l's keys and values are slices of the MLP output for each slot.

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from fmjax.models.config import TransformerConfig
-from fmjax.models.layers import EinsumDense
+from fmjax.models.layers import EinsumDense, take_rows
 from fmjax.models.vision import ViTConfig
 
 Array = jax.Array
@@ -140,8 +140,7 @@ def pool_text(hidden_BLD: Array, segment_ids_BL: Array, pool: str) -> Array:
         real_BL = (segment_ids_BL > 0).astype(jnp.float32)
         total_BD = jnp.einsum("BLD,BL->BD", hidden_BLD, real_BL)
         return total_BD / jnp.maximum(real_BL.sum(axis=1, keepdims=True), 1.0)
-    at_B = pool_positions(segment_ids_BL, pool)
-    return jnp.take_along_axis(hidden_BLD, at_B[:, None, None], axis=1)[:, 0]
+    return take_rows(hidden_BLD, pool_positions(segment_ids_BL, pool)[:, None])[:, 0]
 
 
 def normalise(x_BE: Array) -> Array:
