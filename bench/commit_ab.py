@@ -8,8 +8,8 @@ full optimizer step (`bench/profile_step.py`'s `build`, the step `fmjax
 bench train` times), runs `--steps` steps and reports the median of all but
 the first `--skip` (compilation, first touches of memory). Fresh processes
 because each revision is its own import of fmjax; alternating, so both
-see the same machine state. Both run with glibc's huge-page tunable, as
-the `fmjax` command does.
+see the same machine state. Both run with the malloc the `fmjax` command
+starts itself with (`fmjax.host_memory`).
 
     python bench/commit_ab.py --base bc5eec4 --config configs/clip.py:small
 """
@@ -27,7 +27,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from studies import REPO  # noqa: E402
 
-from fmjax.host_memory import TUNABLE  # noqa: E402
+from fmjax.host_memory import malloc_environ  # noqa: E402
 
 CHILD = r"""
 import json, os, sys, time
@@ -49,7 +49,8 @@ print("RESULT", json.dumps({{"seconds": seconds,
 
 
 def measure(root: str, config: str, steps: int, skip: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=root, GLIBC_TUNABLES=TUNABLE, JAX_PLATFORMS="cpu")
+    env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
+    env = malloc_environ(env) or env
     code = CHILD.format(config=config, steps=steps)
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, cwd=tempfile.gettempdir(),

@@ -1,10 +1,12 @@
-"""Train steps with and without glibc's huge-page tunable -> docs/performance.md.
+"""Train steps under each `FMJAX_MALLOC` setting -> docs/performance.md.
 
-The `fmjax` command starts itself with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`
-so that XLA:CPU's per-step temporaries fault in 2 MiB at a time
-(`fmjax.host_memory`). Tunables are read when a process starts, so each
-config runs in fresh processes, with the tunable (`huge_pages`) and without
-(`system`, glibc's defaults) taking turns (`--repeats` times each).
+The `fmjax` command starts itself with jemalloc (where installed), which
+keeps XLA:CPU's per-step temporaries mapped from step to step, or with
+glibc's huge-page tunable, so that they fault in 2 MiB at a time
+(`fmjax.host_memory`). Both are read when a process starts, so each config
+runs in fresh processes, the settings (`--settings`: `jemalloc`,
+`huge_pages` and `system`, glibc's defaults) taking turns (`--repeats` times
+each).
 Each process builds the config's full optimizer step
 (`bench/profile_step.py`'s `build`), runs `--warmup` steps, then times
 `--steps` steps and counts their minor page faults and kernel CPU time
@@ -12,6 +14,7 @@ Each process builds the config's full optimizer step
 
     python bench/host_memory.py                      # the four small configs
     python bench/host_memory.py --configs configs/clip.py:small --repeats 3
+    MALLOC_CONF=narenas:1 python bench/host_memory.py --settings jemalloc
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from studies import REPO  # noqa: E402
 
-from fmjax.host_memory import TUNABLE  # noqa: E402
+from fmjax.host_memory import ENV, malloc_environ  # noqa: E402
 
 CONFIGS = (
     "configs/gpt_lm.py:small",
@@ -34,7 +37,10 @@ CONFIGS = (
     "configs/vit_mae.py:small",
     "configs/clip.py:small",
 )
-SETTINGS = ("huge_pages", "system")
+SETTINGS = ("jemalloc", "huge_pages", "system")
+# what a setting adds; a process starts without it (a MALLOC_CONF of your own
+# is kept: other jemalloc settings are tried so)
+DROPPED = ("GLIBC_TUNABLES", "LD_PRELOAD")
 
 CHILD = r"""
 import json, resource, sys, time
@@ -59,15 +65,13 @@ print(json.dumps({{
 
 
 def measure(config: str, setting: str, warmup: int, steps: int) -> dict:
-    """One fresh process of `config`, with glibc's huge-page tunable
-    (`setting="huge_pages"`) or without (`"system"`)."""
+    """One fresh process of `config` under `FMJAX_MALLOC=setting`."""
     code = CHILD.format(
         bench=os.path.join(REPO, "bench"), config=config, warmup=warmup, steps=steps
     )
-    env = dict(os.environ)
-    env.pop("GLIBC_TUNABLES", None)
-    if setting == "huge_pages":
-        env["GLIBC_TUNABLES"] = TUNABLE
+    env = {k: v for k, v in os.environ.items() if k not in DROPPED}
+    env = dict(env, **{ENV: setting})
+    env = malloc_environ(env) or env
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, env=env, check=True,
         capture_output=True, text=True,
@@ -78,6 +82,7 @@ def measure(config: str, setting: str, warmup: int, steps: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
@@ -85,9 +90,9 @@ def main() -> int:
     args = parser.parse_args()
     rows = []
     for config in args.configs:
-        runs = {setting: [] for setting in SETTINGS}
+        runs = {setting: [] for setting in args.settings}
         for index in range(args.repeats):
-            order = SETTINGS if index % 2 == 0 else SETTINGS[::-1]
+            order = args.settings if index % 2 == 0 else args.settings[::-1]
             for setting in order:
                 runs[setting].append(measure(config, setting, args.warmup, args.steps))
                 print(config, setting, runs[setting][-1], flush=True)
@@ -96,13 +101,14 @@ def main() -> int:
             for setting, rs in runs.items()
         }
         rows.append({"config": config, "runs": runs, "median": median})
-        huge, system = median["huge_pages"], median["system"]
         print(
-            f"{config}: {system['ms_per_step']:.0f} -> {huge['ms_per_step']:.0f} ms "
-            f"a step ({huge['ms_per_step'] / system['ms_per_step']:.2f}x), faults "
-            f"{system['faults_per_step']:.0f} -> {huge['faults_per_step']:.0f}, "
-            f"kernel {system['kernel_s_per_step']:.2f} -> "
-            f"{huge['kernel_s_per_step']:.2f} s a step",
+            f"{config}: "
+            + ", ".join(
+                f"{setting} {m['ms_per_step']:.0f} ms a step, "
+                f"{m['faults_per_step']:.0f} faults, {m['kernel_s_per_step']:.2f} s "
+                f"kernel, {m['max_rss_mib']:.0f} MiB peak"
+                for setting, m in median.items()
+            ),
             flush=True,
         )
     with open(args.json, "w") as f:

@@ -31,10 +31,10 @@ def main() -> int:
     from fmjax import bench, bench_clip
     from fmjax.bench_rounds import in_child
     from fmjax.config import load_config
-    from fmjax.host_memory import reexec_with_huge_pages
+    from fmjax.host_memory import reexec_with_malloc
     from fmjax.tasks import task_for
 
-    reexec_with_huge_pages(sys.argv)  # as the `fmjax` command
+    reexec_with_malloc(sys.argv)  # as the `fmjax` command
     config = load_config("configs/clip.py:small", ["--config.mesh.num_devices=1"])
     batch = bench_clip.random_pairs(task_for(config, with_data=False), 128)
     fmjax_step = bench.fmjax_train_step(config, batch)[0]

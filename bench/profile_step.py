@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from studies import REPO, write_results  # noqa: E402
 
 from fmjax.bench_rounds import alternate_rounds  # noqa: E402
-from fmjax.host_memory import reexec_with_huge_pages  # noqa: E402
+from fmjax.host_memory import reexec_with_malloc  # noqa: E402
 
 CONFIGS = ("configs/gpt_lm.py:small", "configs/bert_mlm.py:small")
 # Op classes in the order the rules try them (`op_class`).
@@ -244,8 +244,8 @@ def _run_name(result: dict) -> str:
 
 
 def main() -> int:
-    # As the `fmjax` command: XLA's temporaries on huge pages (fmjax.host_memory).
-    reexec_with_huge_pages(sys.argv)
+    # As the `fmjax` command: XLA's temporaries kept mapped (fmjax.host_memory).
+    reexec_with_malloc(sys.argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
     parser.add_argument("--steps", type=int, default=5, help="per round and traced")

@@ -23,14 +23,14 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from profile_step import build  # noqa: E402
 
-from fmjax.host_memory import reexec_with_huge_pages  # noqa: E402
+from fmjax.host_memory import reexec_with_malloc  # noqa: E402
 
 CONFIGS = ("configs/gpt_lm.py:small", "configs/clip.py:small")
 
 
 def main() -> int:
-    # As the `fmjax` command: XLA's temporaries on huge pages (fmjax.host_memory).
-    reexec_with_huge_pages(sys.argv)
+    # As the `fmjax` command: XLA's temporaries kept mapped (fmjax.host_memory).
+    reexec_with_malloc(sys.argv)
     import jax
 
     import fmjax.models.attention as attention

@@ -444,7 +444,11 @@ def cpu_model() -> str:
 
 
 def library_versions() -> dict:
+    """Versions of the libraries a benchmark ran, and the malloc it ran with
+    (`fmjax.host_memory.in_use`)."""
     import importlib.metadata as md
+
+    from fmjax.host_memory import in_use
 
     out = {}
     for name in ("jax", "jaxlib", "flax", "torch", "transformers"):
@@ -452,4 +456,5 @@ def library_versions() -> dict:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
             pass
+    out["malloc"] = in_use(os.environ)
     return out

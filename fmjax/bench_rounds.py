@@ -55,7 +55,8 @@ class ChildStepper:
     HF's side of `--against hf` runs so: each side then has a process, and a
     heap, of its own, as when a user runs either library, while the sides
     still take turns on the same cores. The child inherits the environment,
-    so both sides run with the same glibc tunables (`fmjax.host_memory`)."""
+    so both sides run with the same malloc (`fmjax.host_memory`: jemalloc
+    or glibc's huge-page tunable)."""
 
     def __init__(self, builder, *args):
         context = multiprocessing.get_context("spawn")

@@ -375,11 +375,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """The `fmjax` command (and `python -m fmjax.cli`): `main` in a process
-    whose glibc backs big blocks with transparent huge pages; the process
-    starts itself again with the tunable set first (`fmjax.host_memory`)."""
-    from fmjax.host_memory import reexec_with_huge_pages
+    whose malloc keeps XLA's per-step temporaries mapped (jemalloc) or backs
+    them with transparent huge pages; the process starts itself again with
+    that set first (`fmjax.host_memory`)."""
+    from fmjax.host_memory import reexec_with_malloc
 
-    reexec_with_huge_pages(["-m", "fmjax.cli", *sys.argv[1:]])
+    reexec_with_malloc(["-m", "fmjax.cli", *sys.argv[1:]])
     sys.exit(main())
 
 
