@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from fmjax.adapt import lora, masks, quant
-from fmjax.models import build_model, layers, param_axes
-from fmjax.models.layers import EinsumDense
+from fmjax.models import build_model, dense, param_axes
+from fmjax.models.dense import EinsumDense
 from fmjax.train.state import TrainState, make_optimizer
 
 D, H, K, F, V, LAYERS, MAX_LEN = 32, 2, 16, 64, 64, 2, 16
@@ -344,7 +344,7 @@ def test_nf4_rows_decode_alone(double_quant):
     rows = quant.dequantize_rows(q, ids, jnp.float32)
     assert rows.shape == (2, 3, 512)
     np.testing.assert_array_equal(rows, np.asarray(quant.dequantize_nf4(q))[ids])
-    layer = layers.Embed(300, 512, ("vocab", "embed"))
+    layer = dense.Embed(300, 512, ("vocab", "embed"))
     looked_up = layer.apply({"params": {"embedding": q}}, ids)
     np.testing.assert_array_equal(looked_up, rows)
     narrow = quant.quantize_nf4(table[:, :64], 64, double_quant)  # 256-value rows

@@ -179,7 +179,7 @@ def wrap_matmuls(
     """Within this context every `EinsumDense` that has an adapter adds its LoRA
     path to its output (module docstring). Dropout needs `rng` when not
     `deterministic`. Raises if an adapter names a module the model never called."""
-    from fmjax.models.layers import EinsumDense
+    from fmjax.models.dense import EinsumDense
 
     adapters = adapters_by_module(lora_params)
     use_dropout = config.dropout > 0 and not deterministic

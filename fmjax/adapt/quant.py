@@ -18,7 +18,7 @@ one global offset instead of one per group).
 
 Everything is jnp, so `dequantize_nf4` runs inside a jitted step: the base
 weights stay quantised in memory and each kernel is expanded inside its own
-matmul (`fmjax.models.layers.EinsumDense`), never the whole tree at once.
+matmul (`fmjax.models.dense.EinsumDense`), never the whole tree at once.
 """
 
 from __future__ import annotations

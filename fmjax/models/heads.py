@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from fmjax.models.config import CLASSIFIER_POOLINGS, TransformerConfig
-from fmjax.models.layers import EinsumDense
+from fmjax.models.dense import EinsumDense
 
 Array = jax.Array
 

@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 
 from fmjax.models.config import TransformerConfig
-from fmjax.models.layers import EinsumDense, take_rows
+from fmjax.models.dense import EinsumDense
+from fmjax.models.layers import take_rows
 from fmjax.models.vision import ViTConfig
 
 Array = jax.Array

@@ -18,7 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fmjax.models.layers import EinsumDense, activation_fn
+from fmjax.models.dense import EinsumDense
+from fmjax.models.layers import activation_fn
 
 if TYPE_CHECKING:
     from fmjax.models.vision import ViTConfig

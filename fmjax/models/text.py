@@ -31,18 +31,12 @@ import jax
 import jax.numpy as jnp
 
 from fmjax import chunked_loss, objectives
+from fmjax.adapt.quant import is_quantized
 from fmjax.models.attention import make_attention_mask
 from fmjax.models.config import TransformerConfig
+from fmjax.models.dense import EinsumDense, Embed
 from fmjax.models.heads import classifier_logits
-from fmjax.models.layers import (
-    Block,
-    EinsumDense,
-    Embed,
-    LayerNorm,
-    activation_fn,
-    is_quantized,
-    residual_init_std,
-)
+from fmjax.models.layers import Block, LayerNorm, activation_fn, residual_init_std
 from fmjax.sharding import positions_per_chunk
 
 Array = jax.Array

@@ -27,7 +27,8 @@ import numpy as np
 
 from fmjax.models.attention import attend_values, attention_probs
 from fmjax.models.config import ACTIVATIONS, DTYPES, REMAT, TransformerConfig
-from fmjax.models.layers import EinsumDense, LayerNorm, activation_fn
+from fmjax.models.dense import EinsumDense
+from fmjax.models.layers import LayerNorm, activation_fn
 from fmjax.models.projection import ProjectionHead
 
 Array = jax.Array
