@@ -228,7 +228,7 @@ MAE = {**VIT, "kind": "vit_mae", "decoder_d_model": 16, "decoder_layers": 1,
 
 
 def test_random_masking_keeps_exactly_the_ratio_per_example():
-    from fmjax.models.vision import random_masking
+    from fmjax.models.mae import random_masking
 
     noise = jax.random.uniform(jax.random.key(0), (5, 16))
     keep_BK, restore_BP, mask_BP = random_masking(noise, 4)

@@ -67,7 +67,7 @@ MODEL_KINDS: dict[str, ModelKind] = {
     ),
     "vit": ModelKind(ViTConfig, "fmjax.models.vision:VisionTransformer", _image_inputs),
     "vit_mae": ModelKind(
-        ViTConfig, "fmjax.models.vision:MaskedAutoencoder", _masked_image_inputs
+        ViTConfig, "fmjax.models.mae:MaskedAutoencoder", _masked_image_inputs
     ),
     "dual_encoder": ModelKind(
         DualEncoderConfig, "fmjax.models.multimodal:DualEncoder", _image_text_inputs
