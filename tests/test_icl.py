@@ -106,8 +106,8 @@ def test_in_context_sampler_shows_a_documents_own_examples():
     from lm_eval.tasks import TaskManager
 
     from fmjax.errors import RequestError
+    from fmjax.inference.fewshot_samplers import InContextSampler
     from fmjax.inference.lm_eval import task_config
-    from fmjax.inference.prompting import InContextSampler
 
     manager = TaskManager(include_defaults=False, metadata={})
     loaded = manager.load(task_config("icl_heldout"))["tasks"]

@@ -25,6 +25,10 @@ from test_gpt2 import exported, fm, hf_gpt2  # noqa: E402, F401
 
 from fmjax.errors import RequestError  # noqa: E402
 from fmjax.inference import prompting  # noqa: E402
+from fmjax.inference.fewshot_samplers import (  # noqa: E402
+    SimilarSampler,
+    bind_similar_sampler,
+)
 from fmjax.inference.lm_eval import (  # noqa: E402
     TASKS_DIR,
     FmjaxLM,
@@ -32,8 +36,6 @@ from fmjax.inference.lm_eval import (  # noqa: E402
     task_config,
 )
 from fmjax.inference.prompting import (  # noqa: E402
-    SimilarSampler,
-    bind_similar_sampler,
     choose_examples,
     extract_answer,
     few_shot_prompt,

@@ -47,7 +47,7 @@ from lm_eval.api.model import TemplateLM
 from tqdm import tqdm
 
 from fmjax.errors import RequestError
-from fmjax.inference.prompting import (
+from fmjax.inference.fewshot_samplers import (
     SimilarSampler,
     bind_retrieval,
     bind_similar_sampler,
@@ -328,7 +328,7 @@ def evaluate(
 
     `retrieve` ({"index": Index or directory, "k": 3, "template": ""})
     puts each document's nearest passages in front of its context
-    (`fmjax.inference.prompting.bind_retrieval`)."""
+    (`fmjax.inference.fewshot_samplers.bind_retrieval`)."""
     import lm_eval
     from lm_eval.evaluator_utils import get_sample_size
 
