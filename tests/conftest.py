@@ -36,6 +36,8 @@ import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
+import flax.linen as nn  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -79,6 +81,12 @@ def tiny_overrides(data_dir, **extra) -> list[str]:
         tiny.pop("mesh.num_devices")
     values = {"data.data_dir": str(data_dir), **tiny, **extra}
     return [f"--config.{k}={v}" for k, v in values.items()]
+
+
+def init_text_params(model, length=12):
+    """A text model's params for 2 rows of `length` tokens, `perturb`ed."""
+    tokens = jnp.zeros((2, length), jnp.int32)
+    return perturb(nn.unbox(model.init(jax.random.key(0), tokens)["params"]))
 
 
 def perturb(params, seed=1, scale=0.1):
@@ -160,7 +168,6 @@ def tiny_bert_dir(minilm_dir, data_dir, tmp_path_factory):
     """A random 2-layer d=32 BERT saved as an HF directory with MiniLM's WordPiece
     vocab (a fast stand-in for a pretrained model); rotten_tomatoes is prepared in
     `data_dir` beside it."""
-    import jax.numpy as jnp
 
     from fmjax.convert.hf import save_hf_bert
     from fmjax.data import sources
@@ -190,7 +197,6 @@ def tiny_bert_dir(minilm_dir, data_dir, tmp_path_factory):
 def tiny_vit_dir(tmp_path_factory):
     """A random 2-layer d=32 ViT (28x28 grey images, 7x7 patches) saved as an
     HF ViTModel directory with a preprocessor_config.json."""
-    import flax.linen as nn
 
     from fmjax.config import vit_config
     from fmjax.convert.hf import save_hf_vit
