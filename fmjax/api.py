@@ -224,9 +224,9 @@ class Model:
         [N, H, W] grey), resized to the model's size and normalised with the
         training config's data.mean / data.std; an HF ViT's (and its
         conversion's) as its preprocessor_config.json says
-        (`fmjax.convert.vit.preprocess_images`). A ViT's feature is the
+        (`fmjax.convert.vit_images.preprocess_images`). A ViT's feature is the
         final-LayerNorm cls state: HF's `last_hidden_state[:, 0]`."""
-        from fmjax.convert.vit import preprocess_images
+        from fmjax.convert.vit_images import preprocess_images
         from fmjax.data.images import _resize, to_float
 
         cfg = self.module.config

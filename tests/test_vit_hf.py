@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 import fmjax  # noqa: E402
 from fmjax import cli  # noqa: E402
 from fmjax.config import vit_config  # noqa: E402
-from fmjax.convert import hf, vit  # noqa: E402
+from fmjax.convert import hf, vit, vit_images  # noqa: E402
 from fmjax.errors import FormatError  # noqa: E402
 from fmjax.export import export, flatten_params  # noqa: E402
 from fmjax.models import build_model  # noqa: E402
@@ -411,6 +411,6 @@ def test_unsupported_vit_configs_are_refused():
     with pytest.raises(FormatError, match="pool='mean'"):
         vit.hf_config_from_model(model)
     with pytest.raises(FormatError, match="do_center_crop"):
-        vit.image_processor_from_hf({"do_center_crop": True}, 224)
+        vit_images.image_processor_from_hf({"do_center_crop": True}, 224)
     with pytest.raises(FormatError, match="shortest_edge"):
-        vit.image_processor_from_hf({"size": {"shortest_edge": 224}}, 224)
+        vit_images.image_processor_from_hf({"size": {"shortest_edge": 224}}, 224)

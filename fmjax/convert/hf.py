@@ -51,7 +51,7 @@ from safetensors.numpy import load_file, save
 
 from fmjax import storage
 from fmjax.config import base_config, to_json
-from fmjax.convert import gpt2, vit
+from fmjax.convert import gpt2, vit, vit_images
 from fmjax.convert.bert import (
     IGNORED,
     TIED,
@@ -432,14 +432,15 @@ def save_hf_vit(directory: str | os.PathLike, config: Mapping[str, Any], params)
     expected, flat = _flat_matching_params(backbone, params)
     num_in = {path: _num_in(backbone, path) for path in expected}
     tensors = vit.hf_from_params(flat, backbone, num_in)
-    processor = config.get("image_processor") or vit.image_processor_from_hf(
+    processor = config.get("image_processor") or vit_images.image_processor_from_hf(
         {"image_mean": data.get("mean", (0.5,)), "image_std": data.get("std", (0.5,))},
         model_config["image_size"],
     )
     _write_hf_directory(directory, hf_config, tensors, None)
     storage.write_text(
         storage.join(directory, PREPROCESSOR_FILENAME),
-        json.dumps(vit.hf_image_processor(processor), indent=2, sort_keys=True) + "\n",
+        json.dumps(vit_images.hf_image_processor(processor), indent=2, sort_keys=True)
+        + "\n",
     )
     return directory
 
