@@ -115,17 +115,8 @@ def test_reexec_preloads_jemalloc_once_and_keeps_the_users_conf():
 @needs_thp
 def test_reexec_sets_the_tunable_once():
     show = "import os; print(os.environ['GLIBC_TUNABLES'])"
-    code = (
-        "from fmjax.host_memory import reexec_with_malloc; "
-        f"reexec_with_malloc(['-c', {show!r}])"
-    )
-    env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.arena_max=4")
-    env[host_memory.ENV] = "huge_pages"
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True,
-        check=True, timeout=60,
-    )  # fmt: skip
-    assert out.stdout.strip() == f"glibc.malloc.arena_max=4:{host_memory.TUNABLE}"
+    out = _reexec("huge_pages", show, GLIBC_TUNABLES="glibc.malloc.arena_max=4")
+    assert out == f"glibc.malloc.arena_max=4:{host_memory.TUNABLE}"
 
 
 def test_environ_gets_the_tunable_only_where_it_helps(monkeypatch):
