@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from fmjax.bench import cpu_model, library_versions
+from fmjax.bench import cpu_model, library_versions, matmul_peak_flops
 from fmjax.config import ConfigError
 
 TARGET_SPEEDUP = 3.0
@@ -138,8 +138,9 @@ def bench_eval(
             "fmjax": FmjaxLM(fmjax.load(hf_dir), batch_size, progress=False),
             "hf": hf_lm(hf_dir, batch_size),
         }
+        peak = max(matmul_peak_flops(repeats=30).values())
         rows = [
-            _bench_setting(sides, task, shots, limit, repeats, seed)
+            _bench_setting(sides, task, shots, limit, repeats, seed, peak)
             for task, shots in settings
         ]
     import torch
@@ -152,16 +153,18 @@ def bench_eval(
         "model": model,
         "limit": limit,
         "batch_size": batch_size,
+        "peak_flops": peak,
         "rows": rows,
         "target": TARGET_SPEEDUP,
     }
 
 
-def _bench_setting(sides, task, shots, limit, repeats, seed) -> dict:
+def _bench_setting(sides, task, shots, limit, repeats, seed, peak) -> dict:
     from fmjax.inference.lm_eval import evaluate, headline_metric
 
     runs = {name: [] for name in sides}
     scores = {}
+    scored = _record_scored(sides["fmjax"])
     for _ in range(repeats + 1):
         for name, lm in sides.items():
             seen = _instrument(lm)
@@ -184,7 +187,72 @@ def _bench_setting(sides, task, shots, limit, repeats, seed) -> dict:
         }
     row["scores_equal"] = scores["fmjax"] == scores["hf"]
     row["speedup_vs_hf"] = row["fmjax"]["requests_per_s"] / row["hf"]["requests_per_s"]
+    if scored["requests"] == requests:  # loglikelihood requests only
+        cfg = sides["fmjax"].model.module.config
+        work = tree_work(scored["inputs"][-requests:], scored["counts"][-requests:])
+        flops = necessary_flops(cfg, **work)
+        row["necessary"] = {**work, "flops": flops, "seconds_at_peak": flops / peak}
+        for name in sides:
+            row[name]["fraction_of_peak"] = flops / peak / row[name]["median_model_s"]
+        # No side can answer in less time than the necessary FLOPs take at the
+        # peak: the most any implementation can gain on HF's time.
+        row["speedup_bound_at_peak"] = row["hf"]["median_model_s"] * peak / flops
     return row
+
+
+def tree_work(inputs, counts) -> dict:
+    """What answering loglikelihood requests needs at the least, each distinct
+    prefix computed once (the requests' inputs as one prefix tree, as
+    `fmjax.inference.scoring` lays them into rows): `tokens` (tree nodes),
+    `attended` (keys read, summed over nodes: each node reads its ancestors
+    and itself) and `scored` (distinct nodes where the LM head scores a
+    continuation token: the last `count` of each input)."""
+    children: list[dict] = [{}]
+    tokens = attended = 0
+    scored: set[int] = set()
+    for x, count in zip(inputs, counts, strict=True):
+        node = 0
+        for depth, token in enumerate(x):
+            child = children[node].get(token)
+            if child is None:
+                child = children[node][token] = len(children)
+                children.append({})
+                tokens += 1
+                attended += depth + 1
+            node = child
+            if depth >= len(x) - count:
+                scored.add(node)
+    return {"tokens": tokens, "attended": attended, "scored": len(scored)}
+
+
+def necessary_flops(cfg, tokens: int, attended: int, scored: int) -> float:
+    """Forward FLOPs of a decoder of model config `cfg` over that work: 2 per
+    weight per token (the embedding lookup aside), attention's scores and
+    weighted values per key read, and the LM head where a token is scored."""
+    weights = cfg.num_layers * (
+        cfg.d_model * cfg.head_dim * (cfg.num_heads * 2 + cfg.kv_heads * 2)
+        + 2 * cfg.d_model * cfg.mlp_dim
+    )
+    attention = 2 * 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * attended
+    head = 2.0 * cfg.d_model * cfg.vocab_size * scored
+    return 2.0 * weights * tokens + attention + head
+
+
+def _record_scored(lm) -> dict:
+    """Collects the inputs and continuation lengths `lm` (an FmjaxLM) scores,
+    in {"inputs", "counts", "requests"}."""
+    record = {"inputs": [], "counts": [], "requests": 0}
+    rows = lm._rows
+
+    def recorded(requests):
+        out = rows(requests)
+        record["inputs"].extend(x for x, _, _ in out)
+        record["counts"].extend(n for _, _, n in out)
+        record["requests"] = len(out)
+        return out
+
+    lm._rows = recorded
+    return record
 
 
 def _instrument(lm) -> dict:

@@ -293,3 +293,28 @@ def test_eval_retrieve_puts_the_nearest_passages_before_each_context(
     argv += ["--retrieve", facts_index, "-k", "1", "--output", str(tmp_path / "o")]
     assert cli.main(argv) == 0
     assert "rt_sentiment" in capsys.readouterr().out
+
+
+def test_tree_work_counts_each_prefix_once():
+    """`fmjax bench eval`'s least work: shared prefixes once, keys read per
+    node, scored nodes deduplicated."""
+    inputs = [[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 6], [1, 2, 3, 4]]
+    counts = [1, 1, 2, 1]
+    work = bench_eval.tree_work(inputs, counts)
+    # nodes: 1, 2, 3, 4, 5, 6 (the repeated input adds none)
+    assert work["tokens"] == 6
+    assert work["attended"] == 1 + 2 + 3 + 4 + 4 + 3
+    # scored: node 4, node 5, nodes 2 and 6 (the repeat scores node 4 again)
+    assert work["scored"] == 4
+
+
+def test_necessary_flops_of_a_gpt2_shape():
+    import types
+
+    cfg = types.SimpleNamespace(
+        num_layers=2, d_model=8, head_dim=4, num_heads=2, kv_heads=2,
+        mlp_dim=32, vocab_size=100,
+    )  # fmt: skip
+    weights = 2 * (8 * 4 * 8 + 2 * 8 * 32)  # q, k, v, o and the MLP, per layer
+    flops = bench_eval.necessary_flops(cfg, tokens=10, attended=30, scored=3)
+    assert flops == 2 * weights * 10 + 4 * 2 * 2 * 4 * 30 + 2 * 8 * 100 * 3

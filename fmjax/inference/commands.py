@@ -377,6 +377,14 @@ def cmd_bench_eval(args, overrides):
                 f" = {row['speedup_vs_hf']:.2f}x (target >= {result['target']}); "
                 f"scores {fm['score']:.4f} / {hf['score']:.4f}"
             )
+            if "necessary" in row:
+                print(
+                    f"  at the matmul peak its FLOPs take "
+                    f"{row['necessary']['seconds_at_peak']:.2f} s: fmjax runs at "
+                    f"{fm['fraction_of_peak']:.0%} of it, hf at "
+                    f"{hf['fraction_of_peak']:.0%}; at most "
+                    f"{row['speedup_bound_at_peak']:.2f}x hf is possible here"
+                )
     print(json.dumps(result))
     return 0
 
