@@ -140,7 +140,11 @@ def cmd_bench(args, overrides):
                     f"{r['step_s'] * 1e3:8.1f} ms/step  MFU {r['mfu']:.1%}"
                 )
         if "speedup_vs_hf" in result:
-            print(f"fmjax / hf {unit}/s: {result['speedup_vs_hf']:.2f}x")
+            print(
+                f"fmjax / hf {unit}/s: {result['speedup_vs_hf']:.2f}x (at most "
+                f"{result['speedup_bound_at_peak']:.2f}x: HF's step over fmjax's "
+                "FLOPs at the matmul peak)"
+            )
     print(json.dumps(result))
     return 0
 

@@ -115,3 +115,6 @@ def test_bench_train_against_hf_json(monkeypatch, capsys):
     assert result["speedup_vs_hf"] == pytest.approx(
         result["fmjax"]["pairs_per_s"] / result["hf"]["pairs_per_s"]
     )
+    assert result["speedup_bound_at_peak"] == pytest.approx(
+        result["hf"]["step_s"] * result["peak_flops"] / result["train_flops_per_step"]
+    )

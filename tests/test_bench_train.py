@@ -61,6 +61,10 @@ def test_bench_train_against_hf_json(config, monkeypatch, capsys):
     assert result["speedup_vs_hf"] == pytest.approx(
         result["fmjax"]["tokens_per_s"] / result["hf"]["tokens_per_s"]
     )
+    # the bound: HF's step over fmjax's step FLOPs at the peak
+    assert result["speedup_bound_at_peak"] == pytest.approx(
+        result["hf"]["step_s"] * result["peak_flops"] / (8 * 32 * flops["fmjax"])
+    )
     if config == "bert_mlm":  # fmjax's MLM head scores only the masked positions
         assert flops["fmjax"] < flops["hf"]
 
