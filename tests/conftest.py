@@ -118,13 +118,13 @@ def fashion_dir(tmp_path_factory):
     """IDX files holding the first 480 train / 96 test images of Debian's
     Fashion-MNIST (dataset-fashion-mnist; the whole set builds in about a
     minute, tests need few), and $FMJAX_FASHION_MNIST_DIR pointing at them."""
-    from fmjax.data import sources
+    from fmjax.data import fashion_mnist
 
-    real = os.environ.get("FMJAX_FASHION_MNIST_DIR", sources.FASHION_MNIST_DIR)
+    real = os.environ.get("FMJAX_FASHION_MNIST_DIR", fashion_mnist.FASHION_MNIST_DIR)
     path = tmp_path_factory.mktemp("fashion_idx")
     for split, count in (("train", 480), ("test", 96)):
-        for name in sources._IDX_FILES[split]:
-            _write_idx(path / name, sources.read_idx(f"{real}/{name}")[:count])
+        for name in fashion_mnist._IDX_FILES[split]:
+            _write_idx(path / name, fashion_mnist.read_idx(f"{real}/{name}")[:count])
     os.environ["FMJAX_FASHION_MNIST_DIR"] = str(path)
     return path
 

@@ -13,8 +13,8 @@ from conftest import TINY
 
 import fmjax
 from fmjax import cli
+from fmjax.data import fashion_mnist, sources
 from fmjax.data import images as image_data
-from fmjax.data import sources
 from fmjax.models import build_model, model_config, param_axes
 from fmjax.models.registry import abstract_model_params
 from fmjax.models.text import count_params
@@ -117,8 +117,8 @@ def test_fashion_mnist_builder_has_the_catalog_features(fashion_dir, fashion_dat
     assert info.features["label"].num_classes == 10
     source = sources.load_source("fashion_mnist", "test", str(fashion_data))
     assert len(source) == 96
-    raw = sources.read_idx(fashion_dir / "t10k-images-idx3-ubyte.gz")
-    labels = sources.read_idx(fashion_dir / "t10k-labels-idx1-ubyte.gz")
+    raw = fashion_mnist.read_idx(fashion_dir / "t10k-images-idx3-ubyte.gz")
+    labels = fashion_mnist.read_idx(fashion_dir / "t10k-labels-idx1-ubyte.gz")
     by_pixels = {
         image.tobytes(): label for image, label in zip(raw, labels, strict=True)
     }
