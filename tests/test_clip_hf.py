@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from fmjax import cli  # noqa: E402
-from fmjax.convert import clip, clip_images, hf  # noqa: E402
+from fmjax.convert import clip, clip_directory, clip_images, hf  # noqa: E402
 from fmjax.data.bpe import CLIPBPETokenizer  # noqa: E402
 from fmjax.data.captions import encode_captions  # noqa: E402
 from fmjax.data.tokenizer import load_tokenizer  # noqa: E402
@@ -249,7 +249,7 @@ def hf_clip(tmp_path_factory, tokenizer_dir):
 @pytest.fixture(scope="module")
 def imported(hf_clip):
     """load_hf_clip of the HF directory, and the built module."""
-    model_config, params, tokenizer, processor = clip.load_hf_clip(hf_clip[0])
+    model_config, params, tokenizer, processor = clip_directory.load_hf_clip(hf_clip[0])
     return model_config, params, tokenizer, processor, build_model(model_config)
 
 
@@ -347,7 +347,7 @@ def test_import_exports_back_to_hf(hf_clip, imported, inputs, tmp_path):
     model_config, params, tokenizer, processor, module = imported
     config = {"model": model_config, "image_processor": processor}
     back = str(tmp_path / "hf")
-    clip.save_hf_clip(back, config, params, tokenizer)
+    clip_directory.save_hf_clip(back, config, params, tokenizer)
     model, info = transformers.CLIPModel.from_pretrained(back, output_loading_info=True)
     assert {k: v for k, v in info.items() if v} == {}
     got = _hf_outputs(model.eval(), *inputs)
@@ -355,7 +355,7 @@ def test_import_exports_back_to_hf(hf_clip, imported, inputs, tmp_path):
     assert _compare(got, want, "fmjax import -> HF") <= 1e-4
     with open(os.path.join(back, "preprocessor_config.json")) as f:
         assert clip_images.image_processor_from_hf(json.load(f)) == processor
-    again = clip.load_hf_clip(back)
+    again = clip_directory.load_hf_clip(back)
     flat, flat_again = flatten_params(params), flatten_params(again[1])
     assert sorted(flat) == sorted(flat_again)
     for name, value in flat.items():  # exact: the patch bias was zero
@@ -447,4 +447,4 @@ def test_refusals(hf_clip, imported, tmp_path):
         hf.load_hf_model(str(copy))
     os.remove(copy / "tokenizer.json")
     with pytest.raises(FileNotFoundError, match="no CLIP tokenizer"):
-        clip.load_hf_clip(str(copy))
+        clip_directory.load_hf_clip(str(copy))

@@ -185,7 +185,7 @@ def load_hf_model(
     """(model config dict, params, tokenizer) of an HF BERT, GPT-2, ViT,
     ViTMAE or CLIP directory, picked by its config.json's model_type
     (`load_hf_bert`, `load_hf_gpt2`, `load_hf_vit`: no tokenizer, None;
-    `fmjax.convert.clip.load_hf_clip`)."""
+    `fmjax.convert.clip_directory.load_hf_clip`)."""
     directory = os.fspath(directory)
     model_type = _read_hf_config(directory).get("model_type")
     if model_type == "bert":
@@ -195,9 +195,9 @@ def load_hf_model(
     if model_type in vit.MODEL_TYPES:
         return (*load_hf_vit(directory), None)
     if model_type == "clip":
-        from fmjax.convert import clip
+        from fmjax.convert import clip_directory
 
-        return clip.load_hf_clip(directory)[:3]
+        return clip_directory.load_hf_clip(directory)[:3]
     raise FormatError(
         f"HF model_type={model_type!r} in {directory}: fmjax converts model_type "
         f"'bert' (BertModel / BertForMaskedLM), 'gpt2' (GPT2Model / "
@@ -232,11 +232,12 @@ def import_fields(directory: str, model_config: Mapping[str, Any]) -> dict:
     model's `pooling`, `max_seq_length` and `normalize` (sentence-transformers'
     modules, `embedding_fields`); an image model's preprocessing, labels
     and objective from its config.json and preprocessor_config.json
-    (`vit.config_fields`); a CLIP's image_processor (`clip.config_fields`)."""
+    (`vit.config_fields`); a CLIP's image_processor
+    (`clip_directory.config_fields`)."""
     if model_config["kind"] == "dual_encoder":
-        from fmjax.convert import clip
+        from fmjax.convert import clip_directory
 
-        return clip.config_fields(directory, model_config)
+        return clip_directory.config_fields(directory, model_config)
     if model_config["kind"] not in vit.MODEL_TYPES.values():
         return embedding_fields(directory)
     path = os.path.join(directory, PREPROCESSOR_FILENAME)
@@ -486,7 +487,7 @@ def fmjax_to_hf(src: str | os.PathLike, dst_dir: str | os.PathLike) -> str:
             f"ViTMAE) and dual encoders (to HF CLIP) only"
         )
     if kind == "dual_encoder":
-        from fmjax.convert.clip import save_hf_clip
+        from fmjax.convert.clip_directory import save_hf_clip
 
         return save_hf_clip(dst_dir, config, params, load_tokenizer(find_export(src)))
     if kind in vit.MODEL_TYPES.values():
