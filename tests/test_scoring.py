@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 from test_generate import BOS, PAD, _adapter_kwargs, _decoder, _full_logits
 
-from fmjax.inference.scoring import Row, Scorer, pack_trees, tree_mask
+from fmjax.inference.scoring import (
+    Row,
+    Scorer,
+    pack_trees,
+    shared_prefixes,
+    tree_mask,
+)
 
 # Contexts with shared prefixes (a "few-shot" prefix, choices of one question)
 # and unrelated ones; continuations of one and several tokens.
@@ -117,3 +123,46 @@ def test_tree_scores_equal_each_request_scored_alone(name, adapter, rows, width)
         assert logp == pytest.approx(want_logp, abs=1e-4)
         assert greedy == want_greedy
     assert scorer.calls >= 1
+
+
+def test_shared_prefixes_group_sorted_inputs_short_of_scored_slots():
+    inputs = [
+        [1, 2, 3, 4, 5, 6, 7],
+        [1, 2, 3, 4, 5, 9],
+        [1, 2, 3, 4, 5, 6, 8],
+        [7, 7, 7, 7],
+        [1, 2],
+    ]
+    counts = [1, 1, 2, 1, 1]
+    groups = shared_prefixes(inputs, counts, multiple=2)
+    # [1, 2] sorts first but may share only 1 slot (its last is scored): it
+    # stays alone. 0, 2, 1 share [1, 2, 3, 4, 5], input 2 short of its 2
+    # scored slots: 5 of 7, rounded down to 4.
+    assert groups == [(0, [4]), (4, [0, 2, 1]), (0, [3])]
+    # sharing less than `multiple`: every input alone
+    assert shared_prefixes(inputs, counts, multiple=8) == [
+        (0, [i]) for i in (4, 0, 2, 1, 3)
+    ]
+
+
+@pytest.mark.parametrize("name", ["learned", "rope_gqa"])
+def test_shared_prefix_scores_equal_each_request_scored_alone(name):
+    """Without adapters the few-shot prefix is computed once (its keys and
+    values in front of every row's cache, positions offset by it)."""
+    module, params = _decoder(name)
+    requests = REQUESTS + [
+        (FEW_SHOT + [53, 54], [60]),
+        (FEW_SHOT + [55, 56], [61, 62]),
+        (FEW_SHOT + [57], [63, 64, 65]),
+    ]
+    # rows of 12 slots: FEW_SHOT's requests need 4 of them, so its first 6
+    # tokens would be computed 3 more times, 18 slots >= a row
+    scorer = Scorer(module, rows=2, max_width=12, pad_id=PAD, share_multiple=2)
+    got = scorer.score(params, {}, _as_rows(requests))
+    # FEW_SHOT, 7 tokens, rounded down to 6; [BOS, 9, 8] and [BOS, 9, 8, 7, 6]
+    # share 2 slots too, but fit one row: not shared
+    assert scorer.shared == [6]
+    for (context, continuation), (logp, greedy) in zip(requests, got, strict=True):
+        want_logp, want_greedy = _alone(module, params, {}, context, continuation)
+        assert logp == pytest.approx(want_logp, abs=1e-4)
+        assert greedy == want_greedy

@@ -13,6 +13,14 @@ a slot attends to slot j exactly when j <= slot <= end[j] (j is an ancestor or
 itself), and its position is its depth. The decoder runs a row through an
 empty KV cache with that mask (the cache path takes any mask), and the LM head
 reads only the slots where a continuation is scored.
+
+A prefix that requests in many rows share (the exemplars of a few-shot task
+with fixed exemplars, as MMLU's) is computed once instead of once per row,
+where that saves at least a row's slots: its keys and values are made by one
+prefill and put in front of every row's cache, as prefix tuning's slots are,
+and the rows hold what follows it (`shared_prefixes`, `Scorer._groups`; its
+length is rounded down to a multiple of `SHARE_MULTIPLE`, so few lengths
+compile).
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ from fmjax.models.attention import init_cache
 
 # Rows are at least this wide, so many short requests share one.
 PACK_WIDTH = 256
+# Shared prefixes are computed once in lengths of multiples of this.
+SHARE_MULTIPLE = 32
 
 
 @dataclasses.dataclass
@@ -81,6 +91,61 @@ def pack_trees(inputs: Sequence[Sequence[int]], width: int) -> list[Row]:
         row.inputs.append((i, list(path)))
         previous = x
     return rows
+
+
+def shared_prefixes(
+    inputs: Sequence[Sequence[int]], counts: Sequence[int], multiple: int
+) -> list[tuple[int, list[int]]]:
+    """Groups of inputs and the prefix length each group shares: [(length,
+    input indices)], every input in one group. Inputs next to each other in
+    sorted order join a group while they share at least `multiple` tokens
+    with its first; the length is what all share, short of every input's
+    last `counts` tokens (the scored slots), rounded down to a multiple of
+    `multiple` (0: nothing shared)."""
+    order = sorted(range(len(inputs)), key=lambda i: tuple(inputs[i]))
+    groups: list[tuple[int, list[int]]] = []
+    for i in order:
+        x = inputs[i]
+        if groups:
+            length, members = groups[-1]
+            first = inputs[members[0]]
+            shared = 0
+            limit = min(length, len(x) - counts[i])
+            while shared < limit and first[shared] == x[shared]:
+                shared += 1
+            if shared >= multiple:
+                groups[-1] = (shared, [*members, i])
+                continue
+        groups.append((len(x) - counts[i], [i]))
+    return [
+        (length // multiple * multiple if len(members) > 1 else 0, members)
+        for length, members in groups
+    ]
+
+
+def prefix_kv(module, params, tokens_1P):
+    """The keys and values of one prefix [1, P] at positions 0..P-1, each
+    [num_layers, P, G, K]: what `init_cache(prefix_kv=...)` puts in front of a
+    cache."""
+    cfg = module.config
+    width = tokens_1P.shape[1]
+    cache = [
+        init_cache(1, width, cfg.kv_heads, cfg.head_dim, cfg.compute_dtype)
+        for _ in range(cfg.num_layers)
+    ]
+    slots_P = jnp.arange(width)
+    out = module.apply(
+        {"params": params},
+        tokens_1P,
+        positions_BL=slots_P[None],
+        cache=cache,
+        mask_B1LS=(slots_P[None, :] <= slots_P[:, None])[None, None],
+        last_only=True,
+    )
+    k_GPK, v_GPK = (
+        jnp.stack([layer[name] for layer in out["cache"]]) for name in ("k", "v")
+    )
+    return tuple(jnp.swapaxes(x_LGPK, 1, 2) for x_LGPK in (k_GPK, v_GPK))
 
 
 def tree_mask(ends_BW, num_prefix: int = 0, num_prompt: int = 0):
@@ -147,38 +212,91 @@ class Scorer:
     """Scores requests with one decoder: `score(requests)` -> [(log-likelihood,
     is_greedy)] in the requests' order, `rows` rows per compiled call."""
 
-    def __init__(self, module, rows: int, max_width: int, pad_id: int):
+    def __init__(
+        self,
+        module,
+        rows: int,
+        max_width: int,
+        pad_id: int,
+        share_multiple: int = SHARE_MULTIPLE,
+    ):
         self.module = module
         self.rows = rows
         self.max_width = max_width
         self.pad_id = pad_id
+        self.share_multiple = share_multiple
         self.calls = 0  # compiled calls made (for tests and benchmarks)
+        self.shared: list[int] = []  # the last call's prefixes computed once
 
     @functools.cached_property
     def _score(self):
         return jax.jit(functools.partial(score_slots, self.module))
 
+    @functools.cached_property
+    def _prefix_kv(self):
+        return jax.jit(functools.partial(prefix_kv, self.module))
+
     def score(self, params, kwargs, requests, progress=None):
         """`requests`: (x, y, n) with len(x) == len(y) <= max_width, 1 <= n <=
         len(y). `progress(count)` is told as requests finish."""
+        self.shared = []
         if not requests:
             return []
-        longest = max(len(x) for x, _, _ in requests)
-        width = min(self.max_width, bucket(max(longest, PACK_WIDTH)))
-        rows = pack_trees([x for x, _, _ in requests], width)
+        groups = [(0, list(range(len(requests))))]
+        if not kwargs:  # adapter slots come first in the cache: share nothing
+            groups = self._groups(requests)
         results: list = [None] * len(requests)
-        for first in range(0, len(rows), self.rows):
-            batch = rows[first : first + self.rows]
-            done = self._score_rows(params, kwargs, requests, batch, width)
-            for request, result in done:
-                results[request] = result
-            if progress is not None:
-                progress(len(done))
+        for shared, members in groups:
+            group_kwargs = kwargs
+            if shared:
+                x = requests[members[0]][0]
+                group_kwargs = {
+                    "prefix_kv": self._prefix_kv(params, np.asarray([x[:shared]]))
+                }
+                self.shared.append(shared)
+            group = [
+                (x[shared:], y[shared:], n)
+                for x, y, n in (requests[i] for i in members)
+            ]
+            width = self._width([x for x, _, _ in group])
+            rows = pack_trees([x for x, _, _ in group], width)
+            for first in range(0, len(rows), self.rows):
+                batch = rows[first : first + self.rows]
+                done = self._score_rows(
+                    params, group_kwargs, group, batch, width, shared
+                )
+                for request, result in done:
+                    results[members[request]] = result
+                if progress is not None:
+                    progress(len(done))
         return results
 
-    def _score_rows(self, params, kwargs, requests, rows: list[Row], width: int):
+    def _groups(self, requests) -> list[tuple[int, list[int]]]:
+        """`shared_prefixes` worth computing once: those that would otherwise
+        be computed again in enough rows to add up to a row's slots (a group
+        of its own costs a prefill and its partly filled rows); every other
+        request in one group sharing nothing, first."""
+        inputs, counts = zip(*((x, n) for x, _, n in requests), strict=True)
+        width = self._width(inputs)
+        shared, alone = [], []
+        for length, members in shared_prefixes(inputs, counts, self.share_multiple):
+            rows = pack_trees([inputs[i] for i in members], width) if length else []
+            if length * (len(rows) - 1) >= width:
+                shared.append((length, members))
+            else:
+                alone.extend(members)
+        return ([(0, alone)] if alone else []) + shared
+
+    def _width(self, inputs) -> int:
+        longest = max(len(x) for x in inputs)
+        return min(self.max_width, bucket(max(longest, PACK_WIDTH)))
+
+    def _score_rows(
+        self, params, kwargs, requests, rows: list[Row], width: int, offset: int
+    ):
         """[(request, (log-likelihood, is_greedy))] of the requests in `rows`,
-        one compiled call (rows padded to a power of two)."""
+        one compiled call (rows padded to a power of two); the rows' tokens
+        follow `offset` tokens whose keys and values are kwargs' prefix_kv."""
         batch = min(self.rows, bucket(len(rows), 1))
         tokens = np.full((batch, width), self.pad_id, np.int32)
         depths = np.zeros((batch, width), np.int32)
@@ -186,7 +304,8 @@ class Scorer:
         spans, selected = [], [[] for _ in range(batch)]
         for b, row in enumerate(rows):
             count = len(row.tokens)
-            tokens[b, :count], depths[b, :count] = row.tokens, row.depths
+            tokens[b, :count] = row.tokens
+            depths[b, :count] = np.asarray(row.depths) + offset
             ends[b, :count] = row.ends()
             for request, slots in row.inputs:
                 _, y, n = requests[request]
