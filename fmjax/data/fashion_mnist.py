@@ -8,7 +8,8 @@ import os
 import pathlib
 
 import tensorflow_datasets as tfds
-from etils import epath
+
+from fmjax.data.emoji import EmojiCaptions
 
 FASHION_MNIST_LABELS = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -65,11 +66,9 @@ class FashionMnist(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("3.0.1")  # the catalog's version
     RELEASE_NOTES = {"3.0.1": "Built from Debian's dataset-fashion-mnist."}
 
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        # As fmjax.data.sources.BbcNews: no checksums file to look for.
-        return epath.Path(__file__)
+    # Where TFDS looks for a checksums file (see fmjax.data.sources.BbcNews):
+    # none, as the emoji builder has none.
+    code_path = EmojiCaptions.code_path
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
