@@ -6,6 +6,7 @@ the 8 simulated devices against NumPy, the index files and commands
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -18,6 +19,7 @@ from fmjax.inference.search import (
     Index,
     ShardedCorpus,
     augment,
+    block_top_k,
     read_passages,
     unit_rows,
 )
@@ -44,7 +46,14 @@ def _numpy_top_k(queries_QD, corpus_ND, k):
 
 @pytest.mark.parametrize(
     "count, devices, chunk",
-    [(1003, 8, 16), (1003, 8, 32768), (37, 3, 4), (5, 8, 32768), (300, 1, 64)],
+    [
+        (1003, 8, 16),
+        (1003, 8, 32768),
+        (37, 3, 4),
+        (5, 8, 32768),
+        (300, 1, 64),
+        (20000, 2, 2048),  # chunks of 16 blocks: block_top_k's candidates
+    ],
 )
 def test_sharded_top_k_equals_numpy(count, devices, chunk):
     """Rows split over `devices`, scanned `chunk` rows at a time (the last
@@ -70,6 +79,20 @@ def test_equal_scores_go_to_the_lower_index_across_devices():
     corpus = ShardedCorpus.place(corpus_ND, jax.devices(), chunk=4)
     _, indices_QK = corpus.top_k(corpus_ND[[50]], 4)
     assert indices_QK[0].tolist() == [9, 41, 50, 60]
+
+
+@pytest.mark.parametrize("block", [1, 4, 8])
+def test_block_top_k_equals_top_k_with_ties(block):
+    """Scores with many ties (small integers): the same values and indices,
+    lower indices first, as lax.top_k over the whole row."""
+    rng = np.random.default_rng(block)
+    scores_QS = rng.integers(0, 6, size=(64, 96)).astype(np.float32)
+    scores_QS[:8] = 3.0  # rows of one value
+    for k in (1, 5, 12):
+        got = block_top_k(jnp.asarray(scores_QS), k, block)
+        want = jax.lax.top_k(jnp.asarray(scores_QS), k)
+        np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+        np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
 
 
 def test_many_queries_run_in_blocks(monkeypatch):

@@ -38,6 +38,7 @@ PASSAGES_FILENAME = "passages.jsonl"
 META_FILENAME = "index.json"
 CHUNK_ROWS = 32768  # scores of one chunk: [queries, CHUNK_ROWS] float32
 QUERY_BLOCK = 1024  # queries per call; fewer are padded to a power of two
+TOP_K_BLOCK = 128  # a chunk's top-k looks first at the maxima of blocks this wide
 # A retrieval-augmented prompt: the passages (best first, one a line), a blank
 # line, then the prompt.
 RAG_TEMPLATE = "{passages}\n\n{prompt}"
@@ -134,6 +135,25 @@ class ShardedCorpus:
         return np.concatenate(scores), np.concatenate(indices)
 
 
+def block_top_k(scores_QS, k: int, block: int = TOP_K_BLOCK):
+    """`jax.lax.top_k(scores_QS, k)`, the same values and indices, ties to the
+    lower index, from fewer candidates: each row's top k lie in the k blocks
+    of `block` columns with the largest maxima (a block left out has k blocks
+    at least as good before it), so only those k * block scores are ranked.
+    On XLA:CPU ranking a whole chunk's row cost a fifth of its matmul's time
+    (docs/benchmarks.md, "Exact search against faiss")."""
+    queries, width = scores_QS.shape
+    if width % block or k > width // block:
+        return jax.lax.top_k(scores_QS, k)
+    blocks_QBW = scores_QS.reshape(queries, width // block, block)
+    _, best_QK = jax.lax.top_k(blocks_QBW.max(axis=-1), k)
+    best_QK = jnp.sort(best_QK, axis=-1)  # candidates in index order: ties
+    candidates_QKW = jnp.take_along_axis(blocks_QBW, best_QK[..., None], axis=1)
+    top_QK, where_QK = jax.lax.top_k(candidates_QKW.reshape(queries, k * block), k)
+    in_block_QK = jnp.take_along_axis(best_QK, where_QK // block, axis=1)
+    return top_QK, in_block_QK * block + where_QK % block
+
+
 def _merge(best, candidates, k: int):
     """Top-k of two (scores [Q, *], indices [Q, *]) lists; on equal scores the
     first list's entries (lower passage indices) win, as lax.top_k keeps order."""
@@ -156,7 +176,7 @@ def _top_k(queries_QD, rows_ND, *, k: int, count: int, chunk: int, mesh):
             scores_QS = jnp.einsum("QD,SD->QS", q_QD, chunk_SD)
             index_S = start + jnp.arange(chunk, dtype=jnp.int32)
             scores_QS = jnp.where(index_S < count, scores_QS, -jnp.inf)
-            local_QK, where_QK = jax.lax.top_k(scores_QS, min(k, chunk))
+            local_QK, where_QK = block_top_k(scores_QS, min(k, chunk))
             return _merge(best, (local_QK, index_S[where_QK]), k), None
 
         queries = q_QD.shape[0]
