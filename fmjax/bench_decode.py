@@ -111,13 +111,23 @@ def bench_decode(
 def decode_flops_per_token(cfg, context: int) -> float:
     """Forward FLOPs of one decoded token: 2 per weight (embedding lookup aside)
     plus attention's scores and weighted values over `context` keys."""
-    weights = cfg.num_layers * (
+    weights = block_weights(cfg) + cfg.d_model * cfg.vocab_size
+    return 2.0 * weights + attention_flops_per_key(cfg) * context
+
+
+def block_weights(cfg) -> int:
+    """Matmul weights a token passes through in the blocks (q, k, v, out and
+    the MLP of every layer; no embedding, no head)."""
+    return cfg.num_layers * (
         cfg.d_model * cfg.head_dim * (cfg.num_heads * 2 + cfg.kv_heads * 2)
         + 2 * cfg.d_model * cfg.mlp_dim
     )
-    weights += cfg.d_model * cfg.vocab_size
-    attention = cfg.num_layers * 2 * 2 * cfg.num_heads * cfg.head_dim * context
-    return 2.0 * weights + attention
+
+
+def attention_flops_per_key(cfg) -> int:
+    """Attention's scores and weighted values for one query and one key, over
+    every layer and head."""
+    return 2 * 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim
 
 
 def random_generator(cfg):

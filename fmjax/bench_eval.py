@@ -11,6 +11,7 @@ import time
 import numpy as np
 
 from fmjax.bench import cpu_model, library_versions, matmul_peak_flops
+from fmjax.bench_decode import attention_flops_per_key, block_weights
 from fmjax.config import ConfigError
 
 TARGET_SPEEDUP = 3.0
@@ -229,13 +230,9 @@ def necessary_flops(cfg, tokens: int, attended: int, scored: int) -> float:
     """Forward FLOPs of a decoder of model config `cfg` over that work: 2 per
     weight per token (the embedding lookup aside), attention's scores and
     weighted values per key read, and the LM head where a token is scored."""
-    weights = cfg.num_layers * (
-        cfg.d_model * cfg.head_dim * (cfg.num_heads * 2 + cfg.kv_heads * 2)
-        + 2 * cfg.d_model * cfg.mlp_dim
-    )
-    attention = 2 * 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * attended
+    attention = attention_flops_per_key(cfg) * attended
     head = 2.0 * cfg.d_model * cfg.vocab_size * scored
-    return 2.0 * weights * tokens + attention + head
+    return 2.0 * block_weights(cfg) * tokens + attention + head
 
 
 def _record_scored(lm) -> dict:

@@ -100,6 +100,22 @@ def _num_prompt(kwargs: dict) -> int:
     return 0 if prompt_TD is None else prompt_TD.shape[0]
 
 
+def model_cache(cfg, batch: int, slots: int, prefix_kv=None) -> list[dict]:
+    """Every layer's KV cache of `slots` slots (`init_cache`), with prefix
+    tuning's `prefix_kv` (k and v, each [num_layers, T, G, K]) in front."""
+    return [
+        init_cache(
+            batch,
+            slots,
+            cfg.kv_heads,
+            cfg.head_dim,
+            cfg.compute_dtype,
+            None if prefix_kv is None else (prefix_kv[0][i], prefix_kv[1][i]),
+        )
+        for i in range(cfg.num_layers)
+    ]
+
+
 def prefill(
     module,
     params,
@@ -121,18 +137,7 @@ def prefill(
     batch, width = tokens_BP.shape
     num_prefix, num_prompt = _num_prefix(kwargs), _num_prompt(kwargs)
     slots = num_prefix + num_prompt + width + new_slots
-    prefix_kv = kwargs.get("prefix_kv")
-    cache = [
-        init_cache(
-            batch,
-            slots,
-            cfg.kv_heads,
-            cfg.head_dim,
-            cfg.compute_dtype,
-            None if prefix_kv is None else (prefix_kv[0][i], prefix_kv[1][i]),
-        )
-        for i in range(cfg.num_layers)
-    ]
+    cache = model_cache(cfg, batch, slots, kwargs.get("prefix_kv"))
     pads_B1 = (width - lengths_B)[:, None]
     columns_P = jnp.arange(width)[None, :]
     positions_BP = jnp.maximum(columns_P - pads_B1, 0).astype(jnp.int32)

@@ -33,8 +33,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax.inference.generate import _model_inputs, _num_prefix, _num_prompt, bucket
-from fmjax.models.attention import init_cache
+from fmjax.inference.generate import (
+    _mask,
+    _model_inputs,
+    _num_prefix,
+    _num_prompt,
+    bucket,
+    model_cache,
+)
 
 # Rows are at least this wide, so many short requests share one.
 PACK_WIDTH = 256
@@ -127,19 +133,14 @@ def prefix_kv(module, params, tokens_1P):
     """The keys and values of one prefix [1, P] at positions 0..P-1, each
     [num_layers, P, G, K]: what `init_cache(prefix_kv=...)` puts in front of a
     cache."""
-    cfg = module.config
     width = tokens_1P.shape[1]
-    cache = [
-        init_cache(1, width, cfg.kv_heads, cfg.head_dim, cfg.compute_dtype)
-        for _ in range(cfg.num_layers)
-    ]
     slots_P = jnp.arange(width)
     out = module.apply(
         {"params": params},
         tokens_1P,
         positions_BL=slots_P[None],
-        cache=cache,
-        mask_B1LS=(slots_P[None, :] <= slots_P[:, None])[None, None],
+        cache=model_cache(module.config, 1, width),
+        mask_B1LS=_mask(jnp.ones((1, width), bool), slots_P),
         last_only=True,
     )
     k_GPK, v_GPK = (
@@ -181,18 +182,8 @@ def score_slots(
     cfg = module.config
     batch, width = tokens_BW.shape
     num_prefix, num_prompt = _num_prefix(kwargs), _num_prompt(kwargs)
-    prefix_kv = kwargs.get("prefix_kv")
-    cache = [
-        init_cache(
-            batch,
-            num_prefix + num_prompt + width,
-            cfg.kv_heads,
-            cfg.head_dim,
-            cfg.compute_dtype,
-            None if prefix_kv is None else (prefix_kv[0][i], prefix_kv[1][i]),
-        )
-        for i in range(cfg.num_layers)
-    ]
+    slots = num_prefix + num_prompt + width
+    cache = model_cache(cfg, batch, slots, kwargs.get("prefix_kv"))
     out = module.apply(
         {"params": params},
         tokens_BW,
