@@ -34,8 +34,12 @@ def bench_decode(
     tokens/s, time to first token and compile time separately, per batch size,
     as medians of `repeats` runs; with against="hf" also HF `generate` (KV
     cache) on the same weights, its runs interleaved with fmjax's so both see
-    the same machine state. Each decode step's time is set against the time
-    its FLOPs take at this machine's measured matmul peak."""
+    the same machine state. Each decode step's time is set against two
+    floors measured in the same run: the time its FLOPs take at this
+    machine's matmul peak, and the time its bytes (every weight once, the
+    keys and values of the mean context's slots) take to stream through
+    matrix-vector products (`stream_seconds`); decoding is bound by the
+    larger, and `speedup_bound` is the other side's step over it."""
 
     m = config.model
     if m.kind != "decoder" or m.dtype != "float32":
@@ -75,13 +79,27 @@ def bench_decode(
             [r["total_s"] for r in ours]
         )
         step_s = row["fmjax"]["decode_step_s"]
-        flops = batch * decode_flops_per_token(cfg, prompt_len + new_tokens // 2)
+        context = prompt_len + new_tokens // 2  # a step's mean context
+        flops = batch * decode_flops_per_token(cfg, context)
         row["decode_step_flops"] = flops
         row["decode_step_at_peak_s"] = flops / peak
+        row["decode_step_bytes"] = decode_step_bytes(cfg, batch, context)
+        row["decode_step_at_bandwidth_s"] = stream_seconds(
+            step_arrays(cfg, params, batch, context)
+        )
+        floor = max(row["decode_step_at_peak_s"], row["decode_step_at_bandwidth_s"])
         row["fmjax"]["fraction_of_peak"] = flops / peak / step_s
+        row["fmjax"]["fraction_of_bandwidth"] = (
+            row["decode_step_at_bandwidth_s"] / step_s
+        )
         if hf_model is not None:
             row["hf"] = _decode_stats(theirs, batch, prompt_len, new_tokens)
-            row["hf"]["fraction_of_peak"] = flops / peak / row["hf"]["decode_step_s"]
+            hf_step_s = row["hf"]["decode_step_s"]
+            row["hf"]["fraction_of_peak"] = flops / peak / hf_step_s
+            row["hf"]["fraction_of_bandwidth"] = (
+                row["decode_step_at_bandwidth_s"] / hf_step_s
+            )
+            row["speedup_bound"] = hf_step_s / floor
             row["decode_speedup_vs_hf"] = (
                 row["fmjax"]["decode_tokens_per_s"] / row["hf"]["decode_tokens_per_s"]
             )
@@ -113,6 +131,57 @@ def decode_flops_per_token(cfg, context: int) -> float:
     plus attention's scores and weighted values over `context` keys."""
     weights = block_weights(cfg) + cfg.d_model * cfg.vocab_size
     return 2.0 * weights + attention_flops_per_key(cfg) * context
+
+
+def decode_step_bytes(cfg, batch: int, context: int) -> int:
+    """Bytes a decode step must read, float32: every matmul weight once (the
+    blocks and the output head; the embedding rows and norms are a few KB) and
+    each row's keys and values at `context` slots."""
+    weights = block_weights(cfg) + cfg.d_model * cfg.vocab_size
+    cache = batch * context * 2 * cfg.num_layers * cfg.kv_heads * cfg.head_dim
+    return 4 * (weights + cache)
+
+
+def step_arrays(cfg, params, batch: int, context: int) -> list:
+    """Arrays of the bytes `decode_step_bytes` counts: the model's own kernels
+    (blocks, and the output head: the tied table as the [D, V] copy decoding
+    reads) and keys and values of the cache's shape at `context` slots."""
+    kernels = [
+        leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+        if getattr(path[-1], "key", None) == "kernel"
+    ]
+    if cfg.tie_embeddings:
+        kernels.append(np.ones((cfg.d_model, cfg.vocab_size), np.float32))
+    cache = np.ones((batch * cfg.kv_heads, context, cfg.head_dim), np.float32)
+    return kernels + [cache] * (2 * cfg.num_layers)
+
+
+def stream_seconds(arrays, steps: int = 20, repeats: int = 15) -> float:
+    """The least time, per step of a jitted loop, that XLA's matrix-vector
+    products take to read `arrays` once each (each as [rows, last dim], the
+    vector depending on the step so nothing is hoisted): what a decode step's
+    weights and cache cost to read on this machine, in the pattern a decode
+    loop reads them, with two FLOPs per number read and nothing else."""
+    import jax.numpy as jnp
+
+    mats = [jnp.asarray(a, jnp.float32).reshape(-1, a.shape[-1]) for a in arrays]
+
+    def loop(mats):
+        def step(i, x):
+            sums = [(jnp.full((1, m.shape[0]), 1e-6) * x) @ m for m in mats]
+            return x + sum(jnp.sum(s) for s in sums)
+
+        return jax.lax.fori_loop(0, steps, step, jnp.ones((), jnp.float32))
+
+    run = jax.jit(loop)
+    run(mats).block_until_ready()
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run(mats).block_until_ready()
+        seconds.append(time.perf_counter() - started)
+    return min(seconds) / steps
 
 
 def block_weights(cfg) -> int:

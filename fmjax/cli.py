@@ -168,14 +168,16 @@ def _bench_decode(args, config) -> int:
                         f"{r['prefill_tokens_per_s']:9.0f} tok/s  decode "
                         f"{r['decode_tokens_per_s']:8.0f} tok/s  first token "
                         f"{r['time_to_first_token_s'] * 1e3:7.1f} ms  "
-                        f"{r['fraction_of_peak']:.1%} of peak per step"
+                        f"{r['fraction_of_peak']:.1%} of peak, "
+                        f"{r['fraction_of_bandwidth']:.0%} of streaming per step"
                     )
             if "decode_speedup_vs_hf" in row:
                 speedup, ttft = row["decode_speedup_vs_hf"], row["ttft_ratio_to_hf"]
                 print(
                     f"batch {row['batch_size']}: decode {speedup:.2f}x HF; first "
                     f"token in {ttft:.2f}x HF's time; fmjax compile "
-                    f"{row['fmjax_compile_s']:.1f} s"
+                    f"{row['fmjax_compile_s']:.1f} s; at most "
+                    f"{row['speedup_bound']:.1f}x HF at the step's floor"
                 )
     print(json.dumps(result))
     return 0
