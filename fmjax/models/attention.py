@@ -79,8 +79,13 @@ def attention_probs(
     q_BLHK: Array, k: Array, mask_B1LS: Array, k_layout: str = "BSGK"
 ) -> Array:
     """Softmax(q.k / sqrt(K)) in f32 -> [B, H, L, S]; GQA when k has G < H heads.
-    `k_layout`: "BSGK" (projected keys) or "NSK" (a KV cache's, N = B*G)."""
+    `k_layout`: "BSGK" (projected keys) or "NSK" (a KV cache's, N = B*G).
+    The queries are scaled, not the scores (as flax's dot_product_attention
+    does): [B, L, H, K] is smaller than [B, H, L, S] wherever S > K, and on
+    XLA:CPU the scores' scale reached the softmax's backward pass as a
+    constant [B, H, L, S] array written out every step."""
     batch = q_BLHK.shape[0]
+    q_BLHK = q_BLHK * jnp.asarray(q_BLHK.shape[-1] ** -0.5, q_BLHK.dtype)
     if k_layout == "NSK":
         q_NLQK = einops.rearrange(
             q_BLHK, "B L (G Q) K -> (B G) L Q K", G=k.shape[0] // batch
@@ -96,7 +101,6 @@ def attention_probs(
         scores_BGQLS = jnp.einsum(
             "BLGQK,BSGK->BGQLS", q_BLGQK, k, preferred_element_type=jnp.float32
         )
-    scores_BGQLS = scores_BGQLS * (q_BLHK.shape[-1] ** -0.5)
     scores_BGQLS = jnp.where(mask_B1LS[:, :, None], scores_BGQLS, _MASKED_SCORE)
     probs_BGQLS = softmax(scores_BGQLS)
     return einops.rearrange(probs_BGQLS, "B G Q L S -> B (G Q) L S")
