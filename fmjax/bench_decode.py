@@ -129,17 +129,21 @@ def bench_decode(
 def decode_flops_per_token(cfg, context: int) -> float:
     """Forward FLOPs of one decoded token: 2 per weight (embedding lookup aside)
     plus attention's scores and weighted values over `context` keys."""
-    weights = block_weights(cfg) + cfg.d_model * cfg.vocab_size
-    return 2.0 * weights + attention_flops_per_key(cfg) * context
+    return 2.0 * decode_weights(cfg) + attention_flops_per_key(cfg) * context
 
 
 def decode_step_bytes(cfg, batch: int, context: int) -> int:
     """Bytes a decode step must read, float32: every matmul weight once (the
     blocks and the output head; the embedding rows and norms are a few KB) and
     each row's keys and values at `context` slots."""
-    weights = block_weights(cfg) + cfg.d_model * cfg.vocab_size
     cache = batch * context * 2 * cfg.num_layers * cfg.kv_heads * cfg.head_dim
-    return 4 * (weights + cache)
+    return 4 * (decode_weights(cfg) + cache)
+
+
+def decode_weights(cfg) -> int:
+    """Matmul weights one decoded token passes through: the blocks' and the
+    output head's."""
+    return block_weights(cfg) + cfg.d_model * cfg.vocab_size
 
 
 def step_arrays(cfg, params, batch: int, context: int) -> list:
