@@ -165,6 +165,47 @@ def test_batched_equals_one_by_one(learned):
             alone.append(generator._until_eos(tokens_BN[0]))
         assert batched == alone, settings
         assert generator.generate_ids(PROMPTS, 12, batch_size=2, **settings) == alone
+    # 3 prompts take 4 rows: on CPU those decode with kernels in parts.
+    assert gen.bucket(len(PROMPTS), 1) >= gen.PARTS_MIN_ROWS
+    assert ("_kernel_parts" in vars(generator)) == (jax.default_backend() == "cpu")
+
+
+@pytest.mark.parametrize("name", ["rope_gqa", "untied"])
+def test_kernels_in_column_parts_give_the_same_logits(decoders, name):
+    """`split_kernels`: every projection kernel (query, key/value with GQA,
+    out, MLP, an untied head) as two arrays along its last axis gives the
+    model's logits; NF4 codes and kernels whose last axis two does not divide
+    stay whole. On CPU a Generator decodes batches of PARTS_MIN_ROWS rows and
+    more with them (`test_batched_equals_one_by_one` compares those with
+    single rows, which decode with the whole kernels)."""
+    from fmjax.adapt.quant import is_matrix, is_quantized, quantize_tree
+    from fmjax.models.dense import ColumnParts, column_parts, split_kernels
+
+    module, params = decoders[name]
+    parts = split_kernels(params, 2)
+    kernels = [
+        (path, x)
+        for path, x in jax.tree_util.tree_leaves_with_path(
+            parts, is_leaf=lambda x: isinstance(x, ColumnParts)
+        )
+        if isinstance(x, ColumnParts)
+    ]
+    # query, key, value, out, up, down in each layer; an untied head
+    assert len(kernels) == module.config.num_layers * 6 + (name == "untied")
+    for path, x in kernels:
+        whole = functools.reduce(lambda t, k: t[k.key], path, params)
+        np.testing.assert_array_equal(np.concatenate(x.parts, axis=-1), whole)
+    tokens = jnp.asarray([PROMPTS[0]], jnp.int32)
+    want = module.apply({"params": params}, tokens)["logits"]
+    got = module.apply({"params": parts}, tokens)["logits"]
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    assert column_parts(jnp.ones((4, 3)), 2).shape == (4, 3)
+    nf4 = quantize_tree(params, is_matrix)
+    assert jax.tree.all(
+        jax.tree.map(
+            lambda a, b: a is b, split_kernels(nf4, 2), nf4, is_leaf=is_quantized
+        )
+    )
 
 
 def test_greedy_is_deterministic_and_samples_follow_the_seed(learned):

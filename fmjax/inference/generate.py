@@ -41,6 +41,7 @@ from fmjax.errors import RequestError
 from fmjax.inference.sampling import Sampling, sample
 from fmjax.inference.stops import stop_prefix_length, truncate
 from fmjax.models.attention import init_cache
+from fmjax.models.dense import ColumnParts, column_parts, split_kernels
 from fmjax.models.text import decoding_head
 
 Array = jax.Array
@@ -52,6 +53,10 @@ STREAM_CHUNK = 4
 # Decode steps per jitted call otherwise: stop strings end a batch early only
 # between calls.
 GENERATE_CHUNK = 64
+# On XLA:CPU, batches of at least this many rows decode with every kernel in
+# KERNEL_PARTS arrays (`Generator._kernel_parts`).
+PARTS_MIN_ROWS = 4
+KERNEL_PARTS = 2
 
 
 def bucket(length: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
@@ -201,11 +206,17 @@ def decode_step(
     )
     if head_DV is None:
         return out["logits"][:, 0], out["cache"]
-    hidden_BD = out["hidden"][:, 0].astype(head_DV.dtype)
-    logits_BV = jnp.einsum(
+    return _head_logits(out["hidden"][:, 0], head_DV), out["cache"]
+
+
+def _head_logits(hidden_BD: Array, head_DV: Array | ColumnParts) -> Array:
+    if isinstance(head_DV, ColumnParts):
+        parts = [_head_logits(hidden_BD, part) for part in head_DV.parts]
+        return jnp.concatenate(parts, axis=-1)
+    hidden_BD = hidden_BD.astype(head_DV.dtype)
+    return jnp.einsum(
         "BD,DV->BV", hidden_BD, head_DV, preferred_element_type=jnp.float32
     )
-    return logits_BV, out["cache"]
 
 
 def decode(
@@ -292,6 +303,23 @@ class Generator:
         head = functools.partial(decoding_head, self.module.config)
         return jax.jit(head)(self.params)
 
+    @functools.cached_property
+    def _kernel_parts(self) -> tuple[dict, Array | ColumnParts | None]:
+        """The params and `_head_DV` with every kernel in KERNEL_PARTS
+        `ColumnParts`, for decoding batches of PARTS_MIN_ROWS rows or more on
+        XLA:CPU: one more copy of the kernels, made on the first such batch.
+        At batch 8, `gpt_lm:small` decodes about 1.1x as fast with them;
+        at batch 1, where each product is an XLA:CPU matrix-vector kernel,
+        no faster (docs/benchmarks.md)."""
+        head = self._head_DV
+        head = None if head is None else column_parts(head, KERNEL_PARTS)
+        return split_kernels(self.params, KERNEL_PARTS), head
+
+    def _decoding_weights(self, rows: int) -> tuple[dict, Array | ColumnParts | None]:
+        if rows >= PARTS_MIN_ROWS and jax.default_backend() == "cpu":
+            return self._kernel_parts
+        return self.params, self._head_DV
+
     # --- token ids ------------------------------------------------------------------
 
     def encode_prompt(self, text: str) -> list[int]:
@@ -354,6 +382,7 @@ class Generator:
             new_slots=new_slots,
             **statics,
         )
+        params, head_DV = self._decoding_weights(rows)
         step = 1
         while True:
             yield np.asarray(state.tokens_BN[:batch, :step])
@@ -361,12 +390,7 @@ class Generator:
                 return
             stop_at = min(step + chunk, max_new_tokens)
             state = self._decode(
-                self.params,
-                self.kwargs,
-                state,
-                np.int32(stop_at),
-                self._head_DV,
-                **statics,
+                params, self.kwargs, state, np.int32(stop_at), head_DV, **statics
             )
             step = int(state.step)
 

@@ -12,7 +12,7 @@ full precision at once.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -36,12 +36,44 @@ def normal_init(std: float, axes: tuple[str, ...]):
     return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
 
 
+class ColumnParts(NamedTuple):
+    """A kernel kept as separate arrays, consecutive slices of its last axis
+    (always an output axis): `EinsumDense` computes one product per part and
+    joins them. Decoding on XLA:CPU reads its kernels this way
+    (`fmjax.inference.generate.Generator`): a step is a chain of [B, D]
+    products, each waiting for the one before; XLA:CPU ran each of them on
+    one of its threads, and a kernel's parts, independent products, on
+    both at once. They must be arrays of their own: slices taken inside a
+    jitted function are copies."""
+
+    parts: tuple[Array, ...]
+
+
+def column_parts(kernel: Array, parts: int) -> Array | ColumnParts:
+    """`kernel` as `parts` arrays along its last axis, or unchanged where that
+    axis does not divide into `parts` or the kernel is NF4 codes."""
+    if is_quantized(kernel) or kernel.ndim < 2 or kernel.shape[-1] % parts:
+        return kernel
+    return ColumnParts(tuple(jnp.split(kernel, parts, axis=-1)))
+
+
+def split_kernels(params, parts: int):
+    """`params` with every `EinsumDense` kernel in `column_parts`."""
+
+    def split(path, x):
+        is_kernel = getattr(path[-1], "key", None) == "kernel"
+        return column_parts(x, parts) if is_kernel else x
+
+    return jax.tree_util.tree_map_with_path(split, params, is_leaf=is_quantized)
+
+
 def _frozen_or_param(module: nn.Module, name: str, init_fn, shape, dtype):
-    """The param `name`, or the NF4 QuantizedTensor stored under that name (flax's
-    `param` would compare the codes' shape with the logical shape)."""
+    """The param `name`, or the NF4 QuantizedTensor or `ColumnParts` stored
+    under that name (flax's `param` would compare their shapes with the
+    logical shape)."""
     if module.has_variable("params", name):
         value = module.get_variable("params", name)
-        if is_quantized(value):
+        if is_quantized(value) or isinstance(value, ColumnParts):
             return value
     return module.param(name, init_fn, shape, dtype)
 
@@ -127,7 +159,15 @@ class EinsumDense(nn.Module):
             self.kernel_shape,
             self.param_dtype,
         )
-        y = _dense_einsum(self.equation, x, kernel, self.dtype)
+        if isinstance(kernel, ColumnParts):
+            inputs, out_spec = self.equation.split("->")
+            kernel_spec = inputs.split(",")[1]
+            y = jnp.concatenate(
+                [_dense_einsum(self.equation, x, p, self.dtype) for p in kernel.parts],
+                axis=out_spec.index(kernel_spec[-1]),
+            )
+        else:
+            y = _dense_einsum(self.equation, x, kernel, self.dtype)
         if not self.use_bias:
             return y
         bias_shape = self.kernel_shape[self.num_in :]
