@@ -40,7 +40,7 @@ import numpy as np
 from fmjax.errors import RequestError
 from fmjax.inference.sampling import Sampling, sample
 from fmjax.inference.stops import stop_prefix_length, truncate
-from fmjax.models.attention import init_cache
+from fmjax.models.attention import model_cache
 from fmjax.models.dense import ColumnParts, column_parts, split_kernels
 from fmjax.models.text import decoding_head
 
@@ -103,22 +103,6 @@ def _num_prefix(kwargs: dict) -> int:
 def _num_prompt(kwargs: dict) -> int:
     prompt_TD = kwargs.get("prompt_TD")
     return 0 if prompt_TD is None else prompt_TD.shape[0]
-
-
-def model_cache(cfg, batch: int, slots: int, prefix_kv=None) -> list[dict]:
-    """Every layer's KV cache of `slots` slots (`init_cache`), with prefix
-    tuning's `prefix_kv` (k and v, each [num_layers, T, G, K]) in front."""
-    return [
-        init_cache(
-            batch,
-            slots,
-            cfg.kv_heads,
-            cfg.head_dim,
-            cfg.compute_dtype,
-            None if prefix_kv is None else (prefix_kv[0][i], prefix_kv[1][i]),
-        )
-        for i in range(cfg.num_layers)
-    ]
 
 
 def prefill(

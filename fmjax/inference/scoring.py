@@ -39,8 +39,8 @@ from fmjax.inference.generate import (
     _num_prefix,
     _num_prompt,
     bucket,
-    model_cache,
 )
+from fmjax.models.attention import model_cache
 
 # Rows are at least this wide, so many short requests share one.
 PACK_WIDTH = 256

@@ -189,6 +189,22 @@ def init_cache(
     return write_cache(cache, k_BTGK, v_BTGK)
 
 
+def model_cache(cfg, batch: int, slots: int, prefix_kv=None) -> list[dict]:
+    """Every layer's KV cache of `slots` slots (`init_cache`), with prefix
+    tuning's `prefix_kv` (k and v, each [num_layers, T, G, K]) in front."""
+    return [
+        init_cache(
+            batch,
+            slots,
+            cfg.kv_heads,
+            cfg.head_dim,
+            cfg.compute_dtype,
+            None if prefix_kv is None else (prefix_kv[0][i], prefix_kv[1][i]),
+        )
+        for i in range(cfg.num_layers)
+    ]
+
+
 def write_cache(cache: dict[str, Array], k_BLGK: Array, v_BLGK: Array) -> dict:
     """`cache` with k/v written at slots end_index.. (in place under jit when the
     cache is donated or carried by a loop), end_index moved past them."""
