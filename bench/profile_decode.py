@@ -7,10 +7,13 @@ Builds the random decoder `fmjax bench decode` builds (default
 under `jax.profiler` and reads back the time of every XLA op of the decode
 loop (`jax.profiler.ProfileData`). Prints, per decode step: the number of ops,
 the time ops ran, the time by op kind (matmuls, copies, cache updates,
-reductions, other fusions) and the longest ops.
+reductions, other fusions) and the longest ops. `--timeline N` also prints N
+consecutive ops from the middle of the loop with their start, length and
+thread: which ops XLA:CPU ran on both threads at once.
 
     python bench/profile_decode.py                  # batch 1 and 8
     python bench/profile_decode.py --batch 8 --top 20 --json out.json
+    python bench/profile_decode.py --batch 8 --timeline 60
 """
 
 from __future__ import annotations
@@ -54,7 +57,9 @@ def random_generator(config_spec: str):
     return cfg, random_generator(cfg)
 
 
-def profile(cfg, generator, batch: int, prompt: int, new_tokens: int, top: int):
+def profile(
+    cfg, generator, batch: int, prompt: int, new_tokens: int, top: int, timeline=0
+):
     import jax
 
     from fmjax.inference.sampling import Sampling
@@ -77,6 +82,7 @@ def profile(cfg, generator, batch: int, prompt: int, new_tokens: int, top: int):
         (path,) = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
         data = jax.profiler.ProfileData.from_file(path)
     by_op, count, intervals = collections.Counter(), collections.Counter(), []
+    events, threads = [], {}
     for plane in data.planes:
         for line in plane.lines:
             for event in line.events:
@@ -87,6 +93,8 @@ def profile(cfg, generator, batch: int, prompt: int, new_tokens: int, top: int):
                 by_op[op] += event.duration_ns
                 count[op] += 1
                 intervals.append((event.start_ns, event.end_ns))
+                thread = threads.setdefault(line.name, len(threads))
+                events.append((event.start_ns, event.duration_ns, thread, op))
     steps = new_tokens - 1
     us = lambda ns: ns / steps / 1e3  # noqa: E731
     by_kind, kind_count = collections.Counter(), collections.Counter()
@@ -102,7 +110,19 @@ def profile(cfg, generator, batch: int, prompt: int, new_tokens: int, top: int):
         "by_kind_us": {k: us(by_kind[k]) for k in KINDS},
         "by_kind_ops": {k: kind_count[k] / steps for k in KINDS},
         "top_ops_us": {op: us(ns) for op, ns in by_op.most_common(top)},
+        "timeline": _window(events, timeline),
     }
+
+
+def _window(events, length: int) -> list[dict]:
+    """`length` consecutive ops from the middle of the trace: start (us from
+    the first of them), length (us) and thread (numbered in order seen)."""
+    events = sorted(e for e in events if not e[3].startswith("while"))
+    window = events[len(events) // 2 :][:length]
+    return [
+        {"start_us": (s - window[0][0]) / 1e3, "us": d / 1e3, "thread": t, "op": op}
+        for s, d, t, op in window
+    ]
 
 
 def main() -> int:
@@ -112,12 +132,16 @@ def main() -> int:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--top", type=int, default=8)
+    parser.add_argument("--timeline", type=int, default=0)
     parser.add_argument("--json", default="")
     args = parser.parse_args()
     cfg, generator = random_generator(args.config)
     results = []
     for batch in args.batch:
-        r = profile(cfg, generator, batch, args.prompt, args.new_tokens, args.top)
+        r = profile(
+            cfg, generator, batch, args.prompt, args.new_tokens, args.top,
+            args.timeline,
+        )  # fmt: skip
         results.append(r)
         print(
             f"batch {batch}: {r['ops_per_step']:.0f} ops a step, ops ran "
@@ -131,6 +155,11 @@ def main() -> int:
         print("  longest ops: " + ", ".join(
             f"{op} {t:.1f} us" for op, t in r["top_ops_us"].items()
         ))  # fmt: skip
+        for e in r["timeline"]:
+            print(
+                f"  {e['start_us']:8.1f} us  {e['us']:6.1f} us  "
+                f"thread {e['thread']}  {e['op']}"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
