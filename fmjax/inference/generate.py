@@ -40,11 +40,12 @@ import numpy as np
 from fmjax.errors import RequestError
 from fmjax.inference.sampling import Sampling, sample
 from fmjax.inference.stops import stop_prefix_length, truncate
+from fmjax.models import dense
 from fmjax.models.attention import model_cache
-from fmjax.models.dense import ColumnParts, column_parts, split_kernels
 from fmjax.models.text import decoding_head
 
 Array = jax.Array
+DecodingWeights = tuple[dict, Array | dense.ColumnParts | None]
 
 MIN_PROMPT_BUCKET = 16
 NEW_TOKENS_MULTIPLE = 32
@@ -193,14 +194,16 @@ def decode_step(
     return _head_logits(out["hidden"][:, 0], head_DV), out["cache"]
 
 
-def _head_logits(hidden_BD: Array, head_DV: Array | ColumnParts) -> Array:
-    if isinstance(head_DV, ColumnParts):
-        parts = [_head_logits(hidden_BD, part) for part in head_DV.parts]
-        return jnp.concatenate(parts, axis=-1)
-    hidden_BD = hidden_BD.astype(head_DV.dtype)
-    return jnp.einsum(
-        "BD,DV->BV", hidden_BD, head_DV, preferred_element_type=jnp.float32
-    )
+def _head_logits(hidden_BD: Array, head_DV: Array | dense.ColumnParts) -> Array:
+    def logits(h_DV):
+        return jnp.einsum(
+            "BD,DV->BV",
+            hidden_BD.astype(h_DV.dtype),
+            h_DV,
+            preferred_element_type=jnp.float32,
+        )
+
+    return dense.product_by_parts(logits, "BD,DV->BV", head_DV)
 
 
 def decode(
@@ -288,7 +291,7 @@ class Generator:
         return jax.jit(head)(self.params)
 
     @functools.cached_property
-    def _kernel_parts(self) -> tuple[dict, Array | ColumnParts | None]:
+    def _kernel_parts(self) -> DecodingWeights:
         """The params and `_head_DV` with every kernel in KERNEL_PARTS
         `ColumnParts`, for decoding batches of PARTS_MIN_ROWS rows or more on
         XLA:CPU: one more copy of the kernels, made on the first such batch.
@@ -296,10 +299,10 @@ class Generator:
         at batch 1, where each product is an XLA:CPU matrix-vector kernel,
         no faster (docs/benchmarks.md)."""
         head = self._head_DV
-        head = None if head is None else column_parts(head, KERNEL_PARTS)
-        return split_kernels(self.params, KERNEL_PARTS), head
+        head = None if head is None else dense.column_parts(head, KERNEL_PARTS)
+        return dense.split_kernels(self.params, KERNEL_PARTS), head
 
-    def _decoding_weights(self, rows: int) -> tuple[dict, Array | ColumnParts | None]:
+    def _decoding_weights(self, rows: int) -> DecodingWeights:
         if rows >= PARTS_MIN_ROWS and jax.default_backend() == "cpu":
             return self._kernel_parts
         return self.params, self._head_DV

@@ -57,6 +57,16 @@ def column_parts(kernel: Array, parts: int) -> Array | ColumnParts:
     return ColumnParts(tuple(jnp.split(kernel, parts, axis=-1)))
 
 
+def product_by_parts(product, equation: str, kernel):
+    """`product(kernel)`; for `ColumnParts`, each part's product joined along
+    the output axis that the kernel's last axis becomes in `equation`."""
+    if not isinstance(kernel, ColumnParts):
+        return product(kernel)
+    inputs, out_spec = equation.split("->")
+    axis = out_spec.index(inputs.split(",")[1][-1])
+    return jnp.concatenate([product(part) for part in kernel.parts], axis=axis)
+
+
 def split_kernels(params, parts: int):
     """`params` with every `EinsumDense` kernel in `column_parts`."""
 
@@ -159,15 +169,11 @@ class EinsumDense(nn.Module):
             self.kernel_shape,
             self.param_dtype,
         )
-        if isinstance(kernel, ColumnParts):
-            inputs, out_spec = self.equation.split("->")
-            kernel_spec = inputs.split(",")[1]
-            y = jnp.concatenate(
-                [_dense_einsum(self.equation, x, p, self.dtype) for p in kernel.parts],
-                axis=out_spec.index(kernel_spec[-1]),
-            )
-        else:
-            y = _dense_einsum(self.equation, x, kernel, self.dtype)
+        y = product_by_parts(
+            lambda k: _dense_einsum(self.equation, x, k, self.dtype),
+            self.equation,
+            kernel,
+        )
         if not self.use_bias:
             return y
         bias_shape = self.kernel_shape[self.num_in :]
