@@ -39,8 +39,11 @@ def bench_decode(
     machine's matmul peak, and the time its bytes (every weight once, the
     keys and values of the mean context's slots) take to stream through
     matrix-vector products (`stream_seconds`); decoding is bound by the
-    larger, and `speedup_bound` is the other side's step over it."""
+    larger, and `speedup_bound` is the other side's step over it. Compile
+    times are XLA's own: the persistent compilation cache the `fmjax` command
+    turns on (`fmjax.cli.compilation_cache_environ`) is off here."""
 
+    jax.config.update("jax_enable_compilation_cache", False)
     m = config.model
     if m.kind != "decoder" or m.dtype != "float32":
         raise ConfigError(

@@ -379,13 +379,31 @@ def main(argv: list[str] | None = None) -> int:
         return 3 if isinstance(e, FloatingPointError) else 2
 
 
+def compilation_cache_environ(environ: dict) -> dict:
+    """`environ` with JAX's persistent compilation cache on by default: every
+    program that took XLA a second or more to compile is kept on disk (in
+    $XDG_CACHE_HOME/fmjax/xla, at most 2 GiB, least recently used dropped
+    first) and read back by the next `fmjax` command that compiles it: a
+    second `fmjax generate` skips the decode loop's compile. The
+    JAX_COMPILATION_CACHE_DIR and _MAX_SIZE variables override this;
+    JAX_ENABLE_COMPILATION_CACHE=false turns it off."""
+    home = environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    defaults = {
+        "JAX_COMPILATION_CACHE_DIR": os.path.join(home, "fmjax", "xla"),
+        "JAX_COMPILATION_CACHE_MAX_SIZE": str(2 << 30),
+    }
+    return {**defaults, **environ}
+
+
 def entry() -> None:
     """The `fmjax` command (and `python -m fmjax.cli`): `main` in a process
     whose malloc keeps XLA's per-step temporaries mapped (jemalloc) or backs
     them with transparent huge pages; the process starts itself again with
-    that set first (`fmjax.host_memory`)."""
+    that set first (`fmjax.host_memory`), and with the compilation cache
+    (`compilation_cache_environ`)."""
     from fmjax.host_memory import reexec_with_malloc
 
+    os.environ.update(compilation_cache_environ(dict(os.environ)))
     reexec_with_malloc(["-m", "fmjax.cli", *sys.argv[1:]])
     sys.exit(main())
 

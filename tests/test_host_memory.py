@@ -159,3 +159,25 @@ def test_bad_setting_and_missing_jemalloc_are_named(monkeypatch):
     monkeypatch.setattr(host_memory, "jemalloc_library", lambda: "")
     with pytest.raises(ValueError, match="no libjemalloc.so.2 in .*libjemalloc2"):
         host_memory.malloc_environ({host_memory.ENV: "jemalloc"})
+
+
+def test_the_command_keeps_compiled_programs_on_disk(tmp_path):
+    """`fmjax.cli.entry` starts the command with JAX's persistent compilation
+    cache under $XDG_CACHE_HOME/fmjax/xla (a variable the user set wins): a
+    process started with that environment writes its compiled program
+    there."""
+    from fmjax.cli import compilation_cache_environ
+
+    assert (
+        compilation_cache_environ({"JAX_COMPILATION_CACHE_DIR": "/x"})[
+            "JAX_COMPILATION_CACHE_DIR"
+        ]
+        == "/x"
+    )
+    user = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPIL")}
+    env = compilation_cache_environ({**user, "XDG_CACHE_HOME": str(tmp_path)})
+    assert env["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "fmjax" / "xla")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # keep even this one
+    program = "import jax; jax.jit(lambda x: x * 2)(1.0)"
+    subprocess.run([sys.executable, "-c", program], env=env, check=True)
+    assert any(n.startswith("jit_") for n in os.listdir(tmp_path / "fmjax" / "xla"))
