@@ -3,11 +3,13 @@
 
 Builds the random decoder `fmjax bench decode` builds (default
 `gpt_lm:small`), and at each batch size times the decode loop (the steps
-after the first token) with `Generator`'s kernel parts off and on, in
+after the first token) with whole kernels and with `Generator`'s kernel
+parts (`dense.decoding_parts`, or `--parts N` at every batch size), in
 alternating rounds, so both see the same machine state. Prints each side's
 median step, their ratio, and whether the greedy tokens agree.
 
     python bench/decode_parts_ab.py                       # batch 1, 4, 8
+    python bench/decode_parts_ab.py --batch 1 --parts 8
     python bench/decode_parts_ab.py --config configs/gpt_lm.py:base --batch 4 8
 """
 
@@ -21,13 +23,14 @@ import numpy as np
 from profile_decode import random_generator
 
 
-def step_timer(generator, prompts, new_tokens: int, min_rows: int):
-    """A function that decodes once and returns (seconds a step, tokens)."""
-    from fmjax.inference import generate
+def step_timer(generator, prompts, new_tokens: int, parts):
+    """A function that decodes once with `parts` as `dense.decoding_parts` and
+    returns (seconds a step, tokens)."""
     from fmjax.inference.sampling import Sampling
+    from fmjax.models import dense
 
     def run():
-        generate.PARTS_MIN_ROWS = min_rows
+        dense.decoding_parts = parts
         stream = generator.stream_ids(prompts, new_tokens, Sampling(), chunk=new_tokens)
         next(stream)  # the prefill and the first token
         started = time.perf_counter()
@@ -39,7 +42,7 @@ def step_timer(generator, prompts, new_tokens: int, min_rows: int):
 
 
 def main() -> int:
-    from fmjax.inference import generate
+    from fmjax.models import dense
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/gpt_lm.py:small")
@@ -47,16 +50,20 @@ def main() -> int:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--parts", type=int, default=0)
     args = parser.parse_args()
     cfg, generator = random_generator(args.config)
-    # Each side's PARTS_MIN_ROWS: never, and the Generator's own.
-    sides = {"whole": 10**9, "parts": generate.PARTS_MIN_ROWS}
+    own = dense.decoding_parts
+    sides = {
+        "whole": lambda rows, size: None,
+        "parts": (lambda rows, size: lambda k: args.parts) if args.parts else own,
+    }
     rng = np.random.default_rng(0)
     for batch in args.batch:
         prompts = rng.integers(5, cfg.vocab_size, size=(batch, args.prompt)).tolist()
         timers = {
-            side: step_timer(generator, prompts, args.new_tokens, min_rows)
-            for side, min_rows in sides.items()
+            side: step_timer(generator, prompts, args.new_tokens, parts)
+            for side, parts in sides.items()
         }
         steps = {side: [] for side in sides}
         tokens = {}
@@ -70,7 +77,7 @@ def main() -> int:
             f"batch {batch}: whole {whole:.3f} ms, parts {parts:.3f} ms a step, "
             f"whole/parts {whole / parts:.3f}, same tokens {same}"
         )
-    generate.PARTS_MIN_ROWS = sides["parts"]
+    dense.decoding_parts = own
     return 0
 
 

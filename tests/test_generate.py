@@ -14,6 +14,7 @@ from fmjax.inference import generate as gen
 from fmjax.inference import sampling as smp
 from fmjax.inference import stops
 from fmjax.models import build_model, model_config
+from fmjax.models.dense import ColumnParts, decoding_parts
 from fmjax.models.text import decoding_head
 
 VOCAB, PAD, BOS, EOS = 200, 0, 2, 3
@@ -165,24 +166,33 @@ def test_batched_equals_one_by_one(learned):
             alone.append(generator._until_eos(tokens_BN[0]))
         assert batched == alone, settings
         assert generator.generate_ids(PROMPTS, 12, batch_size=2, **settings) == alone
-    # 3 prompts take 4 rows: on CPU those decode with kernels in parts.
-    assert gen.bucket(len(PROMPTS), 1) >= gen.PARTS_MIN_ROWS
-    assert ("_kernel_parts" in vars(generator)) == (jax.default_backend() == "cpu")
+    # On CPU the 4 rows of 3 prompts decode with kernels in 2 parts, one row
+    # in 4 to 16 (by size) and 2 rows whole: three ways compared above.
+    assert gen.bucket(3, 1) == 4 and decoding_parts(2, 0) is None
+    assert decoding_parts(1, 2**30) is None  # a big model: no second copy
+    cpu = jax.default_backend() == "cpu"
+    assert sorted(generator._parts) == ([1, 4] if cpu else [])
+    for rows, (params, _) in generator._parts.items():
+        split = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, ColumnParts))
+        counts = {len(x.parts) for x in split if isinstance(x, ColumnParts)}
+        assert counts == ({4} if rows == 1 else {2}), counts  # small kernels
 
 
 @pytest.mark.parametrize("name", ["rope_gqa", "untied"])
 def test_kernels_in_column_parts_give_the_same_logits(decoders, name):
     """`split_kernels`: every projection kernel (query, key/value with GQA,
-    out, MLP, an untied head) as two arrays along its last axis gives the
-    model's logits; NF4 codes and kernels whose last axis two does not divide
-    stay whole. On CPU a Generator decodes batches of PARTS_MIN_ROWS rows and
-    more with them (`test_batched_equals_one_by_one` compares those with
-    single rows, which decode with the whole kernels)."""
+    out, MLP, an untied head) as column ranges of its [inputs, outputs]
+    matrix gives the model's logits, over many rows and over one (a vector);
+    NF4 codes and kernels whose outputs do not divide stay whole. On CPU a
+    Generator decodes with them (`test_batched_equals_one_by_one` compares
+    its ways)."""
     from fmjax.adapt.quant import is_matrix, is_quantized, quantize_tree
-    from fmjax.models.dense import ColumnParts, column_parts, split_kernels
+    from fmjax.models.dense import column_parts, product_by_parts, split_kernels
+    from fmjax.models.registry import param_axes
 
     module, params = decoders[name]
-    parts = split_kernels(params, 2)
+    axes = param_axes(module.config)
+    parts = split_kernels(params, lambda kernel: 2, axes)
     kernels = [
         (path, x)
         for path, x in jax.tree_util.tree_leaves_with_path(
@@ -194,18 +204,35 @@ def test_kernels_in_column_parts_give_the_same_logits(decoders, name):
     assert len(kernels) == module.config.num_layers * 6 + (name == "untied")
     for path, x in kernels:
         whole = functools.reduce(lambda t, k: t[k.key], path, params)
-        np.testing.assert_array_equal(np.concatenate(x.parts, axis=-1), whole)
-    tokens = jnp.asarray([PROMPTS[0]], jnp.int32)
-    want = module.apply({"params": params}, tokens)["logits"]
-    got = module.apply({"params": parts}, tokens)["logits"]
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+        joined = np.concatenate(x.parts, axis=1).reshape(whole.shape)
+        np.testing.assert_array_equal(joined, whole)
+    for tokens in ([PROMPTS[0]], [PROMPTS[0][:1]]):
+        tokens = jnp.asarray(tokens, jnp.int32)
+        want = module.apply({"params": params}, tokens)["logits"]
+        got = module.apply({"params": parts}, tokens)["logits"]
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     assert column_parts(jnp.ones((4, 3)), 2).shape == (4, 3)
     nf4 = quantize_tree(params, is_matrix)
     assert jax.tree.all(
         jax.tree.map(
-            lambda a, b: a is b, split_kernels(nf4, 2), nf4, is_leaf=is_quantized
+            lambda a, b: a is b,
+            split_kernels(nf4, lambda kernel: 2, axes),
+            nf4,
+            is_leaf=is_quantized,
         )
     )
+    # An out projection [G, K, D] contracts two dims; the equation must say so.
+    kernel = jax.random.normal(jax.random.key(0), (2, 4, 8))
+    x = jax.random.normal(jax.random.key(1), (3, 1, 2, 4))
+    split = column_parts(kernel, 4, num_in=2)
+    for rows in (x, x[:1]):
+        np.testing.assert_allclose(
+            product_by_parts(jnp.einsum, "BLGK,GKD->BLD", rows, split),
+            jnp.einsum("BLGK,GKD->BLD", rows, kernel),
+            atol=1e-6,
+        )
+    with pytest.raises(ValueError, match="BLGK,GKD->BDL"):
+        product_by_parts(jnp.einsum, "BLGK,GKD->BDL", x, split)
 
 
 def test_greedy_is_deterministic_and_samples_follow_the_seed(learned):

@@ -42,6 +42,7 @@ from fmjax.inference.sampling import Sampling, sample
 from fmjax.inference.stops import stop_prefix_length, truncate
 from fmjax.models import dense
 from fmjax.models.attention import model_cache
+from fmjax.models.registry import param_axes
 from fmjax.models.text import decoding_head
 
 Array = jax.Array
@@ -54,10 +55,6 @@ STREAM_CHUNK = 4
 # Decode steps per jitted call otherwise: stop strings end a batch early only
 # between calls.
 GENERATE_CHUNK = 64
-# On XLA:CPU, batches of at least this many rows decode with every kernel in
-# KERNEL_PARTS arrays (`Generator._kernel_parts`).
-PARTS_MIN_ROWS = 4
-KERNEL_PARTS = 2
 
 
 def bucket(length: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
@@ -195,15 +192,12 @@ def decode_step(
 
 
 def _head_logits(hidden_BD: Array, head_DV: Array | dense.ColumnParts) -> Array:
-    def logits(h_DV):
+    def logits(equation, h, h_DV):
         return jnp.einsum(
-            "BD,DV->BV",
-            hidden_BD.astype(h_DV.dtype),
-            h_DV,
-            preferred_element_type=jnp.float32,
+            equation, h.astype(h_DV.dtype), h_DV, preferred_element_type=jnp.float32
         )
 
-    return dense.product_by_parts(logits, "BD,DV->BV", head_DV)
+    return dense.product_by_parts(logits, "BD,DV->BV", hidden_BD, head_DV)
 
 
 def decode(
@@ -266,6 +260,7 @@ class Generator:
         self.kwargs = dict(kwargs or {})
         self.max_len = max_len
         self.pad_id, self.eos_id = tokenizer.pad_id, tokenizer.eos_id
+        self._parts: dict[int, DecodingWeights] = {}  # see _decoding_weights
 
     @functools.cached_property
     def _prefill(self):
@@ -290,22 +285,20 @@ class Generator:
         head = functools.partial(decoding_head, self.module.config)
         return jax.jit(head)(self.params)
 
-    @functools.cached_property
-    def _kernel_parts(self) -> DecodingWeights:
-        """The params and `_head_DV` with every kernel in KERNEL_PARTS
-        `ColumnParts`, for decoding batches of PARTS_MIN_ROWS rows or more on
-        XLA:CPU: one more copy of the kernels, made on the first such batch.
-        At batch 8, `gpt_lm:small` decodes about 1.1x as fast with them;
-        at batch 1, where each product is an XLA:CPU matrix-vector kernel,
-        no faster (docs/benchmarks.md)."""
-        head = self._head_DV
-        head = None if head is None else dense.column_parts(head, KERNEL_PARTS)
-        return dense.split_kernels(self.params, KERNEL_PARTS), head
-
     def _decoding_weights(self, rows: int) -> DecodingWeights:
-        if rows >= PARTS_MIN_ROWS and jax.default_backend() == "cpu":
-            return self._kernel_parts
-        return self.params, self._head_DV
+        """The params and `_head_DV`, on XLA:CPU with each kernel in
+        `dense.decoding_parts` `ColumnParts`: a copy of the kernels, kept."""
+        size = sum(x.nbytes for x in jax.tree.leaves(self.params))
+        cpu = jax.default_backend() == "cpu"
+        parts = dense.decoding_parts(rows, size) if cpu else None
+        if parts is None:
+            return self.params, self._head_DV
+        key = min(rows, 4)  # one way for 1 row, one for 4+
+        if key not in self._parts:
+            head, axes = self._head_DV, param_axes(self.module.config)
+            head = None if head is None else dense.column_parts(head, parts(head))
+            self._parts[key] = dense.split_kernels(self.params, parts, axes), head
+        return self._parts[key]
 
     # --- token ids ------------------------------------------------------------------
 

@@ -12,9 +12,10 @@ full precision at once.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,45 +37,85 @@ def normal_init(std: float, axes: tuple[str, ...]):
     return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
 
 
-class ColumnParts(NamedTuple):
-    """A kernel kept as separate arrays, consecutive slices of its last axis
-    (always an output axis): `EinsumDense` computes one product per part and
-    joins them. Decoding on XLA:CPU reads its kernels this way
-    (`fmjax.inference.generate.Generator`): a step is a chain of [B, D]
-    products, each waiting for the one before; XLA:CPU ran each of them on
-    one of its threads, and a kernel's parts, independent products, on
-    both at once. They must be arrays of their own: slices taken inside a
-    jitted function are copies."""
+@flax.struct.dataclass
+class ColumnParts:
+    """A kernel kept as separate arrays: its [inputs, outputs] matrix (input
+    dims flattened into one axis, output dims into the other) cut into
+    consecutive column ranges. `EinsumDense` computes one [rows, inputs] x
+    [inputs, part] product per part and joins them. Decoding on XLA:CPU reads
+    its kernels this way (`fmjax.inference.generate.Generator`): a step is a
+    chain of products, each waiting for the one before, and XLA:CPU ran each
+    on one thread, while a kernel's parts, independent products, ran on both
+    (YNNPACK's products at 2+ rows at once; its matrix-vector kernels, at
+    one row, only where more than 8 were ready together: its thunk
+    executor's split threshold). They must be arrays of their own: slices
+    taken inside a jitted function are copies."""
 
     parts: tuple[Array, ...]
+    shape: tuple[int, ...] = flax.struct.field(pytree_node=False)  # the kernel's
 
 
-def column_parts(kernel: Array, parts: int) -> Array | ColumnParts:
-    """`kernel` as `parts` arrays along its last axis, or unchanged where that
-    axis does not divide into `parts` or the kernel is NF4 codes."""
-    if is_quantized(kernel) or kernel.ndim < 2 or kernel.shape[-1] % parts:
+def column_parts(kernel: Array, parts: int, num_in: int = 1) -> Array | ColumnParts:
+    """`kernel`, whose first `num_in` dims are its inputs, as `parts` column
+    ranges of its [inputs, outputs] matrix; unchanged where the outputs do
+    not divide into `parts` or the kernel is NF4 codes."""
+    if is_quantized(kernel) or kernel.ndim < 2:
         return kernel
-    return ColumnParts(tuple(jnp.split(kernel, parts, axis=-1)))
+    matrix = kernel.reshape(int(np.prod(kernel.shape[:num_in])), -1)
+    if matrix.shape[1] % parts:
+        return kernel
+    return ColumnParts(tuple(jnp.split(matrix, parts, axis=1)), tuple(kernel.shape))
 
 
-def product_by_parts(product, equation: str, kernel):
-    """`product(kernel)`; for `ColumnParts`, each part's product joined along
-    the output axis that the kernel's last axis becomes in `equation`."""
+def product_by_parts(product, equation: str, x: Array, kernel):
+    """`product(equation, x, kernel)`, for `ColumnParts` computed part by part:
+    x's contracting dims (its last) flattened, one 2-D product per part,
+    joined and given the equation's output shape. A single row is a vector:
+    XLA:CPU copied each part's [1, n] product through a bitcast of its own."""
     if not isinstance(kernel, ColumnParts):
-        return product(kernel)
-    inputs, out_spec = equation.split("->")
-    axis = out_spec.index(inputs.split(",")[1][-1])
-    return jnp.concatenate([product(part) for part in kernel.parts], axis=axis)
+        return product(equation, x, kernel)
+    inputs, out = equation.split("->")
+    lhs, rhs = inputs.split(",")
+    n = len(rhs) - len(rhs.lstrip(lhs))  # the kernel's leading, contracting dims
+    if not (lhs.endswith(rhs[:n]) and out == lhs[: len(lhs) - n] + rhs[n:]):
+        raise ValueError(
+            f"kernel parts need an equation 'batch + inputs, inputs + outputs -> "
+            f"batch + outputs'; got {equation!r}"
+        )
+    rows = x.reshape(-1, kernel.parts[0].shape[0])
+    vector = rows.shape[0] == 1
+    step = "j,jk->k" if vector else "ij,jk->ik"
+    rows = rows[0] if vector else rows
+    y = jnp.concatenate([product(step, rows, part) for part in kernel.parts], -1)
+    return y.reshape(*x.shape[: x.ndim - n], *kernel.shape[n:])
 
 
-def split_kernels(params, parts: int):
-    """`params` with every `EinsumDense` kernel in `column_parts`."""
+def split_kernels(params, parts, axes: dict[str, tuple]):
+    """`params` with every `EinsumDense` kernel in `parts(kernel)`
+    `column_parts`. `axes`: the logical axes by "/"-joined path
+    (`fmjax.models.registry.param_axes`), which say a kernel's input dims; a
+    kernel not in it, or of NF4 codes, stays whole."""
 
     def split(path, x):
-        is_kernel = getattr(path[-1], "key", None) == "kernel"
-        return column_parts(x, parts) if is_kernel else x
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        if getattr(path[-1], "key", None) != "kernel" or name not in axes:
+            return x
+        if is_quantized(x):
+            return x
+        return column_parts(x, parts(x), kernel_num_in(axes[name], name))
 
     return jax.tree_util.tree_map_with_path(split, params, is_leaf=is_quantized)
+
+
+def decoding_parts(rows: int, param_bytes: int):
+    """How decoding `rows` rows on XLA:CPU reads each kernel: a function of a
+    kernel giving its number of `ColumnParts`, or None (whole). One
+    row, where the params take at most 64 MiB: parts of 64 KiB or more, 4 to
+    16 (gpt_lm:small's query, key and value in 4 each, 12 products ready at
+    once; its MLP kernels and head in 16); 4+ rows: 2 (docs/benchmarks.md)."""
+    if rows == 1 and param_bytes <= 64 << 20:
+        return lambda kernel: min(16, max(4, kernel.nbytes >> 16))
+    return (lambda kernel: 2) if rows >= 4 else None
 
 
 def _frozen_or_param(module: nn.Module, name: str, init_fn, shape, dtype):
@@ -170,8 +211,9 @@ class EinsumDense(nn.Module):
             self.param_dtype,
         )
         y = product_by_parts(
-            lambda k: _dense_einsum(self.equation, x, k, self.dtype),
+            lambda eq, a, k: _dense_einsum(eq, a, k, self.dtype),
             self.equation,
+            x,
             kernel,
         )
         if not self.use_bias:
