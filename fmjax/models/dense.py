@@ -98,9 +98,8 @@ def split_kernels(params, parts, axes: dict[str, tuple]):
 
     def split(path, x):
         name = "/".join(str(getattr(k, "key", k)) for k in path)
-        if getattr(path[-1], "key", None) != "kernel" or name not in axes:
-            return x
-        if is_quantized(x):
+        is_kernel = getattr(path[-1], "key", None) == "kernel" and name in axes
+        if not is_kernel or is_quantized(x):
             return x
         return column_parts(x, parts(x), kernel_num_in(axes[name], name))
 
