@@ -56,7 +56,11 @@ def main() -> int:
     own = dense.decoding_parts
     sides = {
         "whole": lambda rows, size: None,
-        "parts": (lambda rows, size: lambda k: args.parts) if args.parts else own,
+        "parts": (
+            (lambda rows, size: dense.PartCounts(args.parts, args.parts))
+            if args.parts
+            else own
+        ),
     }
     rng = np.random.default_rng(0)
     for batch in args.batch:

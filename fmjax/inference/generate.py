@@ -260,7 +260,7 @@ class Generator:
         self.kwargs = dict(kwargs or {})
         self.max_len = max_len
         self.pad_id, self.eos_id = tokenizer.pad_id, tokenizer.eos_id
-        self._parts: dict[int, DecodingWeights] = {}  # see _decoding_weights
+        self._parts: dict[dense.PartCounts, DecodingWeights] = {}
 
     @functools.cached_property
     def _prefill(self):
@@ -288,17 +288,17 @@ class Generator:
     def _decoding_weights(self, rows: int) -> DecodingWeights:
         """The params and `_head_DV`, on XLA:CPU with each kernel in
         `dense.decoding_parts` `ColumnParts`: a copy of the kernels, kept."""
-        size = sum(x.nbytes for x in jax.tree.leaves(self.params))
-        cpu = jax.default_backend() == "cpu"
-        parts = dense.decoding_parts(rows, size) if cpu else None
+        parts = None
+        if jax.default_backend() == "cpu":
+            size = sum(x.nbytes for x in jax.tree.leaves(self.params))
+            parts = dense.decoding_parts(rows, size)
         if parts is None:
             return self.params, self._head_DV
-        key = min(rows, 4)  # one way for 1 row, one for 4+
-        if key not in self._parts:
+        if parts not in self._parts:
             head, axes = self._head_DV, param_axes(self.module.config)
             head = None if head is None else dense.column_parts(head, parts(head))
-            self._parts[key] = dense.split_kernels(self.params, parts, axes), head
-        return self._parts[key]
+            self._parts[parts] = dense.split_kernels(self.params, parts, axes), head
+        return self._parts[parts]
 
     # --- token ids ------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ full precision at once.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import flax.struct
@@ -106,15 +106,24 @@ def split_kernels(params, parts, axes: dict[str, tuple]):
     return jax.tree_util.tree_map_with_path(split, params, is_leaf=is_quantized)
 
 
-def decoding_parts(rows: int, param_bytes: int):
-    """How decoding `rows` rows on XLA:CPU reads each kernel: a function of a
-    kernel giving its number of `ColumnParts`, or None (whole). One
-    row, where the params take at most 64 MiB: parts of 64 KiB or more, 4 to
-    16 (gpt_lm:small's query, key and value in 4 each, 12 products ready at
+class PartCounts(NamedTuple):
+    """Parts per kernel: one per 64 KiB of it, within [fewest, most]."""
+
+    fewest: int
+    most: int
+
+    def __call__(self, kernel) -> int:
+        return min(self.most, max(self.fewest, kernel.nbytes >> 16))
+
+
+def decoding_parts(rows: int, param_bytes: int) -> PartCounts | None:
+    """How decoding `rows` rows on XLA:CPU reads each kernel, or None (whole).
+    One row, where the params take at most 64 MiB: 4 to 16 parts
+    (gpt_lm:small's query, key and value in 4 each, 12 products ready at
     once; its MLP kernels and head in 16); 4+ rows: 2 (docs/benchmarks.md)."""
     if rows == 1 and param_bytes <= 64 << 20:
-        return lambda kernel: min(16, max(4, kernel.nbytes >> 16))
-    return (lambda kernel: 2) if rows >= 4 else None
+        return PartCounts(4, 16)
+    return PartCounts(2, 2) if rows >= 4 else None
 
 
 def _frozen_or_param(module: nn.Module, name: str, init_fn, shape, dtype):
