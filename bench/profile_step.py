@@ -34,8 +34,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from studies import REPO, write_results  # noqa: E402
 
@@ -120,25 +118,11 @@ def build(config_spec: str, overrides: list[str]):
     """(run, compiled, config): fmjax's full optimizer step on random tokens
     (random pixels for image configs, random image-caption pairs for dual
     encoders)."""
-    from fmjax.bench import _random_batch, fmjax_train_step
+    from fmjax.bench import fmjax_train_step, random_train_batch
     from fmjax.config import load_config
-    from fmjax.tasks import task_for
 
     config = load_config(config_spec, ["--config.mesh.num_devices=1", *overrides])
-    task = task_for(config, with_data=False)
-    if task.throughput_unit == "tokens":
-        batch = _random_batch(
-            np.random.default_rng(0), config.data.batch_size, config.data.seq_len,
-            config.model.vocab_size,
-        )  # fmt: skip
-    elif config.model.kind == "dual_encoder":  # image-caption pairs
-        from fmjax.bench_clip import random_pairs
-
-        batch = random_pairs(task, config.data.batch_size)
-    else:  # images (random pixels of the task's batch shapes)
-        from fmjax.bench_vision import _random_images
-
-        batch = _random_images(config)
+    batch = random_train_batch(config)
     run, compiled, _ = fmjax_train_step(config, batch)
     return run, compiled, config
 

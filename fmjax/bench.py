@@ -54,11 +54,27 @@ def _random_batch(rng, batch: int, seq_len: int, vocab: int) -> dict:
     return {"tokens": tokens, "segment_ids": ones, "positions": positions.copy()}
 
 
-def fmjax_train_step(config, batch: dict):
-    """(run, compiled, trained params): `run()` does one full fmjax optimizer
-    step of `config`'s task on `batch` (numpy, global), waits for it and
-    returns its metrics;
-    `compiled` is its XLA executable (for its cost analysis)."""
+def random_train_batch(config) -> dict:
+    """The random batch `fmjax bench train` steps on for `config`: token ids,
+    random pixels of the task's batch shapes, or random image-caption pairs."""
+    task = task_for(config, with_data=False)
+    if task.throughput_unit == "images":
+        from fmjax.bench_vision import _random_images
+
+        return _random_images(config)
+    if task.throughput_unit == "pairs":
+        from fmjax.bench_clip import random_pairs
+
+        return random_pairs(task, config.data.batch_size)
+    return _random_batch(
+        np.random.default_rng(0), config.data.batch_size, config.data.seq_len,
+        config.model.vocab_size,
+    )  # fmt: skip
+
+
+def jitted_train_step(config, batch: dict):
+    """(jitted step, initial state, global batch, mesh, trained params) of
+    fmjax's full optimizer step of `config`'s task on `batch` (numpy)."""
     from fmjax.train.run import init_state
 
     mesh = shd.mesh_from_config(config.mesh)
@@ -77,15 +93,25 @@ def fmjax_train_step(config, batch: dict):
             task.update_extra,
             task.constrain_params,
         )
-        holder = {"state": init()}
-        global_batch = shd.global_batch(batch, mesh)
-        compiled = step_fn.lower(holder["state"], global_batch).compile()
+        state, global_batch = init(), shd.global_batch(batch, mesh)
+    return step_fn, state, global_batch, mesh, count_params(abstract.params)
+
+
+def fmjax_train_step(config, batch: dict):
+    """(run, compiled, trained params): `run()` does one full fmjax optimizer
+    step of `config`'s task on `batch` (numpy, global), waits for it and
+    returns its metrics;
+    `compiled` is its XLA executable (for its cost analysis)."""
+    step_fn, state, global_batch, mesh, params = jitted_train_step(config, batch)
+    with shd.activate(mesh, config.mesh.rules):
+        compiled = step_fn.lower(state, global_batch).compile()
+    holder = {"state": state}
 
     def run():
         holder["state"], metrics = compiled(holder["state"], global_batch)
         return jax.block_until_ready(metrics)
 
-    return run, compiled, count_params(abstract.params)
+    return run, compiled, params
 
 
 def hf_train_step(model, opt, inputs: dict, after_step=None):
