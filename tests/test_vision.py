@@ -7,6 +7,7 @@ import os
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import TINY
@@ -231,13 +232,15 @@ def test_random_masking_keeps_exactly_the_ratio_per_example():
     from fmjax.models.mae import random_masking
 
     noise = jax.random.uniform(jax.random.key(0), (5, 16))
-    keep_BK, restore_BP, mask_BP = random_masking(noise, 4)
-    assert keep_BK.shape == (5, 4)
+    keep_BK, restore_BP, mask_BP, masked_BM = random_masking(noise, 4)
+    assert keep_BK.shape == (5, 4) and masked_BM.shape == (5, 12)
     np.testing.assert_array_equal(np.asarray(mask_BP).sum(axis=1), 12)
     for b in range(5):
         kept = set(np.asarray(keep_BK[b]).tolist())
         assert kept == set(np.argsort(np.asarray(noise[b]))[:4].tolist())
         assert kept == {p for p in range(16) if mask_BP[b, p] == 0}
+        masked = set(np.asarray(masked_BM[b]).tolist())
+        assert masked == {p for p in range(16) if mask_BP[b, p] == 1}
         shuffle = np.argsort(np.asarray(noise[b]))
         np.testing.assert_array_equal(shuffle[np.asarray(restore_BP[b])], np.arange(16))
 
@@ -276,6 +279,45 @@ def test_mae_encoder_sees_only_visible_patches_and_order_is_restored(mae):
     again = apply(images, reordered)
     np.testing.assert_array_equal(np.asarray(again["mask"]), mask)
     np.testing.assert_allclose(again["pred"], out["pred"], atol=1e-5)
+
+
+@pytest.mark.parametrize("decoder_layers", [1, 2])
+def test_mae_masked_only_gives_the_full_predictions_loss_and_gradients(decoder_layers):
+    """Training's path (the decoder's last layer and the loss at the masked
+    patches only) against every patch predicted and the loss masked."""
+    from fmjax.tasks.vision import mae_loss
+
+    module = build_model({**MAE, "decoder_layers": decoder_layers})
+    images = jax.random.normal(jax.random.key(0), (3, 28, 28, 1))
+    noise = jax.random.uniform(jax.random.key(1), (3, 16))
+    params = nn.unbox(module.init(jax.random.key(2), images, noise_BP=noise)["params"])
+    params = jax.tree.map(
+        lambda p: p + 0.1 * jax.random.normal(jax.random.key(3), p.shape), params
+    )
+    weights = jnp.asarray([1.0, 0.0, 1.0])
+
+    def loss(params, masked_only):
+        out = module.apply(
+            {"params": params}, images, noise_BP=noise, masked_only=masked_only
+        )
+        at = out.get("pred_at")
+        sums = mae_loss(
+            out["pred"], images, out["mask"], weights, 7, True, pred_at_BM=at
+        )
+        return sums["loss_sum"] / sums["count"], out
+
+    (full, out), full_grads = jax.value_and_grad(loss, has_aux=True)(params, False)
+    (part, out_m), part_grads = jax.value_and_grad(loss, has_aux=True)(params, True)
+    assert out_m["pred"].shape == (3, 12, 49)
+    np.testing.assert_allclose(
+        out_m["pred"],
+        jnp.take_along_axis(out["pred"], out_m["pred_at"][..., None], axis=1),
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(part, full, rtol=1e-6)
+    leaves = zip(jax.tree.leaves(part_grads), jax.tree.leaves(full_grads), strict=True)
+    for a, b in leaves:
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_mae_loss_counts_masked_patches_with_normalised_targets():

@@ -27,10 +27,11 @@ from fmjax.models.vision import (
 Array = jax.Array
 
 
-def random_masking(noise_BP: Array, keep: int) -> tuple[Array, Array, Array]:
+def random_masking(noise_BP: Array, keep: int) -> tuple[Array, Array, Array, Array]:
     """MAE's per-example masking: the `keep` patches with the smallest noise
     stay. Returns (ids_keep [B, K], ids_restore [B, P], mask [B, P]: 1 where
-    masked), as the MAE reference's `random_masking`."""
+    masked), as the MAE reference's `random_masking`, and ids_masked [B, P -
+    K], the other patches."""
     ids_shuffle_BP = jnp.argsort(noise_BP, axis=1)
     ids_restore_BP = jnp.argsort(ids_shuffle_BP, axis=1)
     batch, patches = noise_BP.shape
@@ -38,7 +39,7 @@ def random_masking(noise_BP: Array, keep: int) -> tuple[Array, Array, Array]:
         [jnp.zeros((batch, keep)), jnp.ones((batch, patches - keep))], axis=1
     )
     mask_BP = jnp.take_along_axis(mask_BP, ids_restore_BP, axis=1)
-    return ids_shuffle_BP[:, :keep], ids_restore_BP, mask_BP
+    return ids_shuffle_BP[:, :keep], ids_restore_BP, mask_BP, ids_shuffle_BP[:, keep:]
 
 
 class MaskedAutoencoder(nn.Module):
@@ -50,6 +51,12 @@ class MaskedAutoencoder(nn.Module):
     `noise_BP` decides the mask (the lowest (1 - mask_ratio) fraction stay).
     Returns {"pred": [B, P, X], "mask": [B, P] (1 masked), "hidden": the
     encoder's [B, 1 + K, D]}. E below is the decoder's width.
+
+    `masked_only=True` (training: the loss reads the masked patches only):
+    "pred" is [B, M, X] at the M masked patches, whose indices are
+    "pred_at" [B, M]; the decoder's last layer then computes queries, MLP,
+    norm and prediction for those positions only (every position still gives
+    keys and values), as `Block(outputs_at_BQ)` does for a ViT's [cls].
     """
 
     config: ViTConfig
@@ -62,6 +69,7 @@ class MaskedAutoencoder(nn.Module):
         noise_BP: Array,
         mask_ratio: float = 0.75,
         deterministic: bool = True,
+        masked_only: bool = False,
     ) -> dict[str, Array]:
         cfg = self.config
         patches = cfg.num_patches
@@ -76,7 +84,9 @@ class MaskedAutoencoder(nn.Module):
                 f"mask_ratio={mask_ratio} keeps {keep} of {patches} patches; "
                 "expected at least one kept and one masked"
             )
-        ids_keep_BK, ids_restore_BP, mask_BP = random_masking(noise_BP, keep)
+        ids_keep_BK, ids_restore_BP, mask_BP, ids_masked_BM = random_masking(
+            noise_BP, keep
+        )
         encoded = VisionTransformer(cfg.encoder_config(), name="encoder")(
             images_BHWC, keep_BK=ids_keep_BK, deterministic=deterministic
         )
@@ -108,10 +118,12 @@ class MaskedAutoencoder(nn.Module):
         x_BTE = jnp.concatenate([x_BKE[:, :1], x_BPE], axis=1)  # [cls] first
         block_cfg = cfg.block_config(decoder=True)
         mask_B1TT = jnp.ones((batch, 1, patches + 1, patches + 1), bool)
+        at_BM = ids_masked_BM + 1 if masked_only else None  # [cls] is token 0
         for i in range(cfg.decoder_layers):
+            last = at_BM if i == cfg.decoder_layers - 1 else None
             x_BTE, _ = block_class(block_cfg)(
                 block_cfg, pre_norm=True, name=f"decoder_layers_{i}"
-            )(x_BTE, mask_B1TT, None, None, deterministic)
+            )(x_BTE, mask_B1TT, None, None, deterministic, None, last)
         norm = dict(epsilon=cfg.layer_norm_eps, param_dtype=cfg.params_dtype)
         x_BTE = LayerNorm(name="decoder_norm", **norm)(x_BTE)
         pred_BTX = EinsumDense(
@@ -122,8 +134,8 @@ class MaskedAutoencoder(nn.Module):
             name="decoder_pred",
             **numerics,
         )(x_BTE)
-        return {
-            "pred": pred_BTX[:, 1:].astype(jnp.float32),
-            "mask": mask_BP,
-            "hidden": encoded["hidden"],
-        }
+        out = {"mask": mask_BP, "hidden": encoded["hidden"]}
+        if masked_only:
+            pred_BMX = pred_BTX.astype(jnp.float32)
+            return {**out, "pred": pred_BMX, "pred_at": ids_masked_BM}
+        return {**out, "pred": pred_BTX[:, 1:].astype(jnp.float32)}

@@ -337,13 +337,19 @@ def mae_loss(
     norm_pix: bool,
     *,
     ddof: int = 0,
+    pred_at_BM=None,
 ):
     """MAE's loss sums: squared error per patch (against the patch's pixels,
     normalised by their own mean and variance with `norm_pix`), averaged over
     the patch, summed over masked patches of real rows; `count` = those
     patches. `ddof`: the variance's delta degrees of freedom; training uses 0,
-    the MAE reference and HF ViTMAE use torch's unbiased `var` (ddof=1)."""
+    the MAE reference and HF ViTMAE use torch's unbiased `var` (ddof=1).
+    `pred_at_BM`: `pred_BPX` holds only these patches, the masked ones
+    (`MaskedAutoencoder(masked_only=True)`'s "pred_at")."""
     target_BPX = patchify(images_BHWC.astype(jnp.float32), patch)
+    if pred_at_BM is not None:
+        target_BPX = jnp.take_along_axis(target_BPX, pred_at_BM[..., None], axis=1)
+        mask_BP = jnp.ones(pred_at_BM.shape, jnp.float32)
     if norm_pix:
         mean_BP1 = target_BPX.mean(axis=-1, keepdims=True)
         var_BP1 = target_BPX.var(axis=-1, keepdims=True, ddof=ddof)
@@ -395,11 +401,12 @@ class MaeTask(ImageTask):
                 noise_BP=noise_BP,
                 mask_ratio=ratio,
                 deterministic=not train,
+                masked_only=True,
                 rngs={"dropout": dropout_rng},
             )
             return mae_loss(
                 out["pred"], images, out["mask"], batch["weights"],
-                cfg.patch_size, norm_pix,
+                cfg.patch_size, norm_pix, pred_at_BM=out["pred_at"],
             )  # fmt: skip
 
         return loss_fn
