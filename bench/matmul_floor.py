@@ -171,25 +171,20 @@ def torch_seconds(signature, threads: int) -> float:
     return _seconds(run)
 
 
-def _hf_step(config, threads: int):
-    """HF's step of the config (`fmjax bench train --against hf`'s), in a
-    process of its own."""
-    from fmjax.bench import random_train_batch
+def _hf_step(config, batch: dict, threads: int):
+    """HF's step of the config on `batch` (`fmjax bench train --against
+    hf`'s), in a process of its own."""
+    from fmjax.bench import hf_text_step
+    from fmjax.bench_clip import _hf_step as pairs_step
     from fmjax.bench_rounds import in_child
+    from fmjax.bench_vision import _hf_step as images_step
     from fmjax.tasks import task_for
 
     unit = task_for(config, with_data=False).throughput_unit
-    if unit == "images":
-        from fmjax.bench_vision import _hf_step as build
-
-        return in_child(build, config, random_train_batch(config), threads)[0]
-    if unit == "pairs":
-        from fmjax.bench_clip import _hf_step as build
-
-        return in_child(build, config, random_train_batch(config), threads)[0]
-    from fmjax.bench import hf_text_step
-
-    return in_child(hf_text_step, config, threads)[0]
+    if unit == "tokens":  # HF's text step makes its own batch of the same shape
+        return in_child(hf_text_step, config, threads)[0]
+    build = images_step if unit == "images" else pairs_step
+    return in_child(build, config, batch, threads)[0]
 
 
 def main() -> int:
@@ -218,7 +213,7 @@ def main() -> int:
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     steppers = {"fmjax": run}
     if args.against:
-        steppers["hf"] = _hf_step(config, threads)
+        steppers["hf"] = _hf_step(config, batch, threads)
     steps = {
         side: float(np.median(t))
         for side, t in alternate_rounds(steppers, 2, args.steps, args.rounds).items()
