@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fmjax.inference import cache_growth, stops
 from fmjax.inference import generate as gen
 from fmjax.inference import sampling as smp
-from fmjax.inference import stops
 from fmjax.models import build_model, model_config
 from fmjax.models.dense import ColumnParts, decoding_parts
 from fmjax.models.text import decoding_head
@@ -96,7 +96,8 @@ def test_cached_decoding_equals_full_recomputation(decoders, name, adapter):
     lengths (learned positions, RoPE with GQA, bfloat16; prompt and prefix
     adapters; tied and untied heads). Each step's logits also equal those
     made from the hidden states with `decoding_head`, as `Generator` makes
-    them on CPU."""
+    them on CPU. Halfway the cache grows by 32 empty slots, as a Generator
+    grows it (`cache_growth`): the logits stay those of full recomputation."""
     module, params = decoders[name]
     kwargs = _adapter_kwargs(adapter, module.config)
     generator = gen.Generator(module, params, IDS, kwargs, max_len=64)
@@ -128,6 +129,8 @@ def test_cached_decoding_equals_full_recomputation(decoders, name, adapter):
             np.testing.assert_allclose(logits_BV[b], want, atol=atol, rtol=0)
             if name != "bf16":  # greedy picks the argmax of the full logits
                 assert new[b][t] == int(np.argmax(want))
+        if t == 5:
+            state = cache_growth.grow(state, 32)
         fed = [row[t] if t < len(row) else EOS for row in new] + [EOS]
         state = state._replace(token_B=jnp.asarray(fed, jnp.int32))
         logits_BV, cache = step(params, kwargs, state)
@@ -235,6 +238,38 @@ def test_kernels_in_column_parts_give_the_same_logits(decoders, name):
         )
     with pytest.raises(ValueError, match="BLGK,GKD->BDL"):
         product_by_parts(jnp.einsum, "BLGK,GKD->BDL", x, split)
+
+
+def test_a_growing_cache_decodes_what_a_whole_one_does(decoders, monkeypatch):
+    """A Generator whose cache starts with 32 new slots and doubles between
+    decode calls (`cache_growth`) gives the tokens of one made whole at the
+    prefill: greedy and seeded samples, streamed in chunks that meet the
+    growth inside a chunk, with left padding, GQA and prefix slots."""
+    module, params = decoders["rope_gqa"]
+    kwargs = _adapter_kwargs("prefix", module.config)
+    generator = gen.Generator(module, params, IDS, kwargs, max_len=64)
+    no_eos = types.SimpleNamespace(pad_id=PAD, bos_id=BOS, eos_id=-1)
+    endless = gen.Generator(module, params, no_eos, kwargs, max_len=64)
+    assert cache_growth.capacities(module.config, 4, 16, 64, 1) == [32, 64]
+    assert cache_growth.capacities(module.config, 4, 16, 64, 2**30) == [64]
+    assert cache_growth.capacities(module.config, 4, 16, 160, 1) == [32, 64, 128, 160]
+    sampling = smp.Sampling(temperature=1.0, top_k=20)
+    got, chunks = {}, {}
+    for grows in (True, False):
+        monkeypatch.setattr(cache_growth, "grows_cache", lambda *a, g=grows: g)
+        chunks[grows] = list(endless.stream_ids(PROMPTS, 45, chunk=5))
+        got[grows] = [
+            generator.generate_ids(PROMPTS, 45),
+            generator.generate_ids(PROMPTS, 45, sampling, seed=3),
+            chunks[grows][-1].tolist(),
+        ]
+    assert got[True] == got[False]
+    # Every 5 steps, and at 33, where the first 32 new slots are full.
+    widths = [1, 6, 11, 16, 21, 26, 31]
+    assert [c.shape[1] for c in chunks[False]] == [*widths, 36, 41, 45]
+    assert [c.shape[1] for c in chunks[True]] == [*widths, 33, 38, 43, 45]
+    for a, b in zip(chunks[True], chunks[True][1:], strict=False):
+        np.testing.assert_array_equal(b[:, : a.shape[1]], a)
 
 
 def test_greedy_is_deterministic_and_samples_follow_the_seed(learned):

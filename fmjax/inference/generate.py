@@ -17,10 +17,11 @@ it would alone. The cache layout, per row:
 
 with P the prompt length rounded up to a power of two (>= 16) and N
 `max_new_tokens` rounded up to a multiple of 32, so new prompt lengths reuse a
-compiled prefill and decode loop. Prefix-tuning slots are written into the
-cache when it is made. The attention mask is built here, outside the model: a
-query sees the cache slots up to its own that hold something (not left
-padding).
+compiled prefill and decode loop (where the cache is a large share of what a
+step reads, N starts at 32 and doubles: `cache_growth`). Prefix-tuning slots
+are written into the cache when it is made. The attention mask is built here,
+outside the model: a query sees the cache slots up to its own that hold
+something (not left padding).
 
 Sampling (`fmjax.inference.sampling`) follows HF `generate`. Each row draws
 from its own key (the seed folded with the row's index in the request and the
@@ -38,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmjax.errors import RequestError
+from fmjax.inference import cache_growth
 from fmjax.inference.sampling import Sampling, sample
 from fmjax.inference.stops import stop_prefix_length, truncate
 from fmjax.models import dense
@@ -116,10 +118,12 @@ def prefill(
     sampling: Sampling,
     eos_id: int,
     pad_id: int,
+    new_tokens: int | None = None,
 ) -> tuple[DecodeState, Array]:
     """Runs left-padded prompts (`lengths_B` real tokens each) through the
     decoder into a fresh cache with `new_slots` slots for new tokens, and samples
-    the first new token. Returns the state and the prompt's last logits [B,V]."""
+    the first new token (`new_tokens`: how many the state records, default
+    `new_slots`). Returns the state and the prompt's last logits [B,V]."""
     cfg = module.config
     batch, width = tokens_BP.shape
     num_prefix, num_prompt = _num_prefix(kwargs), _num_prompt(kwargs)
@@ -149,15 +153,14 @@ def prefill(
     )
     logits_BV = out["logits"][:, -1]
     step = jnp.zeros((), jnp.int32)
+    pads_BN = jnp.full((batch, new_tokens or new_slots), pad_id, jnp.int32)
     token_B = sample(logits_BV, _step_keys(keys_B, step), sampling)
     state = DecodeState(
         cache=out["cache"],
         valid_BS=valid_BS,
         token_B=token_B,
         position_B=lengths_B.astype(jnp.int32),
-        tokens_BN=_record(
-            jnp.full((batch, new_slots), pad_id, jnp.int32), token_B, done_B, 0, pad_id
-        ),
+        tokens_BN=_record(pads_BN, token_B, done_B, 0, pad_id),
         step=step + 1,
         done_B=done_B | (token_B == eos_id),
         keys_B=keys_B,
@@ -261,21 +264,20 @@ class Generator:
         self.max_len = max_len
         self.pad_id, self.eos_id = tokenizer.pad_id, tokenizer.eos_id
         self._parts: dict[dense.PartCounts, DecodingWeights] = {}
+        self._param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
 
     @functools.cached_property
     def _prefill(self):
         return jax.jit(
             functools.partial(prefill, self.module),
-            static_argnames=("new_slots", "sampling", "eos_id", "pad_id"),
+            static_argnames=("new_slots", "sampling", "eos_id", "pad_id", "new_tokens"),
         )
 
     @functools.cached_property
     def _decode(self):
-        return jax.jit(
-            functools.partial(decode, self.module),
-            static_argnames=("sampling", "eos_id", "pad_id"),
-            donate_argnames=("state",),
-        )
+        statics = ("sampling", "eos_id", "pad_id")
+        decode_ = functools.partial(decode, self.module)
+        return jax.jit(decode_, static_argnames=statics, donate_argnames="state")
 
     @functools.cached_property
     def _head_DV(self) -> Array | None:
@@ -290,8 +292,7 @@ class Generator:
         `dense.decoding_parts` `ColumnParts`: a copy of the kernels, kept."""
         parts = None
         if jax.default_backend() == "cpu":
-            size = sum(x.nbytes for x in jax.tree.leaves(self.params))
-            parts = dense.decoding_parts(rows, size)
+            parts = dense.decoding_parts(rows, self._param_bytes)
         if parts is None:
             return self.params, self._head_DV
         if parts not in self._parts:
@@ -308,9 +309,7 @@ class Generator:
 
     def _check(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
         if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
-            raise RequestError(
-                f"max_new_tokens={max_new_tokens!r}: expected an int >= 1"
-            )
+            raise RequestError(f"max_new_tokens={max_new_tokens!r}: expected int >= 1")
         for i, ids in enumerate(prompts):
             if len(ids) == 0:
                 raise RequestError(f"prompt {i} has no tokens; expected at least one")
@@ -331,7 +330,8 @@ class Generator:
         row_ids: Sequence[int] | None = None,
     ) -> Iterator[np.ndarray]:
         """Yields the new tokens [B, n] so far (pad after EOS) every `chunk`
-        steps, growing to `max_new_tokens`; stops early once every row has
+        steps and where the cache grows, up to `max_new_tokens`; stops early
+        once every row has
         produced EOS, or when the caller stops iterating. `row_ids`: the key
         each row samples with (default 0..B-1)."""
         self._check(prompts, max_new_tokens)
@@ -351,6 +351,9 @@ class Generator:
             np.concatenate([row_ids, np.arange(batch, rows)]).astype(np.int32)
         )
         new_slots = -(-max_new_tokens // NEW_TOKENS_MULTIPLE) * NEW_TOKENS_MULTIPLE
+        room, *later = cache_growth.capacities(
+            self.module.config, rows, width, new_slots, self._param_bytes
+        )
         statics = dict(sampling=sampling, eos_id=self.eos_id, pad_id=self.pad_id)
         state, _ = self._prefill(
             self.params,
@@ -359,7 +362,8 @@ class Generator:
             lengths,
             keys,
             done,
-            new_slots=new_slots,
+            new_slots=room,
+            new_tokens=new_slots,
             **statics,
         )
         params, head_DV = self._decoding_weights(rows)
@@ -368,7 +372,10 @@ class Generator:
             yield np.asarray(state.tokens_BN[:batch, :step])
             if step >= max_new_tokens or bool(np.all(state.done_B)):
                 return
-            stop_at = min(step + chunk, max_new_tokens)
+            if step > room:  # the next token's keys need a slot past the cache
+                state = cache_growth.grow(state, later[0] - room)
+                room, *later = later
+            stop_at = min(step + chunk, max_new_tokens, room + 1)
             state = self._decode(
                 params, self.kwargs, state, np.int32(stop_at), head_DV, **statics
             )
