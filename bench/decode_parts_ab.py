@@ -11,6 +11,12 @@ median step, their ratio, and whether the greedy tokens agree.
     python bench/decode_parts_ab.py                       # batch 1, 4, 8
     python bench/decode_parts_ab.py --batch 1 --parts 8
     python bench/decode_parts_ab.py --config configs/gpt_lm.py:base --batch 4 8
+
+`--growth` times instead a cache made whole at the prefill against one that
+grows while decoding (`fmjax.inference.cache_growth`; the kernels in their
+default parts on both sides):
+
+    python bench/decode_parts_ab.py --growth --batch 4 8 --rounds 11
 """
 
 from __future__ import annotations
@@ -23,14 +29,13 @@ import numpy as np
 from profile_decode import random_generator
 
 
-def step_timer(generator, prompts, new_tokens: int, parts):
-    """A function that decodes once with `parts` as `dense.decoding_parts` and
-    returns (seconds a step, tokens)."""
+def step_timer(generator, prompts, new_tokens: int, setup):
+    """A function that calls `setup()` (which installs one side's policy),
+    decodes once and returns (seconds a step, tokens)."""
     from fmjax.inference.sampling import Sampling
-    from fmjax.models import dense
 
     def run():
-        dense.decoding_parts = parts
+        setup()
         stream = generator.stream_ids(prompts, new_tokens, Sampling(), chunk=new_tokens)
         next(stream)  # the prefill and the first token
         started = time.perf_counter()
@@ -42,7 +47,11 @@ def step_timer(generator, prompts, new_tokens: int, parts):
 
 
 def main() -> int:
+    from fmjax.host_memory import reexec_with_malloc
+    from fmjax.inference import cache_growth
     from fmjax.models import dense
+
+    reexec_with_malloc(sys.argv)  # as the `fmjax` command
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/gpt_lm.py:small")
@@ -51,23 +60,31 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--parts", type=int, default=0)
+    parser.add_argument("--growth", action="store_true")
     args = parser.parse_args()
     cfg, generator = random_generator(args.config)
-    own = dense.decoding_parts
-    sides = {
-        "whole": lambda rows, size: None,
-        "parts": (
-            (lambda rows, size: dense.PartCounts(args.parts, args.parts))
-            if args.parts
-            else own
-        ),
-    }
+    own, grows = dense.decoding_parts, cache_growth.grows_cache
+
+    def policy(parts=own, growth=grows):
+        def setup():
+            dense.decoding_parts, cache_growth.grows_cache = parts, growth
+
+        return setup
+
+    if args.growth:
+        sides = {"whole": policy(growth=lambda *a: False), "growing": policy()}
+    else:
+        forced = lambda rows, size: dense.PartCounts(args.parts, args.parts)  # noqa: E731
+        sides = {
+            "whole": policy(parts=lambda rows, size: None),
+            "parts": policy(parts=forced if args.parts else own),
+        }
     rng = np.random.default_rng(0)
     for batch in args.batch:
         prompts = rng.integers(5, cfg.vocab_size, size=(batch, args.prompt)).tolist()
         timers = {
-            side: step_timer(generator, prompts, args.new_tokens, parts)
-            for side, parts in sides.items()
+            side: step_timer(generator, prompts, args.new_tokens, setup)
+            for side, setup in sides.items()
         }
         steps = {side: [] for side in sides}
         tokens = {}
@@ -75,13 +92,13 @@ def main() -> int:
             for side, run in timers.items():
                 seconds, tokens[side] = run()
                 steps[side].append(seconds)
-        whole, parts = (np.median(steps[side]) * 1e3 for side in sides)
-        same = bool((tokens["whole"] == tokens["parts"]).all())
+        (a, b), (ta, tb) = sides, (np.median(steps[x]) * 1e3 for x in sides)
+        same = bool((tokens[a] == tokens[b]).all())
         print(
-            f"batch {batch}: whole {whole:.3f} ms, parts {parts:.3f} ms a step, "
-            f"whole/parts {whole / parts:.3f}, same tokens {same}"
+            f"batch {batch}: {a} {ta:.3f} ms, {b} {tb:.3f} ms a step, "
+            f"{a}/{b} {ta / tb:.3f}, same tokens {same}"
         )
-    dense.decoding_parts = own
+    policy()()
     return 0
 
 
