@@ -20,7 +20,7 @@ import numpy as np
 
 def grows_cache(cfg, rows: int, slots: int, param_bytes: int) -> bool:
     """Whether decoding `rows` rows into a cache of `slots` slots grows it
-    (`new_slot_capacities`): on XLA:CPU, where the whole cache's keys and
+    (`capacities`): on XLA:CPU, where the whole cache's keys and
     values would take at least a quarter of the params' bytes (gpt_lm:small
     from 4 rows up, with a 128-token prompt and 128 new tokens; not 1 row,
     whose decode loop with kernels in parts takes seconds to compile)."""
