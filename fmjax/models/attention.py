@@ -83,7 +83,10 @@ def attention_probs(
     The queries are scaled, not the scores (as flax's dot_product_attention
     does): [B, L, H, K] is smaller than [B, H, L, S] wherever S > K, and on
     XLA:CPU the scores' scale reached the softmax's backward pass as a
-    constant [B, H, L, S] array written out every step."""
+    constant [B, H, L, S] array written out every step. Projected q and k
+    are made heads-major ([B, G, L, K]) before the product: from [B, L, G, K]
+    XLA:CPU made the scores in [S, L] order and copied them to [L, S] and
+    back (docs/performance.md)."""
     batch = q_BLHK.shape[0]
     q_BLHK = q_BLHK * jnp.asarray(q_BLHK.shape[-1] ** -0.5, q_BLHK.dtype)
     if k_layout == "NSK":
@@ -97,9 +100,10 @@ def attention_probs(
             scores_NLQS, "(B G) L Q S -> B G Q L S", B=batch
         )
     else:
-        q_BLGQK = einops.rearrange(q_BLHK, "B L (G Q) K -> B L G Q K", G=k.shape[2])
+        q_BGQLK = einops.rearrange(q_BLHK, "B L (G Q) K -> B G Q L K", G=k.shape[2])
+        k_BGSK = einops.rearrange(k, "B S G K -> B G S K")
         scores_BGQLS = jnp.einsum(
-            "BLGQK,BSGK->BGQLS", q_BLGQK, k, preferred_element_type=jnp.float32
+            "BGQLK,BGSK->BGQLS", q_BGQLK, k_BGSK, preferred_element_type=jnp.float32
         )
     scores_BGQLS = jnp.where(mask_B1LS[:, :, None], scores_BGQLS, _MASKED_SCORE)
     probs_BGQLS = softmax(scores_BGQLS)
@@ -108,7 +112,8 @@ def attention_probs(
 
 def attend_values(probs_BHLS: Array, v: Array, v_layout: str = "BSGK") -> Array:
     """Probability-weighted values -> [B, L, H, K] (H query heads). `v_layout`:
-    "BSGK" (projected values) or "NSK" (a KV cache's, N = B*G)."""
+    "BSGK" (projected values, made heads-major first, as in `attention_probs`)
+    or "NSK" (a KV cache's, N = B*G)."""
     batch = probs_BHLS.shape[0]
     if v_layout == "NSK":
         probs_NLQS = einops.rearrange(
@@ -117,8 +122,9 @@ def attend_values(probs_BHLS: Array, v: Array, v_layout: str = "BSGK") -> Array:
         out_NLQK = jnp.einsum("NLQS,NSK->NLQK", probs_NLQS.astype(v.dtype), v)
         return einops.rearrange(out_NLQK, "(B G) L Q K -> B L (G Q) K", B=batch)
     probs_BGQLS = einops.rearrange(probs_BHLS, "B (G Q) L S -> B G Q L S", G=v.shape[2])
-    out_BLGQK = jnp.einsum("BGQLS,BSGK->BLGQK", probs_BGQLS.astype(v.dtype), v)
-    return einops.rearrange(out_BLGQK, "B L G Q K -> B L (G Q) K")
+    v_BGSK = einops.rearrange(v, "B S G K -> B G S K")
+    out_BGQLK = jnp.einsum("BGQLS,BGSK->BGQLK", probs_BGQLS.astype(v.dtype), v_BGSK)
+    return einops.rearrange(out_BGQLK, "B G Q L K -> B L (G Q) K")
 
 
 def chunked_attention(
