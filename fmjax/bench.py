@@ -297,10 +297,7 @@ def bench_train(
     }
     if against not in ("", "hf"):
         raise ConfigError(f"--against {against!r}; expected 'hf'")
-    batch = _random_batch(
-        np.random.default_rng(0), config.data.batch_size, seq_len,
-        config.model.vocab_size,
-    )  # fmt: skip
+    batch = random_train_batch(config)
     steppers = {"fmjax": fmjax_train_step(config, batch)[0]}
     flops = {"fmjax": fmjax_flops_per_token}
     if against:
