@@ -331,9 +331,8 @@ class Generator:
     ) -> Iterator[np.ndarray]:
         """Yields the new tokens [B, n] so far (pad after EOS) every `chunk`
         steps and where the cache grows, up to `max_new_tokens`; stops early
-        once every row has
-        produced EOS, or when the caller stops iterating. `row_ids`: the key
-        each row samples with (default 0..B-1)."""
+        once every row has produced EOS, or when the caller stops iterating.
+        `row_ids`: the key each row samples with (default 0..B-1)."""
         self._check(prompts, max_new_tokens)
         batch = len(prompts)
         rows = bucket(batch, 1)  # batch sizes in powers of two: fewer compiles
