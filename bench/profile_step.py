@@ -19,6 +19,7 @@ the variant to the configs whose spec contains CONFIG only.
     python bench/profile_step.py \
         --variant gpt_lm/whole=--config.model.max_logits_elements=0 \
         --variant bert_mlm/erfc=--config.model.activation=gelu_erfc
+    python bench/profile_step.py --configs configs/clip.py:small --docs ''  # print only
 """
 
 from __future__ import annotations
@@ -239,9 +240,18 @@ def main() -> int:
         help="[CONFIG/]NAME=--config.KEY=VALUE[,...]: also profile each config "
         "(or only those whose spec contains CONFIG) so",
     )  # fmt: skip
-    parser.add_argument("--docs", default=os.path.join(REPO, "docs"))
+    parser.add_argument(
+        "--docs", default=os.path.join(REPO, "docs"),
+        help="the folder whose performance.md gets the results ('': none, "
+        "the results only printed)",
+    )  # fmt: skip
     parser.add_argument("--json", default="")
     args = parser.parse_args()
+    if args.docs and not os.path.isdir(args.docs):
+        parser.error(
+            f"--docs {args.docs!r} is not a folder; expected the folder that "
+            "holds performance.md, or '' to write no doc"
+        )
     variants = [("", "", [])]
     for spec in args.variant:
         name, _, overrides = spec.partition("=")
@@ -268,9 +278,11 @@ def main() -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
-    write_results(
-        os.path.join(args.docs, "performance.md"), "Performance", report(results)
-    )
+    if args.docs:
+        doc = os.path.join(args.docs, "performance.md")
+        write_results(doc, "Performance", report(results))
+    else:
+        print(report(results))
     return 0
 
 
