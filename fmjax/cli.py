@@ -395,15 +395,41 @@ def compilation_cache_environ(environ: dict) -> dict:
     return {**defaults, **environ}
 
 
+def cpu_where_no_tpu(environ: dict) -> dict:
+    """`environ` with JAX_PLATFORMS=cpu where JAX would start libtpu's runtime
+    on a machine without TPU chips, or unchanged. JAX starts it wherever the
+    `libtpu` package is installed (fmjax's test extras install it for `fmjax
+    compile`'s TPU topologies), and off a TPU VM it prints several lines of
+    errors (no TPU_WORKER_HOSTNAMES, no host bounds) before JAX falls back to
+    the CPU. Unchanged where JAX_PLATFORMS is set, libtpu is absent, another
+    PJRT plugin (a GPU's) is installed, or any Google PCI device is attached
+    (vendor 0x1ae0, which JAX's own check reads for TPU chips)."""
+    import glob
+    import importlib.metadata
+    import importlib.util
+    import pathlib
+
+    if "JAX_PLATFORMS" in environ or importlib.util.find_spec("libtpu") is None:
+        return environ
+    if importlib.util.find_spec("jax_plugins") or importlib.metadata.entry_points(
+        group="jax_plugins"
+    ):
+        return environ
+    vendors = glob.glob("/sys/bus/pci/devices/*/vendor")
+    if any(pathlib.Path(v).read_text().strip() == "0x1ae0" for v in vendors):
+        return environ
+    return {**environ, "JAX_PLATFORMS": "cpu"}
+
+
 def entry() -> None:
     """The `fmjax` command (and `python -m fmjax.cli`): `main` in a process
     whose malloc keeps XLA's per-step temporaries mapped (jemalloc) or backs
     them with transparent huge pages; the process starts itself again with
     that set first (`fmjax.host_memory`), and with the compilation cache
-    (`compilation_cache_environ`)."""
+    (`compilation_cache_environ`) and `cpu_where_no_tpu`."""
     from fmjax.host_memory import reexec_with_malloc
 
-    os.environ.update(compilation_cache_environ(dict(os.environ)))
+    os.environ.update(cpu_where_no_tpu(compilation_cache_environ(dict(os.environ))))
     reexec_with_malloc(["-m", "fmjax.cli", *sys.argv[1:]])
     sys.exit(main())
 

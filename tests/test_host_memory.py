@@ -181,3 +181,31 @@ def test_the_command_keeps_compiled_programs_on_disk(tmp_path):
     program = "import jax; jax.jit(lambda x: x * 2)(1.0)"
     subprocess.run([sys.executable, "-c", program], env=env, check=True)
     assert any(n.startswith("jit_") for n in os.listdir(tmp_path / "fmjax" / "xla"))
+
+
+def test_the_command_starts_on_the_cpu_where_libtpu_finds_no_tpu():
+    """Where the `libtpu` package is installed (the test extras install it)
+    on a machine without TPU chips, JAX starts libtpu's runtime, which prints
+    errors before JAX falls back to the CPU; `fmjax.cli.entry` starts the
+    command with `cpu_where_no_tpu`'s JAX_PLATFORMS=cpu there, and JAX then
+    starts on the CPU without a word from libtpu. A user's JAX_PLATFORMS is
+    kept."""
+    import glob
+    import importlib.util
+
+    from fmjax.cli import cpu_where_no_tpu
+
+    assert cpu_where_no_tpu({"JAX_PLATFORMS": "tpu"}) == {"JAX_PLATFORMS": "tpu"}
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu is not installed: JAX starts no TPU runtime")
+    vendors = glob.glob("/sys/bus/pci/devices/*/vendor")
+    if any(open(v).read().strip() == "0x1ae0" for v in vendors):
+        pytest.skip("a Google PCI device (a TPU?) is attached")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    program = "import jax; print(jax.devices()[0].platform)"
+    out = subprocess.run(
+        [sys.executable, "-c", program], env=cpu_where_no_tpu(env),
+        capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    assert out.stdout.split() == ["cpu"]
+    assert "TPU" not in out.stderr, out.stderr
