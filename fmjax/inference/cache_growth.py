@@ -39,10 +39,10 @@ def capacities(
     else `first`, doubled each time, up to `new_slots`."""
     if not grows_cache(cfg, rows, width + new_slots, param_bytes):
         return [new_slots]
-    capacities = [min(first, new_slots)]
-    while capacities[-1] < new_slots:
-        capacities.append(min(2 * capacities[-1], new_slots))
-    return capacities
+    rooms = [min(first, new_slots)]
+    while rooms[-1] < new_slots:
+        rooms.append(min(2 * rooms[-1], new_slots))
+    return rooms
 
 
 @functools.partial(jax.jit, static_argnames="extra")
