@@ -100,6 +100,18 @@ def check_hf_float32(dtypes: dict[str, str]) -> None:
             raise ConfigError(f"--against hf compares float32 only, got {key}={dtype}")
 
 
+def step_flops(compiled) -> float:
+    """XLA's FLOPs of a whole compiled step: its cost analysis counts one
+    device's share of an SPMD program, so that times the devices it runs on
+    (two on a CPU host that `fmjax.host_devices` splits)."""
+    import jax
+
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    devices = len(jax.tree.leaves(compiled.input_shardings)[0].device_set)
+    return float(cost.get("flops", 0.0)) * devices
+
+
 def compare_train_steps(
     config, batch: dict, hf_step, unit: str, warmup: int, steps: int, rounds: int,
     peak: float, same_params: bool = False,
@@ -115,9 +127,7 @@ def compare_train_steps(
     from fmjax.bench_rounds import alternate_rounds, round_results
 
     run, compiled, fmjax_params = fmjax_train_step(config, batch)
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
-    flops = float(cost.get("flops", 0.0))
+    flops = step_flops(compiled)
     steppers, params = {"fmjax": run}, {"fmjax": fmjax_params}
     if hf_step is not None:
         steppers["hf"], params["hf"] = hf_step

@@ -58,10 +58,13 @@ def init_distributed(args) -> None:
 
 
 def cmd_train(args, overrides):
+    from fmjax.host_devices import split_for_training
     from fmjax.train.loop import train
 
+    config = _load_config(args, overrides)
+    split_for_training(config, args.coordinator)
     init_distributed(args)
-    summary = train(_load_config(args, overrides), args.workdir)
+    summary = train(config, args.workdir)
     print(json.dumps(summary, indent=2))
     return 143 if summary["preempted"] else 0
 
@@ -93,6 +96,10 @@ def cmd_bench(args, overrides):
     from fmjax.bench import bench_memory, bench_memory_methods, bench_train
 
     config = _load_config(args, overrides)
+    if args.what == "train":
+        from fmjax.host_devices import split_for_training
+
+        split_for_training(config)
     if args.what == "decode":
         return _bench_decode(args, config)
     if args.what == "memory" and args.methods:

@@ -288,8 +288,11 @@ def train(config, workdir: str) -> dict:
     run = build(config)
     run.task.save_assets(workdir)
     report = run.param_report()
+    mesh = {axis: int(size) for axis, size in run.mesh.shape.items()}
     if jax.process_index() == 0:
         print_report(report)
+        kind = run.mesh.devices.flat[0].platform
+        print(f"mesh: {mesh} over {run.mesh.devices.size} {kind} devices")
     loop = _Loop(run, workdir)
     try:
         loop.restore_or_init()
@@ -305,6 +308,7 @@ def train(config, workdir: str) -> dict:
         **results,
         "wall_time_s": time.time() - started,
         "params": report,
+        "mesh": mesh,
         **run.task.summary(),
     }
     if finished and jax.process_index() == 0:
