@@ -5,9 +5,9 @@ threads and splitting large products between them, but a small model's step
 is mostly a chain of ops, each waiting for the one before: in a trace of
 `clip:small`'s step on 2 cores, ops ran on 1.4 threads on average
 (docs/performance.md, "Two devices on one CPU"). Made into two XLA devices
-(`jax_num_cpu_devices=2`), the host trains
-data-parallel: each device runs half the batch on a thread of its own, and
-the gradients are summed between them in memory. On a 2-core Zen 4 EPYC
+(`jax_num_cpu_devices=2`), the host trains data-parallel: each device runs
+half the batch on a thread of its own, and the gradients are summed between
+them in memory. On a 2-core Zen 4 EPYC
 (`python bench/host_devices_ab.py`: one process, the two setups taking
 turns), steps per second against one device: `gpt_lm:small` 1.12x (two
 runs), `bert_mlm:small` 1.13x, `clip:small` 1.09-1.13x,
