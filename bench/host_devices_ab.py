@@ -25,7 +25,6 @@ import os
 import statistics
 import sys
 
-FLAG = "--xla_force_host_platform_device_count"
 CONFIGS = (
     "configs/gpt_lm.py:small",
     "configs/bert_mlm.py:small",
@@ -72,6 +71,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.devices < 2:
         parser.error(f"--devices {args.devices}: expected 2 or more")
+    from fmjax.host_devices import FLAG
+
     flags = os.environ.get("XLA_FLAGS", "")
     wanted = f"{FLAG}={args.devices}"
     if FLAG in flags and wanted not in flags.split():

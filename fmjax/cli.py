@@ -357,11 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     host_devices = os.environ.get("FMJAX_HOST_DEVICES")
     if host_devices and "jax" not in sys.modules:
+        from fmjax.host_devices import FLAG
+
         # Simulated CPU devices (for meshes on a laptop); must precede JAX's start.
-        os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "")
-            + f" --xla_force_host_platform_device_count={int(host_devices)}"
-        )
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} {FLAG}={int(host_devices)}"
     rest, overrides = _split_overrides(argv)
     args = build_parser().parse_args(rest)
     if overrides and args.func not in (cmd_train, cmd_eval, cmd_bench, cmd_compile):

@@ -34,7 +34,8 @@ import os
 
 SPLIT = 2
 MAX_PRETRAINED_BYTES = 1 << 30
-_FLAG = "--xla_force_host_platform_device_count"
+# The XLA flag for a CPU backend of N devices (FMJAX_HOST_DEVICES sets it).
+FLAG = "--xla_force_host_platform_device_count"
 
 
 def _pretrained_bytes(path: str, limit: int) -> int:
@@ -61,7 +62,7 @@ def training_devices(config, environ: dict, cores: int | None) -> int:
     default: one, or the count the user set)."""
     if environ.get("FMJAX_HOST_DEVICES") or environ.get("JAX_NUM_CPU_DEVICES"):
         return 0
-    if _FLAG in environ.get("XLA_FLAGS", ""):
+    if FLAG in environ.get("XLA_FLAGS", ""):
         return 0
     if environ.get("JAX_COORDINATOR_ADDRESS") or "," in environ.get(
         "TPU_WORKER_HOSTNAMES", ""
