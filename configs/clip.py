@@ -48,6 +48,7 @@ def get_config(variant: str = "small"):
             image_size=64, patch_size=8, channels=3, d_model=128, num_layers=4,
             num_heads=4, head_dim=32, mlp_dim=512, position="learned", pool="cls",
             pre_norm=True, layer_norm_eps=1e-5, dtype="float32", remat="none",
+            patch_init="normal",  # HF CLIP's: normal(init_std)
         ),
         text=dict(
             kind="decoder", vocab_size=1000, d_model=128, num_layers=4, num_heads=4,

@@ -252,6 +252,7 @@ def vit_config(variant: str) -> ConfigDict:
         kind="vit", image_size=28, patch_size=7, channels=1, d_model=32,
         num_layers=2, num_heads=2, head_dim=16, mlp_dim=64, position="sincos2d",
         pool="cls", dtype="float32", param_dtype="float32", remat="none",
+        patch_init="xavier",
     )  # fmt: skip
     c.data.update(
         name="fashion_mnist",

@@ -259,7 +259,8 @@ def test_dino_trains_and_resumes_bit_identically(fashion_data, tmp_path):
 
 def test_simclr_trains_and_resumes_bit_identically(fashion_data, tmp_path):
     """Two mildly augmented views of 16 images a step: in 20 steps the held-out
-    NT-Xent falls (log 31 = 3.43 is a uniform guess among the 31 candidates).
+    NT-Xent falls, to well under a uniform guess among the 31 candidates (log
+    31 = 3.43; a fresh ViT already tells images apart, so it starts below).
     Resumed at step 10, the run ends with the same params and optimizer state
     (the views' iterator state came back too)."""
     mild = "('random_resized_crop(scale=(0.6, 1.0))', 'flip')"
@@ -269,7 +270,7 @@ def test_simclr_trains_and_resumes_bit_identically(fashion_data, tmp_path):
     )
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     evals = [r for r in records if r["split"] == "eval"]
-    assert evals[-1]["loss"] < evals[0]["loss"] - 0.2, evals
+    assert evals[-1]["loss"] < min(evals[0]["loss"] - 0.1, 0.8 * np.log(31)), evals
     assert 0 <= evals[-1]["contrastive_accuracy"] <= 1
     for key in ("knn_accuracy", "linear_probe_accuracy"):
         assert 0.1 < summary["features"][key] <= 1.0, summary["features"]

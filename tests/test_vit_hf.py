@@ -404,6 +404,15 @@ def test_mae_tables_other_than_sincos_are_refused(hf_mae, tmp_path):
         hf.load_hf_model(str(copy))
 
 
+def test_hf_configs_keep_their_patch_embedding_init():
+    """HF's ViT starts its patch embedding at normal(initializer_range),
+    ViTMAE (as MAE) at Xavier: a converted config trained further from
+    scratch starts as HF's would."""
+    assert vit.model_config_from_hf({"model_type": "vit"})["patch_init"] == "normal"
+    mae = vit.model_config_from_hf({"model_type": "vit_mae"})
+    assert mae["patch_init"] == "xavier"
+
+
 def test_unsupported_vit_configs_are_refused():
     with pytest.raises(FormatError, match="square"):
         vit.model_config_from_hf({"model_type": "vit", "image_size": [224, 160]})

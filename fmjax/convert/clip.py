@@ -196,6 +196,7 @@ def model_config_from_hf(hf_config: Mapping[str, Any]) -> dict[str, Any]:
         layer_norm_eps=vision.get("layer_norm_eps", 1e-5),
         activation=_activation(vision, "vision_config"),
         init_std=vision.get("initializer_range", 0.02),
+        patch_init="normal",  # HF CLIP's init
         **common,
     )
     text_model = dict(

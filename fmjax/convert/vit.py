@@ -190,6 +190,7 @@ def model_config_from_hf(hf: Mapping[str, Any], num_classes: int = 0) -> dict:
         layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
         activation=_ACTIVATIONS[act],
         init_std=hf.get("initializer_range", 0.02),
+        patch_init="normal",  # HF ViT's init; ViTMAE's is Xavier (below)
         dtype="float32",
         param_dtype="float32",
     )
@@ -200,6 +201,7 @@ def model_config_from_hf(hf: Mapping[str, Any], num_classes: int = 0) -> dict:
         )
         config.update(
             position="sincos2d",
+            patch_init="xavier",
             decoder_d_model=width,
             decoder_layers=hf.get("decoder_num_hidden_layers", 8),
             decoder_heads=decoder_heads,

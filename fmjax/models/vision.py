@@ -36,6 +36,7 @@ Array = jax.Array
 VIT_KINDS = ("vit", "vit_mae")
 VIT_POSITIONS = ("sincos2d", "learned")
 VIT_POOLS = ("cls", "mean", "map")
+VIT_PATCH_INITS = ("xavier", "normal")
 DECODER_FIELDS = (
     "decoder_d_model", "decoder_layers", "decoder_heads", "decoder_head_dim",
     "decoder_mlp_dim",
@@ -67,6 +68,13 @@ class ViTConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     init_std: float = 0.02
+    # The patch embedding's kernel at init: "xavier" (normal, variance
+    # 2 / (patch_dim + d_model), MAE's and timm's scale; an image's tokens
+    # then vary as much as 2-D sin-cos positions do even for 4x4x1 patches)
+    # or "normal" (init_std like every other kernel: HF's ViT and CLIP; with
+    # 16 inputs a token is a tenth image and the rest position, so features
+    # start nearly the same for every image, which collapsed DINO).
+    patch_init: str = "xavier"
     remat: str = "none"
     # A LayerNorm over the tokens before the first block (CLIP's
     # `pre_layrnorm`; timm's `norm_pre`).
@@ -113,6 +121,11 @@ class ViTConfig:
         )
         check("position", self.position in VIT_POSITIONS, f"one of {VIT_POSITIONS}")
         check("pool", self.pool in VIT_POOLS, f"one of {VIT_POOLS}")
+        check(
+            "patch_init",
+            self.patch_init in VIT_PATCH_INITS,
+            f"one of {VIT_PATCH_INITS}",
+        )
         check("num_classes", self.num_classes >= 0, "0 (no head) or a positive int")
         check("proj_layers", self.proj_layers >= 0, "0 (no head) or a positive int")
         check("prototypes", self.prototypes >= 0, "0 (no prototypes) or positive")
@@ -283,7 +296,11 @@ class VisionTransformer(nn.Module):
             "BPX,XD->BPD",
             (cfg.patch_dim, cfg.d_model),
             ("patch", "embed"),
-            init_std=cfg.init_std,
+            init_std=(
+                (2.0 / (cfg.patch_dim + cfg.d_model)) ** 0.5
+                if cfg.patch_init == "xavier"
+                else cfg.init_std
+            ),
             name="patch_embed",
             **numerics,
         )(patches_BPX).astype(jnp.float32)
