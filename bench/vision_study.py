@@ -8,6 +8,7 @@ evaluation of the frozen encoder is the result:
     mae          configs/vit_mae.py:small
     simclr       configs/vit_simclr.py:small
     dino         configs/vit_dino.py:small
+    dino_patch_normal   the same, its patch embedding at normal(0.02) (the old init)
     supervised   configs/vit_supervised.py:small      (labels: the reference)
     random       the same ViT, learning rate 0, 1 step (random init)
     pixels, pca  the same evaluators on normalised pixels and on their top 64
@@ -47,6 +48,9 @@ RUNS = {
     "mae": ("vit_mae", {}),
     "simclr": ("vit_simclr", {}),
     "dino": ("vit_dino", {}),
+    # The patch embedding at normal(0.02), as before 2026-12-05 (HF ViT's
+    # init): a fresh ViT then gives nearly one vector for every image.
+    "dino_patch_normal": ("vit_dino", {"model.patch_init": "normal"}),
     "supervised": ("vit_supervised", {}),
     "random": (
         "vit_supervised",
@@ -57,12 +61,14 @@ LABELS = {
     "mae": "MAE",
     "simclr": "SimCLR",
     "dino": "DINO",
+    "dino_patch_normal": "DINO, patch embedding at normal(0.02)",
     "supervised": "supervised (all labels)",
     "random": "random init",
     "pixels": "raw pixels",
     "pca": "PCA of pixels (64)",
 }
 SELF_SUPERVISED = ("mae", "simclr", "dino")
+DINO_RUNS = ("dino", "dino_patch_normal")
 BASELINES = ("random", "pixels", "pca")
 SHOTS = (1, 5, 10, 25)
 SEEDS = (0, 1, 2)
@@ -151,16 +157,18 @@ def mechanism_checks(runs_dir: str, summaries: dict) -> dict:
             "eval_masked_loss": summaries["mae"]["eval"]["loss"],
             "predict_patch_mean_loss": mean_patch_loss(),
         }
-    if "dino" in summaries:
-        config = load_export_config(os.path.join(runs_dir, "dino"))
-        final = summaries["dino"]["eval"]
-        checks["dino"] = {
+    for name in DINO_RUNS:
+        if name not in summaries:
+            continue
+        config = load_export_config(os.path.join(runs_dir, name))
+        final = summaries[name]["eval"]
+        checks[name] = {
             "eval_loss": final["loss"],
             "teacher_entropy": final["teacher_entropy"],
             "ln_prototypes": math.log(config["model"]["prototypes"]),
             "eval_curve": [
                 (r["step"], r["loss"], r["teacher_entropy"])
-                for r in _eval_records(os.path.join(runs_dir, "dino"))
+                for r in _eval_records(os.path.join(runs_dir, name))
             ],
         }
     if "simclr" in summaries:
@@ -249,7 +257,8 @@ def markdown(results: dict, checks: dict, times: dict) -> str:
             f"{_fmt(r, 'knn_accuracy')} | {_fmt(r, 'linear_probe_accuracy')} | "
             f"{times.get(name, '-')} |"
         )
-    best = max(BASELINES, key=lambda n: results[n]["fewshot_10_accuracy"])
+    present = [n for n in BASELINES if n in results]  # pixels and pca always
+    best = max(present, key=lambda n: results[n]["fewshot_10_accuracy"])
     base = results[best]
     lines += ["", f"Target: 10-shot accuracy >= 5 points above the best baseline "
               f"({LABELS[best]}, {_fmt(base, 'fewshot_10_accuracy')}) and by more than "
@@ -272,13 +281,15 @@ def markdown(results: dict, checks: dict, times: dict) -> str:
             f"- MAE masked-patch loss {c['eval_masked_loss']:.3f} vs "
             f"{c['predict_patch_mean_loss']:.3f} for predicting each patch's mean."
         )
-    if "dino" in checks:
-        c = checks["dino"]
+    for name in DINO_RUNS:
+        if name not in checks:
+            continue
+        c = checks[name]
         curve = ", ".join(
             f"{s}: {loss:.2f} / {entropy:.2f}" for s, loss, entropy in c["eval_curve"]
         )
         lines.append(
-            f"- DINO: loss {c['eval_loss']:.3f}, teacher entropy "
+            f"- {LABELS[name]}: loss {c['eval_loss']:.3f}, teacher entropy "
             f"{c['teacher_entropy']:.3f} (ln K = {c['ln_prototypes']:.3f} is a "
             "uniform teacher, 0 a one-hot one: collapse drives the entropy to "
             f"either end); held-out loss / teacher entropy by step: {curve}."

@@ -31,8 +31,9 @@ def get_config(variant: str = "small"):
         student_temp=0.1,
         # The reference's defaults (main_dino.py): 0.04 throughout. Its ViT-B
         # runs warm up to 0.07 over 30 epochs (the `base` variant); a warm-up
-        # to 0.07 within the small run's 150 steps collapsed it to a uniform
-        # teacher (loss ln K; docs/vision.md).
+        # to 0.07 within the small run's 150 steps collapsed to a uniform
+        # teacher (loss ln K) when the patch embedding started at
+        # normal(0.02), and so did 0.04 (docs/vision.md).
         teacher_temp=0.04,
         warmup_teacher_temp=0.04,
         warmup_teacher_temp_steps=0,

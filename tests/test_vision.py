@@ -109,7 +109,7 @@ def test_vit_refuses_images_it_cannot_cut_into_patches():
 
 
 def test_patch_embedding_starts_at_xavier_scale_unless_normal_is_asked():
-    """ "xavier" (the default, MAE's and timm's): kernel std sqrt(2 / (16 +
+    """ "xavier" (the default, MAE's scale): kernel std sqrt(2 / (16 +
     128)) = 0.118 for 4x4 grey patches, so tokens differ from image to image
     as much as the sin-cos positions differ from patch to patch, and a fresh
     ViT's pooled features already tell images apart; "normal" (HF ViT and

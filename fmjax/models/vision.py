@@ -69,8 +69,9 @@ class ViTConfig:
     param_dtype: str = "float32"
     init_std: float = 0.02
     # The patch embedding's kernel at init: "xavier" (normal, variance
-    # 2 / (patch_dim + d_model), MAE's and timm's scale; an image's tokens
-    # then vary as much as 2-D sin-cos positions do even for 4x4x1 patches)
+    # 2 / (patch_dim + d_model): MAE's scale, big_vision's lecun_normal is of
+    # its order; an image's tokens then vary as much as 2-D sin-cos positions
+    # do even for 4x4x1 patches)
     # or "normal" (init_std like every other kernel: HF's ViT and CLIP; with
     # 16 inputs a token is a tenth image and the rest position, so features
     # start nearly the same for every image, which collapsed DINO).
