@@ -68,13 +68,14 @@ class ViTConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     init_std: float = 0.02
-    # The patch embedding's kernel at init: "xavier" (normal, variance
-    # 2 / (patch_dim + d_model): MAE's scale, big_vision's lecun_normal is of
-    # its order; an image's tokens then vary as much as 2-D sin-cos positions
-    # do even for 4x4x1 patches)
-    # or "normal" (init_std like every other kernel: HF's ViT and CLIP; with
-    # 16 inputs a token is a tenth image and the rest position, so features
-    # start nearly the same for every image, which collapsed DINO).
+    # The patch embedding's kernel at init. "xavier": normal with variance
+    # 2 / (patch_dim + d_model), MAE's scale (big_vision's lecun_normal is of
+    # its order); tokens then vary from image to image as much as 2-D sin-cos
+    # positions vary from patch to patch, even for 4x4x1 patches. "normal":
+    # init_std like every other kernel, as HF's ViT and CLIP; with 16 inputs
+    # a token is then a tenth image and the rest position, a fresh ViT gives
+    # nearly one vector for every image, and DINO's centred teacher went
+    # uniform within 20 steps (docs/vision.md).
     patch_init: str = "xavier"
     remat: str = "none"
     # A LayerNorm over the tokens before the first block (CLIP's
