@@ -48,6 +48,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = {
     "mae": ("vit_mae", {}),
     "simclr": ("vit_simclr", {}),
+    # Three times the steps (and the schedule stretched to them).
+    "simclr_long": ("vit_simclr", {"train.steps": 2400}),
     "dino": ("vit_dino", {}),
     # The patch embedding at normal(0.02), as before 2026-12-05 (HF ViT's
     # init): a fresh ViT then gives nearly one vector for every image.
@@ -63,6 +65,7 @@ RUNS = {
 LABELS = {
     "mae": "MAE",
     "simclr": "SimCLR",
+    "simclr_long": "SimCLR, 2,400 steps",
     "dino": "DINO",
     "dino_patch_normal": "DINO, patch embedding at normal(0.02)",
     "dino_momentum_099": "DINO, teacher momentum 0.99",
@@ -77,10 +80,13 @@ BASELINES = ("random", "pixels", "pca")
 SHOTS = (1, 5, 10, 25)
 SEEDS = (0, 1, 2)
 PCA_DIM = 64
+CURVE_POINTS = 4  # frozen-feature evaluations per run, the last at its end
 BEGIN, END = "<!-- RESULTS BEGIN -->", "<!-- RESULTS END -->"
 
 
 def command(method: str, workdir: str) -> list[str]:
+    from fmjax.config import load_config
+
     config, extra = RUNS[method]
     overrides = {
         "features.train_examples": 0,  # all 60,000
@@ -88,6 +94,12 @@ def command(method: str, workdir: str) -> list[str]:
         "train.progress": False,
         **extra,
     }
+    steps = load_config(
+        os.path.join(REPO, "configs", f"{config}.py:small"),
+        [f"--config.{k}={v}" for k, v in extra.items()],
+    ).train.steps
+    if steps >= CURVE_POINTS:  # the frozen features along the way too: the curve
+        overrides["train.evaluators_every"] = steps // CURVE_POINTS
     return [
         sys.executable, "-m", "fmjax.cli", "train",
         "--config", f"configs/{config}.py:small", "--workdir", workdir,

@@ -223,6 +223,9 @@ def base_config() -> ConfigDict:
         log_every=10,
         eval_every=100,  # 0: evaluate only at the end
         eval_batches=0,  # 0: the whole eval split
+        # The task's evaluators (frozen features, zero-shot, retrieval, a test
+        # split) every this many steps as well as at the end; 0: at the end only.
+        evaluators_every=0,
         progress=True,
     )
     c.checkpoint = dict(every=100, keep=3, async_save=True)

@@ -231,6 +231,7 @@ def test_supervised_vit_trains_evaluates_and_exports(fashion_data, tmp_path, cap
     # held-out images: on 32, accuracy after a few steps was 6 to 11 right
     # from one init to another.
     settings = {"train.eval_batches": 6, "optimizer.learning_rate": 1e-3}
+    settings["train.evaluators_every"] = 30  # frozen features at 30 and at the end
     summary, records = _train_tiny(
         "vit_supervised", workdir, fashion_data, steps=60, **settings
     )
@@ -244,6 +245,10 @@ def test_supervised_vit_trains_evaluates_and_exports(fashion_data, tmp_path, cap
     features = summary["features"]  # the encoder's frozen features, evaluated
     for key in ("knn_accuracy", "linear_probe_accuracy", "fewshot_10_accuracy"):
         assert 0.2 < features[key] <= 1.0, features
+    curve = {r["step"]: r for r in records if r["split"] == "features"}
+    assert sorted(curve) == [30, 60], sorted(curve)  # the last one written once
+    assert {k: curve[60][k] for k in features} == features
+    assert {k: curve[30][k] for k in features} != features  # the encoder moved
     assert os.path.exists(os.path.join(workdir, "export", "model.safetensors"))
     capsys.readouterr()
     assert cli.main(["eval", "--workdir", workdir]) == 0

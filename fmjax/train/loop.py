@@ -212,6 +212,7 @@ class _Loop:
         config = self.config
         total, every = config.train.steps, config.checkpoint.every
         eval_every = config.train.eval_every
+        evaluators_every = config.train.get("evaluators_every", 0)
         progress = _progress(total, self.start, config.train.progress)
         try:
             with _Preemption() as preemption, self.activated():
@@ -224,8 +225,10 @@ class _Loop:
                     progress.update(1)
                     if step % config.train.log_every == 0 or step == total:
                         self.log(step, progress)
-                    if eval_every and step % eval_every == 0 and step != total:
+                    if step != total and _due(step, eval_every):
                         self.writer.write(step, "eval", self.evaluate())
+                    if step != total and _due(step, evaluators_every):
+                        self.run_evaluators(step)
                     if step % every == 0 or step == total:
                         self.save(step)
                     if preemption.should_stop(step):
@@ -238,22 +241,33 @@ class _Loop:
 
     # --- finish -----------------------------------------------------------------------
 
-    def finish(self) -> dict:
-        """The final eval and the task's evaluators (each reported under its
-        name), then the export."""
-        total = self.config.train.steps
-        results = {"eval": self.evaluate()}
-        self.writer.write(total, "eval", results["eval"])
-        context = EvalContext(
+    def eval_context(self) -> EvalContext:
+        return EvalContext(
             task=self.task,
             model=self.run.model,
             params=self.state.params,
             frozen=self.state.frozen,
             evaluate=lambda split: self.evaluate(split, max_batches=0),
         )
+
+    def run_evaluators(self, step: int, context=None) -> dict:
+        """The task's evaluators on the current params, each written to the
+        metrics under its name at `step`."""
+        context = context or self.eval_context()
+        results = {}
         for evaluator in self.task.evaluators:
             results[evaluator.name] = evaluator(context)
-            self.writer.write(total, evaluator.name, results[evaluator.name])
+            self.writer.write(step, evaluator.name, results[evaluator.name])
+        return results
+
+    def finish(self) -> dict:
+        """The final eval and the task's evaluators (each reported under its
+        name), then the export."""
+        total = self.config.train.steps
+        results = {"eval": self.evaluate()}
+        self.writer.write(total, "eval", results["eval"])
+        context = self.eval_context()
+        results.update(self.run_evaluators(total, context))
         self.task.export(
             self.workdir, host_params(self.state.params), host_params(self.state.frozen)
         )
@@ -267,6 +281,11 @@ class _Loop:
     def close(self) -> None:
         self.ckpt.close()
         self.writer.close()
+
+
+def _due(step: int, every: int) -> bool:
+    """Whether a periodic action (every 0 steps: never) runs at `step`."""
+    return bool(every) and step % every == 0
 
 
 def _progress(total: int, initial: int, enabled: bool):
