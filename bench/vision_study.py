@@ -74,8 +74,9 @@ LABELS = {
     "pixels": "raw pixels",
     "pca": "PCA of pixels (64)",
 }
-SELF_SUPERVISED = ("mae", "simclr", "dino")
+SELF_SUPERVISED = ("mae", "simclr", "simclr_long", "dino")
 DINO_RUNS = ("dino", "dino_patch_normal", "dino_momentum_099")
+SIMCLR_RUNS = ("simclr", "simclr_long")
 BASELINES = ("random", "pixels", "pca")
 SHOTS = (1, 5, 10, 25)
 SEEDS = (0, 1, 2)
@@ -187,13 +188,15 @@ def mechanism_checks(runs_dir: str, summaries: dict) -> dict:
                 for r in _eval_records(os.path.join(runs_dir, name))
             ],
         }
-    if "simclr" in summaries:
-        config = load_export_config(os.path.join(runs_dir, "simclr"))
+    for name in SIMCLR_RUNS:
+        if name not in summaries:
+            continue
+        config = load_export_config(os.path.join(runs_dir, name))
         batch = config["data"]["batch_size"]
-        checks["simclr"] = {
-            "positive_top1": summaries["simclr"]["eval"]["contrastive_accuracy"],
+        checks[name] = {
+            "positive_top1": summaries[name]["eval"]["contrastive_accuracy"],
             "chance": 1 / (2 * batch - 1),
-            "eval_loss": summaries["simclr"]["eval"]["loss"],
+            "eval_loss": summaries[name]["eval"]["loss"],
         }
     return checks
 
@@ -255,11 +258,67 @@ def accuracy_figure(results: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def feature_curves(runs_dir: str, methods) -> dict[str, list[dict]]:
+    """Each run's frozen-feature evaluations by step (`train.evaluators_every`
+    along the way, then the end), for runs that have more than the last."""
+    curves = {}
+    for name in methods:
+        path = os.path.join(runs_dir, name, "metrics.jsonl")
+        if name not in RUNS or not os.path.exists(path):
+            continue
+        records = [json.loads(line) for line in open(path)]
+        points = [r for r in records if r["split"] == "features"]
+        if len(points) > 1:
+            curves[name] = points
+    return curves
+
+
+def curve_figure(curves: dict, results: dict, path: str) -> None:
+    """10-shot accuracy and the linear probe's against pre-training steps,
+    beside the best baseline and the target (5 points above it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best = _best_baseline(results)
+    panels = (
+        ("fewshot_10_accuracy", "10-shot ridge"),
+        ("knn_1pct_accuracy", "k-NN, 1% of the labels"),
+        ("linear_probe_accuracy", "linear probe"),
+    )
+    fig, axes = plt.subplots(1, len(panels), figsize=(13, 4.2))
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        for name, points in curves.items():
+            steps = [p["step"] for p in points]
+            values = [p[key] for p in points]
+            if "random" in results:  # the same ViT at step 0
+                steps, values = [0, *steps], [results["random"][key], *values]
+            ax.plot(steps, [100 * v for v in values], "-o", label=LABELS[name])
+        level = 100 * results[best][key]
+        ax.axhline(level, color="grey", ls="--", label=LABELS[best])
+        if key == "fewshot_10_accuracy":
+            ax.axhline(level + 5, color="red", ls=":", label="target: +5 points")
+        ax.set_title(title)
+        ax.set_xlabel("pre-training step (0: random init)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Fashion-MNIST: frozen features along pre-training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _best_baseline(results: dict) -> str:
+    present = [n for n in BASELINES if n in results]  # pixels and pca always
+    return max(present, key=lambda n: results[n]["fewshot_10_accuracy"])
+
+
 def _fmt(report: dict, key: str) -> str:
     return f"{100 * report[key]:.1f}"
 
 
-def markdown(results: dict, checks: dict, times: dict) -> str:
+def markdown(results: dict, checks: dict, times: dict, curves: dict) -> str:
     lines = [
         "| representation | 10-shot ridge (3 seeds) | 1-shot | 25-shot "
         "| k-NN, 1% labels | k-NN, all | linear probe, all | pre-training |",
@@ -273,8 +332,7 @@ def markdown(results: dict, checks: dict, times: dict) -> str:
             f"{_fmt(r, 'knn_accuracy')} | {_fmt(r, 'linear_probe_accuracy')} | "
             f"{times.get(name, '-')} |"
         )
-    present = [n for n in BASELINES if n in results]  # pixels and pca always
-    best = max(present, key=lambda n: results[n]["fewshot_10_accuracy"])
+    best = _best_baseline(results)
     base = results[best]
     lines += ["", f"Target: 10-shot accuracy >= 5 points above the best baseline "
               f"({LABELS[best]}, {_fmt(base, 'fewshot_10_accuracy')}) and by more than "
@@ -290,6 +348,16 @@ def markdown(results: dict, checks: dict, times: dict) -> str:
             f"- {LABELS[name]}: {gap:+.1f} points (3 std = {3 * spread:.1f}): "
             f"{'met' if met else 'missed'}"
         )
+    if curves:
+        head = "Along pre-training (10-shot / k-NN with 1% of the labels / linear"
+        lines += ["", f"{head} probe by step; step 0 is the random-init row):", ""]
+    for name, points in curves.items():
+        by_step = ", ".join(
+            f"{p['step']}: {_fmt(p, 'fewshot_10_accuracy')} / "
+            f"{_fmt(p, 'knn_1pct_accuracy')} / {_fmt(p, 'linear_probe_accuracy')}"
+            for p in points
+        )
+        lines.append(f"- {LABELS[name]}: {by_step}.")
     lines += ["", "Mechanism checks (held-out test split):", ""]
     if "mae" in checks:
         c = checks["mae"]
@@ -310,11 +378,13 @@ def markdown(results: dict, checks: dict, times: dict) -> str:
             "uniform teacher, 0 a one-hot one: collapse drives the entropy to "
             f"either end); held-out loss / teacher entropy by step: {curve}."
         )
-    if "simclr" in checks:
-        c = checks["simclr"]
+    for name in SIMCLR_RUNS:
+        if name not in checks:
+            continue
+        c = checks[name]
         lines.append(
-            f"- SimCLR positive-pair top-1 {100 * c['positive_top1']:.1f}% vs "
-            f"chance {100 * c['chance']:.2f}% (1 / (2N - 1))."
+            f"- {LABELS[name]}: positive-pair top-1 {100 * c['positive_top1']:.1f}% "
+            f"vs chance {100 * c['chance']:.2f}% (1 / (2N - 1))."
         )
     return "\n".join(lines)
 
@@ -339,15 +409,18 @@ def main(argv=None) -> int:
     order = [m for m in LABELS if m in results]
     results = {m: results[m] for m in order}
     checks = mechanism_checks(args.runs_dir, summaries)
+    curves = feature_curves(args.runs_dir, summaries)
     docs = os.path.join(REPO, "docs")
     accuracy_figure(results, os.path.join(docs, "vision_accuracy.png"))
+    curve_figure(curves, results, os.path.join(docs, "vision_curve.png"))
     if "mae" in summaries:
         mae_figure(
             os.path.join(args.runs_dir, "mae"), os.path.join(docs, "vision_mae.png")
         )
     with open(os.path.join(docs, "vision.json"), "w") as f:
-        json.dump({"results": results, "checks": checks, "times": times}, f, indent=1)
-    table = markdown(results, checks, times)
+        record = {"results": results, "checks": checks, "times": times}
+        json.dump({**record, "curves": curves}, f, indent=1)
+    table = markdown(results, checks, times, curves)
     path = os.path.join(docs, "vision.md")
     text = open(path).read()
     head, rest = text.split(BEGIN)
