@@ -7,6 +7,7 @@ evaluation of the frozen encoder is the result:
 
     mae          configs/vit_mae.py:small
     simclr       configs/vit_simclr.py:small
+    simclr_long  the same for 2,400 steps instead of 800
     dino         configs/vit_dino.py:small
     dino_patch_normal   the same, its patch embedding at normal(0.02) (the old init)
     dino_momentum_099   the same, teacher momentum 0.99 instead of 0.996
@@ -21,6 +22,8 @@ Every representation gets the same evaluators (`fmjax.eval.features`) on all
 them, and a linear probe with all labels. Plus the mechanism checks: MAE's
 held-out masked loss against predicting each patch's mean, DINO's loss and
 teacher entropy against ln(K), SimCLR's positive-pair top-1 against chance.
+Each self-supervised run also evaluates its frozen features 4 times along the
+way (`train.evaluators_every`): the curve of accuracy against steps.
 
     python bench/vision_study.py                  # every run, then the report
     python bench/vision_study.py --report-only    # report from finished runs
@@ -28,7 +31,7 @@ teacher entropy against ln(K), SimCLR's positive-pair top-1 against chance.
 
 Finished runs (summary.json present) are skipped, so an interrupted study
 resumes. Writes docs/vision.md (between the RESULTS markers), docs/vision.json,
-docs/vision_accuracy.png and docs/vision_mae.png.
+docs/vision_accuracy.png, docs/vision_curve.png and docs/vision_mae.png.
 """
 
 from __future__ import annotations
