@@ -296,6 +296,7 @@ def test_siglip_with_lora_on_the_text_tower_zero_shot_to_held_out_classes(
             "model.image.patch_size": 7, "model.image.channels": 1,
             "data.mean": "(0.286,)", "data.std": "(0.353,)",
             "objective.loss": "sigmoid", "zero_shot.limit": 200,
+            "train.evaluators_every": 2,  # zero-shot at step 2 too
             "adapt.method": "lora",
             "adapt.lora_targets": '("text/.*/(query|value)/kernel",)',
             "adapt.train_patterns": '("image/.*", "image_proj/.*", "text_proj/.*", '
@@ -308,6 +309,9 @@ def test_siglip_with_lora_on_the_text_tower_zero_shot_to_held_out_classes(
     for key in ("top1", "top5", "seen_top1", "unseen_top1", "unseen_only_top1"):
         assert 0 <= zero_shot[key] <= 1
     assert "retrieval" not in summary  # captions made from labels: no retrieval
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    curve = {r["step"]: r for r in records if r["split"] == "zero_shot"}
+    assert sorted(curve) == [2, 4] and curve[4]["top1"] == zero_shot["top1"], curve
     report = summary["params"]
     assert report["method"] == "lora" and 0 < report["trainable_percent"] < 100
     state = _state(tmp_path / "run", 4)["params"]
