@@ -270,8 +270,9 @@ def mae_figure(workdir: str, path: str, count: int = 8) -> None:
 
 
 def accuracy_figure(results: dict, path: str) -> None:
-    """Accuracy against labels per class: each method's reference run, the
-    best variant at 10 shots (if another), the reference and the baselines."""
+    """Accuracy against labels per class: MAE's, SimCLR's and DINO's config
+    runs, the self-supervised run best at 10 shots (if another), supervised
+    training and the baselines."""
     import matplotlib
 
     matplotlib.use("Agg")
