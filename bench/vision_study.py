@@ -196,9 +196,10 @@ def mean_patch_loss(patch: int = 4) -> float:
     return float(np.mean(var / (var + 1e-6)))
 
 
-def _eval_records(workdir: str) -> list[dict]:
+def _records(workdir: str, split: str = "eval") -> list[dict]:
+    """The run's metrics.jsonl records of `split`, in step order."""
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    return [r for r in rows if r["split"] == "eval"]
+    return [r for r in rows if r["split"] == split]
 
 
 def mechanism_checks(runs_dir: str, summaries: dict) -> dict:
@@ -221,7 +222,7 @@ def mechanism_checks(runs_dir: str, summaries: dict) -> dict:
             "ln_prototypes": math.log(config["model"]["prototypes"]),
             "eval_curve": [
                 (r["step"], r["loss"], r["teacher_entropy"])
-                for r in _eval_records(os.path.join(runs_dir, name))
+                for r in _records(os.path.join(runs_dir, name))
             ],
         }
     for name in SIMCLR_RUNS:
@@ -307,11 +308,7 @@ def feature_curves(runs_dir: str, methods) -> dict[str, list[dict]]:
     along the way, then the end), for runs that have more than the last."""
     curves = {}
     for name in methods:
-        path = os.path.join(runs_dir, name, "metrics.jsonl")
-        if name not in RUNS or not os.path.exists(path):
-            continue
-        records = [json.loads(line) for line in open(path)]
-        points = [r for r in records if r["split"] == "features"]
+        points = _records(os.path.join(runs_dir, name), "features")
         if len(points) > 1:
             curves[name] = points
     return curves
