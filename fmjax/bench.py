@@ -18,6 +18,7 @@ import numpy as np
 
 from fmjax import sharding as shd
 from fmjax.bench_rounds import alternate_rounds, in_child, round_results
+from fmjax.bench_torch import hf_device, hf_train_step, synchronize, torch_setup
 from fmjax.config import ConfigError
 from fmjax.models import build_model
 from fmjax.models.text import count_params
@@ -114,48 +115,14 @@ def fmjax_train_step(config, batch: dict):
     return run, compiled, params
 
 
-def hf_train_step(model, opt, inputs: dict, after_step=None):
-    """`run()` does one full optimizer step of the HF (PyTorch) `model` on
-    `inputs` (its forward's keyword arguments; the output's `.loss` trains),
-    with fmjax's optimizer config `opt`: AdamW decaying matrices only (fmjax's
-    mask), global-norm clipping when `opt.grad_clip_norm` > 0, then
-    `after_step()` (fmjax's `constrain_params`)."""
-    import torch
-
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    decayed = [p for p in params if p.ndim >= 2]
-    kept = [p for p in params if p.ndim < 2]
-    groups = [
-        {"params": decayed, "weight_decay": opt.weight_decay},
-        {"params": kept, "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=opt.learning_rate,
-        betas=(opt.b1, opt.b2), eps=opt.eps,
-    )  # fmt: skip
-
-    def run():
-        optimizer.zero_grad(set_to_none=True)
-        model(**inputs).loss.backward()
-        if opt.grad_clip_norm and opt.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, opt.grad_clip_norm)
-        optimizer.step()
-        if after_step is not None:
-            after_step()
-
-    return run
-
-
-def hf_text_step(config, threads: int):
+def hf_text_step(config, threads: int, device: str = "cpu"):
     """(run, versions): `run()` does one optimizer step of the config's model
-    shape in HF transformers (PyTorch), trained the same way on random
-    tokens; `versions` names torch and transformers."""
+    shape in HF transformers (PyTorch) on `device`, trained the same way on
+    random tokens; `versions` names torch and transformers."""
     import torch
     import transformers
 
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
+    device = torch_setup(threads, device)
     m = config.model
     if m.dtype != "float32":
         raise ConfigError(
@@ -200,27 +167,34 @@ def hf_text_step(config, threads: int):
         selected = torch.from_numpy(rng.random(tokens.shape) < 0.15)
         labels = torch.where(selected, tokens, torch.full_like(tokens, -100))
         inputs = torch.where(selected, torch.full_like(tokens, MASK_ID), tokens)
-    run = hf_train_step(
-        model, config.optimizer, {"input_ids": inputs, "labels": labels}
-    )
+    inputs = {"input_ids": inputs, "labels": labels}
+    run = hf_train_step(model, config.optimizer, inputs, device=device)
     return run, {"torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def matmul_peak_flops(size: int = 2048, repeats: int = 40) -> dict:
     """The machine's f32 matmul FLOP/s in XLA (and PyTorch, when installed):
     the best of `repeats` timed [size, size] products each, so a moment of
-    contention does not lower the peak that MFU divides by."""
+    contention does not lower the peak that MFU divides by. On a GPU: JAX's
+    device, full float32 products on both (`fmjax.bench_torch`)."""
     import jax.numpy as jnp
 
+    device = hf_device()
     a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size)), jnp.float32)
     matmul = jax.jit(lambda x: x @ x)
     products = {"xla": lambda: matmul(a).block_until_ready()}
     try:
         import torch
 
-        t = torch.from_numpy(np.array(a))
-        products["torch"] = lambda: t @ t
-    except ImportError:
+        torch_setup(torch.get_num_threads(), device)
+        t = torch.from_numpy(np.array(a)).to(device)
+
+        def torch_product():
+            t @ t
+            synchronize(device)
+
+        products["torch"] = torch_product
+    except (ImportError, ConfigError):  # no PyTorch, or none for this GPU
         pass
     best = {}
     for name, product in products.items():
@@ -301,7 +275,7 @@ def bench_train(
     steppers = {"fmjax": fmjax_train_step(config, batch)[0]}
     flops = {"fmjax": fmjax_flops_per_token}
     if against:
-        steppers["hf"], versions = in_child(hf_text_step, config, threads)
+        steppers["hf"], versions = in_child(hf_text_step, config, threads, hf_device())
         flops["hf"] = flops_per_token
     times = alternate_rounds(steppers, warmup, steps, rounds)
     result["rounds"] = rounds

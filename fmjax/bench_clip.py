@@ -32,6 +32,7 @@ import types
 import numpy as np
 
 from fmjax.bench_rounds import in_child
+from fmjax.bench_torch import hf_device, hf_train_step, torch_setup
 from fmjax.bench_vision import check_hf_float32, compare_train_steps
 from fmjax.config import ConfigError
 from fmjax.data.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID
@@ -105,16 +106,13 @@ def hf_clip_model(task):
     return transformers.CLIPModel(transformers.CLIPConfig.from_dict(hf_config))
 
 
-def _hf_step(config, batch: dict, threads: int):
+def _hf_step(config, batch: dict, threads: int, device: str = "cpu"):
     """(run, trained params, attention implementation) of HF's CLIPModel
-    training on `batch`."""
+    training on `batch`, on `device`."""
     import torch
 
-    from fmjax.bench import hf_train_step
-
     task = task_for(config, with_data=False)
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
+    device = torch_setup(threads, device)
     model = hf_clip_model(task)
     pixels = np.ascontiguousarray(batch["images"].transpose(0, 3, 1, 2))
     inputs = {
@@ -129,7 +127,7 @@ def _hf_step(config, batch: dict, threads: int):
         with torch.no_grad():
             model.logit_scale.clamp_(0.0, high)
 
-    run = hf_train_step(model, task.config.optimizer, inputs, clamp_temperature)
+    run = hf_train_step(model, task.config.optimizer, inputs, clamp_temperature, device)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return run, trained, model.config._attn_implementation
 
@@ -156,7 +154,9 @@ def bench_train_pairs(
     hf_step, attention = None, None
     if against:
         check_hf_float32(dtypes)
-        run, trained, attention = in_child(_hf_step, config, batch, threads)
+        run, trained, attention = in_child(
+            _hf_step, config, batch, threads, hf_device()
+        )
         hf_step = (run, trained)
     result = compare_train_steps(
         config, batch, hf_step, "pairs", warmup, steps, rounds, peak,

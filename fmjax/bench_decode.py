@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from fmjax.bench import cpu_model, library_versions, matmul_peak_flops
+from fmjax.bench_torch import hf_device, synchronize, torch_setup
 from fmjax.config import ConfigError
 from fmjax.models import build_model
 from fmjax.tasks import task_for
@@ -62,7 +63,9 @@ def bench_decode(
         )
     generator = random_generator(cfg)
     params = generator.params
-    hf_model = _hf_decoder(cfg, params, threads) if against == "hf" else None
+    hf_model = None
+    if against == "hf":
+        hf_model = _hf_decoder(cfg, params, threads, hf_device())
     peaks = matmul_peak_flops(repeats=30)
     peak = max(peaks.values())
     rows = []
@@ -241,7 +244,7 @@ def _time_fmjax_generate(generator, prompts, new_tokens: int) -> dict:
 def _time_hf_generate(model, prompts, new_tokens: int) -> dict:
     import torch
 
-    inputs = torch.from_numpy(np.asarray(prompts)).long()
+    inputs = torch.from_numpy(np.asarray(prompts)).long().to(model.device)
     with torch.inference_mode():
         started = time.perf_counter()
         logits = model(input_ids=inputs, use_cache=True).logits[:, -1]
@@ -255,6 +258,7 @@ def _time_hf_generate(model, prompts, new_tokens: int) -> dict:
             do_sample=False,
             pad_token_id=0,
         )
+        synchronize(model.device)
         done = time.perf_counter()
     assert out.shape == (len(prompts), prompts.shape[1] + new_tokens), out.shape
     # generate re-runs the prefill: its decode time is what follows one prefill.
@@ -279,7 +283,7 @@ def _same_greedy_tokens(generator, model, prompts, new_tokens: int) -> bool:
     import torch
 
     ours = generator.generate_ids(prompts.tolist(), new_tokens)[0]
-    inputs = torch.from_numpy(np.asarray(prompts)).long()
+    inputs = torch.from_numpy(np.asarray(prompts)).long().to(model.device)
     with torch.inference_mode():
         out = model.generate(
             inputs,
@@ -292,11 +296,10 @@ def _same_greedy_tokens(generator, model, prompts, new_tokens: int) -> bool:
     return out[0, prompts.shape[1] :].tolist() == ours
 
 
-def _hf_decoder(cfg, params, threads: int):
-    """HF GPT2LMHeadModel holding `params` (fmjax's GPT-2 conversion)."""
-    import torch
-
+def _hf_decoder(cfg, params, threads: int, device: str = "cpu"):
+    """HF GPT2LMHeadModel holding `params` (fmjax's GPT-2 conversion), on
+    `device`."""
     from fmjax.convert import gpt2
 
-    torch.set_num_threads(threads)
-    return gpt2.to_torch_model(cfg.to_dict(), params).eval()
+    device = torch_setup(threads, device)
+    return gpt2.to_torch_model(cfg.to_dict(), params).to(device).eval()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from fmjax.bench_rounds import in_child
+from fmjax.bench_torch import hf_device, hf_train_step, torch_setup
 from fmjax.config import ConfigError
 from fmjax.tasks import task_for
 
@@ -73,14 +74,12 @@ def _hf_model(config):
     return transformers.ViTForImageClassification(hf_config)
 
 
-def _hf_step(config, batch: dict, threads: int):
-    """(run, trained params) of HF's model of the config on `batch`."""
+def _hf_step(config, batch: dict, threads: int, device: str = "cpu"):
+    """(run, trained params) of HF's model of the config on `batch`, on
+    `device`."""
     import torch
 
-    from fmjax.bench import hf_train_step
-
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
+    device = torch_setup(threads, device)
     model = _hf_model(config)
     pixels = torch.from_numpy(
         np.ascontiguousarray(batch["images"].transpose(0, 3, 1, 2))
@@ -88,7 +87,7 @@ def _hf_step(config, batch: dict, threads: int):
     kwargs = {"pixel_values": pixels}
     if config.objective.name == "image_classify":
         kwargs["labels"] = torch.from_numpy(batch["labels"]).long()
-    run = hf_train_step(model, config.optimizer, kwargs)
+    run = hf_train_step(model, config.optimizer, kwargs, device=device)
     return run, sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -169,7 +168,9 @@ def bench_train_images(
     if against:
         check_hf_float32({"model.dtype": config.model.dtype})
     batch = _random_images(config)
-    hf_step = in_child(_hf_step, config, batch, threads) if against else None
+    hf_step = None
+    if against:
+        hf_step = in_child(_hf_step, config, batch, threads, hf_device())
     return compare_train_steps(
         config, batch, hf_step, "images", warmup, steps, rounds, peak
     )
