@@ -11,6 +11,8 @@ evaluation of the frozen encoder is the result:
     simclr_t05, simclr_crop04   the same at temperature 0.5, or with crops
                  of 40-100% of the image instead of 20-100%
     simclr_crop04_long          those crops for 2,400 steps
+    simclr_crop04_long_seed1    the same with seed 1 (init, data order, views)
+    simclr_crop04_xlong         those crops for 4,800 steps
     dino         configs/vit_dino.py:small
     dino_patch_normal   the same, its patch embedding at normal(0.02) (the old init)
     dino_momentum_099   the same, teacher momentum 0.99 instead of 0.996
@@ -75,6 +77,21 @@ RUNS = {
         "vit_simclr",
         {"data.views.views.augment": SIMCLR_MILD_CROPS, "train.steps": 2400},
     ),
+    # The same with another seed (initialisation, data order, augmentations).
+    "simclr_crop04_long_seed1": (
+        "vit_simclr",
+        {
+            "data.views.views.augment": SIMCLR_MILD_CROPS,
+            "train.steps": 2400,
+            "train.seed": 1,
+            "data.shuffle_seed": 1,
+        },
+    ),
+    # Those crops for twice as long again: 4,800 steps.
+    "simclr_crop04_xlong": (
+        "vit_simclr",
+        {"data.views.views.augment": SIMCLR_MILD_CROPS, "train.steps": 4800},
+    ),
     "dino": ("vit_dino", {}),
     # The patch embedding at normal(0.02), as before 2026-12-05 (HF ViT's
     # init): a fresh ViT then gives nearly one vector for every image.
@@ -94,6 +111,8 @@ LABELS = {
     "simclr_t05": "SimCLR, temperature 0.5",
     "simclr_crop04": "SimCLR, crops of 40-100% of the image",
     "simclr_crop04_long": "SimCLR, crops of 40-100%, 2,400 steps",
+    "simclr_crop04_long_seed1": "SimCLR, crops of 40-100%, 2,400 steps, seed 1",
+    "simclr_crop04_xlong": "SimCLR, crops of 40-100%, 4,800 steps",
     "dino": "DINO",
     "dino_patch_normal": "DINO, patch embedding at normal(0.02)",
     "dino_momentum_099": "DINO, teacher momentum 0.99",
@@ -109,6 +128,8 @@ SELF_SUPERVISED = (
     "simclr_t05",
     "simclr_crop04",
     "simclr_crop04_long",
+    "simclr_crop04_long_seed1",
+    "simclr_crop04_xlong",
     "dino",
 )
 DINO_RUNS = ("dino", "dino_patch_normal", "dino_momentum_099")

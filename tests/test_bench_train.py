@@ -33,6 +33,20 @@ def test_matmul_peak_is_the_best_repeat(monkeypatch):
     assert peaks["xla"] == pytest.approx(2 * 64**3 / 0.5)
 
 
+def test_hf_side_runs_where_jax_computes():
+    """On JAX's CPU backend HF runs on the CPU; a GPU that this PyTorch cannot
+    use (the CPU wheel) is refused by name rather than timed on the CPU."""
+    import torch
+
+    from fmjax import bench_torch
+
+    assert bench_torch.hf_device() == "cpu"
+    assert bench_torch.torch_setup(torch.get_num_threads(), "cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(bench.ConfigError, match="sees no CUDA device"):
+            bench_torch.torch_setup(torch.get_num_threads(), "cuda")
+
+
 @pytest.mark.parametrize("config", ["gpt_lm", "bert_mlm"])
 def test_bench_train_against_hf_json(config, monkeypatch, capsys):
     peak = bench.matmul_peak_flops
