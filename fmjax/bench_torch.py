@@ -17,12 +17,19 @@ from fmjax.config import ConfigError
 
 def hf_device() -> str:
     """Where HF's side runs: "cuda" when JAX's default backend is a GPU
-    (also setting JAX's float32 products to full float32), else "cpu"."""
+    (also setting JAX's float32 products to full float32), "cpu" on a CPU;
+    refuses other backends (a TPU), where no PyTorch device is at hand."""
     import jax
 
-    if jax.default_backend() == "gpu":
+    backend = jax.default_backend()
+    if backend == "gpu":
         jax.config.update("jax_default_matmul_precision", "highest")
         return "cuda"
+    if backend != "cpu":
+        raise ConfigError(
+            f"--against hf runs HF (PyTorch) on the CPU or a GPU, beside JAX; "
+            f"JAX computes on {backend!r} here"
+        )
     return "cpu"
 
 
@@ -31,6 +38,8 @@ def torch_setup(threads: int, device: str = "cpu"):
     as a torch.device. Refuses a GPU this PyTorch cannot use."""
     import torch
 
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"HF's side runs on 'cpu' or 'cuda', not {device!r}")
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     if device == "cuda":

@@ -33,14 +33,21 @@ def test_matmul_peak_is_the_best_repeat(monkeypatch):
     assert peaks["xla"] == pytest.approx(2 * 64**3 / 0.5)
 
 
-def test_hf_side_runs_where_jax_computes():
-    """On JAX's CPU backend HF runs on the CPU; a GPU that this PyTorch cannot
-    use (the CPU wheel) is refused by name rather than timed on the CPU."""
+def test_hf_side_runs_where_jax_computes(monkeypatch):
+    """On JAX's CPU backend HF runs on the CPU; a TPU, or a GPU that this
+    PyTorch cannot use (the CPU wheel), is refused by name rather than timed
+    on the CPU, and the matmul peak then times XLA alone."""
+    import jax
     import torch
 
     from fmjax import bench_torch
 
     assert bench_torch.hf_device() == "cpu"
+    with monkeypatch.context() as patched:
+        patched.setattr(jax, "default_backend", lambda: "tpu")
+        with pytest.raises(bench.ConfigError, match="JAX computes on 'tpu'"):
+            bench_torch.hf_device()
+        assert set(bench.matmul_peak_flops(size=32, repeats=1)) == {"xla"}
     assert bench_torch.torch_setup(torch.get_num_threads(), "cpu").type == "cpu"
     if not torch.cuda.is_available():
         with pytest.raises(bench.ConfigError, match="sees no CUDA device"):
