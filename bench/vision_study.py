@@ -16,6 +16,8 @@ evaluation of the frozen encoder is the result:
     dino         configs/vit_dino.py:small
     dino_patch_normal   the same, its patch embedding at normal(0.02) (the old init)
     dino_momentum_099   the same, teacher momentum 0.99 instead of 0.996
+    dino_teacher_002    the same, teacher temperature 0.02 instead of 0.04
+    dino_k256           the same, 256 prototypes instead of 1,024
     supervised   configs/vit_supervised.py:small      (labels: the reference)
     random       the same ViT, learning rate 0, 1 step (random init)
     pixels, pca  the same evaluators on normalised pixels and on their top 64
@@ -98,6 +100,13 @@ RUNS = {
     "dino_patch_normal": ("vit_dino", {"model.patch_init": "normal"}),
     # A faster teacher (the reference's 0.996 is for 100+ epochs).
     "dino_momentum_099": ("vit_dino", {"objective.teacher_momentum": 0.99}),
+    # Its teacher drifts towards uniform: sharper teacher outputs (0.02), or
+    # fewer prototypes (256 instead of 1,024).
+    "dino_teacher_002": (
+        "vit_dino",
+        {"objective.teacher_temp": 0.02, "objective.warmup_teacher_temp": 0.02},
+    ),
+    "dino_k256": ("vit_dino", {"model.prototypes": 256}),
     "supervised": ("vit_supervised", {}),
     "random": (
         "vit_supervised",
@@ -116,6 +125,8 @@ LABELS = {
     "dino": "DINO",
     "dino_patch_normal": "DINO, patch embedding at normal(0.02)",
     "dino_momentum_099": "DINO, teacher momentum 0.99",
+    "dino_teacher_002": "DINO, teacher temperature 0.02",
+    "dino_k256": "DINO, 256 prototypes",
     "supervised": "supervised (all labels)",
     "random": "random init",
     "pixels": "raw pixels",
@@ -131,8 +142,11 @@ SELF_SUPERVISED = (
     "simclr_crop04_long_seed1",
     "simclr_crop04_xlong",
     "dino",
+    "dino_momentum_099",
+    "dino_teacher_002",
+    "dino_k256",
 )
-DINO_RUNS = ("dino", "dino_patch_normal", "dino_momentum_099")
+DINO_RUNS = tuple(name for name in RUNS if name.startswith("dino"))
 SIMCLR_RUNS = tuple(name for name in RUNS if name.startswith("simclr"))
 BASELINES = ("random", "pixels", "pca")
 SHOTS = (1, 5, 10, 25)
