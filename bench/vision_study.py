@@ -3,25 +3,8 @@
 Fashion-MNIST (Debian's dataset-fashion-mnist), the `small` ViT (4 layers,
 d=128, 4x4 patches), no labels during pre-training. Each method is one
 `fmjax train` command (printed; run in its own process), whose end-of-training
-evaluation of the frozen encoder is the result:
-
-    mae          configs/vit_mae.py:small
-    simclr       configs/vit_simclr.py:small
-    simclr_long  the same for 2,400 steps instead of 800
-    simclr_t05, simclr_crop04   the same at temperature 0.5, or with crops
-                 of 40-100% of the image instead of 20-100%
-    simclr_crop04_long          those crops for 2,400 steps
-    simclr_crop04_long_seed1    the same with seed 1 (init, data order, views)
-    simclr_crop04_xlong         those crops for 4,800 steps
-    dino         configs/vit_dino.py:small
-    dino_patch_normal   the same, its patch embedding at normal(0.02) (the old init)
-    dino_momentum_099   the same, teacher momentum 0.99 instead of 0.996
-    dino_teacher_002    the same, teacher temperature 0.02 instead of 0.04
-    dino_k256           the same, 256 prototypes instead of 1,024
-    supervised   configs/vit_supervised.py:small      (labels: the reference)
-    random       the same ViT, learning rate 0, 1 step (random init)
-    pixels, pca  the same evaluators on normalised pixels and on their top 64
-                 principal components (computed here)
+evaluation of the frozen encoder is the result (the runs, each a config and
+its overrides, and their labels: bench/vision_runs.py).
 
 Every representation gets the same evaluators (`fmjax.eval.features`) on all
 60,000 training images and the 10,000 test images: few-shot ridge at
@@ -53,104 +36,18 @@ import sys
 import time
 
 import numpy as np
+from vision_runs import (
+    BASELINES,
+    DINO_RUNS,
+    LABELS,
+    RUNS,
+    SEEDS,
+    SELF_SUPERVISED,
+    SHOTS,
+    SIMCLR_RUNS,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIMCLR_MILD_CROPS = repr(
-    (
-        "random_resized_crop(scale=(0.4, 1.0))",
-        "flip",
-        "jitter(brightness=0.4, contrast=0.4, p=0.8)",
-        "blur(sigma=(0.1, 1.0), p=0.5)",
-    )
-)
-RUNS = {
-    "mae": ("vit_mae", {}),
-    "simclr": ("vit_simclr", {}),
-    # Three times the steps (and the schedule stretched to them).
-    "simclr_long": ("vit_simclr", {"train.steps": 2400}),
-    # A softer temperature (SimCLR's CIFAR-10 setting), and milder crops
-    # (a 28x28 image cut to 20% of its area keeps little of a garment).
-    "simclr_t05": ("vit_simclr", {"objective.temperature": 0.5}),
-    "simclr_crop04": (
-        "vit_simclr",
-        {"data.views.views.augment": SIMCLR_MILD_CROPS},
-    ),
-    "simclr_crop04_long": (
-        "vit_simclr",
-        {"data.views.views.augment": SIMCLR_MILD_CROPS, "train.steps": 2400},
-    ),
-    # The same with another seed (initialisation, data order, augmentations).
-    "simclr_crop04_long_seed1": (
-        "vit_simclr",
-        {
-            "data.views.views.augment": SIMCLR_MILD_CROPS,
-            "train.steps": 2400,
-            "train.seed": 1,
-            "data.shuffle_seed": 1,
-        },
-    ),
-    # Those crops for twice as long again: 4,800 steps.
-    "simclr_crop04_xlong": (
-        "vit_simclr",
-        {"data.views.views.augment": SIMCLR_MILD_CROPS, "train.steps": 4800},
-    ),
-    "dino": ("vit_dino", {}),
-    # The patch embedding at normal(0.02), as before 2026-12-05 (HF ViT's
-    # init): a fresh ViT then gives nearly one vector for every image.
-    "dino_patch_normal": ("vit_dino", {"model.patch_init": "normal"}),
-    # A faster teacher (the reference's 0.996 is for 100+ epochs).
-    "dino_momentum_099": ("vit_dino", {"objective.teacher_momentum": 0.99}),
-    # Its teacher drifts towards uniform: sharper teacher outputs (0.02), or
-    # fewer prototypes (256 instead of 1,024).
-    "dino_teacher_002": (
-        "vit_dino",
-        {"objective.teacher_temp": 0.02, "objective.warmup_teacher_temp": 0.02},
-    ),
-    "dino_k256": ("vit_dino", {"model.prototypes": 256}),
-    "supervised": ("vit_supervised", {}),
-    "random": (
-        "vit_supervised",
-        {"optimizer.learning_rate": 0.0, "train.steps": 1, "train.eval_every": 0},
-    ),
-}
-LABELS = {
-    "mae": "MAE",
-    "simclr": "SimCLR",
-    "simclr_long": "SimCLR, 2,400 steps",
-    "simclr_t05": "SimCLR, temperature 0.5",
-    "simclr_crop04": "SimCLR, crops of 40-100% of the image",
-    "simclr_crop04_long": "SimCLR, crops of 40-100%, 2,400 steps",
-    "simclr_crop04_long_seed1": "SimCLR, crops of 40-100%, 2,400 steps, seed 1",
-    "simclr_crop04_xlong": "SimCLR, crops of 40-100%, 4,800 steps",
-    "dino": "DINO",
-    "dino_patch_normal": "DINO, patch embedding at normal(0.02)",
-    "dino_momentum_099": "DINO, teacher momentum 0.99",
-    "dino_teacher_002": "DINO, teacher temperature 0.02",
-    "dino_k256": "DINO, 256 prototypes",
-    "supervised": "supervised (all labels)",
-    "random": "random init",
-    "pixels": "raw pixels",
-    "pca": "PCA of pixels (64)",
-}
-SELF_SUPERVISED = (
-    "mae",
-    "simclr",
-    "simclr_long",
-    "simclr_t05",
-    "simclr_crop04",
-    "simclr_crop04_long",
-    "simclr_crop04_long_seed1",
-    "simclr_crop04_xlong",
-    "dino",
-    "dino_momentum_099",
-    "dino_teacher_002",
-    "dino_k256",
-)
-DINO_RUNS = tuple(name for name in RUNS if name.startswith("dino"))
-SIMCLR_RUNS = tuple(name for name in RUNS if name.startswith("simclr"))
-BASELINES = ("random", "pixels", "pca")
-SHOTS = (1, 5, 10, 25)
-SEEDS = (0, 1, 2)
 PCA_DIM = 64
 CURVE_POINTS = 4  # frozen-feature evaluations per run, the last at its end
 BEGIN, END = "<!-- RESULTS BEGIN -->", "<!-- RESULTS END -->"
@@ -305,18 +202,26 @@ def mae_figure(workdir: str, path: str, count: int = 8) -> None:
     fig.savefig(path, dpi=110)
 
 
+def figure_runs(results: dict) -> list[str]:
+    """The self-supervised runs the figures draw: each method's config run
+    and, where another run of the method is better at 10 shots, its best."""
+    shown = []
+    for method in ("mae", "simclr", "dino"):
+        runs = [n for n in SELF_SUPERVISED if n.startswith(method) and n in results]
+        best = max(runs, key=lambda n: results[n]["fewshot_10_accuracy"], default=None)
+        shown += [n for n in dict.fromkeys((method, best)) if n in results]
+    return shown
+
+
 def accuracy_figure(results: dict, path: str) -> None:
-    """Accuracy against labels per class: MAE's, SimCLR's and DINO's config
-    runs, the self-supervised run best at 10 shots (if another), supervised
-    training and the baselines."""
+    """Accuracy against labels per class: `figure_runs`, supervised training
+    and the baselines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    variants = [n for n in SELF_SUPERVISED if n in results]
-    best = max(variants, key=lambda n: results[n]["fewshot_10_accuracy"], default=None)
-    shown = {"mae", "simclr", "dino", best, "supervised", *BASELINES}
+    shown = {*figure_runs(results), "supervised", *BASELINES}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, report in results.items():
         if name not in shown:
@@ -350,8 +255,9 @@ def feature_curves(runs_dir: str, methods) -> dict[str, list[dict]]:
 
 
 def curve_figure(curves: dict, results: dict, path: str) -> None:
-    """10-shot accuracy and the linear probe's against pre-training steps,
-    beside the best baseline and the target (5 points above it)."""
+    """10-shot accuracy, k-NN's with 1% of the labels and the linear probe's
+    against pre-training steps for `figure_runs`, beside the best baseline
+    and the target (5 points above it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -365,7 +271,10 @@ def curve_figure(curves: dict, results: dict, path: str) -> None:
     )
     fig, axes = plt.subplots(1, len(panels), figsize=(13, 4.2))
     for ax, (key, title) in zip(axes, panels, strict=True):
-        for name, points in curves.items():
+        for name in figure_runs(results):
+            if name not in curves:
+                continue
+            points = curves[name]
             steps = [p["step"] for p in points]
             values = [p[key] for p in points]
             if "random" in results:  # the same ViT at step 0
