@@ -18,7 +18,7 @@ import numpy as np
 
 from fmjax import sharding as shd
 from fmjax.bench_rounds import alternate_rounds, in_child, round_results
-from fmjax.bench_torch import hf_device, hf_train_step, synchronize, torch_setup
+from fmjax.bench_torch import hf_device, hf_train_step, torch_matmul, torch_setup
 from fmjax.config import ConfigError
 from fmjax.models import build_model
 from fmjax.models.text import count_params
@@ -181,24 +181,14 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 40) -> dict:
 
     try:
         device = hf_device()
-    except ConfigError:  # a TPU: XLA's products only (torch_setup refuses it)
-        device = "none"
+    except ConfigError:  # a TPU: XLA's products only
+        device = None
     a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size)), jnp.float32)
     matmul = jax.jit(lambda x: x @ x)
     products = {"xla": lambda: matmul(a).block_until_ready()}
-    try:
-        import torch
-
-        torch_setup(torch.get_num_threads(), device)
-        t = torch.from_numpy(np.array(a)).to(device)
-
-        def torch_product():
-            t @ t
-            synchronize(device)
-
+    torch_product = torch_matmul(np.array(a), device)
+    if torch_product is not None:  # PyTorch installed, and for this device
         products["torch"] = torch_product
-    except (ImportError, ConfigError):  # no PyTorch, or none for this device
-        pass
     best = {}
     for name, product in products.items():
         product()

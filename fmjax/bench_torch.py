@@ -55,6 +55,26 @@ def torch_setup(threads: int, device: str = "cpu"):
     return torch.device(device)
 
 
+def torch_matmul(a, device: str | None):
+    """A call doing PyTorch's `a @ a` on `device` and waiting for it, or None
+    where PyTorch is missing or cannot use `device` (None: a TPU)."""
+    if device is None:
+        return None
+    try:
+        import torch
+
+        torch_setup(torch.get_num_threads(), device)
+    except (ImportError, ConfigError):
+        return None
+    t = torch.from_numpy(a).to(device)
+
+    def product():
+        t @ t
+        synchronize(device)
+
+    return product
+
+
 def synchronize(device) -> None:
     """Waits for the work queued on `device` (a no-op on the CPU)."""
     import torch
