@@ -157,8 +157,13 @@ def adapters_by_module(lora_params) -> dict[str, tuple[Array, Array]]:
 def lora_delta(x, a_IR, b_RO, config: LoraConfig, num_in: int, out_shape, *, rng):
     """scale * dropout(x) @ A @ B for x [..., in dims] -> [..., out dims].
     `rng` None: no dropout (eval, or dropout 0)."""
+    from fmjax.models.dense import matrix_products
+
     lead = x.shape[: x.ndim - num_in]
-    x_XI = x.reshape(*lead, -1)
+    # On XLA:CPU rows flattened: B's gradient is one 2-D product, as the
+    # kernel's (`dense.product_by_parts`).
+    rows = (math.prod(lead),) if matrix_products() else lead
+    x_XI = x.reshape(*rows, -1)
     if x_XI.shape[-1] != a_IR.shape[0]:
         raise ValueError(
             f"LoRA input has {x_XI.shape[-1]} features; lora_a is {a_IR.shape}"

@@ -11,6 +11,8 @@ full precision at once.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from typing import Any, NamedTuple
 
@@ -67,17 +69,69 @@ def column_parts(kernel: Array, parts: int, num_in: int = 1) -> Array | ColumnPa
     return ColumnParts(tuple(jnp.split(matrix, parts, axis=1)), tuple(kernel.shape))
 
 
-def product_by_parts(product, equation: str, x: Array, kernel):
-    """`product(equation, x, kernel)`, for `ColumnParts` computed part by part:
-    x's contracting dims (its last) flattened, one 2-D product per part,
-    joined and given the equation's output shape. A single row is a vector:
-    XLA:CPU copied each part's [1, n] product through a bitcast of its own."""
-    if not isinstance(kernel, ColumnParts):
-        return product(equation, x, kernel)
+# The platform products are traced for (`products_for`); None: JAX's default.
+_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "fmjax_products_platform", default=None
+)
+
+
+@contextlib.contextmanager
+def products_for(platform: str):
+    """Traces `EinsumDense` products within for `platform` ("cpu", "tpu",
+    ...), where it is not the default backend's: a TPU plan compiled on
+    this host (`fmjax compile`). See `product_by_parts`. JAX caches traces
+    by function, not by this setting: a function traced for one platform
+    and traced again for another may keep its first form (the same values,
+    another speed), so the train and eval steps jit a function of their
+    own per mesh (`fmjax.train.step`)."""
+    token = _PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _PLATFORM.reset(token)
+
+
+def matrix_products() -> bool:
+    """Whether products are traced as 2-D ones (`product_by_parts`)."""
+    return (_PLATFORM.get() or jax.default_backend()) == "cpu"
+
+
+def matrix_equation(equation: str) -> int | None:
+    """n where `equation` is 'rows + inputs, inputs + outputs -> rows +
+    outputs' with n input dims (an `EinsumDense` kernel's form); else None."""
     inputs, out = equation.split("->")
     lhs, rhs = inputs.split(",")
     n = len(rhs) - len(rhs.lstrip(lhs))  # the kernel's leading, contracting dims
-    if not (lhs.endswith(rhs[:n]) and out == lhs[: len(lhs) - n] + rhs[n:]):
+    if n and lhs.endswith(rhs[:n]) and out == lhs[: len(lhs) - n] + rhs[n:]:
+        return n
+    return None
+
+
+def product_by_parts(product, equation: str, x: Array, kernel):
+    """`product(equation, x, kernel)` as 2-D products: x's leading dims
+    flattened into rows and its contracting dims (its last) into one, the
+    kernel as its [inputs, outputs] matrix, or for `ColumnParts` one product
+    per part, joined; the result given the equation's output shape. A single
+    row is a vector: XLA:CPU copied each part's [1, n] product through a
+    bitcast of its own.
+
+    Why 2-D: the kernel's gradient contracts x's leading dims ([B, L, D]
+    against [B, L, F]: B and L), and XLA:CPU computes a product contracting
+    several dims after copying an operand into a canonical layout, here the
+    larger one ([F, B*L] for an MLP's up projection); as [B*L, D] against
+    [B*L, F] it reads both where they lie (`clip:small` 0.88x the step's
+    time, docs/performance.md). Whole kernels only where products are traced
+    for XLA:CPU (`matrix_products`): a TPU lays [B, L, D] out in tiles of its
+    last two dims, and `vit_mae:base`'s plan took 8% more temporaries with
+    2-D products. An NF4 kernel, or an equation of another form, keeps its
+    einsum."""
+    n = matrix_equation(equation)
+    if not isinstance(kernel, ColumnParts):
+        if n is None or is_quantized(kernel) or not matrix_products():
+            return product(equation, x, kernel)
+        inputs = int(np.prod(kernel.shape[:n]))
+        kernel = ColumnParts((kernel.reshape(inputs, -1),), tuple(kernel.shape))
+    elif n is None:
         raise ValueError(
             f"kernel parts need an equation 'batch + inputs, inputs + outputs -> "
             f"batch + outputs'; got {equation!r}"
@@ -86,7 +140,8 @@ def product_by_parts(product, equation: str, x: Array, kernel):
     vector = rows.shape[0] == 1
     step = "j,jk->k" if vector else "ij,jk->ik"
     rows = rows[0] if vector else rows
-    y = jnp.concatenate([product(step, rows, part) for part in kernel.parts], -1)
+    ys = [product(step, rows, part) for part in kernel.parts]
+    y = ys[0] if len(ys) == 1 else jnp.concatenate(ys, -1)
     return y.reshape(*x.shape[: x.ndim - n], *kernel.shape[n:])
 
 

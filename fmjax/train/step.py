@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fmjax.models import dense
 from fmjax.sharding import batch_sharding
 from fmjax.train.state import TrainState
 
@@ -124,6 +125,13 @@ def eval_step(params, frozen, extra, batch: dict, rng, *, loss_fn: LossFn) -> di
     return _sums(loss_fn, params, frozen, batch, rng, False, extra)
 
 
+def _traced_for(platform: str, step, *args, **kwargs):
+    """`step`, its products traced for the mesh's platform (a TPU plan is
+    traced on this host: `dense.products_for`)."""
+    with dense.products_for(platform):
+        return step(*args, **kwargs)
+
+
 def jit_train_step(
     loss_fn,
     learning_rate_fn,
@@ -134,6 +142,8 @@ def jit_train_step(
     constrain_params: ConstrainParams | None = None,
 ):
     step = functools.partial(
+        _traced_for,
+        mesh.devices.flat[0].platform,
         train_step,
         loss_fn=loss_fn,
         learning_rate_fn=learning_rate_fn,
@@ -153,7 +163,9 @@ def jit_train_step(
 def jit_eval_step(loss_fn, state_shardings, mesh):
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.jit(
-        functools.partial(eval_step, loss_fn=loss_fn),
+        functools.partial(
+            _traced_for, mesh.devices.flat[0].platform, eval_step, loss_fn=loss_fn
+        ),
         in_shardings=(
             state_shardings.params,
             state_shardings.frozen,

@@ -1,0 +1,97 @@
+"""`EinsumDense` products as 2-D matrices on XLA:CPU (`dense.product_by_parts`):
+the same values and gradients as the einsums, and kernel gradients that
+contract one dim."""
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fmjax.adapt.lora import LoraConfig, lora_delta
+from fmjax.models import dense
+
+EQUATIONS = [
+    ("BLD,DHK->BLHK", (3, 5, 8), (8, 2, 4)),  # query, key, value
+    ("BLHK,HKD->BLD", (3, 5, 2, 4), (2, 4, 8)),  # attention output: 2 inputs
+    ("BD,DN->BN", (3, 8), (8, 6)),  # a head on pooled features
+]
+
+
+def _dot_operand_ranks(fn, *args) -> list[tuple[int, int, int]]:
+    """(lhs rank, rhs rank, contracting dims) of every dot_general in fn's jaxpr."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                (contract, _), _ = eqn.params["dimension_numbers"]
+                ranks = [v.aval.ndim for v in eqn.invars]
+                found.append((*ranks, len(contract)))
+        for sub in jax.extend.core.subjaxprs(jaxpr):
+            walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def _loss_and_grads(equation, kernel_shape):
+    module = dense.EinsumDense(equation, kernel_shape, ("a",) * len(kernel_shape))
+
+    def loss(params, x):
+        return jnp.sum(jnp.sin(module.apply({"params": params}, x)))
+
+    return module, jax.value_and_grad(loss, argnums=(0, 1))
+
+
+@pytest.mark.parametrize("equation,x_shape,kernel_shape", EQUATIONS)
+def test_matrix_products_equal_einsums_with_one_contracting_dim(
+    equation, x_shape, kernel_shape
+):
+    x = jax.random.normal(jax.random.key(0), x_shape)
+    results = {}
+    for platform in ("cpu", "tpu"):
+        # A function of its own per platform: JAX caches traces by function.
+        module, value_and_grad = _loss_and_grads(equation, kernel_shape)
+        params = module.init(jax.random.key(1), x)["params"]
+        params = jax.tree.map(lambda p: p + 0.1, params)  # a nonzero bias
+        with dense.products_for(platform):
+            results[platform] = value_and_grad(params, x)
+            ranks = _dot_operand_ranks(value_and_grad, params, x)
+        if platform == "cpu":  # every product 2-D (or a vector), one dim contracted
+            assert all(max(r[:2]) <= 2 and r[2] == 1 for r in ranks), ranks
+        elif len(x_shape) > 2:  # einsums: the kernel gradient contracts B and L
+            assert any(r[2] > 1 for r in ranks), ranks
+    for a, b in zip(jax.tree.leaves(results["cpu"]), jax.tree.leaves(results["tpu"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_lora_delta_rows_flattened_on_cpu_only():
+    config = LoraConfig(rank=2, alpha=4.0)
+    x = jax.random.normal(jax.random.key(0), (3, 5, 8))
+    a_IR = jax.random.normal(jax.random.key(1), (8, 2))
+    b_RO = jax.random.normal(jax.random.key(2), (2, 6))
+
+    results = {}
+    for platform, rank in (("cpu", 2), ("tpu", 3)):
+
+        def loss(a, b, x):  # a function of its own per platform (above)
+            return jnp.sum(jnp.sin(lora_delta(x, a, b, config, 1, (6,), rng=None)))
+
+        grads = jax.value_and_grad(loss, argnums=(0, 1, 2))
+        with dense.products_for(platform):
+            results[platform] = grads(a_IR, b_RO, x)
+            ranks = _dot_operand_ranks(grads, a_IR, b_RO, x)
+        assert max(max(r[:2]) for r in ranks) == rank, (platform, ranks)
+    for a, b in zip(jax.tree.leaves(results["cpu"]), jax.tree.leaves(results["tpu"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_products_for_restores_the_default():
+    default = dense.matrix_products()
+    with dense.products_for("tpu"):
+        assert not dense.matrix_products()
+        with dense.products_for("cpu"):
+            assert dense.matrix_products()
+        assert not dense.matrix_products()
+    assert dense.matrix_products() == default == (jax.default_backend() == "cpu")
