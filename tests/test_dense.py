@@ -11,10 +11,10 @@ import pytest
 from fmjax.adapt.lora import LoraConfig, lora_delta
 from fmjax.models import dense
 
-EQUATIONS = [
-    ("BLD,DHK->BLHK", (3, 5, 8), (8, 2, 4)),  # query, key, value
-    ("BLHK,HKD->BLD", (3, 5, 2, 4), (2, 4, 8)),  # attention output: 2 inputs
-    ("BD,DN->BN", (3, 8), (8, 6)),  # a head on pooled features
+EQUATIONS = [  # equation, x's shape, kernel's shape and logical axes
+    ("BLD,DHK->BLHK", (3, 5, 8), (8, 2, 4), ("embed", "heads", "kv")),
+    ("BLHK,HKD->BLD", (3, 5, 2, 4), (2, 4, 8), ("heads", "kv", "embed")),
+    ("BD,DN->BN", (3, 8), (8, 6), ("embed", "mlp")),  # pooled features
 ]
 
 
@@ -35,8 +35,8 @@ def _dot_operand_ranks(fn, *args) -> list[tuple[int, int, int]]:
     return found
 
 
-def _loss_and_grads(equation, kernel_shape):
-    module = dense.EinsumDense(equation, kernel_shape, ("a",) * len(kernel_shape))
+def _loss_and_grads(equation, kernel_shape, axes):
+    module = dense.EinsumDense(equation, kernel_shape, axes)
 
     def loss(params, x):
         return jnp.sum(jnp.sin(module.apply({"params": params}, x)))
@@ -44,15 +44,15 @@ def _loss_and_grads(equation, kernel_shape):
     return module, jax.value_and_grad(loss, argnums=(0, 1))
 
 
-@pytest.mark.parametrize("equation,x_shape,kernel_shape", EQUATIONS)
+@pytest.mark.parametrize("equation,x_shape,kernel_shape,axes", EQUATIONS)
 def test_matrix_products_equal_einsums_with_one_contracting_dim(
-    equation, x_shape, kernel_shape
+    equation, x_shape, kernel_shape, axes
 ):
     x = jax.random.normal(jax.random.key(0), x_shape)
     results = {}
     for platform in ("cpu", "tpu"):
         # A function of its own per platform: JAX caches traces by function.
-        module, value_and_grad = _loss_and_grads(equation, kernel_shape)
+        module, value_and_grad = _loss_and_grads(equation, kernel_shape, axes)
         params = module.init(jax.random.key(1), x)["params"]
         params = jax.tree.map(lambda p: p + 0.1, params)  # a nonzero bias
         with dense.products_for(platform):

@@ -107,11 +107,12 @@ def matrix_equation(equation: str) -> int | None:
     return None
 
 
-def product_by_parts(product, equation: str, x: Array, kernel):
+def product_by_parts(product, equation: str, x: Array, kernel, bias=None):
     """`product(equation, x, kernel)` as 2-D products: x's leading dims
     flattened into rows and its contracting dims (its last) into one, the
     kernel as its [inputs, outputs] matrix, or for `ColumnParts` one product
-    per part, joined; the result given the equation's output shape. A single
+    per part, joined, plus `bias` (the output dims' shape) if given; the
+    result given the equation's output shape. A single
     row is a vector: XLA:CPU copied each part's [1, n] product through a
     bitcast of its own.
 
@@ -128,7 +129,11 @@ def product_by_parts(product, equation: str, x: Array, kernel):
     n = matrix_equation(equation)
     if not isinstance(kernel, ColumnParts):
         if n is None or is_quantized(kernel) or not matrix_products():
-            return product(equation, x, kernel)
+            y = product(equation, x, kernel)
+            if bias is None:
+                return y
+            # Explicit leading 1s: the project runs with rank promotion disabled.
+            return y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
         inputs = int(np.prod(kernel.shape[:n]))
         kernel = ColumnParts((kernel.reshape(inputs, -1),), tuple(kernel.shape))
     elif n is None:
@@ -142,6 +147,8 @@ def product_by_parts(product, equation: str, x: Array, kernel):
     rows = rows[0] if vector else rows
     ys = [product(step, rows, part) for part in kernel.parts]
     y = ys[0] if len(ys) == 1 else jnp.concatenate(ys, -1)
+    if bias is not None:  # its gradient then sums the rows of a 2-D array
+        y = y + (bias.reshape(-1) if vector else bias.reshape(1, -1))
     return y.reshape(*x.shape[: x.ndim - n], *kernel.shape[n:])
 
 
@@ -273,26 +280,23 @@ class EinsumDense(nn.Module):
             self.kernel_shape,
             self.param_dtype,
         )
-        y = product_by_parts(
+        bias = None
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(
+                    nn.initializers.zeros, self.kernel_axes[self.num_in :]
+                ),
+                self.kernel_shape[self.num_in :],
+                self.param_dtype,
+            ).astype(self.dtype)
+        return product_by_parts(
             lambda eq, a, k: _dense_einsum(eq, a, k, self.dtype),
             self.equation,
             x,
             kernel,
+            bias,
         )
-        if not self.use_bias:
-            return y
-        bias_shape = self.kernel_shape[self.num_in :]
-        bias = self.param(
-            "bias",
-            nn.with_logical_partitioning(
-                nn.initializers.zeros, self.kernel_axes[self.num_in :]
-            ),
-            bias_shape,
-            self.param_dtype,
-        )
-        # Explicit leading 1s: the project runs with rank promotion disabled.
-        bias = bias.reshape((1,) * (y.ndim - bias.ndim) + bias_shape)
-        return y + bias.astype(self.dtype)
 
 
 class Embed(nn.Module):
