@@ -36,6 +36,9 @@ def get_config(variant: str = "small"):
         c.optimizer.update(warmup_steps=2)
     elif variant == "small":
         c.train.update(steps=3000)  # the CPU study: about 8 min on 2 cores
+        # One XLA device of a CPU host: two took 1.09x its step's time
+        # (bench/host_devices_ab.py; fmjax.host_devices).
+        c.mesh.update(host_devices=1)
         c.model.update(
             decoder_d_model=64, decoder_layers=2, decoder_heads=2,
             decoder_head_dim=32, decoder_mlp_dim=256,

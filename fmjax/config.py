@@ -229,7 +229,12 @@ def base_config() -> ConfigDict:
         progress=True,
     )
     c.checkpoint = dict(every=100, keep=3, async_save=True)
-    c.mesh = dict(data=-1, fsdp=1, tensor=1, num_devices=0, rules=DEFAULT_RULES)
+    # host_devices: the XLA devices `fmjax train` makes of a CPU host
+    # (`fmjax.host_devices`): 0, fmjax decides (2 where only speed changes);
+    # 1, one (a step too small to gain from two).
+    c.mesh = dict(
+        data=-1, fsdp=1, tensor=1, num_devices=0, host_devices=0, rules=DEFAULT_RULES
+    )
     # A pretrained model to start from (`init.from` is the same key): an fmjax
     # workdir or export, or an HF directory. Empty: random init.
     c.init = dict(model="", pretrained=True)

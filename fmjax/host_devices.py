@@ -13,14 +13,21 @@ turns), steps per second against one device: `gpt_lm:small` 1.12x (two
 runs), `bert_mlm:small` 1.13x, `clip:small` 1.09-1.13x,
 `vit_supervised:small` 1.03-1.22x, `vit_mae:small` 0.99-1.01x. The first
 step's loss was the same (to 3e-7 of it for the text models, whose loss
-sums add up in another order).
+sums add up in another order). Since the products are 2-D on XLA:CPU
+(`fmjax.models.dense.product_by_parts`), which took out copies that ran on
+one thread, the same script gave `gpt_lm:small` 1.08x, `bert_mlm:small`
+1.06x, `clip:small` 1.01x, `vit_simclr:small` and `vit_dino:small` 1.03x,
+`vit_supervised:small` 0.98x and `vit_mae:small` 0.92x (twice), whose step
+of 1,600 small ops gains nothing from half a batch and pays for the
+gradients' sum: `configs/vit_mae.py` sets `mesh.host_devices=1`.
 
 So `fmjax train` and `fmjax bench train` make 2 devices of a CPU host
 (`training_devices`) wherever that changes nothing but the speed and the
 rounding of sums: the run is one process, the config's mesh is data-parallel
 over every device, the batch (and each micro-batch) splits in two, and no
 pretrained weights over 1 GiB are loaded (each device holds a copy of the
-params and the optimizer state). A count of the user's own always wins:
+params and the optimizer state), unless the config says one
+(`mesh.host_devices=1`). A count of the user's own always wins:
 `FMJAX_HOST_DEVICES=1` keeps one device, `FMJAX_HOST_DEVICES=8` simulates 8,
 as do `JAX_NUM_CPU_DEVICES` and `--xla_force_host_platform_device_count` in
 `XLA_FLAGS`. The count only shapes JAX's CPU backend; where a GPU or TPU
@@ -31,6 +38,8 @@ trains, nothing changes. Hosts with more cores get 2 devices as well; only
 from __future__ import annotations
 
 import os
+
+from fmjax.config import ConfigError
 
 SPLIT = 2
 MAX_PRETRAINED_BYTES = 1 << 30
@@ -71,6 +80,14 @@ def training_devices(config, environ: dict, cores: int | None) -> int:
     if (cores or 1) < SPLIT:
         return 0
     mesh = config.mesh
+    wanted = mesh.get("host_devices", 0)
+    if wanted not in (0, 1):
+        raise ConfigError(
+            f"mesh.host_devices={wanted!r}: expected 0 (fmjax decides) or 1 (one "
+            "device); FMJAX_HOST_DEVICES=N sets any count"
+        )
+    if wanted == 1:
+        return 0
     if (mesh.data, mesh.fsdp, mesh.tensor, mesh.num_devices) != (-1, 1, 1, 0):
         return 0
     accumulation = config.optimizer.get("grad_accum_steps", 1) or 1

@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO, tiny_overrides
 
 from fmjax import host_devices
-from fmjax.config import load_config
+from fmjax.config import ConfigError, load_config
 
 CORES = 2
 
@@ -51,6 +51,14 @@ def test_a_count_of_the_users_own_or_several_processes_keep_jaxs_devices(environ
 )
 def test_other_meshes_and_batches_that_do_not_split_keep_one_device(overrides):
     assert host_devices.training_devices(_config(*overrides), {}, CORES) == 0
+
+
+def test_a_config_may_keep_one_device_and_other_counts_are_refused():
+    assert host_devices.training_devices(_config("mesh.host_devices=1"), {}, 8) == 0
+    mae = load_config("configs/vit_mae.py:small")
+    assert host_devices.training_devices(mae, {}, CORES) == 0
+    with pytest.raises(ConfigError, match=r"mesh.host_devices=2: expected 0"):
+        host_devices.training_devices(_config("mesh.host_devices=2"), {}, CORES)
 
 
 def test_one_core_or_large_pretrained_weights_keep_one_device(tmp_path, monkeypatch):
