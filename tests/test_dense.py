@@ -35,6 +35,11 @@ def _dot_operand_ranks(fn, *args) -> list[tuple[int, int, int]]:
     return found
 
 
+def _assert_same(a, b):
+    close = lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)  # noqa: E731
+    jax.tree.map(close, a, b)
+
+
 def _loss_and_grads(equation, kernel_shape, axes):
     module = dense.EinsumDense(equation, kernel_shape, axes)
 
@@ -62,8 +67,7 @@ def test_matrix_products_equal_einsums_with_one_contracting_dim(
             assert all(max(r[:2]) <= 2 and r[2] == 1 for r in ranks), ranks
         elif len(x_shape) > 2:  # einsums: the kernel gradient contracts B and L
             assert any(r[2] > 1 for r in ranks), ranks
-    for a, b in zip(jax.tree.leaves(results["cpu"]), jax.tree.leaves(results["tpu"])):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    _assert_same(results["cpu"], results["tpu"])
 
 
 def test_lora_delta_rows_flattened_on_cpu_only():
@@ -83,8 +87,7 @@ def test_lora_delta_rows_flattened_on_cpu_only():
             results[platform] = grads(a_IR, b_RO, x)
             ranks = _dot_operand_ranks(grads, a_IR, b_RO, x)
         assert max(max(r[:2]) for r in ranks) == rank, (platform, ranks)
-    for a, b in zip(jax.tree.leaves(results["cpu"]), jax.tree.leaves(results["tpu"])):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    _assert_same(results["cpu"], results["tpu"])
 
 
 def test_products_for_restores_the_default():

@@ -108,13 +108,12 @@ def matrix_equation(equation: str) -> int | None:
 
 
 def product_by_parts(product, equation: str, x: Array, kernel, bias=None):
-    """`product(equation, x, kernel)` as 2-D products: x's leading dims
-    flattened into rows and its contracting dims (its last) into one, the
-    kernel as its [inputs, outputs] matrix, or for `ColumnParts` one product
-    per part, joined, plus `bias` (the output dims' shape) if given; the
-    result given the equation's output shape. A single
-    row is a vector: XLA:CPU copied each part's [1, n] product through a
-    bitcast of its own.
+    """`product(equation, x, kernel)` (+ `bias`, the output dims' shape) as
+    2-D products: x's leading dims flattened into rows and its contracting
+    dims (its last) into one, the kernel as its [inputs, outputs] matrix, or
+    for `ColumnParts` one product per part, joined; the result given the
+    equation's output shape. A single row is a vector: XLA:CPU copied each
+    part's [1, n] product through a bitcast of its own.
 
     Why 2-D: the kernel's gradient contracts x's leading dims ([B, L, D]
     against [B, L, F]: B and L), and XLA:CPU computes a product contracting
