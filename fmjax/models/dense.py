@@ -133,8 +133,7 @@ def product_by_parts(product, equation: str, x: Array, kernel, bias=None):
                 return y
             # Explicit leading 1s: the project runs with rank promotion disabled.
             return y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
-        inputs = int(np.prod(kernel.shape[:n]))
-        kernel = ColumnParts((kernel.reshape(inputs, -1),), tuple(kernel.shape))
+        kernel = column_parts(kernel, 1, n)  # the whole [inputs, outputs] matrix
     elif n is None:
         raise ValueError(
             f"kernel parts need an equation 'batch + inputs, inputs + outputs -> "
