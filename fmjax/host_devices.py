@@ -69,6 +69,14 @@ def training_devices(config, environ: dict, cores: int | None) -> int:
     """The XLA CPU devices to make of this host for training `config`: SPLIT
     where every condition in the module's docstring holds, else 0 (JAX's
     default: one, or the count the user set)."""
+    wanted = config.mesh.get("host_devices", 0)
+    if wanted not in (0, 1):
+        raise ConfigError(
+            f"mesh.host_devices={wanted!r}: expected 0 (fmjax decides) or 1 (one "
+            "device); FMJAX_HOST_DEVICES=N sets any count"
+        )
+    if wanted == 1:
+        return 0
     if environ.get("FMJAX_HOST_DEVICES") or environ.get("JAX_NUM_CPU_DEVICES"):
         return 0
     if FLAG in environ.get("XLA_FLAGS", ""):
@@ -80,14 +88,6 @@ def training_devices(config, environ: dict, cores: int | None) -> int:
     if (cores or 1) < SPLIT:
         return 0
     mesh = config.mesh
-    wanted = mesh.get("host_devices", 0)
-    if wanted not in (0, 1):
-        raise ConfigError(
-            f"mesh.host_devices={wanted!r}: expected 0 (fmjax decides) or 1 (one "
-            "device); FMJAX_HOST_DEVICES=N sets any count"
-        )
-    if wanted == 1:
-        return 0
     if (mesh.data, mesh.fsdp, mesh.tensor, mesh.num_devices) != (-1, 1, 1, 0):
         return 0
     accumulation = config.optimizer.get("grad_accum_steps", 1) or 1

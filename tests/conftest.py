@@ -103,6 +103,13 @@ def perturb(params, seed=1, scale=0.1):
     )
 
 
+def assert_trees_close(got, want, **tol):
+    """Every leaf of `got` close to `want`'s at the same path (named on failure)."""
+    flat_want = dict(jax.tree_util.tree_leaves_with_path(want))
+    for path, leaf in jax.tree_util.tree_leaves_with_path(got):
+        np.testing.assert_allclose(leaf, flat_want[path], err_msg=str(path), **tol)
+
+
 def _write_idx(path, array) -> None:
     import gzip
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import perturb
+from conftest import assert_trees_close, perturb
 
 from fmjax.models.attention import make_attention_mask
 from fmjax.models.config import TransformerConfig
@@ -21,12 +21,6 @@ TINY = dict(
     vocab_size=61, d_model=32, num_layers=2, num_heads=4, head_dim=8, mlp_dim=64,
     max_len=32,
 )  # fmt: skip
-
-
-def _assert_trees_close(got, want, **tol):
-    flat_want = dict(jax.tree_util.tree_leaves_with_path(want))
-    for path, leaf in jax.tree_util.tree_leaves_with_path(got):
-        np.testing.assert_allclose(leaf, flat_want[path], err_msg=str(path), **tol)
 
 
 @pytest.mark.parametrize(
@@ -64,7 +58,7 @@ def test_block_outputs_at_equal_the_full_blocks_rows_and_grads(cfg, pre_norm, ca
     (want_grads, want), (got_grads, got) = grad(params, x, None), grad(params, x, at)
     assert got.shape == (2, 2, cfg.d_model)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    _assert_trees_close(got_grads, want_grads, rtol=1e-4, atol=1e-5)
+    assert_trees_close(got_grads, want_grads, rtol=1e-4, atol=1e-5)
 
 
 def test_decoder_last_only_and_select_equal_the_full_hidden_states():
@@ -111,7 +105,7 @@ def test_vit_pooled_only_computes_cls_alone_with_the_same_readout():
     assert got["hidden"].shape == (2, 1, 32) and want["hidden"].shape == (2, 17, 32)
     for key in ("pooled", "logits"):
         np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6)
-    _assert_trees_close(got_grads, want_grads, rtol=1e-4, atol=1e-6)
+    assert_trees_close(got_grads, want_grads, rtol=1e-4, atol=1e-6)
 
 
 def _largest_value(jaxpr) -> int:

@@ -2,14 +2,20 @@
 the same values and gradients as the einsums, and kernel gradients that
 contract one dim."""
 
+import os
+import sys
+
 import jax
-import jax.extend
 import jax.numpy as jnp
-import numpy as np
 import pytest
+from conftest import REPO, assert_trees_close
 
 from fmjax.adapt.lora import LoraConfig, lora_delta
 from fmjax.models import dense
+
+sys.path.insert(0, os.path.join(REPO, "bench"))
+
+from matmul_floor import step_dots  # noqa: E402
 
 EQUATIONS = [  # equation, x's shape, kernel's shape and logical axes
     ("BLD,DHK->BLHK", (3, 5, 8), (8, 2, 4), ("embed", "heads", "kv")),
@@ -20,24 +26,8 @@ EQUATIONS = [  # equation, x's shape, kernel's shape and logical axes
 
 def _dot_operand_ranks(fn, *args) -> list[tuple[int, int, int]]:
     """(lhs rank, rhs rank, contracting dims) of every dot_general in fn's jaxpr."""
-    found = []
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "dot_general":
-                (contract, _), _ = eqn.params["dimension_numbers"]
-                ranks = [v.aval.ndim for v in eqn.invars]
-                found.append((*ranks, len(contract)))
-        for sub in jax.extend.core.subjaxprs(jaxpr):
-            walk(sub)
-
-    walk(jax.make_jaxpr(fn)(*args).jaxpr)
-    return found
-
-
-def _assert_same(a, b):
-    close = lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)  # noqa: E731
-    jax.tree.map(close, a, b)
+    dots = step_dots(jax.make_jaxpr(fn)(*args).jaxpr)
+    return [(len(lhs), len(rhs), len(dims[0][0])) for lhs, rhs, _, dims in dots]
 
 
 def _loss_and_grads(equation, kernel_shape, axes):
@@ -67,7 +57,7 @@ def test_matrix_products_equal_einsums_with_one_contracting_dim(
             assert all(max(r[:2]) <= 2 and r[2] == 1 for r in ranks), ranks
         elif len(x_shape) > 2:  # einsums: the kernel gradient contracts B and L
             assert any(r[2] > 1 for r in ranks), ranks
-    _assert_same(results["cpu"], results["tpu"])
+    assert_trees_close(results["cpu"], results["tpu"], rtol=1e-5, atol=1e-6)
 
 
 def test_lora_delta_rows_flattened_on_cpu_only():
@@ -87,7 +77,7 @@ def test_lora_delta_rows_flattened_on_cpu_only():
             results[platform] = grads(a_IR, b_RO, x)
             ranks = _dot_operand_ranks(grads, a_IR, b_RO, x)
         assert max(max(r[:2]) for r in ranks) == rank, (platform, ranks)
-    _assert_same(results["cpu"], results["tpu"])
+    assert_trees_close(results["cpu"], results["tpu"], rtol=1e-5, atol=1e-6)
 
 
 def test_products_for_restores_the_default():

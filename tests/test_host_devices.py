@@ -57,8 +57,10 @@ def test_a_config_may_keep_one_device_and_other_counts_are_refused():
     assert host_devices.training_devices(_config("mesh.host_devices=1"), {}, 8) == 0
     mae = load_config("configs/vit_mae.py:small")
     assert host_devices.training_devices(mae, {}, CORES) == 0
-    with pytest.raises(ConfigError, match=r"mesh.host_devices=2: expected 0"):
-        host_devices.training_devices(_config("mesh.host_devices=2"), {}, CORES)
+    bad = _config("mesh.host_devices=2")
+    for environ, cores in (({}, CORES), ({"FMJAX_HOST_DEVICES": "1"}, 1)):
+        with pytest.raises(ConfigError, match=r"mesh.host_devices=2: expected 0"):
+            host_devices.training_devices(bad, environ, cores)
 
 
 def test_one_core_or_large_pretrained_weights_keep_one_device(tmp_path, monkeypatch):
