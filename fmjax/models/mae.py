@@ -31,14 +31,21 @@ def random_masking(noise_BP: Array, keep: int) -> tuple[Array, Array, Array, Arr
     """MAE's per-example masking: the `keep` patches with the smallest noise
     stay. Returns (ids_keep [B, K], ids_restore [B, P], mask [B, P]: 1 where
     masked), as the MAE reference's `random_masking`, and ids_masked [B, P -
-    K], the other patches."""
+    K], the other patches. One sort: ids_restore, the inverse permutation
+    (each patch's rank), is scattered rather than sorted again, and the mask
+    is where that rank is `keep` or more."""
     ids_shuffle_BP = jnp.argsort(noise_BP, axis=1)
-    ids_restore_BP = jnp.argsort(ids_shuffle_BP, axis=1)
     batch, patches = noise_BP.shape
-    mask_BP = jnp.concatenate(
-        [jnp.zeros((batch, keep)), jnp.ones((batch, patches - keep))], axis=1
+    ranks_BP = jnp.broadcast_to(
+        jnp.arange(patches, dtype=ids_shuffle_BP.dtype), (batch, patches)
     )
-    mask_BP = jnp.take_along_axis(mask_BP, ids_restore_BP, axis=1)
+    rows_B1 = jnp.arange(batch)[:, None]
+    ids_restore_BP = (
+        jnp.zeros_like(ids_shuffle_BP)
+        .at[rows_B1, ids_shuffle_BP]
+        .set(ranks_BP, unique_indices=True)
+    )
+    mask_BP = (ids_restore_BP >= keep).astype(jnp.float32)
     return ids_shuffle_BP[:, :keep], ids_restore_BP, mask_BP, ids_shuffle_BP[:, keep:]
 
 

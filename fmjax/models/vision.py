@@ -294,6 +294,10 @@ class VisionTransformer(nn.Module):
             )
         numerics = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
         patches_BPX = patchify(images_BHWC.astype(jnp.float32), cfg.patch_size)
+        positions_BPD = self._positions(shape[1] // cfg.patch_size)[None]
+        if keep_BK is not None:  # only the kept patches embedded (P becomes K)
+            patches_BPX = jnp.take_along_axis(patches_BPX, keep_BK[..., None], axis=1)
+            positions_BPD = jnp.take(positions_BPD[0], keep_BK, axis=0)
         x_BPD = EinsumDense(
             "BPX,XD->BPD",
             (cfg.patch_dim, cfg.d_model),
@@ -306,9 +310,7 @@ class VisionTransformer(nn.Module):
             name="patch_embed",
             **numerics,
         )(patches_BPX).astype(jnp.float32)
-        x_BPD = x_BPD + self._positions(shape[1] // cfg.patch_size)[None]
-        if keep_BK is not None:
-            x_BPD = jnp.take_along_axis(x_BPD, keep_BK[..., None], axis=1)
+        x_BPD = x_BPD + positions_BPD
         if cfg.pool == "cls":
             # Zeros (MAE, big_vision) unless a LayerNorm follows at once
             # (pre_norm, CLIP's): it would divide a constant token by
