@@ -60,6 +60,34 @@ def test_matrix_products_equal_einsums_with_one_contracting_dim(
     assert_trees_close(results["cpu"], results["tpu"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kernel_shape", [(4, 5), (6, 3)])
+def test_rows_product_gradients_forward_mode_and_route(kernel_shape):
+    x = jax.random.normal(jax.random.key(0), (7, kernel_shape[0]))
+    kernel = jax.random.normal(jax.random.key(1), kernel_shape)
+    tangents = (jnp.cos(x), jnp.sin(kernel))
+    got = jax.jvp(dense.rows_product, (x, kernel), tangents)
+    assert_trees_close(got, jax.jvp(jnp.matmul, (x, kernel), tangents), rtol=1e-5)
+
+    def loss(product):
+        return lambda x, kernel: jnp.sum(jnp.sin(product(x, kernel)))
+
+    grads = jax.grad(loss(dense.rows_product), argnums=(0, 1))
+    want = jax.grad(loss(jnp.matmul), argnums=(0, 1))(x, kernel)
+    assert_trees_close(grads(x, kernel), want, rtol=1e-5, atol=1e-6)
+    # More inputs than outputs: the kernel's gradient is made as [outputs,
+    # inputs], kept so by a barrier; a frozen kernel's product has none.
+    barriers = [
+        eqn.invars[0].aval.shape
+        for eqn in jax.make_jaxpr(grads)(x, kernel).jaxpr.eqns
+        if eqn.primitive.name == "optimization_barrier"
+    ]
+    assert barriers == (
+        [kernel_shape[::-1]] if kernel_shape[0] > kernel_shape[1] else []
+    )
+    x_grad = jax.grad(loss(dense.rows_product))
+    assert "optimization_barrier" not in str(jax.make_jaxpr(x_grad)(x, kernel))
+
+
 def test_lora_delta_rows_flattened_on_cpu_only():
     config = LoraConfig(rank=2, alpha=4.0)
     x = jax.random.normal(jax.random.key(0), (3, 5, 8))

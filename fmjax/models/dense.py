@@ -21,6 +21,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 from fmjax.adapt.quant import (
     NF4_CODES,
@@ -199,10 +200,42 @@ def _frozen_or_param(module: nn.Module, name: str, init_fn, shape, dtype):
 
 def _dense_einsum(equation: str, x, kernel, dtype):
     """einsum(x, kernel) in `dtype`; an NF4 kernel goes through
-    `_quantized_einsum`, which never keeps its dequantised copy."""
-    if not is_quantized(kernel):
-        return jnp.einsum(equation, x.astype(dtype), kernel.astype(dtype))
-    return _quantized_einsum(equation, jnp.dtype(dtype).name, x, kernel)
+    `_quantized_einsum`, which never keeps its dequantised copy, and a 2-D
+    product traced for XLA:CPU through `rows_product`."""
+    if is_quantized(kernel):
+        return _quantized_einsum(equation, jnp.dtype(dtype).name, x, kernel)
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    if equation == "ij,jk->ik" and matrix_products():
+        return rows_product(x, kernel)
+    return jnp.einsum(equation, x, kernel)
+
+
+@jax.custom_jvp
+def rows_product(x: Array, kernel: Array) -> Array:
+    """x [rows, inputs] @ kernel [inputs, outputs]. Where the kernel has more
+    inputs than outputs (an MLP's down projection), its gradient is computed
+    as its transpose, [outputs, inputs]: both are x and the output gradient
+    contracted over their rows, which XLA:CPU gives Eigen, and Eigen made the
+    one whose last dim is the larger faster (`vit_mae:small`'s step 0.95x,
+    docs/performance.md, "Kernel gradients"). XLA folds a transpose of a
+    product's result back into the product, so an optimization barrier
+    stands between them. A custom JVP, not a VJP: forward-mode autodiff
+    (`jax.jvp`) still works, the kernel's tangent taking the same route."""
+    return x @ kernel
+
+
+@functools.partial(rows_product.defjvp, symbolic_zeros=True)
+def _rows_product_jvp(primals, tangents):
+    x, kernel = primals
+    dx, dkernel = tangents
+    y, terms = x @ kernel, []
+    if not isinstance(dx, SymbolicZero):
+        terms.append(dx @ kernel)
+    if not isinstance(dkernel, SymbolicZero):  # a frozen kernel takes no route
+        if kernel.shape[0] > kernel.shape[1]:
+            dkernel = jax.lax.optimization_barrier(dkernel.T).T
+        terms.append(x @ dkernel)
+    return y, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
 
 
 def _dequantized(q, tie, dtype: str):
