@@ -79,6 +79,11 @@ def get_config(variant: str = "small"):
     )  # fmt: skip
     c.optimizer.update(learning_rate=1e-3, warmup_steps=100, weight_decay=0.1)
     c.train.update(steps=1000, eval_every=250)
+    if variant == "small":
+        # One XLA device of a CPU host: two took 1.03-1.07x its step's time
+        # since kernel gradients are oriented (bench/host_devices_ab.py;
+        # fmjax.host_devices). bench/clip_study.py's runs were on one device.
+        c.mesh.update(host_devices=1)
     if variant == "tiny":
         c.model.embed_dim = 32
         c.model.image.update(
