@@ -294,10 +294,11 @@ class VisionTransformer(nn.Module):
             )
         numerics = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
         patches_BPX = patchify(images_BHWC.astype(jnp.float32), cfg.patch_size)
-        positions_BPD = self._positions(shape[1] // cfg.patch_size)[None]
+        positions_PD = self._positions(shape[1] // cfg.patch_size)
+        positions_BPD = positions_PD[None]
         if keep_BK is not None:  # only the kept patches embedded (P becomes K)
             patches_BPX = jnp.take_along_axis(patches_BPX, keep_BK[..., None], axis=1)
-            positions_BPD = jnp.take(positions_BPD[0], keep_BK, axis=0)
+            positions_BPD = jnp.take(positions_PD, keep_BK, axis=0)
         x_BPD = EinsumDense(
             "BPX,XD->BPD",
             (cfg.patch_dim, cfg.d_model),
