@@ -55,8 +55,8 @@ def test_other_meshes_and_batches_that_do_not_split_keep_one_device(overrides):
 
 def test_a_config_may_keep_one_device_and_other_counts_are_refused():
     assert host_devices.training_devices(_config("mesh.host_devices=1"), {}, 8) == 0
-    mae = load_config("configs/vit_mae.py:small")
-    assert host_devices.training_devices(mae, {}, CORES) == 0
+    for spec in ("configs/vit_mae.py:small", "configs/clip.py:small"):
+        assert host_devices.training_devices(load_config(spec), {}, CORES) == 0
     bad = _config("mesh.host_devices=2")
     for environ, cores in (({}, CORES), ({"FMJAX_HOST_DEVICES": "1"}, 1)):
         with pytest.raises(ConfigError, match=r"mesh.host_devices=2: expected 0"):
