@@ -12,6 +12,12 @@ median step, their ratio, and whether the greedy tokens agree.
     python bench/decode_parts_ab.py --batch 1 --parts 8
     python bench/decode_parts_ab.py --config configs/gpt_lm.py:base --batch 4 8
 
+`--packed` times the kernels in column parts (4+ rows) or whole against
+`dense.Packed` kernels (`fmjax.native`'s product, 2-32 rows; the default
+where it builds):
+
+    python bench/decode_parts_ab.py --packed --batch 2 4 8 --rounds 9
+
 `--growth` times instead a cache made whole at the prefill against one that
 grows while decoding (`fmjax.inference.cache_growth`; the kernels in their
 default parts on both sides):
@@ -61,6 +67,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--parts", type=int, default=0)
     parser.add_argument("--growth", action="store_true")
+    parser.add_argument("--packed", action="store_true")
     args = parser.parse_args()
     cfg, generator = random_generator(args.config)
     own, grows = dense.decoding_parts, cache_growth.grows_cache
@@ -73,10 +80,13 @@ def main() -> int:
 
     if args.growth:
         sides = {"whole": policy(growth=lambda *a: False), "growing": policy()}
+    elif args.packed:
+        unpacked = lambda rows, size, float32=True: own(rows, size, False)  # noqa: E731
+        sides = {"parts": policy(parts=unpacked), "packed": policy()}
     else:
-        forced = lambda rows, size: dense.PartCounts(args.parts, args.parts)  # noqa: E731
+        forced = lambda rows, size, f32=True: dense.PartCounts(args.parts, args.parts)  # noqa: E731
         sides = {
-            "whole": policy(parts=lambda rows, size: None),
+            "whole": policy(parts=lambda rows, size, float32=True: None),
             "parts": policy(parts=forced if args.parts else own),
         }
     rng = np.random.default_rng(0)

@@ -14,7 +14,13 @@ from fmjax.inference import cache_growth, stops
 from fmjax.inference import generate as gen
 from fmjax.inference import sampling as smp
 from fmjax.models import build_model, model_config
-from fmjax.models.dense import ColumnParts, decoding_parts
+from fmjax.models.dense import (
+    ColumnParts,
+    Packed,
+    PackedKernel,
+    PartCounts,
+    decoding_parts,
+)
 from fmjax.models.text import decoding_head
 
 VOCAB, PAD, BOS, EOS = 200, 0, 2, 3
@@ -169,17 +175,25 @@ def test_batched_equals_one_by_one(learned):
             alone.append(generator._until_eos(tokens_BN[0]))
         assert batched == alone, settings
         assert generator.generate_ids(PROMPTS, 12, batch_size=2, **settings) == alone
-    # On CPU the 4 rows of 3 prompts decode with kernels in 2 parts, one row
-    # in 4 to 16 (by size) and 2 rows whole: three ways compared above.
-    assert gen.bucket(3, 1) == 4 and decoding_parts(2, 0) is None
+    # On CPU the 4 rows of 3 prompts and the 2 rows decode with packed
+    # kernels (fmjax.native), one row with kernels in 4 to 16 parts (by
+    # size): three ways compared above.
+    assert gen.bucket(3, 1) == 4
     assert decoding_parts(1, 2**30) is None  # a big model: no second copy
+    assert decoding_parts(4, 0, False) == (2, 2) and decoding_parts(2, 0, False) is None
     cpu = jax.default_backend() == "cpu"
-    ways = [decoding_parts(4, 0), decoding_parts(1, 0)]
-    assert ways == [(2, 2), (4, 16)]
-    assert sorted(generator._parts) == (ways if cpu else [])
-    for way, (params, _) in generator._parts.items():
-        split = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, ColumnParts))
-        counts = {len(x.parts) for x in split if isinstance(x, ColumnParts)}
+    ways = {decoding_parts(4, 0), decoding_parts(2, 0), decoding_parts(1, 0)}
+    assert ways == {Packed(PartCounts(2, 2)), Packed(None), PartCounts(4, 16)}
+    assert set(generator._parts) == (ways if cpu else set())
+    laid_out = (ColumnParts, PackedKernel)
+    for way, (params, head) in generator._parts.items():
+        leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, laid_out))
+        if isinstance(way, Packed):
+            assert isinstance(head, PackedKernel)
+            packed = [x for x in leaves if isinstance(x, PackedKernel)]
+            assert len(packed) == 6 * generator.module.config.num_layers
+            continue
+        counts = {len(x.parts) for x in leaves if isinstance(x, ColumnParts)}
         assert counts == {way.fewest}, counts  # small kernels: the fewest parts
 
 
@@ -211,17 +225,24 @@ def test_kernels_in_column_parts_give_the_same_logits(decoders, name):
         whole = functools.reduce(lambda t, k: t[k.key], path, params)
         joined = np.concatenate(x.parts, axis=1).reshape(whole.shape)
         np.testing.assert_array_equal(joined, whole)
+    # Packed kernels (fmjax.native's product, where it builds) too: every
+    # kernel a PackedKernel, an NF4 one whole (tests/test_native.py: the product).
+    packed = split_kernels(params, Packed(None), axes)
     for tokens in ([PROMPTS[0]], [PROMPTS[0][:1]]):
         tokens = jnp.asarray(tokens, jnp.int32)
         want = module.apply({"params": params}, tokens)["logits"]
         got = module.apply({"params": parts}, tokens)["logits"]
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+        if jax.default_backend() == "cpu":
+            got = module.apply({"params": packed}, tokens)["logits"]
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     assert column_parts(jnp.ones((4, 3)), 2).shape == (4, 3)
     nf4 = quantize_tree(params, is_matrix)
     assert jax.tree.all(
         jax.tree.map(
-            lambda a, b: a is b,
+            lambda a, b, c: a is b is c,
             split_kernels(nf4, lambda kernel: 2, axes),
+            split_kernels(nf4, Packed(None), axes),
             nf4,
             is_leaf=is_quantized,
         )

@@ -260,11 +260,11 @@ class Generator:
                 f"generation needs a decoder; this model is kind={cfg.kind!r}"
             )
         self.module, self.params, self.tokenizer = module, params, tokenizer
-        self.kwargs = dict(kwargs or {})
-        self.max_len = max_len
+        self.kwargs, self.max_len = dict(kwargs or {}), max_len
         self.pad_id, self.eos_id = tokenizer.pad_id, tokenizer.eos_id
-        self._parts: dict[dense.PartCounts, DecodingWeights] = {}
+        self._parts: dict[dense.PartCounts | dense.Packed, DecodingWeights] = {}
         self._param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+        self._float32 = cfg.compute_dtype == jnp.float32  # may use Packed kernels
 
     @functools.cached_property
     def _prefill(self):
@@ -292,12 +292,12 @@ class Generator:
         `dense.decoding_parts` `ColumnParts`: a copy of the kernels, kept."""
         parts = None
         if jax.default_backend() == "cpu":
-            parts = dense.decoding_parts(rows, self._param_bytes)
+            parts = dense.decoding_parts(rows, self._param_bytes, self._float32)
         if parts is None:
             return self.params, self._head_DV
         if parts not in self._parts:
             head, axes = self._head_DV, param_axes(self.module.config)
-            head = None if head is None else dense.column_parts(head, parts(head))
+            head = None if head is None else parts.layout(head)
             self._parts[parts] = dense.split_kernels(self.params, parts, axes), head
         return self._parts[parts]
 

@@ -70,6 +70,32 @@ def column_parts(kernel: Array, parts: int, num_in: int = 1) -> Array | ColumnPa
     return ColumnParts(tuple(jnp.split(matrix, parts, axis=1)), tuple(kernel.shape))
 
 
+@flax.struct.dataclass
+class PackedKernel:
+    """A float32 kernel's [inputs, outputs] matrix as column panels
+    [ceil(outputs / 32), inputs, 32], each a contiguous block (the columns
+    past the last output zero), for `fmjax.native.rows_product`: decoding
+    2-32 rows on CPU streams each panel once per 8 rows, where XLA:CPU's
+    libraries pack the weights again at every product
+    (`fmjax.inference.generate.Generator`; docs/benchmarks.md, "Packed
+    kernels"). Forward only."""
+
+    panels: Array
+    shape: tuple[int, ...] = flax.struct.field(pytree_node=False)  # the kernel's
+
+
+def pack_kernel(kernel: Array, num_in: int = 1) -> PackedKernel:
+    """`kernel`, whose first `num_in` dims are its inputs, as `PackedKernel`."""
+    from fmjax.native import PANEL
+
+    matrix = jnp.asarray(kernel, jnp.float32).reshape(
+        int(np.prod(kernel.shape[:num_in])), -1
+    )
+    matrix = jnp.pad(matrix, ((0, 0), (0, -matrix.shape[1] % PANEL)))
+    panels = matrix.reshape(matrix.shape[0], -1, PANEL).transpose(1, 0, 2)
+    return PackedKernel(panels, tuple(kernel.shape))
+
+
 # The platform products are traced for (`products_for`); None: JAX's default.
 _PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "fmjax_products_platform", default=None
@@ -127,7 +153,7 @@ def product_by_parts(product, equation: str, x: Array, kernel, bias=None):
     2-D products. An NF4 kernel, or an equation of another form, keeps its
     einsum."""
     n = matrix_equation(equation)
-    if not isinstance(kernel, ColumnParts):
+    if not isinstance(kernel, ColumnParts | PackedKernel):
         if n is None or is_quantized(kernel) or not matrix_products():
             y = product(equation, x, kernel)
             if bias is None:
@@ -140,29 +166,40 @@ def product_by_parts(product, equation: str, x: Array, kernel, bias=None):
             f"kernel parts need an equation 'batch + inputs, inputs + outputs -> "
             f"batch + outputs'; got {equation!r}"
         )
-    rows = x.reshape(-1, kernel.parts[0].shape[0])
-    vector = rows.shape[0] == 1
-    step = "j,jk->k" if vector else "ij,jk->ik"
-    rows = rows[0] if vector else rows
-    ys = [product(step, rows, part) for part in kernel.parts]
-    y = ys[0] if len(ys) == 1 else jnp.concatenate(ys, -1)
+    if isinstance(kernel, PackedKernel):
+        from fmjax.native import rows_product
+
+        inputs, columns = kernel.panels.shape[1], int(np.prod(kernel.shape[n:]))
+        y = rows_product(x.reshape(-1, inputs), kernel.panels, columns)
+        vector = False
+    else:
+        rows = x.reshape(-1, kernel.parts[0].shape[0])
+        vector = rows.shape[0] == 1
+        step = "j,jk->k" if vector else "ij,jk->ik"
+        rows = rows[0] if vector else rows
+        ys = [product(step, rows, part) for part in kernel.parts]
+        y = ys[0] if len(ys) == 1 else jnp.concatenate(ys, -1)
     if bias is not None:  # its gradient then sums the rows of a 2-D array
         y = y + (bias.reshape(-1) if vector else bias.reshape(1, -1))
     return y.reshape(*x.shape[: x.ndim - n], *kernel.shape[n:])
 
 
 def split_kernels(params, parts, axes: dict[str, tuple]):
-    """`params` with every `EinsumDense` kernel in `parts(kernel)`
-    `column_parts`. `axes`: the logical axes by "/"-joined path
+    """`params` with every `EinsumDense` kernel laid out as `parts` says
+    (`PartCounts`, `Packed`, or a function giving a count of
+    `column_parts`). `axes`: the logical axes by "/"-joined path
     (`fmjax.models.registry.param_axes`), which say a kernel's input dims; a
     kernel not in it, or of NF4 codes, stays whole."""
+    layout = getattr(parts, "layout", None) or (
+        lambda x, num_in: column_parts(x, parts(x), num_in)
+    )
 
     def split(path, x):
         name = "/".join(str(getattr(k, "key", k)) for k in path)
         is_kernel = getattr(path[-1], "key", None) == "kernel" and name in axes
         if not is_kernel or is_quantized(x):
             return x
-        return column_parts(x, parts(x), kernel_num_in(axes[name], name))
+        return layout(x, kernel_num_in(axes[name], name))
 
     return jax.tree_util.tree_map_with_path(split, params, is_leaf=is_quantized)
 
@@ -176,15 +213,45 @@ class PartCounts(NamedTuple):
     def __call__(self, kernel) -> int:
         return min(self.most, max(self.fewest, kernel.nbytes >> 16))
 
+    def layout(self, kernel, num_in: int = 1):
+        return column_parts(kernel, self(kernel), num_in)
 
-def decoding_parts(rows: int, param_bytes: int) -> PartCounts | None:
+
+class Packed(NamedTuple):
+    """float32 kernels as `PackedKernel`s; others as `otherwise` lays them
+    out (None: whole)."""
+
+    otherwise: PartCounts | None
+
+    def layout(self, kernel, num_in: int = 1):
+        if not is_quantized(kernel) and kernel.dtype == jnp.float32:
+            return pack_kernel(kernel, num_in)
+        if self.otherwise is None:
+            return kernel
+        return self.otherwise.layout(kernel, num_in)
+
+
+PACKED_ROWS = (2, 32)  # the rows decoded with `Packed` kernels, where built
+
+
+def decoding_parts(
+    rows: int, param_bytes: int, float32: bool = True
+) -> PartCounts | Packed | None:
     """How decoding `rows` rows on XLA:CPU reads each kernel, or None (whole).
     One row, where the params take at most 64 MiB: 4 to 16 parts
     (gpt_lm:small's query, key and value in 4 each, 12 products ready at
-    once; its MLP kernels and head in 16); 4+ rows: 2 (docs/benchmarks.md)."""
+    once; its MLP kernels and head in 16); 2 to 32 rows of a model computed
+    in `float32` `Packed` where `fmjax.native` builds here; otherwise 2
+    parts from 4 rows (docs/benchmarks.md)."""
+    from fmjax.native import rows_product_available
+
     if rows == 1 and param_bytes <= 64 << 20:
         return PartCounts(4, 16)
-    return PartCounts(2, 2) if rows >= 4 else None
+    parts = PartCounts(2, 2) if rows >= 4 else None
+    low, high = PACKED_ROWS
+    if float32 and low <= rows <= high and rows_product_available():
+        return Packed(parts)
+    return parts
 
 
 def _frozen_or_param(module: nn.Module, name: str, init_fn, shape, dtype):
@@ -193,7 +260,7 @@ def _frozen_or_param(module: nn.Module, name: str, init_fn, shape, dtype):
     logical shape)."""
     if module.has_variable("params", name):
         value = module.get_variable("params", name)
-        if is_quantized(value) or isinstance(value, ColumnParts):
+        if is_quantized(value) or isinstance(value, ColumnParts | PackedKernel):
             return value
     return module.param(name, init_fn, shape, dtype)
 

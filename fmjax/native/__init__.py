@@ -1,0 +1,135 @@
+"""Native CPU kernels for what XLA:CPU's libraries do slowly, compiled for
+this machine on first use.
+
+`rows_product(x_MK, panels_PK32, columns)`: a product of a few rows (the
+rows being decoded) with a kernel stored as column panels
+(`fmjax.models.dense.PackedKernel`): the weights stream through once per
+8 rows, where XLA:CPU's product libraries pack them again at every call
+(docs/benchmarks.md, "Packed kernels"). The source, `rows_gemm.cc`, is an
+XLA FFI handler; it is built with the machine's C++ compiler (`$CXX`, else
+`c++` or `g++`) for this CPU (`-march=native`) the first time a process
+asks for it, and kept in `~/.cache/fmjax/native` (`$XDG_CACHE_HOME`
+honoured), keyed by the source, compiler, flags, jaxlib and CPU, so a
+machine builds it once. Where there is no compiler, the build fails, or
+`FMJAX_NATIVE=0` is set, `rows_product_available()` is False (the failure
+logged once) and callers keep XLA's products.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("rows_gemm.cc")
+TARGET = "fmjax_rows_gemm"  # the FFI target's name
+PANEL = 32  # columns per panel: rows_gemm.cc's kPanel
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu() -> str:
+    """The lines of /proc/cpuinfo that say what -march=native builds for."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    keys = ("model name", "flags", "Features", "CPU part")
+    return "\n".join(sorted({x for x in lines if x.split(":")[0].strip() in keys}))
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "fmjax" / "native"
+
+
+def _build(compiler: str) -> Path:
+    """The shared library, built unless this machine has it already."""
+    include = jax.ffi.include_dir()
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    key = hashlib.sha256(
+        "\0".join(
+            [SOURCE.read_text(), version, " ".join(FLAGS), jax.__version__, _cpu()]
+        ).encode()
+    ).hexdigest()[:16]
+    library = _cache_dir() / f"rows_gemm-{key}.so"
+    if library.exists():
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    # Built under a name of its own, then renamed: processes that build at
+    # once (pytest workers) each install a whole library.
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
+    os.close(fd)
+    try:
+        command = [compiler, *FLAGS, f"-I{include}", str(SOURCE), "-o", partial]
+        out = subprocess.run(command, capture_output=True, text=True, check=False)
+        if out.returncode:
+            raise RuntimeError(
+                f"{' '.join(command)} exited {out.returncode}:\n{out.stderr[-2000:]}"
+            )
+        os.replace(partial, library)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return library
+
+
+@functools.cache
+def rows_product_available() -> bool:
+    """Whether `rows_product` runs here: on a CPU backend, with the library
+    built (or found) and registered with XLA. Decided once per process."""
+    if os.environ.get("FMJAX_NATIVE", "1") == "0" or jax.default_backend() != "cpu":
+        return False
+    compiler = _compiler()
+    if compiler is None:
+        log.warning("no C++ compiler (CXX, c++, g++): decoding keeps XLA's products")
+        return False
+    try:
+        library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
+        handler = jax.ffi.pycapsule(library.FmjaxRowsGemm)
+        jax.ffi.register_ffi_target(TARGET, handler, platform="cpu")
+    except Exception as e:  # noqa: BLE001 - any failure: XLA's products instead
+        log.warning("fmjax.native: %s; decoding keeps XLA's products", e)
+        return False
+    return True
+
+
+def rows_product(x_MK: jax.Array, panels_PKC: jax.Array, columns: int) -> jax.Array:
+    """x [M, K] @ W [K, columns] in float32, W given as its column panels
+    [ceil(columns / 32), K, 32] (`fmjax.models.dense.pack_kernel`). Needs
+    `rows_product_available()`; forward only (it has no derivative)."""
+    if not rows_product_available():
+        raise RuntimeError(
+            "fmjax.native's product is not built here (no C++ compiler, a failed "
+            "build, FMJAX_NATIVE=0 or not a CPU backend; the log says which)"
+        )
+    rows, inputs = x_MK.shape
+    if panels_PKC.shape != (-(-columns // PANEL), inputs, PANEL):
+        raise ValueError(
+            f"panels {panels_PKC.shape} do not fit x {x_MK.shape} and "
+            f"{columns} columns; expected {(-(-columns // PANEL), inputs, PANEL)}"
+        )
+    out = jax.ShapeDtypeStruct((rows, columns), jnp.float32)
+    return jax.ffi.ffi_call(TARGET, out)(
+        x_MK.astype(jnp.float32), panels_PKC.astype(jnp.float32)
+    )

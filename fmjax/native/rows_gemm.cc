@@ -1,0 +1,131 @@
+// fmjax's few-row matrix product for decoding on XLA:CPU (fmjax.native).
+//
+// out[M, N] = x[M, K] @ W, where W [K, N] is stored packed as panels
+// [ceil(N / 32), K, 32] (column block p holds W[:, 32p : 32p + 32], the
+// columns past N zero): each panel is one contiguous run of memory, read
+// once for every 8 rows of x. For each k, a row's 32 outputs take one
+// broadcast of x[m, k] and two fused multiply-adds of 16 lanes, so 8 rows
+// keep 16 accumulators in registers and the weights stream through once,
+// where a library product packs the weights again on every call (what
+// bounded decoding at 2-8 rows: docs/benchmarks.md). Panels are shared out
+// to the threads of XLA's intra-op pool. Every output sums its K products
+// in order of k, one rounding per multiply-add.
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));
+constexpr int64_t kPanel = 32;  // columns per panel
+constexpr int64_t kRows = 8;    // rows per pass over a panel
+
+template <int M>
+void RowBlock(const float* x, const float* panel, float* out, int64_t K,
+              int64_t N, int64_t n0) {
+  v16 acc0[M], acc1[M];
+  for (int m = 0; m < M; ++m) acc0[m] = acc1[m] = v16{};
+  for (int64_t k = 0; k < K; ++k) {
+    v16 w0, w1;
+    std::memcpy(&w0, panel + k * kPanel, sizeof(v16));
+    std::memcpy(&w1, panel + k * kPanel + 16, sizeof(v16));
+    for (int m = 0; m < M; ++m) {
+      const float xv = x[m * K + k];
+      acc0[m] += xv * w0;
+      acc1[m] += xv * w1;
+    }
+  }
+  const int64_t cols = std::min(kPanel, N - n0);
+  for (int m = 0; m < M; ++m) {
+    float row[kPanel];
+    std::memcpy(row, &acc0[m], sizeof(v16));
+    std::memcpy(row + 16, &acc1[m], sizeof(v16));
+    std::memcpy(out + m * N + n0, row, cols * sizeof(float));
+  }
+}
+
+using RowBlockFn = void (*)(const float*, const float*, float*, int64_t,
+                            int64_t, int64_t);
+constexpr RowBlockFn kRowBlocks[kRows + 1] = {
+    nullptr,     RowBlock<1>, RowBlock<2>, RowBlock<3>, RowBlock<4>,
+    RowBlock<5>, RowBlock<6>, RowBlock<7>, RowBlock<8>};
+
+void Panels(const float* x, const float* w, float* out, int64_t M, int64_t K,
+            int64_t N, int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p) {
+    for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+      const int64_t rows = std::min(kRows, M - m0);
+      kRowBlocks[rows](x + m0 * K, w + p * K * kPanel, out + m0 * N, K, N,
+                       p * kPanel);
+    }
+  }
+}
+
+struct Progress {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+void Pause() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+
+ffi::Error RowsGemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                    ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2) {
+    return ffi::Error::InvalidArgument(
+        "rows_gemm: expected x [M, K], panels [P, K, 32], out [M, N]");
+  }
+  const int64_t M = xd[0], K = xd[1], P = wd[0], N = yd[1];
+  if (wd[1] != K || wd[2] != kPanel || yd[0] != M ||
+      (N + kPanel - 1) / kPanel != P) {
+    return ffi::Error::InvalidArgument("rows_gemm: shapes do not match");
+  }
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  float* yp = y->typed_data();
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  // Several chunks per thread, so that one held up by the machine does not
+  // hold up the product.
+  const int64_t chunk = std::max<int64_t>(1, P / (threads * 16));
+  const int64_t chunks = (P + chunk - 1) / chunk;
+  if (threads == 1 || chunks == 1) {
+    Panels(xp, wp, yp, M, K, N, 0, P);
+    return ffi::Error::Success();
+  }
+  // Helpers that start after the last chunk was taken find nothing to do;
+  // the shared counters outlive this call for them.
+  auto progress = std::make_shared<Progress>();
+  auto work = [=]() {
+    for (int64_t c; (c = progress->next.fetch_add(1)) < chunks;) {
+      Panels(xp, wp, yp, M, K, N, c * chunk, std::min(P, (c + 1) * chunk));
+      progress->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min(threads, chunks) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work]() { work(); });
+  work();
+  while (progress->done.load(std::memory_order_acquire) < chunks) Pause();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FmjaxRowsGemm, RowsGemm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
