@@ -83,3 +83,48 @@ def test_without_a_working_compiler_decoding_keeps_xla_products(
     monkeypatch.setattr(native, "rows_product_available", lambda: False)
     assert dense.decoding_parts(8, 0) == dense.PartCounts(2, 2)
     assert dense.decoding_parts(2, 0) is None
+
+
+@pytest.mark.parametrize(
+    "n, r, s, k", [(32, 1, 256, 64), (6, 4, 37, 32), (1, 8, 5, 16)]
+)
+def test_cache_attention_products_equal_einsum(n, r, s, k):
+    """The decoding attention's two products over a KV cache [N, S, K]: one
+    query (or a GQA group's) per cache row."""
+    rng = np.random.default_rng(n + r + s)
+    q, keys, values = (
+        jnp.asarray(rng.standard_normal(shape).astype(np.float32))
+        for shape in ((n, r, k), (n, s, k), (n, s, k))
+    )
+    probs = jax.nn.softmax(jnp.einsum("NRK,NSK->NRS", q, keys), -1)
+    assert native.cache_attention_fits(q, keys)
+    scores = jax.jit(native.cache_scores)(q, keys)
+    want = np.einsum("NRK,NSK->NRS", np.float64(q), np.float64(keys))
+    np.testing.assert_allclose(np.asarray(scores), want, rtol=0, atol=1e-4)
+    out = jax.jit(native.cache_values)(probs, values)
+    want = np.einsum("NRS,NSK->NRK", np.float64(probs), np.float64(values))
+    np.testing.assert_allclose(np.asarray(out), want, rtol=0, atol=1e-5)
+
+
+def test_attention_over_a_cache_takes_the_kernels_where_they_fit():
+    """`attention_probs`/`attend_values` with a cache ("NSK"): the same
+    result with the native products (one new token) as with XLA's (a prompt
+    of 9 tokens, more queries per row than they take)."""
+    from fmjax.models.attention import attend_values, attention_probs
+
+    rng = np.random.default_rng(0)
+    batch, heads, groups, k, s = 2, 4, 2, 32, 12
+    q = jnp.asarray(rng.standard_normal((batch, 9, heads, k)).astype(np.float32))
+    cache = jnp.asarray(rng.standard_normal((2, batch * groups, s, k)), jnp.float32)
+    mask = jnp.asarray(rng.random((batch, 1, 9, s)) < 0.7).at[..., 0].set(True)
+
+    def attend(q, mask):
+        probs = attention_probs(q, cache[0], mask, "NSK")
+        return attend_values(probs, cache[1], "NSK")
+
+    assert native.cache_attention_fits(q[:, :1].reshape(4, 2, k), cache[0])
+    assert not native.cache_attention_fits(q.reshape(4, 18, k), cache[0])
+    whole = jax.jit(attend)(q, mask)
+    for i in range(9):  # each query alone: the native path
+        one = jax.jit(attend)(q[:, i : i + 1], mask[:, :, i : i + 1])
+        np.testing.assert_allclose(one[:, 0], whole[:, i], rtol=0, atol=1e-5)

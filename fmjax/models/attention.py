@@ -14,6 +14,8 @@ import einops
 import jax
 import jax.numpy as jnp
 
+from fmjax import native
+
 Array = jax.Array
 
 # Not -inf: a row with every key masked (padding) must still give a finite softmax.
@@ -93,9 +95,13 @@ def attention_probs(
         q_NLQK = einops.rearrange(
             q_BLHK, "B L (G Q) K -> (B G) L Q K", G=k.shape[0] // batch
         )
-        scores_NLQS = jnp.einsum(
-            "NLQK,NSK->NLQS", q_NLQK, k, preferred_element_type=jnp.float32
-        )
+        if native.cache_attention_fits(_rows(q_NLQK), k):  # decoding on CPU
+            scores = native.cache_scores(_rows(q_NLQK), k)
+            scores_NLQS = scores.reshape(*q_NLQK.shape[:3], -1)
+        else:
+            scores_NLQS = jnp.einsum(
+                "NLQK,NSK->NLQS", q_NLQK, k, preferred_element_type=jnp.float32
+            )
         scores_BGQLS = einops.rearrange(
             scores_NLQS, "(B G) L Q S -> B G Q L S", B=batch
         )
@@ -110,6 +116,11 @@ def attention_probs(
     return einops.rearrange(probs_BGQLS, "B G Q L S -> B (G Q) L S")
 
 
+def _rows(x_NLQX: Array) -> Array:
+    """[N, L, Q, X] -> [N, L * Q, X]: a cache row's queries as one axis."""
+    return x_NLQX.reshape(x_NLQX.shape[0], -1, x_NLQX.shape[-1])
+
+
 def attend_values(probs_BHLS: Array, v: Array, v_layout: str = "BSGK") -> Array:
     """Probability-weighted values -> [B, L, H, K] (H query heads). `v_layout`:
     "BSGK" (projected values, made heads-major first, as in `attention_probs`)
@@ -119,7 +130,12 @@ def attend_values(probs_BHLS: Array, v: Array, v_layout: str = "BSGK") -> Array:
         probs_NLQS = einops.rearrange(
             probs_BHLS, "B (G Q) L S -> (B G) L Q S", G=v.shape[0] // batch
         )
-        out_NLQK = jnp.einsum("NLQS,NSK->NLQK", probs_NLQS.astype(v.dtype), v)
+        probs_NLQS = probs_NLQS.astype(v.dtype)
+        if native.cache_attention_fits(_rows(probs_NLQS), v):
+            out = native.cache_values(_rows(probs_NLQS), v)
+            out_NLQK = out.reshape(*probs_NLQS.shape[:3], -1)
+        else:
+            out_NLQK = jnp.einsum("NLQS,NSK->NLQK", probs_NLQS, v)
         return einops.rearrange(out_NLQK, "(B G) L Q K -> B L (G Q) K", B=batch)
     probs_BGQLS = einops.rearrange(probs_BHLS, "B (G Q) L S -> B G Q L S", G=v.shape[2])
     v_BGSK = einops.rearrange(v, "B S G K -> B G S K")

@@ -34,7 +34,12 @@ import jax.numpy as jnp
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("rows_gemm.cc")
-TARGET = "fmjax_rows_gemm"  # the FFI target's name
+TARGET = "fmjax_rows_gemm"  # the FFI targets' names and their handlers
+HANDLERS = {
+    TARGET: "FmjaxRowsGemm",
+    "fmjax_cache_scores": "FmjaxCacheScores",
+    "fmjax_cache_values": "FmjaxCacheValues",
+}
 PANEL = 32  # columns per panel: rows_gemm.cc's kPanel
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
@@ -106,23 +111,60 @@ def rows_product_available() -> bool:
         return False
     try:
         library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
-        handler = jax.ffi.pycapsule(library.FmjaxRowsGemm)
-        jax.ffi.register_ffi_target(TARGET, handler, platform="cpu")
+        for target, symbol in HANDLERS.items():
+            handler = jax.ffi.pycapsule(getattr(library, symbol))
+            jax.ffi.register_ffi_target(target, handler, platform="cpu")
     except Exception as e:  # noqa: BLE001 - any failure: XLA's products instead
         log.warning("fmjax.native: %s; decoding keeps XLA's products", e)
         return False
     return True
 
 
+def _require() -> None:
+    if not rows_product_available():
+        raise RuntimeError(
+            "fmjax.native's kernels are not built here (no C++ compiler, a failed "
+            "build, FMJAX_NATIVE=0 or not a CPU backend; the log says which)"
+        )
+
+
+def cache_attention_fits(q_NRK: jax.Array, cache_NSK: jax.Array) -> bool:
+    """Whether `cache_scores` (queries) and `cache_values` (probabilities)
+    take these: float32, at most 8 queries per cache row (decoding), head
+    dims a multiple of 16,
+    traced for this CPU with the kernels built."""
+    from fmjax.models.dense import matrix_products
+
+    return (
+        q_NRK.dtype == cache_NSK.dtype == jnp.float32
+        and q_NRK.shape[1] <= 8
+        and cache_NSK.shape[2] % 16 == 0
+        and matrix_products()
+        and rows_product_available()
+    )
+
+
+def cache_scores(q_NRK: jax.Array, keys_NSK: jax.Array) -> jax.Array:
+    """scores [N, R, S]: each of the R queries of cache row n against its S
+    keys (XLA's "NRK,NSK->NRS"), the N rows shared out to the threads."""
+    _require()
+    out = jax.ShapeDtypeStruct((*q_NRK.shape[:2], keys_NSK.shape[1]), jnp.float32)
+    return jax.ffi.ffi_call("fmjax_cache_scores", out)(q_NRK, keys_NSK)
+
+
+def cache_values(probs_NRS: jax.Array, values_NSK: jax.Array) -> jax.Array:
+    """out [N, R, K]: the probability-weighted values of each cache row
+    (XLA's "NRS,NSK->NRK")."""
+    _require()
+    out = jax.ShapeDtypeStruct((*probs_NRS.shape[:2], values_NSK.shape[2]), jnp.float32)
+    return jax.ffi.ffi_call("fmjax_cache_values", out)(probs_NRS, values_NSK)
+
+
 def rows_product(x_MK: jax.Array, panels_PKC: jax.Array, columns: int) -> jax.Array:
     """x [M, K] @ W [K, columns] in float32, W given as its column panels
     [ceil(columns / 32), K, 32] (`fmjax.models.dense.pack_kernel`). Needs
     `rows_product_available()`; forward only (it has no derivative)."""
-    if not rows_product_available():
-        raise RuntimeError(
-            "fmjax.native's product is not built here (no C++ compiler, a failed "
-            "build, FMJAX_NATIVE=0 or not a CPU backend; the log says which)"
-        )
+    _require()
     rows, inputs = x_MK.shape
     if panels_PKC.shape != (-(-columns // PANEL), inputs, PANEL):
         raise ValueError(

@@ -121,9 +121,123 @@ ffi::Error RowsGemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+
+// Decoding attention over a KV cache [N, S, K] (N = batch x key heads) for
+// the R = L x Q queries of each n (one new token, Q query heads per key
+// head): scores[n, r, s] = q[n, r, :] . keys[n, s, :] and
+// out[n, r, :] = sum_s probs[n, r, s] values[n, s, :]. XLA:CPU runs these
+// batched matrix-vector products on one thread; here the n are shared out.
+template <typename F>
+ffi::Error ForEachN(ffi::ThreadPool& pool, int64_t n_total, F&& one) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  if (threads == 1 || n_total == 1) {
+    for (int64_t n = 0; n < n_total; ++n) one(n);
+    return ffi::Error::Success();
+  }
+  auto progress = std::make_shared<Progress>();
+  auto work = [=]() {
+    for (int64_t n; (n = progress->next.fetch_add(1)) < n_total;) {
+      one(n);
+      progress->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min(threads, n_total) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work]() { work(); });
+  work();
+  while (progress->done.load(std::memory_order_acquire) < n_total) Pause();
+  return ffi::Error::Success();
+}
+
+float Sum(v16 a) {
+  float lanes[16];
+  std::memcpy(lanes, &a, sizeof(v16));
+  float total = 0.0f;
+  for (int i = 0; i < 16; ++i) total += lanes[i];
+  return total;
+}
+
+ffi::Error CacheScores(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                       ffi::Buffer<ffi::F32> keys,
+                       ffi::ResultBuffer<ffi::F32> scores) {
+  const auto qd = q.dimensions(), kd = keys.dimensions();
+  if (qd.size() != 3 || kd.size() != 3 || qd[0] != kd[0] || qd[2] != kd[2] ||
+      qd[2] % 16) {
+    return ffi::Error::InvalidArgument(
+        "cache_scores: expected q [N, R, K], keys [N, S, K], K % 16 == 0");
+  }
+  const int64_t N = qd[0], R = qd[1], S = kd[1], K = qd[2];
+  const float* qp = q.typed_data();
+  const float* kp = keys.typed_data();
+  float* out = scores->typed_data();
+  return ForEachN(pool, N, [=](int64_t n) {
+    for (int64_t s = 0; s < S; ++s) {
+      const float* key = kp + (n * S + s) * K;
+      for (int64_t r = 0; r < R; ++r) {
+        const float* query = qp + (n * R + r) * K;
+        v16 acc{};
+        for (int64_t k = 0; k < K; k += 16) {
+          v16 a, b;
+          std::memcpy(&a, query + k, sizeof(v16));
+          std::memcpy(&b, key + k, sizeof(v16));
+          acc += a * b;
+        }
+        out[(n * R + r) * S + s] = Sum(acc);
+      }
+    }
+  });
+}
+
+ffi::Error CacheValues(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> probs,
+                       ffi::Buffer<ffi::F32> values,
+                       ffi::ResultBuffer<ffi::F32> out) {
+  const auto pd = probs.dimensions(), vd = values.dimensions();
+  if (pd.size() != 3 || vd.size() != 3 || pd[0] != vd[0] || pd[2] != vd[1] ||
+      vd[2] % 16) {
+    return ffi::Error::InvalidArgument(
+        "cache_values: expected probs [N, R, S], values [N, S, K], K % 16 == 0");
+  }
+  const int64_t N = pd[0], R = pd[1], S = pd[2], K = vd[2];
+  const float* pp = probs.typed_data();
+  const float* vp = values.typed_data();
+  float* op = out->typed_data();
+  return ForEachN(pool, N, [=](int64_t n) {
+    for (int64_t r = 0; r < R; ++r) {
+      const float* p = pp + (n * R + r) * S;
+      for (int64_t k0 = 0; k0 < K; k0 += 64) {  // 4 vectors of the row at once
+        const int64_t width = std::min<int64_t>(64, K - k0) / 16;
+        v16 acc[4] = {};
+        for (int64_t s = 0; s < S; ++s) {
+          const float* value = vp + (n * S + s) * K + k0;
+          const float weight = p[s];
+          for (int64_t j = 0; j < width; ++j) {
+            v16 v;
+            std::memcpy(&v, value + 16 * j, sizeof(v16));
+            acc[j] += weight * v;
+          }
+        }
+        std::memcpy(op + (n * R + r) * K + k0, acc, width * sizeof(v16));
+      }
+    }
+  });
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FmjaxRowsGemm, RowsGemm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FmjaxCacheScores, CacheScores,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FmjaxCacheValues, CacheValues,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
