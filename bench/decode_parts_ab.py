@@ -18,6 +18,12 @@ where it builds):
 
     python bench/decode_parts_ab.py --packed --batch 2 4 8 --rounds 9
 
+`--attention` times the decoding attention's products over the cache as
+XLA's batched dots against `fmjax.native`'s (`native.cache_scores`,
+`cache_values`; kernels packed on both sides):
+
+    python bench/decode_parts_ab.py --attention --batch 1 8 --rounds 7
+
 `--growth` times instead a cache made whole at the prefill against one that
 grows while decoding (`fmjax.inference.cache_growth`; the kernels in their
 default parts on both sides):
@@ -28,6 +34,7 @@ default parts on both sides):
 from __future__ import annotations
 
 import argparse
+import collections
 import sys
 import time
 
@@ -53,6 +60,7 @@ def step_timer(generator, prompts, new_tokens: int, setup):
 
 
 def main() -> int:
+    from fmjax import native
     from fmjax.host_memory import reexec_with_malloc
     from fmjax.inference import cache_growth
     from fmjax.models import dense
@@ -68,18 +76,31 @@ def main() -> int:
     parser.add_argument("--parts", type=int, default=0)
     parser.add_argument("--growth", action="store_true")
     parser.add_argument("--packed", action="store_true")
+    parser.add_argument("--attention", action="store_true")
     args = parser.parse_args()
     cfg, generator = random_generator(args.config)
+    generators = collections.defaultdict(lambda: generator)
     own, grows = dense.decoding_parts, cache_growth.grows_cache
 
-    def policy(parts=own, growth=grows):
+    fits = native.cache_attention_fits
+
+    def policy(parts=own, growth=grows, fits=fits):
         def setup():
             dense.decoding_parts, cache_growth.grows_cache = parts, growth
+            native.cache_attention_fits = fits
 
         return setup
 
     if args.growth:
         sides = {"whole": policy(growth=lambda *a: False), "growing": policy()}
+    elif args.attention:
+        sides = {
+            "xla": policy(fits=lambda *a: False),
+            "native": policy(),
+        }
+        # Its own Generator (the same weights): jitted code is cached by
+        # the params' form, which both sides share.
+        generators["xla"] = random_generator(args.config)[1]
     elif args.packed:
         unpacked = lambda rows, size, float32=True: own(rows, size, False)  # noqa: E731
         sides = {"parts": policy(parts=unpacked), "packed": policy()}
@@ -93,7 +114,7 @@ def main() -> int:
     for batch in args.batch:
         prompts = rng.integers(5, cfg.vocab_size, size=(batch, args.prompt)).tolist()
         timers = {
-            side: step_timer(generator, prompts, args.new_tokens, setup)
+            side: step_timer(generators[side], prompts, args.new_tokens, setup)
             for side, setup in sides.items()
         }
         steps = {side: [] for side in sides}

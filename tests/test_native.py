@@ -83,6 +83,7 @@ def test_without_a_working_compiler_decoding_keeps_xla_products(
     monkeypatch.setattr(native, "rows_product_available", lambda: False)
     assert dense.decoding_parts(8, 0) == dense.PartCounts(2, 2)
     assert dense.decoding_parts(2, 0) is None
+    assert dense.decoding_parts(1, 0) == dense.PartCounts(4, 16)
 
 
 @pytest.mark.parametrize(

@@ -231,25 +231,28 @@ class Packed(NamedTuple):
         return self.otherwise.layout(kernel, num_in)
 
 
-PACKED_ROWS = (2, 32)  # the rows decoded with `Packed` kernels, where built
+PACKED_ROWS = (1, 32)  # the rows decoded with `Packed` kernels, where built
 
 
 def decoding_parts(
     rows: int, param_bytes: int, float32: bool = True
 ) -> PartCounts | Packed | None:
     """How decoding `rows` rows on XLA:CPU reads each kernel, or None (whole).
-    One row, where the params take at most 64 MiB: 4 to 16 parts
-    (gpt_lm:small's query, key and value in 4 each, 12 products ready at
-    once; its MLP kernels and head in 16); 2 to 32 rows of a model computed
-    in `float32` `Packed` where `fmjax.native` builds here; otherwise 2
-    parts from 4 rows (docs/benchmarks.md)."""
+    A model computed in `float32`: 1 to 32 rows `Packed` where
+    `fmjax.native` builds here (one row only where the params take at most
+    64 MiB: no second copy of a big model's kernels). Otherwise one row,
+    params at most 64 MiB: 4 to 16 parts (gpt_lm:small's query, key and
+    value in 4 each, 12 products ready at once; its MLP kernels and head in
+    16); 4+ rows: 2 (docs/benchmarks.md)."""
     from fmjax.native import rows_product_available
 
-    if rows == 1 and param_bytes <= 64 << 20:
-        return PartCounts(4, 16)
-    parts = PartCounts(2, 2) if rows >= 4 else None
+    if rows == 1:
+        parts = PartCounts(4, 16) if param_bytes <= 64 << 20 else None
+    else:
+        parts = PartCounts(2, 2) if rows >= 4 else None
     low, high = PACKED_ROWS
-    if float32 and low <= rows <= high and rows_product_available():
+    packs = low <= rows <= high and (rows > 1 or parts is not None)
+    if float32 and packs and rows_product_available():
         return Packed(parts)
     return parts
 
