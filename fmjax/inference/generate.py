@@ -48,7 +48,7 @@ from fmjax.models.registry import param_axes
 from fmjax.models.text import decoding_head
 
 Array = jax.Array
-DecodingWeights = tuple[dict, Array | dense.ColumnParts | None]
+DecodingWeights = tuple[dict, Array | dense.ColumnParts | dense.PackedKernel | None]
 
 MIN_PROMPT_BUCKET = 16
 NEW_TOKENS_MULTIPLE = 32
@@ -289,7 +289,7 @@ class Generator:
 
     def _decoding_weights(self, rows: int) -> DecodingWeights:
         """The params and `_head_DV`, on XLA:CPU with each kernel in
-        `dense.decoding_parts` `ColumnParts`: a copy of the kernels, kept."""
+        `dense.decoding_parts` layout (`Packed`, `ColumnParts`): a kept copy."""
         parts = None
         if jax.default_backend() == "cpu":
             parts = dense.decoding_parts(rows, self._param_bytes, self._float32)

@@ -81,52 +81,9 @@ void Pause() {
 #endif
 }
 
-ffi::Error RowsGemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                    ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
-  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2) {
-    return ffi::Error::InvalidArgument(
-        "rows_gemm: expected x [M, K], panels [P, K, 32], out [M, N]");
-  }
-  const int64_t M = xd[0], K = xd[1], P = wd[0], N = yd[1];
-  if (wd[1] != K || wd[2] != kPanel || yd[0] != M ||
-      (N + kPanel - 1) / kPanel != P) {
-    return ffi::Error::InvalidArgument("rows_gemm: shapes do not match");
-  }
-  const float* xp = x.typed_data();
-  const float* wp = w.typed_data();
-  float* yp = y->typed_data();
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  // Several chunks per thread, so that one held up by the machine does not
-  // hold up the product.
-  const int64_t chunk = std::max<int64_t>(1, P / (threads * 16));
-  const int64_t chunks = (P + chunk - 1) / chunk;
-  if (threads == 1 || chunks == 1) {
-    Panels(xp, wp, yp, M, K, N, 0, P);
-    return ffi::Error::Success();
-  }
-  // Helpers that start after the last chunk was taken find nothing to do;
-  // the shared counters outlive this call for them.
-  auto progress = std::make_shared<Progress>();
-  auto work = [=]() {
-    for (int64_t c; (c = progress->next.fetch_add(1)) < chunks;) {
-      Panels(xp, wp, yp, M, K, N, c * chunk, std::min(P, (c + 1) * chunk));
-      progress->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min(threads, chunks) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work]() { work(); });
-  work();
-  while (progress->done.load(std::memory_order_acquire) < chunks) Pause();
-  return ffi::Error::Success();
-}
-
-
-// Decoding attention over a KV cache [N, S, K] (N = batch x key heads) for
-// the R = L x Q queries of each n (one new token, Q query heads per key
-// head): scores[n, r, s] = q[n, r, :] . keys[n, s, :] and
-// out[n, r, :] = sum_s probs[n, r, s] values[n, s, :]. XLA:CPU runs these
-// batched matrix-vector products on one thread; here the n are shared out.
+// one(i) for i in [0, count), shared out to the threads of XLA's pool;
+// helpers that start after the last i was taken find nothing to do, and
+// the shared counters outlive this call for them.
 template <typename F>
 ffi::Error ForEachN(ffi::ThreadPool& pool, int64_t n_total, F&& one) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
@@ -148,6 +105,37 @@ ffi::Error ForEachN(ffi::ThreadPool& pool, int64_t n_total, F&& one) {
   return ffi::Error::Success();
 }
 
+ffi::Error RowsGemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                    ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2) {
+    return ffi::Error::InvalidArgument(
+        "rows_gemm: expected x [M, K], panels [P, K, 32], out [M, N]");
+  }
+  const int64_t M = xd[0], K = xd[1], P = wd[0], N = yd[1];
+  if (wd[1] != K || wd[2] != kPanel || yd[0] != M ||
+      (N + kPanel - 1) / kPanel != P) {
+    return ffi::Error::InvalidArgument("rows_gemm: shapes do not match");
+  }
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  float* yp = y->typed_data();
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  // Several chunks per thread, so that one held up by the machine does not
+  // hold up the product.
+  const int64_t chunk = std::max<int64_t>(1, P / (threads * 16));
+  const int64_t chunks = (P + chunk - 1) / chunk;
+  return ForEachN(pool, chunks, [=](int64_t c) {
+    Panels(xp, wp, yp, M, K, N, c * chunk, std::min(P, (c + 1) * chunk));
+  });
+}
+
+
+// Decoding attention over a KV cache [N, S, K] (N = batch x key heads) for
+// the R = L x Q queries of each n (one new token, Q query heads per key
+// head): scores[n, r, s] = q[n, r, :] . keys[n, s, :] and
+// out[n, r, :] = sum_s probs[n, r, s] values[n, s, :]. XLA:CPU runs these
+// batched matrix-vector products on one thread; here the n are shared out.
 float Sum(v16 a) {
   float lanes[16];
   std::memcpy(lanes, &a, sizeof(v16));
