@@ -69,7 +69,7 @@ def test_without_a_working_compiler_decoding_keeps_xla_products(
     monkeypatch.delenv("FMJAX_NATIVE")
     broken = tmp_path / "broken.cc"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setattr(native, "SOURCES", (broken,))
     with caplog.at_level(logging.WARNING, logger="fmjax.native"):
         assert not build()
     assert "exited" in caplog.text and "broken.cc" in caplog.text
@@ -129,3 +129,58 @@ def test_attention_over_a_cache_takes_the_kernels_where_they_fit():
     for i in range(9):  # each query alone: the native path
         one = jax.jit(attend)(q[:, i : i + 1], mask[:, :, i : i + 1])
         np.testing.assert_allclose(one[:, 0], whole[:, i], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "batch, length, heads, groups, k",
+    [(3, 13, 4, 4, 32), (2, 9, 4, 2, 16), (2, 21, 2, 1, 64)],
+)
+def test_training_attention_equals_xla_and_so_do_its_gradients(
+    batch, length, heads, groups, k
+):
+    """`native.attention` (one op forward, one backward) against
+    `attention_probs` + `attend_values`: GQA, masked keys, a row with every
+    key masked (a padding query), values and all three gradients."""
+    from fmjax.models.attention import attend_values, attention_probs
+
+    rng = np.random.default_rng(length)
+    q = jnp.asarray(rng.standard_normal((batch, length, heads, k)), jnp.float32)
+    kv = [
+        jnp.asarray(rng.standard_normal((batch, length, groups, k)), jnp.float32)
+        for _ in range(2)
+    ]
+    mask = jnp.asarray(rng.random((batch, 1, length, length)) < 0.8)
+    mask = mask.at[0, 0, 1].set(False)
+    weights = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+
+    def xla(q, k, v):
+        return attend_values(attention_probs(q, k, mask), v)
+
+    def ours(q, k, v):
+        return native.attention(q, k, v, mask)
+
+    assert native.attention_fits(q, kv[0])
+    np.testing.assert_allclose(
+        jax.jit(ours)(q, *kv), jax.jit(xla)(q, *kv), rtol=0, atol=2e-6
+    )
+    for got, want in zip(
+        jax.jit(jax.grad(lambda *a: (ours(*a) * weights).sum(), (0, 1, 2)))(q, *kv),
+        jax.jit(jax.grad(lambda *a: (xla(*a) * weights).sum(), (0, 1, 2)))(q, *kv),
+        strict=True,
+    ):
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+
+
+def test_training_attention_stays_xla_where_it_does_not_fit():
+    """Over a mesh of several devices (XLA cannot split the op), in another
+    dtype, or with head dims it does not take."""
+    from fmjax.sharding import make_mesh
+
+    q, k = jnp.ones((2, 4, 4, 32)), jnp.ones((2, 4, 4, 32))
+    assert native.attention_fits(q, k)
+    assert not native.attention_fits(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16))
+    assert not native.attention_fits(jnp.ones((2, 4, 4, 24)), jnp.ones((2, 4, 4, 24)))
+    assert not native.attention_fits(jnp.ones((2, 4, 4, 128)), jnp.ones((2, 4, 4, 128)))
+    if jax.device_count() > 1:
+        with jax.set_mesh(make_mesh()):
+            assert not native.attention_fits(q, k)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fmjax import native
 from fmjax.models.attention import (
     _batched_prefix,
     apply_rope,
@@ -196,6 +197,12 @@ class Attention(nn.Module):
                 chunk_len,
                 self._chunk_dropout(deterministic),
             )
+        elif (
+            layouts[0] == "BSGK"
+            and (deterministic or not self.dropout_rate)
+            and native.attention_fits(q_BLHK, k)
+        ):  # a training step on CPU: one op each way (docs/performance.md)
+            context_BLHK = native.attention(q_BLHK, k, v, mask_B1LS)
         else:
             probs_BHLS = attention_probs(q_BLHK, k, mask_B1LS, layouts[0])
             probs_BHLS = nn.Dropout(self.dropout_rate)(

@@ -5,14 +5,17 @@ this machine on first use.
 rows being decoded) with a kernel stored as column panels
 (`fmjax.models.dense.PackedKernel`): the weights stream through once per
 8 rows, where XLA:CPU's product libraries pack them again at every call
-(docs/benchmarks.md, "Packed kernels"). The source, `rows_gemm.cc`, is an
-XLA FFI handler; it is built with the machine's C++ compiler (`$CXX`, else
-`c++` or `g++`) for this CPU (`-march=native`) the first time a process
-asks for it, and kept in `~/.cache/fmjax/native` (`$XDG_CACHE_HOME`
-honoured), keyed by the source, compiler, flags, jaxlib and CPU, so a
-machine builds it once. Where there is no compiler, the build fails, or
-`FMJAX_NATIVE=0` is set, `rows_product_available()` is False (the failure
-logged once) and callers keep XLA's products.
+(docs/benchmarks.md, "Packed kernels"); `cache_scores` and `cache_values`,
+decoding attention's products over a KV cache; `attention`, a training
+step's attention and its gradients, one op each way. The sources,
+`kernels.cc` and `attention.cc`, hold XLA FFI handlers; they are built into
+one library with the machine's C++ compiler (`$CXX`, else `c++` or `g++`)
+for this CPU (`-march=native`) the first time a process asks for them, and
+kept in `~/.cache/fmjax/native` (`$XDG_CACHE_HOME` honoured), keyed by the
+sources, compiler, flags, jaxlib and CPU, so a machine builds them once.
+Where there is no compiler, the build fails, or `FMJAX_NATIVE=0` is set,
+`rows_product_available()` is False (the failure logged once) and callers
+keep XLA's products.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -33,14 +37,18 @@ import jax.numpy as jnp
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("rows_gemm.cc")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "kernels.cc", HERE / "attention.cc")  # built into one library
+HEADERS = (HERE / "common.h",)
 TARGET = "fmjax_rows_gemm"  # the FFI targets' names and their handlers
 HANDLERS = {
     TARGET: "FmjaxRowsGemm",
     "fmjax_cache_scores": "FmjaxCacheScores",
     "fmjax_cache_values": "FmjaxCacheValues",
+    "fmjax_attention_fwd": "FmjaxAttentionForward",
+    "fmjax_attention_bwd": "FmjaxAttentionBackward",
 }
-PANEL = 32  # columns per panel: rows_gemm.cc's kPanel
+PANEL = 32  # columns per panel: kernels.cc's kPanel
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
 
@@ -74,10 +82,11 @@ def _build(compiler: str) -> Path:
     ).stdout
     key = hashlib.sha256(
         "\0".join(
-            [SOURCE.read_text(), version, " ".join(FLAGS), jax.__version__, _cpu()]
+            [*(x.read_text() for x in SOURCES + HEADERS), version, " ".join(FLAGS)]
+            + [jax.__version__, _cpu()]
         ).encode()
     ).hexdigest()[:16]
-    library = _cache_dir() / f"rows_gemm-{key}.so"
+    library = _cache_dir() / f"kernels-{key}.so"
     if library.exists():
         return library
     library.parent.mkdir(parents=True, exist_ok=True)
@@ -86,7 +95,7 @@ def _build(compiler: str) -> Path:
     fd, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
     os.close(fd)
     try:
-        command = [compiler, *FLAGS, f"-I{include}", str(SOURCE), "-o", partial]
+        command = [compiler, *FLAGS, f"-I{include}", *map(str, SOURCES), "-o", partial]
         out = subprocess.run(command, capture_output=True, text=True, check=False)
         if out.returncode:
             raise RuntimeError(
@@ -175,3 +184,61 @@ def rows_product(x_MK: jax.Array, panels_PKC: jax.Array, columns: int) -> jax.Ar
     return jax.ffi.ffi_call(TARGET, out)(
         x_MK.astype(jnp.float32), panels_PKC.astype(jnp.float32)
     )
+
+
+def attention_fits(q_BLHK: jax.Array, k_BSGK: jax.Array) -> bool:
+    """Whether `attention` takes these: float32, head dims 16 to 64 in
+    steps of 16, whole query groups, traced for this CPU with the kernels
+    built, on one device (XLA cannot split the op over a mesh's devices;
+    there the attention stays XLA's)."""
+    from fmjax.models.dense import matrix_products
+
+    heads, groups, head_dim = q_BLHK.shape[2], k_BSGK.shape[2], q_BLHK.shape[3]
+    mesh = jax.sharding.get_abstract_mesh()
+    return (
+        (mesh.empty or math.prod(mesh.shape.values()) == 1)
+        and q_BLHK.dtype == k_BSGK.dtype == jnp.float32
+        and head_dim % 16 == 0
+        and head_dim <= 64
+        and heads % groups == 0
+        and matrix_products()
+        and rows_product_available()
+    )
+
+
+def attention(q_BLHK, k_BSGK, v_BSGK, mask_B1LS) -> jax.Array:
+    """softmax(q.k / sqrt(K), masked) . v -> [B, L, H, K], as
+    `fmjax.models.attention.attention_probs` and `attend_values` compute it
+    (GQA where k, v have G < H heads; masked scores float32's lowest), in one
+    op, and its gradients in another (`jax.custom_vjp`; no forward-mode
+    derivative). Keeps the probabilities [B, H, L, S] for the backward pass."""
+    _require()
+    q_BLHK = q_BLHK * jnp.asarray(q_BLHK.shape[-1] ** -0.5, q_BLHK.dtype)
+    batch, length = q_BLHK.shape[:2]
+    keep_BLS = jnp.broadcast_to(mask_B1LS, (batch, 1, length, k_BSGK.shape[1]))
+    return _attention(q_BLHK, k_BSGK, v_BSGK, keep_BLS[:, 0].astype(jnp.uint8))
+
+
+@jax.custom_vjp
+def _attention(q, k, v, keep):
+    return _attention_fwd(q, k, v, keep)[0]
+
+
+def _attention_fwd(q, k, v, keep):
+    batch, length, heads, _ = q.shape
+    probs = jax.ShapeDtypeStruct((batch, heads, length, k.shape[1]), jnp.float32)
+    like_q = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    out, probs = jax.ffi.ffi_call("fmjax_attention_fwd", (like_q, probs))(q, k, v, keep)
+    return out, (q, k, v, keep, probs)
+
+
+def _attention_bwd(residuals, dout):
+    q, k, v, keep, probs = residuals
+    shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
+    dq, dk, dv = jax.ffi.ffi_call("fmjax_attention_bwd", shapes)(
+        q, k, v, keep, probs, dout
+    )
+    return dq, dk, dv, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)

@@ -1,29 +1,27 @@
-// fmjax's few-row matrix product for decoding on XLA:CPU (fmjax.native).
+// fmjax's CPU kernels for what XLA:CPU's libraries do slowly (fmjax.native):
+// XLA FFI handlers, built on first use with the machine's C++ compiler.
 //
-// out[M, N] = x[M, K] @ W, where W [K, N] is stored packed as panels
-// [ceil(N / 32), K, 32] (column block p holds W[:, 32p : 32p + 32], the
-// columns past N zero): each panel is one contiguous run of memory, read
+// FmjaxRowsGemm: out[M, N] = x[M, K] @ W, where W [K, N] is stored packed as
+// panels [ceil(N / 32), K, 32] (column block p holds W[:, 32p : 32p + 32],
+// the columns past N zero): each panel is one contiguous run of memory, read
 // once for every 8 rows of x. For each k, a row's 32 outputs take one
 // broadcast of x[m, k] and two fused multiply-adds of 16 lanes, so 8 rows
 // keep 16 accumulators in registers and the weights stream through once,
 // where a library product packs the weights again on every call (what
-// bounded decoding at 2-8 rows: docs/benchmarks.md). Panels are shared out
-// to the threads of XLA's intra-op pool. Every output sums its K products
-// in order of k, one rounding per multiply-add.
-#include <algorithm>
-#include <atomic>
-#include <cstdint>
-#include <cstring>
-#include <memory>
-#include <thread>
-
-#include "xla/ffi/api/ffi.h"
+// bounded decoding at 2-8 rows: docs/benchmarks.md). Every output sums its
+// K products in order of k, one rounding per multiply-add.
+//
+// FmjaxCacheScores, FmjaxCacheValues: decoding attention's two products
+// over a KV cache. A training step's attention: attention.cc.
+//
+// Work is shared out to the threads of XLA's intra-op pool (ForEachN).
+#include "common.h"
 
 namespace ffi = xla::ffi;
+using namespace fmjax_native;
 
 namespace {
 
-typedef float v16 __attribute__((vector_size(64)));
 constexpr int64_t kPanel = 32;  // columns per panel
 constexpr int64_t kRows = 8;    // rows per pass over a panel
 
@@ -68,43 +66,6 @@ void Panels(const float* x, const float* w, float* out, int64_t M, int64_t K,
   }
 }
 
-struct Progress {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-};
-
-void Pause() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#else
-  std::this_thread::yield();
-#endif
-}
-
-// one(i) for i in [0, count), shared out to the threads of XLA's pool;
-// helpers that start after the last i was taken find nothing to do, and
-// the shared counters outlive this call for them.
-template <typename F>
-ffi::Error ForEachN(ffi::ThreadPool& pool, int64_t n_total, F&& one) {
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  if (threads == 1 || n_total == 1) {
-    for (int64_t n = 0; n < n_total; ++n) one(n);
-    return ffi::Error::Success();
-  }
-  auto progress = std::make_shared<Progress>();
-  auto work = [=]() {
-    for (int64_t n; (n = progress->next.fetch_add(1)) < n_total;) {
-      one(n);
-      progress->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min(threads, n_total) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work]() { work(); });
-  work();
-  while (progress->done.load(std::memory_order_acquire) < n_total) Pause();
-  return ffi::Error::Success();
-}
-
 ffi::Error RowsGemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                     ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
@@ -136,14 +97,6 @@ ffi::Error RowsGemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // head): scores[n, r, s] = q[n, r, :] . keys[n, s, :] and
 // out[n, r, :] = sum_s probs[n, r, s] values[n, s, :]. XLA:CPU runs these
 // batched matrix-vector products on one thread; here the n are shared out.
-float Sum(v16 a) {
-  float lanes[16];
-  std::memcpy(lanes, &a, sizeof(v16));
-  float total = 0.0f;
-  for (int i = 0; i < 16; ++i) total += lanes[i];
-  return total;
-}
-
 ffi::Error CacheScores(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                        ffi::Buffer<ffi::F32> keys,
                        ffi::ResultBuffer<ffi::F32> scores) {
