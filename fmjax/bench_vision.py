@@ -100,15 +100,19 @@ def check_hf_float32(dtypes: dict[str, str]) -> None:
 
 
 def step_flops(compiled) -> float:
-    """XLA's FLOPs of a whole compiled step: its cost analysis counts one
-    device's share of an SPMD program, so that times the devices it runs on
-    (two on a CPU host that `fmjax.host_devices` splits)."""
+    """XLA's FLOPs of a whole compiled step, with those of `fmjax.native`'s
+    ops: its cost analysis counts one device's share of an SPMD program, so
+    that times the devices it runs on (two on a CPU host that
+    `fmjax.host_devices` splits)."""
     import jax
+
+    from fmjax.native import custom_call_flops
 
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     devices = len(jax.tree.leaves(compiled.input_shardings)[0].device_set)
-    return float(cost.get("flops", 0.0)) * devices
+    own = custom_call_flops(compiled.as_text())  # fmjax.native's ops, unseen by XLA
+    return (float(cost.get("flops", 0.0)) + own) * devices
 
 
 def compare_train_steps(

@@ -184,3 +184,20 @@ def test_training_attention_stays_xla_where_it_does_not_fit():
     if jax.device_count() > 1:
         with jax.set_mesh(make_mesh()):
             assert not native.attention_fits(q, k)
+
+
+def test_the_native_ops_flops_are_counted():
+    """XLA's cost analysis does not see inside a custom call; `fmjax bench
+    train`'s FLOPs of a step add the native ops' own (bench_vision.step_flops)."""
+    q, k = jnp.ones((2, 5, 4, 16)), jnp.ones((2, 7, 2, 16))
+    mask = jnp.ones((2, 1, 5, 7), bool)
+
+    def loss(q, k):
+        return native.attention(q, k, k, mask).sum()
+
+    text = jax.jit(jax.grad(loss, (0, 1))).lower(q, k).compile().as_text()
+    # 2 products forward, 4 backward, each 2 B H L S K
+    assert native.custom_call_flops(text) == 6 * 2 * 2 * 4 * 5 * 7 * 16
+    x, panels = jnp.ones((3, 64)), jnp.ones((2, 64, 32))
+    text = jax.jit(native.rows_product, static_argnums=2).lower(x, panels, 50)
+    assert native.custom_call_flops(text.compile().as_text()) == 2 * 3 * 64 * 64
