@@ -184,6 +184,7 @@ def test_training_attention_stays_xla_where_it_does_not_fit():
     if jax.device_count() > 1:
         with jax.set_mesh(make_mesh()):
             assert not native.attention_fits(q, k)
+            assert not native.cache_attention_fits(q[:, 0], k[:, 0])
 
 
 def test_the_native_ops_flops_are_counted():

@@ -117,7 +117,7 @@ def rows_product_available() -> bool:
         return False
     compiler = _compiler()
     if compiler is None:
-        log.warning("no C++ compiler (CXX, c++, g++): decoding keeps XLA's products")
+        log.warning("no C++ compiler (CXX, c++, g++): fmjax.native's ops stay XLA's")
         return False
     try:
         library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
@@ -125,7 +125,7 @@ def rows_product_available() -> bool:
             handler = jax.ffi.pycapsule(getattr(library, symbol))
             jax.ffi.register_ffi_target(target, handler, platform="cpu")
     except Exception as e:  # noqa: BLE001 - any failure: XLA's products instead
-        log.warning("fmjax.native: %s; decoding keeps XLA's products", e)
+        log.warning("fmjax.native: %s; its ops stay XLA's", e)
         return False
     return True
 
@@ -138,15 +138,23 @@ def _require() -> None:
         )
 
 
+def _one_device() -> bool:
+    """No mesh of several devices in the `jax.set_mesh` context: XLA cannot
+    split a custom op over devices."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or math.prod(mesh.shape.values()) == 1
+
+
 def cache_attention_fits(q_NRK: jax.Array, cache_NSK: jax.Array) -> bool:
     """Whether `cache_scores` (queries) and `cache_values` (probabilities)
     take these: float32, at most 8 queries per cache row (decoding), head
-    dims a multiple of 16,
-    traced for this CPU with the kernels built."""
+    dims a multiple of 16, on one device, traced for this CPU with the
+    kernels built."""
     from fmjax.models.dense import matrix_products
 
     return (
-        q_NRK.dtype == cache_NSK.dtype == jnp.float32
+        _one_device()
+        and q_NRK.dtype == cache_NSK.dtype == jnp.float32
         and q_NRK.shape[1] <= 8
         and cache_NSK.shape[2] % 16 == 0
         and matrix_products()
@@ -195,9 +203,8 @@ def attention_fits(q_BLHK: jax.Array, k_BSGK: jax.Array) -> bool:
     from fmjax.models.dense import matrix_products
 
     heads, groups, head_dim = q_BLHK.shape[2], k_BSGK.shape[2], q_BLHK.shape[3]
-    mesh = jax.sharding.get_abstract_mesh()
     return (
-        (mesh.empty or math.prod(mesh.shape.values()) == 1)
+        _one_device()
         and q_BLHK.dtype == k_BSGK.dtype == jnp.float32
         and head_dim % 16 == 0
         and head_dim <= 64
