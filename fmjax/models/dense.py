@@ -75,7 +75,7 @@ class PackedKernel:
     """A float32 kernel's [inputs, outputs] matrix as column panels
     [ceil(outputs / 32), inputs, 32], each a contiguous block (the columns
     past the last output zero), for `fmjax.native.rows_product`: decoding
-    2-32 rows on CPU streams each panel once per 8 rows, where XLA:CPU's
+    1-32 rows on CPU streams each panel once per 8 rows, where XLA:CPU's
     libraries pack the weights again at every product
     (`fmjax.inference.generate.Generator`; docs/benchmarks.md, "Packed
     kernels"). Forward only."""
