@@ -2,6 +2,7 @@
 CPU uses (`dense.Packed`), built here with the machine's C++ compiler."""
 
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -202,3 +203,137 @@ def test_the_native_ops_flops_are_counted():
     x, panels = jnp.ones((3, 64)), jnp.ones((2, 64, 32))
     text = jax.jit(native.rows_product, static_argnums=2).lower(x, panels, 50)
     assert native.custom_call_flops(text.compile().as_text()) == 2 * 3 * 64 * 64
+
+
+def _layer_norm_xla(x, scale, bias, epsilon=1e-6):
+    import flax.linen as nn
+
+    params = {"params": {"scale": scale, "bias": bias}}
+    return nn.LayerNorm(epsilon=epsilon).apply(params, x)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    # rows of whole vectors; a feature count with a rest of 5 lanes; 3 rows
+    # of 20 in a batch; rows over several work items (16384 elements each)
+    [(64, 13, 128), (10, 37), (3, 5, 20), (700, 48)],
+)
+def test_layer_norm_and_its_gradients_equal_flax(shape):
+    rng = np.random.default_rng(shape[-1])
+    x = jnp.asarray(rng.normal(1.0, 2.0, shape).astype(np.float32))
+    scale, bias = (
+        jnp.asarray(rng.normal(size=shape[-1]).astype(np.float32)) for _ in "ab"
+    )
+    w = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+    got = jax.jit(native.layer_norm, static_argnums=3)(x, scale, bias, 1e-6)
+    np.testing.assert_allclose(got, _layer_norm_xla(x, scale, bias), atol=1e-5)
+
+    def grads(norm):
+        return jax.jit(jax.grad(lambda *a: (norm(*a) * w).sum(), (0, 1, 2)))(
+            x, scale, bias
+        )
+
+    rows = np.prod(shape[:-1])
+    ours = grads(lambda *a: native.layer_norm(*a, 1e-6))
+    for got, want in zip(ours, grads(_layer_norm_xla), strict=True):
+        np.testing.assert_allclose(got, want, atol=2e-6 * rows**0.5 * 5, rtol=1e-5)
+
+
+def _activation_float64(name, x):
+    """(y, y') in float64."""
+    from scipy.special import erf
+
+    x = x.astype(np.float64)
+    if name == "gelu":
+        cdf = 0.5 * (1 + erf(x / np.sqrt(2)))
+        return x * cdf, cdf + x * np.exp(-0.5 * x * x) / np.sqrt(2 * np.pi)
+    if name == "gelu_tanh":
+        c = np.sqrt(2 / np.pi)
+        t = np.tanh(c * (x + 0.044715 * x**3))
+        return 0.5 * x * (1 + t), 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (
+            1 + 3 * 0.044715 * x * x
+        )
+    s = 1 / (1 + np.exp(-1.702 * x))
+    return x * s, s + 1.702 * x * s * (1 - s)
+
+
+@pytest.mark.parametrize("name", sorted(native.ACTIVATIONS))
+@pytest.mark.parametrize("shape", [(5,), (37, 33), (300, 100)])
+def test_activations_and_their_gradients_are_float32_accurate(name, shape):
+    """Values and slopes within a few float32 roundings of float64's (XLA's
+    own ops: within 3.5e-6 of the tanh GELU's slope, for comparison)."""
+    rng = np.random.default_rng(len(shape))
+    x = rng.normal(0.0, 3.0, shape).astype(np.float32)
+    x.flat[:5] = [-30.0, -9.0, 0.0, 9.0, 30.0]  # the tails and 0
+    want, slope = _activation_float64(name, x)
+    got = jax.jit(native.activation, static_argnums=1)(jnp.asarray(x), name)
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
+    grad = jax.jit(jax.grad(lambda x: native.activation(x, name).sum()))(jnp.asarray(x))
+    np.testing.assert_allclose(grad, slope, atol=3e-6)
+    batched = jax.vmap(lambda x: native.activation(x, name))(jnp.asarray(x)[None])
+    np.testing.assert_array_equal(batched[0], got)
+
+
+def test_the_layer_norm_module_and_the_mlp_take_the_native_ops():
+    """fmjax's LayerNorm keeps flax's params (names, init, logical axes) and
+    values; in float32 on one device it and the MLP's activation each run as
+    one op, its gradients as another; bfloat16 params stay flax's."""
+    from fmjax.models.layers import LayerNorm, Mlp
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 32)).astype(np.float32))
+    norm = LayerNorm(epsilon=1e-6)
+    variables = norm.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, nn_unbox(variables)) == {
+        "params": {"scale": (32,), "bias": (32,)}
+    }
+    assert variables["params"]["scale"].names == ("embed",)
+    plain = nn_unbox(variables)["params"]
+    np.testing.assert_allclose(
+        norm.apply(variables, x),
+        _layer_norm_xla(x, plain["scale"], plain["bias"]),
+        atol=1e-5,
+    )
+    mlp = Mlp(mlp_dim=64)
+    mlp_vars = mlp.init(jax.random.key(1), x)
+
+    def targets(module, variables):
+        loss = lambda v: module.apply(v, x).sum()  # noqa: E731
+        text = jax.jit(jax.grad(loss)).lower(variables).compile().as_text()
+        return set(re.findall(r'custom_call_target="(fmjax_\w+)"', text))
+
+    assert targets(norm, variables) == {"fmjax_layer_norm_fwd", "fmjax_layer_norm_bwd"}
+    assert targets(mlp, mlp_vars) == {"fmjax_activation_slope"}
+    bf16 = LayerNorm(epsilon=1e-6, param_dtype=jnp.bfloat16)
+    assert targets(bf16, bf16.init(jax.random.key(0), x)) == set()
+
+
+def nn_unbox(tree):
+    import flax.linen as nn
+
+    return nn.meta.unbox(tree)
+
+
+def test_the_pointwise_ops_count_the_flops_xla_would():
+    """`custom_call_flops` counts a native norm or activation as XLA's cost
+    analysis counts the same computation in XLA's ops, so a step's FLOPs do
+    not depend on which runs (tests/test_host_devices.py checks a whole
+    step). XLA counts a fused module's ops once per fusion that computes
+    them, so the count here is each op's gradient compiled on its own."""
+    from fmjax.models.layers import _xla_activation
+
+    x, scale = jnp.ones((6, 40)), jnp.ones(40)
+
+    def flops(fn, *args):
+        compiled = jax.jit(jax.grad(fn, tuple(range(len(args))))).lower(*args).compile()
+        return compiled.cost_analysis()["flops"] + native.custom_call_flops(
+            compiled.as_text()
+        )
+
+    def ours(x, s):
+        return native.activation(native.layer_norm(x, s, s, 1e-6), "gelu").sum()
+
+    act = _xla_activation("gelu")
+    xla = flops(lambda x, s: _layer_norm_xla(x, s, s).sum(), x, scale) + flops(
+        lambda x: act(x).sum(), x
+    )
+    assert flops(ours, x, scale) == pytest.approx(xla, rel=0.1)

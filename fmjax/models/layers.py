@@ -44,6 +44,18 @@ def activation_fn(name: str):
     exact, as `jax.nn.gelu` writes it (for before/after benchmarks)."""
     if name not in ACTIVATIONS:
         raise ValueError(f"activation={name!r}: expected one of {ACTIVATIONS}")
+    xla = _xla_activation(name)
+    if name == "gelu_erfc":
+        return xla
+
+    def activation(x):  # in one op each way where fmjax.native's kernels run
+        return native.activation(x, name) if native.pointwise_fits(x) else xla(x)
+
+    return activation
+
+
+def _xla_activation(name: str):
+    """The activation in XLA's ops."""
     if name == "quick_gelu":
         return lambda x: x * jax.nn.sigmoid(1.702 * x)
     if name == "gelu":
@@ -66,8 +78,26 @@ class LayerNorm(nn.LayerNorm):
     scale_init: Any = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
     bias_init: Any = nn.with_logical_partitioning(nn.initializers.zeros, ("embed",))
 
+    @nn.compact
     def __call__(self, x, *args, **kwargs):
-        return super().__call__(x.astype(jnp.float32), *args, **kwargs)
+        x = x.astype(jnp.float32)
+        native_fits = (
+            not args
+            and not kwargs
+            and self.use_scale
+            and self.use_bias
+            and self.reduction_axes == -1
+            and self.feature_axes == -1
+            and jnp.dtype(self.param_dtype) == jnp.float32
+            and native.pointwise_fits(x)
+        )
+        if not native_fits:
+            return super().__call__(x, *args, **kwargs)
+        # fmjax.native's kernels: the norm in one op, its gradients in another
+        features = (x.shape[-1],)
+        scale = self.param("scale", self.scale_init, features, self.param_dtype)
+        bias = self.param("bias", self.bias_init, features, self.param_dtype)
+        return native.layer_norm(x, scale, bias, self.epsilon)
 
 
 class Attention(nn.Module):

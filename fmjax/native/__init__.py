@@ -7,9 +7,12 @@ rows being decoded) with a kernel stored as column panels
 8 rows, where XLA:CPU's product libraries pack them again at every call
 (docs/benchmarks.md, "Packed kernels"); `cache_scores` and `cache_values`,
 decoding attention's products over a KV cache; `attention`, a training
-step's attention and its gradients, one op each way. The sources,
-`kernels.cc` and `attention.cc`, hold XLA FFI handlers; they are built into
-one library with the machine's C++ compiler (`$CXX`, else `c++` or `g++`)
+step's attention and its gradients, one op each way; `layer_norm` and
+`activation`, a step's layer norms and MLP activations likewise (XLA:CPU
+runs each as several small fusions, mostly on one thread). The sources,
+`kernels.cc`, `attention.cc` and `pointwise.cc`, hold XLA FFI handlers;
+they are built into one library with the machine's C++ compiler (`$CXX`,
+else `c++` or `g++`)
 for this CPU (`-march=native`) the first time a process asks for them, and
 kept in `~/.cache/fmjax/native` (`$XDG_CACHE_HOME` honoured), keyed by the
 sources, compiler, flags, jaxlib and CPU, so a machine builds them once.
@@ -35,11 +38,12 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "kernels.cc", HERE / "attention.cc")  # built into one library
+SOURCES = (HERE / "kernels.cc", HERE / "attention.cc", HERE / "pointwise.cc")
 HEADERS = (HERE / "common.h",)
 TARGET = "fmjax_rows_gemm"  # the FFI targets' names and their handlers
 HANDLERS = {
@@ -48,7 +52,12 @@ HANDLERS = {
     "fmjax_cache_values": "FmjaxCacheValues",
     "fmjax_attention_fwd": "FmjaxAttentionForward",
     "fmjax_attention_bwd": "FmjaxAttentionBackward",
+    "fmjax_layer_norm_fwd": "FmjaxLayerNormForward",
+    "fmjax_layer_norm_bwd": "FmjaxLayerNormBackward",
+    "fmjax_activation_fwd": "FmjaxActivationForward",
+    "fmjax_activation_slope": "FmjaxActivationSlope",
 }
+ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "quick_gelu": 2}  # pointwise.cc's Kind
 PANEL = 32  # columns per panel: kernels.cc's kPanel
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
@@ -252,6 +261,88 @@ def _attention_bwd(residuals, dout):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def pointwise_fits(x: jax.Array) -> bool:
+    """Whether `layer_norm` and `activation` take x: float32, on one device,
+    traced for this CPU with the kernels built."""
+    from fmjax.models.dense import matrix_products
+
+    return (
+        _one_device()
+        and x.dtype == jnp.float32
+        and x.size > 0
+        and matrix_products()
+        and rows_product_available()
+    )
+
+
+def layer_norm(x, scale, bias, epsilon: float) -> jax.Array:
+    """(x - mean) / sqrt(var + epsilon) * scale + bias over x's last axis
+    (var the biased variance, as flax's and PyTorch's LayerNorm), in one op,
+    and its gradients (x, scale, bias) in another (`jax.custom_vjp`)."""
+    _require()
+    rows = x.reshape(-1, x.shape[-1])
+    return _layer_norm(rows, scale, bias, float(epsilon)).reshape(x.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm(x, scale, bias, epsilon):
+    return _layer_norm_fwd(x, scale, bias, epsilon)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon):
+    stats = jax.ShapeDtypeStruct(x.shape[:1], jnp.float32)
+    like_x = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+    y, mean, rstd = jax.ffi.ffi_call(
+        "fmjax_layer_norm_fwd", (like_x, stats, stats), vmap_method="sequential"
+    )(x, scale, bias, epsilon=np.float32(epsilon))
+    return y, (x, scale, mean, rstd)
+
+
+def _layer_norm_bwd(epsilon, residuals, dy):
+    x, scale, mean, rstd = residuals
+    shapes = tuple(
+        jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (x, scale, scale)
+    )
+    return jax.ffi.ffi_call("fmjax_layer_norm_bwd", shapes, vmap_method="sequential")(
+        x, scale, mean, rstd, dy
+    )
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+def activation(x: jax.Array, name: str) -> jax.Array:
+    """An MLP's activation (`ACTIVATIONS`: exact GELU, its tanh form, quick
+    GELU) in one op, and its gradient in another (`jax.custom_vjp`)."""
+    _require()
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation {name!r}: expected one of {sorted(ACTIVATIONS)}")
+    return _activation(x, ACTIVATIONS[name])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _activation(x, kind):
+    out = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+    call = jax.ffi.ffi_call("fmjax_activation_fwd", out, vmap_method="broadcast_all")
+    return call(x, kind=np.int32(kind))
+
+
+def _activation_fwd(x, kind):
+    """The activation and its slope there, the backward's only residual."""
+    out = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+    call = jax.ffi.ffi_call(
+        "fmjax_activation_slope", (out, out), vmap_method="broadcast_all"
+    )
+    return call(x, kind=np.int32(kind))
+
+
+def _activation_bwd(kind, slope, dy):
+    return (dy * slope,)
+
+
+_activation.defvjp(_activation_fwd, _activation_bwd)
+
+
 _CALL = re.compile(
     r'custom_call_target="(fmjax_\w+)".*?operand_layout_constraints=\{(.*?)\}, api_'
 )
@@ -275,4 +366,49 @@ def custom_call_flops(hlo_text: str) -> float:
         elif target == TARGET:
             (rows, inputs), (panels, _, width) = dims[0], dims[1]
             total += 2.0 * rows * inputs * panels * width
+    for target, operands, kind in _POINTWISE.findall(hlo_text):
+        shape = tuple(int(d) for d in _SHAPE.search(operands).group(1).split(",") if d)
+        total += _xla_flops(target, shape, int(kind or 0))
     return total
+
+
+_POINTWISE = re.compile(
+    r'custom_call_target="(fmjax_(?:layer_norm|activation)_\w+)".*?'
+    r"operand_layout_constraints=\{(.*?)\}, api_.*?(?:kind = (\d+)|$)",
+    re.MULTILINE,
+)
+
+
+@functools.cache
+def _xla_flops(target: str, shape: tuple[int, ...], kind: int) -> float:
+    """What XLA's cost analysis counts for the computation that one
+    pointwise call (`layer_norm`, `activation`) does in XLA's ops instead
+    (elementwise operations count there too), so a step's FLOPs are the same
+    with fmjax.native or without."""
+    import flax.linen as nn
+
+    from fmjax.models.layers import _xla_activation
+
+    def flops(fn, *shapes):
+        args = [jax.ShapeDtypeStruct(x, jnp.float32) for x in shapes]
+        cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        return float(cost.get("flops", 0.0))
+
+    if target.startswith("fmjax_layer_norm"):
+        norm = nn.LayerNorm()
+        params = norm.init(jax.random.key(0), jnp.zeros(shape))
+
+        def forward(x):
+            return norm.apply(params, x)
+
+        def both(x, dy):
+            return jax.vjp(lambda x, p: norm.apply(p, x), x, params)[1](dy)
+
+        fwd = flops(forward, shape)
+        return fwd if target.endswith("fwd") else flops(both, shape, shape) - fwd
+    act = _xla_activation({v: k for k, v in ACTIVATIONS.items()}[kind])
+    if target.endswith("fwd"):
+        return flops(act, shape)
+    # the slope: the forward and backward but for the product dy * slope
+    return flops(lambda x, dy: jax.vjp(act, x)[1](dy), shape, shape) - math.prod(shape)

@@ -16,31 +16,6 @@ namespace {
 // of the item's keys; a row of outputs is held in KV vector registers.
 constexpr float kMasked = -3.4028234663852886e+38f;  // float32's lowest
 
-// exp(x) for 16 lanes: Cody-Waite range reduction and Cephes' degree-6
-// polynomial for expf (about 1 ulp); below -87.3 it gives 0.
-v16 Exp(v16 x) {
-  typedef int vi16 __attribute__((vector_size(64)));
-  const v16 hi = v16{} + 88.3762626647949f, lo = v16{} - 87.3365447504f;
-  x = x > hi ? hi : x;
-  const vi16 under = x < lo;
-  x = x < lo ? lo : x;
-  const v16 fx = x * 1.44269504088896341f + 0.5f;
-  v16 nf = __builtin_convertvector(__builtin_convertvector(fx, vi16), v16);
-  nf = nf > fx ? nf - 1.0f : nf;  // floor
-  x = x - nf * 0.693359375f - nf * -2.12194440e-4f;
-  v16 y = v16{} + 1.9875691500E-4f;
-  y = y * x + 1.3981999507E-3f;
-  y = y * x + 8.3334519073E-3f;
-  y = y * x + 4.1665795894E-2f;
-  y = y * x + 1.6666665459E-1f;
-  y = y * x + 5.0000001201E-1f;
-  y = y * x * x + x + 1.0f;
-  const vi16 bits = (__builtin_convertvector(nf, vi16) + 127) << 23;
-  v16 scale;
-  std::memcpy(&scale, &bits, sizeof(v16));
-  return under ? v16{} : y * scale;
-}
-
 struct AttentionDims {
   int64_t B, L, H, K, S, G, Q;
   int64_t Sp() const { return (S + 15) / 16 * 16; }  // keys, padded
@@ -138,7 +113,6 @@ constexpr WeightedFn kWeighted[5] = {nullptr, WeightedOf<1>, WeightedOf<2>,
 // p[0:S] = softmax of the row's scores (masked ones kMasked), as
 // fmjax.models.attention.softmax computes it: exp(x - max) / sum.
 void Softmax(float* p, const uint8_t* keep, const AttentionDims& d) {
-  typedef int vi16 __attribute__((vector_size(64)));
   typedef uint8_t vu8 __attribute__((vector_size(16)));
   const int64_t sp = d.Sp();
   v16 top = v16{} + kMasked;

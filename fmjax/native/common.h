@@ -17,6 +17,7 @@ namespace fmjax_native {
 namespace ffi = xla::ffi;
 
 typedef float v16 __attribute__((vector_size(64)));
+typedef int vi16 __attribute__((vector_size(64)));
 
 inline v16 Load(const float* p) {
   v16 x;
@@ -25,12 +26,46 @@ inline v16 Load(const float* p) {
 }
 inline void Store(float* p, v16 x) { std::memcpy(p, &x, sizeof(v16)); }
 
+// The sum of the 16 lanes, halving the vector each step (four dependent
+// adds, not sixteen).
 inline float Sum(v16 a) {
-  float lanes[16];
-  std::memcpy(lanes, &a, sizeof(v16));
-  float total = 0.0f;
-  for (int i = 0; i < 16; ++i) total += lanes[i];
-  return total;
+  typedef float v8 __attribute__((vector_size(32)));
+  typedef float v4 __attribute__((vector_size(16)));
+  v8 lo8, hi8;
+  std::memcpy(&lo8, &a, sizeof(v8));
+  std::memcpy(&hi8, reinterpret_cast<const char*>(&a) + sizeof(v8), sizeof(v8));
+  const v8 s8 = lo8 + hi8;
+  v4 lo4, hi4;
+  std::memcpy(&lo4, &s8, sizeof(v4));
+  std::memcpy(&hi4, reinterpret_cast<const char*>(&s8) + sizeof(v4), sizeof(v4));
+  const v4 s4 = lo4 + hi4;
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+// exp(x) for 16 lanes: x = n ln2 + r, n rounded to nearest by adding
+// 1.5 * 2^23 (its low bits then hold n), Cephes' degree-6 polynomial for
+// expf on r (about 1 ulp), 2^n made from n's bits; below -87.3 it gives 0.
+inline v16 Exp(v16 x) {
+  const v16 hi = v16{} + 88.3762626647949f, lo = v16{} - 87.3365447504f;
+  x = x > hi ? hi : x;
+  const vi16 under = x < lo;
+  x = x < lo ? lo : x;
+  const v16 shifted = x * 1.44269504088896341f + 12582912.0f;
+  const v16 nf = shifted - 12582912.0f;
+  x = x - nf * 0.693359375f - nf * -2.12194440e-4f;
+  v16 y = v16{} + 1.9875691500E-4f;
+  y = y * x + 1.3981999507E-3f;
+  y = y * x + 8.3334519073E-3f;
+  y = y * x + 4.1665795894E-2f;
+  y = y * x + 1.6666665459E-1f;
+  y = y * x + 5.0000001201E-1f;
+  y = y * x * x + x + 1.0f;
+  vi16 bits;
+  std::memcpy(&bits, &shifted, sizeof(v16));
+  bits = (bits - 0x4B400000 + 127) << 23;  // 0x4B400000: 1.5 * 2^23's bits
+  v16 scale;
+  std::memcpy(&scale, &bits, sizeof(v16));
+  return under ? v16{} : y * scale;
 }
 
 struct Progress {
