@@ -88,7 +88,6 @@ class LayerNorm(nn.LayerNorm):
             and self.use_bias
             and self.reduction_axes == -1
             and self.feature_axes == -1
-            and jnp.dtype(self.param_dtype) == jnp.float32
             and native.pointwise_fits(x)
         )
         if not native_fits:

@@ -280,7 +280,8 @@ def layer_norm(x, scale, bias, epsilon: float) -> jax.Array:
     (var the biased variance, as flax's and PyTorch's LayerNorm), in one op,
     and its gradients (x, scale, bias) in another (`jax.custom_vjp`)."""
     _require()
-    rows = x.reshape(-1, x.shape[-1])
+    rows = x.astype(jnp.float32).reshape(-1, x.shape[-1])
+    scale, bias = scale.astype(jnp.float32), bias.astype(jnp.float32)
     return _layer_norm(rows, scale, bias, float(epsilon)).reshape(x.shape)
 
 
