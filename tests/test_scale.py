@@ -112,6 +112,14 @@ def test_checkpoint_written_on_fsdp8_restores_on_other_meshes(data_dir, tmp_path
         train(_config(data_dir, MESHES[name], **steps), workdir)
         resumed = load_file(os.path.join(workdir, "export", "model.safetensors"))
         for key in final:
+            if key.endswith("attention.key.bias"):
+                # softmax ignores a bias shared by all keys: its gradient is
+                # 0 but for rounding, which Adam scales up; each side's stays
+                # that noise (they differ by ~1e-6 where the sums round
+                # differently, one device's fmjax.native ops against XLA's)
+                assert np.abs(resumed[key]).max() < 1e-5, key
+                assert np.abs(final[key]).max() < 1e-5, key
+                continue
             np.testing.assert_allclose(
                 resumed[key], final[key], rtol=1e-4, atol=1e-6, err_msg=key
             )
