@@ -343,3 +343,18 @@ def test_the_pointwise_ops_count_the_flops_xla_would():
         lambda x: act(x).sum(), x
     )
     assert flops(ours, x, scale) == pytest.approx(xla, rel=0.1)
+
+
+def test_layer_norm_of_a_large_mean_and_a_small_spread():
+    """The variance is the mean square about the mean (two passes), so rows
+    far from 0 keep their digits, a feature count off the 16-lane vectors
+    included: within 0.02 of float64 where float32's mean is off by 1% of
+    the spread (flax's one-pass variance, mean(x^2) - mean^2, is off by
+    10^4 here)."""
+    rng = np.random.default_rng(3)
+    x = (1000.0 + rng.normal(0.0, 0.01, (4, 20))).astype(np.float32)
+    ones, zeros = jnp.ones(20), jnp.zeros(20)
+    got = native.layer_norm(jnp.asarray(x), ones, zeros, 1e-12)
+    centred = x.astype(np.float64) - x.astype(np.float64).mean(-1, keepdims=True)
+    want = centred / np.sqrt((centred**2).mean(-1, keepdims=True) + 1e-12)
+    np.testing.assert_allclose(got, want, atol=0.02)

@@ -20,6 +20,12 @@ inline v16 LoadN(const float* p, int64_t n) {
   std::memcpy(&x, p, n * sizeof(float));
   return x;
 }
+// x with the lanes from n on zeroed.
+inline v16 Lanes(v16 x, int64_t n) {
+  if (n >= 16) return x;
+  const v16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  return lane < static_cast<float>(n) ? x : v16{};
+}
 inline void StoreN(float* p, v16 x, int64_t n) {
   if (n >= 16) return Store(p, x);
   std::memcpy(p, &x, n * sizeof(float));
@@ -51,12 +57,10 @@ ffi::Error LayerNormForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       const float mu = Sum(total) / D;
       v16 squares{};
       for (int64_t i = 0; i < D; i += 16) {
-        const v16 c = LoadN(row + i, D - i) - mu;
+        const v16 c = Lanes(LoadN(row + i, D - i) - mu, D - i);
         squares += c * c;
       }
-      // the tail's padding lanes hold 0 - mu: take them back out
-      const int64_t pad = (16 - D % 16) % 16;
-      const float r_std = 1.0f / std::sqrt((Sum(squares) - pad * mu * mu) / D + epsilon);
+      const float r_std = 1.0f / std::sqrt(Sum(squares) / D + epsilon);
       for (int64_t i = 0; i < D; i += 16) {
         const v16 c = (LoadN(row + i, D - i) - mu) * r_std;
         StoreN(yp + r * D + i, c * LoadN(sp + i, D - i) + LoadN(bp + i, D - i), D - i);
