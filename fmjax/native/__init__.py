@@ -154,20 +154,24 @@ def _one_device() -> bool:
     return mesh.empty or math.prod(mesh.shape.values()) == 1
 
 
+def _runs_here() -> bool:
+    """What every native op needs: one device, traced for this CPU (matrix
+    products not planned for another backend), the kernels built."""
+    from fmjax.models.dense import matrix_products
+
+    return _one_device() and matrix_products() and rows_product_available()
+
+
 def cache_attention_fits(q_NRK: jax.Array, cache_NSK: jax.Array) -> bool:
     """Whether `cache_scores` (queries) and `cache_values` (probabilities)
     take these: float32, at most 8 queries per cache row (decoding), head
     dims a multiple of 16, on one device, traced for this CPU with the
     kernels built."""
-    from fmjax.models.dense import matrix_products
-
     return (
-        _one_device()
-        and q_NRK.dtype == cache_NSK.dtype == jnp.float32
+        q_NRK.dtype == cache_NSK.dtype == jnp.float32
         and q_NRK.shape[1] <= 8
         and cache_NSK.shape[2] % 16 == 0
-        and matrix_products()
-        and rows_product_available()
+        and _runs_here()
     )
 
 
@@ -209,17 +213,13 @@ def attention_fits(q_BLHK: jax.Array, k_BSGK: jax.Array) -> bool:
     steps of 16, whole query groups, traced for this CPU with the kernels
     built, on one device (XLA cannot split the op over a mesh's devices;
     there the attention stays XLA's)."""
-    from fmjax.models.dense import matrix_products
-
     heads, groups, head_dim = q_BLHK.shape[2], k_BSGK.shape[2], q_BLHK.shape[3]
     return (
-        _one_device()
-        and q_BLHK.dtype == k_BSGK.dtype == jnp.float32
+        q_BLHK.dtype == k_BSGK.dtype == jnp.float32
         and head_dim % 16 == 0
         and head_dim <= 64
         and heads % groups == 0
-        and matrix_products()
-        and rows_product_available()
+        and _runs_here()
     )
 
 
@@ -264,15 +264,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 def pointwise_fits(x: jax.Array) -> bool:
     """Whether `layer_norm` and `activation` take x: float32, on one device,
     traced for this CPU with the kernels built."""
-    from fmjax.models.dense import matrix_products
-
-    return (
-        _one_device()
-        and x.dtype == jnp.float32
-        and x.size > 0
-        and matrix_products()
-        and rows_product_available()
-    )
+    return x.dtype == jnp.float32 and x.size > 0 and _runs_here()
 
 
 def layer_norm(x, scale, bias, epsilon: float) -> jax.Array:
@@ -344,8 +336,9 @@ def _activation_bwd(kind, slope, dy):
 _activation.defvjp(_activation_fwd, _activation_bwd)
 
 
-_CALL = re.compile(
+_CALL = re.compile(  # the target, its operands' shapes, an activation's kind
     r'custom_call_target="(fmjax_\w+)".*?operand_layout_constraints=\{(.*?)\}, api_'
+    r"(?:.*?kind = (\d+))?"
 )
 _SHAPE = re.compile(r"\w+\[([\d,]*)\]")
 
@@ -355,7 +348,7 @@ def custom_call_flops(hlo_text: str) -> float:
     this module's `fmjax.native` calls, which XLA's cost analysis does not
     see: `fmjax bench train` adds them to XLA's count of the step."""
     total = 0.0
-    for target, operands in _CALL.findall(hlo_text):
+    for target, operands, kind in _CALL.findall(hlo_text):
         dims = [[int(d) for d in s.split(",") if d] for s in _SHAPE.findall(operands)]
         if target in ("fmjax_attention_fwd", "fmjax_attention_bwd"):
             (batch, length, heads, head_dim), keys = dims[0], dims[1][1]
@@ -367,17 +360,9 @@ def custom_call_flops(hlo_text: str) -> float:
         elif target == TARGET:
             (rows, inputs), (panels, _, width) = dims[0], dims[1]
             total += 2.0 * rows * inputs * panels * width
-    for target, operands, kind in _POINTWISE.findall(hlo_text):
-        shape = tuple(int(d) for d in _SHAPE.search(operands).group(1).split(",") if d)
-        total += _xla_flops(target, shape, int(kind or 0))
+        elif target.startswith(("fmjax_layer_norm", "fmjax_activation")):
+            total += _xla_flops(target, tuple(dims[0]), int(kind or 0))
     return total
-
-
-_POINTWISE = re.compile(
-    r'custom_call_target="(fmjax_(?:layer_norm|activation)_\w+)".*?'
-    r"operand_layout_constraints=\{(.*?)\}, api_.*?(?:kind = (\d+)|$)",
-    re.MULTILINE,
-)
 
 
 @functools.cache

@@ -128,8 +128,7 @@ void Softmax(float* p, const uint8_t* keep, const AttentionDims& d) {
   for (int i = 0; i < 16; ++i) most = std::max(most, top[i]);
   v16 total{};
   for (int64_t s = 0; s < sp; s += 16) {
-    v16 x = Exp(Load(p + s) - most);
-    for (int64_t i = d.S - s; i < 16; ++i) x[i] = 0.0f;  // the padding
+    const v16 x = Lanes(Exp(Load(p + s) - most), d.S - s);  // 0 in the padding
     total += x;
     Store(p + s, x);
   }

@@ -1,4 +1,4 @@
-// Shared by fmjax.native's kernels (kernels.cc, attention.cc): 16-lane
+// Shared by fmjax.native's kernels (kernels.cc, attention.cc, pointwise.cc): 16-lane
 // float vectors and the loop that shares work out to XLA's intra-op threads.
 #pragma once
 
@@ -25,6 +25,24 @@ inline v16 Load(const float* p) {
   return x;
 }
 inline void Store(float* p, v16 x) { std::memcpy(p, &x, sizeof(v16)); }
+
+// The first n <= 16 lanes of p (the others 0), and their store back.
+inline v16 LoadN(const float* p, int64_t n) {
+  if (n >= 16) return Load(p);
+  v16 x{};
+  std::memcpy(&x, p, n * sizeof(float));
+  return x;
+}
+// x with the lanes from n on zeroed.
+inline v16 Lanes(v16 x, int64_t n) {
+  if (n >= 16) return x;
+  const v16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  return lane < static_cast<float>(n) ? x : v16{};
+}
+inline void StoreN(float* p, v16 x, int64_t n) {
+  if (n >= 16) return Store(p, x);
+  std::memcpy(p, &x, n * sizeof(float));
+}
 
 // The sum of the 16 lanes, halving the vector each step (four dependent
 // adds, not sixteen).

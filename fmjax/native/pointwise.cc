@@ -13,24 +13,6 @@ using namespace fmjax_native;
 
 namespace {
 
-// The first n <= 16 lanes of p (the others 0), and their store back.
-inline v16 LoadN(const float* p, int64_t n) {
-  if (n >= 16) return Load(p);
-  v16 x{};
-  std::memcpy(&x, p, n * sizeof(float));
-  return x;
-}
-// x with the lanes from n on zeroed.
-inline v16 Lanes(v16 x, int64_t n) {
-  if (n >= 16) return x;
-  const v16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  return lane < static_cast<float>(n) ? x : v16{};
-}
-inline void StoreN(float* p, v16 x, int64_t n) {
-  if (n >= 16) return Store(p, x);
-  std::memcpy(p, &x, n * sizeof(float));
-}
-
 constexpr int64_t kChunk = 16384;  // elements of one work item
 
 // Rows per work item: a whole number of rows near kChunk elements. It
